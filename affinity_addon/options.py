@@ -1,0 +1,75 @@
+"""Option validation that works around how mitmproxy loads `-s` scripts.
+
+`--set name=value` for a script's option is held back ("deferred") until the script declares
+the option; if the value then fails to parse as the option's type, mitmproxy drops the whole
+script without a word (mitmproxy.md, G5). `check_deferred` runs in `load`, before the options
+exist, parses our raw values itself and logs an error naming the option: mitmproxy's startup
+error check then exits with status 1 instead of running without the addon.
+"""
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_TRUE = {"", "true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def parse_bool(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, not {raw!r}")
+
+
+def parse_nonneg_int(raw: str) -> int:
+    try:
+        v = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, not {raw!r}") from None
+    if v < 0:
+        raise ValueError(f"must not be negative: {v}")
+    return v
+
+
+def _nonempty_key(v: Any) -> None:
+    if not isinstance(v, str) or not v:
+        raise ValueError("the key must not be empty")
+
+
+# Typed options we declare, and how their raw --set strings parse.
+RAW_PARSERS: dict[str, Callable[[str], Any]] = {
+    "affinity_dry_run": parse_bool,
+}
+
+# Checks run in configure on the typed values (ValueError -> OptionsError).
+OPTION_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "affinity_key": _nonempty_key,
+}
+
+
+def check_deferred(options: Any) -> None:
+    deferred = getattr(options, "deferred", None)
+    if not isinstance(deferred, dict):
+        return
+    for name, parse in RAW_PARSERS.items():
+        held = deferred.get(name)
+        if held is None:
+            continue
+        values = getattr(held, "val", None)
+        if not isinstance(values, list):
+            continue
+        try:
+            if len(values) > 1:
+                raise ValueError("given more than once")
+            parsed = parse(values[0] if values else "")
+        except ValueError as e:
+            logger.error("Cannot parse option %s: %s", name, e)
+            del deferred[name]
+            continue
+        # Hand mitmproxy a spelling it accepts (it only knows true/false/toggle for bools).
+        held.val = [("true" if parsed else "false")] if isinstance(parsed, bool) else [str(parsed)]

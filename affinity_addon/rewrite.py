@@ -1,0 +1,215 @@
+"""Applies matching rules to one request: affinity headers, body fields, cache breakpoints.
+
+The request body is parsed at most once, and only when a rule whose host and path fit needs
+it. It is written back through mitmproxy's decoded `content`, so a zstd/gzip/br body stays
+compressed and Content-Length stays right. When every body change is a new top-level key (the
+common case: `prompt_cache_key`, `session_id`), the key is spliced in after the opening brace
+and every other byte of the body stays exactly as the client sent it.
+"""
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+
+from affinity_addon import affinity_id
+from affinity_addon.rules import KEEP, Rule, RuleSet, SetAction, shape_for
+
+logger = logging.getLogger(__name__)
+
+_WS = b" \t\r\n"
+
+
+@dataclass
+class ParsedBody:
+    obj: dict[str, Any] | None = None
+    text: bytes | None = None  # decoded bytes the object came from
+    problem: str | None = None  # why there is no object (for one warning line)
+
+
+def parse_body(request: http.Request) -> ParsedBody:
+    raw = request.raw_content
+    if raw is None:
+        return ParsedBody(problem="body was streamed (stream_large_bodies); not rewritten")
+    if not raw:
+        return ParsedBody()
+    try:
+        text = request.get_content(strict=True)
+    except ValueError:
+        enc = request.headers.get("content-encoding", "")
+        return ParsedBody(problem=f"body could not be decoded (Content-Encoding: {enc!r})")
+    if text is None:
+        return ParsedBody()
+    if text.lstrip(_WS)[:1] != b"{":
+        return ParsedBody(text=text, problem="body is not a JSON object")
+    try:
+        # Decode as UTF-8 ourselves: json.loads(bytes) would also accept UTF-16/32, which the
+        # byte splice below would then corrupt.
+        obj = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        return ParsedBody(text=text, problem=f"body is not valid JSON ({type(e).__name__})")
+    if not isinstance(obj, dict):
+        return ParsedBody(text=text, problem="body is not a JSON object")
+    return ParsedBody(obj, text)
+
+
+def _set_path(body: dict[str, Any], path: str, value: Any) -> bool:
+    parts = path.split(".")
+    cur: Any = body
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if nxt is None:
+            nxt = cur[part] = {}
+        if not isinstance(nxt, dict):
+            return False
+        cur = nxt
+    cur[parts[-1]] = value
+    return True
+
+
+def dumps(obj: Any) -> bytes:
+    # Compact and UTF-8 like the clients' own encoders; keeps key order.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
+def splice_top_level(text: bytes, items: Mapping[str, Any], empty: bool) -> bytes:
+    """Insert new top-level keys right after the object's opening brace."""
+    start = text.index(b"{") + 1
+    ins = b",".join(dumps(k) + b":" + dumps(v) for k, v in items.items())
+    return text[:start] + ins + (b"" if empty else b",") + text[start:]
+
+
+@dataclass
+class Outcome:
+    """What the rules did to one request; `record()` is the plain-data form for flow.metadata."""
+
+    rules: list[str]
+    shape: str | None
+    model: str | None
+    affinity_id: str | None
+    affinity_source: str | None
+    dry_run: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    markers: list[dict[str, Any]] = field(default_factory=list)
+    body_write: str = "none"  # none | splice | reserialize
+    warning: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "rule": self.rules[0],
+            "rules": list(self.rules),
+            "shape": self.shape,
+            "model": self.model,
+            "affinity_id": self.affinity_id,
+            "affinity_source": self.affinity_source,
+            "dry_run": self.dry_run,
+            "added": {"headers": dict(self.headers), "fields": dict(self.fields),
+                      "markers": list(self.markers)},
+            "kept": list(self.kept),
+            "body_write": self.body_write,
+            "warning": self.warning,
+        }
+
+
+def _render(action: SetAction, facts: Mapping[str, str | None]) -> Any:
+    return action.template.render(facts)
+
+
+def apply_rules(
+    ruleset: RuleSet,
+    request: http.Request,
+    *,
+    key: str = affinity_id.DEFAULT_KEY,
+    dry_run: bool = False,
+    parsed: ParsedBody | None = None,
+) -> tuple[Outcome, ParsedBody] | None:
+    """Rewrite `request` in place (unless dry_run). None when no rule matches."""
+    host, method = request.pretty_host, request.method
+    path = request.path.split("?", 1)[0]
+    candidates = ruleset.candidates(host, path, method)
+    if not candidates:
+        return None
+    if parsed is None:
+        parsed = parse_body(request)
+    body = parsed.obj
+    model = body.get("model") if body is not None and isinstance(body.get("model"), str) else None
+    matched: list[Rule] = []
+    for rule in candidates:
+        if rule.model is not None and body is None:
+            continue
+        if rule.matches_model(model):
+            matched.append(rule)
+            if rule.stop:
+                break
+    if not matched:
+        return None
+    first = matched[0]
+    shape = next((r.api for r in matched if r.api), None) or shape_for(path)
+    aff_config = next((r.affinity for r in matched if r.affinity), ruleset.affinity)
+    aff, source = affinity_id.derive(aff_config, request.headers, body, shape, key)
+    out = Outcome([r.name for r in matched], shape, model, aff, source, dry_run)
+    if parsed.problem and any(r.needs_body for r in matched):
+        out.warning = parsed.problem
+    facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
+             "path": path, "method": method, "rule": first.name}
+    body_changed = False
+    new_top: dict[str, Any] = {}  # keys added at the top level, in order (for the splice)
+    must_reserialize = False
+    for rule in matched:
+        facts["rule"] = rule.name
+        for a in rule.set_headers:
+            if a.needs_affinity and aff is None:
+                continue
+            present = a.target in out.headers or a.target in request.headers
+            if present and a.on_conflict == KEEP:
+                if a.target not in out.headers:
+                    out.kept.append(f"header:{a.target}")
+                continue
+            value = str(_render(a, facts))
+            out.headers[a.target] = value
+            if not dry_run:
+                request.headers[a.target] = value
+        if body is None:
+            continue
+        for a in rule.set_fields:
+            if a.needs_affinity and aff is None:
+                continue
+            current = affinity_id.get_path(body, a.target)
+            if current is not None and a.on_conflict == KEEP:
+                if a.target not in out.fields:
+                    out.kept.append(f"field:{a.target}")
+                continue
+            value = _render(a, facts)
+            if current == value:
+                continue
+            if not _set_path(body, a.target, value):
+                logger.warning("rule %r: cannot set %s: a parent is not an object", rule.name, a.target)
+                continue
+            out.fields[a.target] = value
+            body_changed = True
+            if "." in a.target or current is not None or a.target in new_top:
+                must_reserialize = True
+            else:
+                new_top[a.target] = value
+        if rule.cache_control is not None and shape is not None:
+            from affinity_addon.breakpoints import plan_breakpoints
+
+            added = plan_breakpoints(body, shape, model, rule.cache_control)
+            if added:
+                out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
+                body_changed = must_reserialize = True
+    if body_changed and body is not None and parsed.text is not None:
+        if must_reserialize:
+            new = dumps(body)
+            out.body_write = "reserialize"
+        else:
+            new = splice_top_level(parsed.text, new_top, empty=len(body) == len(new_top))
+            out.body_write = "splice"
+        if not dry_run:
+            request.content = new
+    return out, parsed

@@ -1,16 +1,22 @@
 """The mitmproxy addon: rules -> affinity ID -> rewrite -> upstream -> usage record."""
 
+import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 
-from affinity_addon import affinity_id
+from affinity_addon import affinity_id, logrecord
+from affinity_addon.jsonl import JsonlWriter
 from affinity_addon.options import OPTION_PARSERS, check_deferred
 from affinity_addon.rewrite import apply_rules
 from affinity_addon.rules import RuleSet, load_rules
+from affinity_addon.stats import Aggregator, render_summary
+from affinity_addon.stream_tap import StreamTap
+from affinity_addon.usage import UsageReader
 
 logger = logging.getLogger(__name__)
 
@@ -18,9 +24,26 @@ DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules" / "default.yaml
 META = "affinity"  # flow.metadata key: plain data only (mitmproxy must be able to save flows)
 
 
+# Terminal events of a Responses stream that carry the final usage (SSE and WebSocket alike).
+WS_TERMINAL_TYPES = ("response.completed", "response.incomplete", "response.failed")
+
+
+class _Live:
+    """Per-flow response state; lives in the addon, never in flow.metadata (it must pickle)."""
+
+    __slots__ = ("reader", "tap")
+
+    def __init__(self, reader: UsageReader, tap: StreamTap | None) -> None:
+        self.reader = reader
+        self.tap = tap
+
+
 class CacheAffinity:
     def __init__(self) -> None:
         self.ruleset: RuleSet | None = None
+        self.writer: JsonlWriter | None = None
+        self.stats = Aggregator(keep_series=False)
+        self._live: dict[str, _Live] = {}
         self._warned: set[str] = set()
 
     def load(self, loader: Any) -> None:
@@ -47,6 +70,17 @@ class CacheAffinity:
             IDs (and so their provider-side cache keys) apart.
             """,
         )
+        loader.add_option(
+            "affinity_keep_bodies", int, 1 << 20,
+            """
+            Keep the raw bytes of matched streamed (SSE) responses up to this many bytes per
+            flow, so mitmweb can show them; larger streams are not kept. 0 keeps none.
+            """,
+        )
+        loader.add_option(
+            "affinity_summary", bool, True,
+            "Print a cache summary (rich tables) to stderr when the proxy shuts down.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         for name in updated & OPTION_PARSERS.keys():
@@ -54,6 +88,17 @@ class CacheAffinity:
                 OPTION_PARSERS[name](getattr(ctx.options, name))
             except ValueError as e:
                 raise exceptions.OptionsError(f"Cannot parse {name} option: {e}") from None
+        if "affinity_log" in updated:
+            if self.writer:
+                self.writer.close()
+                self.writer = None
+            if ctx.options.affinity_log:
+                try:
+                    self.writer = JsonlWriter(str(Path(ctx.options.affinity_log).expanduser()))
+                except OSError as e:
+                    raise exceptions.OptionsError(
+                        f"Cannot open affinity_log {ctx.options.affinity_log}: {e.strerror or e}"
+                    ) from None
         if "affinity_rules" in updated:
             try:
                 self.ruleset = load_rules(ctx.options.affinity_rules)
@@ -92,3 +137,136 @@ class CacheAffinity:
         rec = outcome.record()
         rec["started"] = time.time()
         flow.metadata[META] = rec
+
+    # -- response side ---------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if meta is None or flow.response is None or not meta.get("shape"):
+            return
+        try:
+            reader = UsageReader(meta["shape"])
+            tap = None
+            ctype = flow.response.headers.get("content-type", "")
+            if ctype.startswith("text/event-stream") and not flow.response.stream:
+                # Stream it: mitmproxy would otherwise hold the whole answer back (G2).
+                tap = StreamTap(flow.response.headers.get("content-encoding"),
+                                reader.feed_event, keep_limit=ctx.options.affinity_keep_bodies)
+                flow.response.stream = tap
+            self._live[flow.id] = _Live(reader, tap)
+        except Exception:
+            logger.exception("affinity: cannot watch this response; it passes unobserved")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        live = self._live.pop(flow.id, None)
+        meta = flow.metadata.get(META)
+        if meta is None or flow.response is None:
+            return
+        try:
+            stream = live is not None and live.tap is not None
+            if live is not None and not stream and flow.response.raw_content:
+                try:
+                    live.reader.feed_json(json.loads(flow.response.get_content(strict=True) or b""))
+                except (ValueError, RecursionError):
+                    pass  # an error page or a body we do not understand: no usage
+            if stream and live.tap.kept is not None and flow.response.raw_content is None:
+                flow.response.raw_content = live.tap.kept  # visible in mitmweb; already sent
+            complete = not stream or live.tap.ended
+            self._finish(flow, meta, live, stream=stream, complete=complete, error=None)
+        except Exception:
+            logger.exception("affinity: could not record this response")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        live = self._live.pop(flow.id, None)
+        meta = flow.metadata.get(META)
+        if meta is None or flow.websocket is not None:
+            return
+        try:
+            stream = live is not None and live.tap is not None
+            msg = flow.error.msg if flow.error else "error"
+            self._finish(flow, meta, live, stream=stream, complete=False, error=msg)
+        except Exception:
+            logger.exception("affinity: could not record this failed response")
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        # Codex in ChatGPT mode streams over a WebSocket: every `response.completed` frame from
+        # the server ends one model response, with usage like the Responses API.
+        meta = flow.metadata.get(META)
+        if meta is None or flow.websocket is None or not flow.websocket.messages:
+            return
+        msg = flow.websocket.messages[-1]
+        if msg.from_client or not msg.is_text:
+            return
+        try:
+            content = msg.content
+            if not any(t.encode() in content for t in WS_TERMINAL_TYPES):
+                return
+            reader = UsageReader(meta.get("shape") or "openai-responses")
+            reader.feed_event(None, content)
+            if reader.terminal:
+                self._finish(flow, meta, _Live(reader, None), stream=True, complete=True,
+                             error=None, transport="websocket")
+        except Exception:
+            logger.exception("affinity: could not read a WebSocket message")
+
+    def _finish(self, flow: http.HTTPFlow, meta: dict[str, Any], live: _Live | None, *,
+                stream: bool, complete: bool, error: str | None, transport: str = "http") -> None:
+        reader = live.reader if live else None
+        resp = flow.response
+        response_cache = bool(resp and resp.headers.get("x-openrouter-cache-status", "").upper() == "HIT")
+        record = logrecord.build(
+            meta=meta, flow_id=flow.id, host=flow.request.pretty_host,
+            path=flow.request.path.split("?", 1)[0], method=flow.request.method,
+            status=resp.status_code if resp else None,
+            usage=reader.usage() if reader else None, usage_raw=reader.raw if reader else None,
+            stream=stream, transport=transport, complete=complete, error=error,
+            started=flow.request.timestamp_start, response_cache=response_cache,
+            extras=reader.extras if reader else None,
+        )
+        if self.writer:
+            self.writer.write(record)
+        self.stats.add(record)
+        flow.comment = logrecord.comment(record)
+        flow.marked = logrecord.marker(record)
+        meta["usage"] = record["usage"]
+        meta["hit_ratio"] = record["hit_ratio"]
+
+    # -- commands and shutdown ---------------------------------------------------------------
+
+    @command.command("affinity.stats")
+    def stats_command(self) -> str:
+        """Print the cache summary so far (per model and conversation) to the event log."""
+        from io import StringIO
+
+        from rich.console import Console
+
+        buf = StringIO()
+        render_summary(self.stats, Console(file=buf, width=120, force_terminal=False))
+        text = buf.getvalue()
+        logger.info("affinity summary:\n%s", text)
+        return text
+
+    @command.command("affinity.reset")
+    def reset_command(self) -> None:
+        """Forget the cache statistics collected so far."""
+        self.stats = Aggregator(keep_series=False)
+
+    @command.command("affinity.reload")
+    def reload_command(self) -> None:
+        """Reload the rules file now; a broken file keeps the current rules."""
+        try:
+            self.ruleset = load_rules(ctx.options.affinity_rules)
+        except ValueError as e:
+            raise exceptions.CommandError(str(e)) from None
+        logger.info("affinity: reloaded %d rules", len(self.ruleset.rules))
+
+    def done(self) -> None:
+        # done() also runs on every hot reload of the script: summarize only on a real shutdown.
+        shutting_down = getattr(getattr(ctx.master, "should_exit", None), "is_set", lambda: False)()
+        if shutting_down and ctx.options.affinity_summary and self.stats.total.requests:
+            from rich.console import Console
+
+            render_summary(self.stats, Console(file=sys.stderr))
+        if self.writer:
+            self.writer.close()
+            self.writer = None

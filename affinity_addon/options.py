@@ -44,11 +44,19 @@ def _nonempty_key(v: Any) -> None:
 # Typed options we declare, and how their raw --set strings parse.
 RAW_PARSERS: dict[str, Callable[[str], Any]] = {
     "affinity_dry_run": parse_bool,
+    "affinity_summary": parse_bool,
+    "affinity_keep_bodies": parse_nonneg_int,
 }
 
 # Checks run in configure on the typed values (ValueError -> OptionsError).
+def _nonneg(v: Any) -> None:
+    if not isinstance(v, int) or v < 0:
+        raise ValueError(f"must be a whole number >= 0, not {v!r}")
+
+
 OPTION_PARSERS: dict[str, Callable[[Any], Any]] = {
     "affinity_key": _nonempty_key,
+    "affinity_keep_bodies": _nonneg,
 }
 
 

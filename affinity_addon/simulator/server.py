@@ -1,0 +1,299 @@
+"""The simulator's HTTP side: a threaded HTTP/1.1 server on 127.0.0.1 with keep-alive, chunked
+SSE flushed per event, optional response compression, a recorded request log and a control API.
+"""
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+from urllib.parse import parse_qs, parse_qsl, urlsplit
+
+from mitmproxy.net import encoding
+
+from affinity_addon.simulator import wire
+from affinity_addon.simulator.clock import SimClock
+from affinity_addon.simulator.engine import Engine, Outcome, Reply
+
+logger = logging.getLogger(__name__)
+
+# Test-only knobs, read from request headers.
+DELAY_HEADER = "x-sim-event-delay-ms"
+COMPRESS_HEADER = "x-sim-compress"
+# Never echoed by the control API: a subprocess's request log may end up in CI output.
+_SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie",
+                             "x-goog-api-key", "proxy-authorization"})
+_SECRET_PARAMS = frozenset({"key", "api_key", "token"})  # Gemini takes `?key=`
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    method: str
+    path: str  # without the /p/<provider> prefix and without the query
+    query: str  # the raw query string, "" when none
+    headers: list[tuple[str, str]]  # as received, in order
+    raw_body: bytes  # as received (still compressed when Content-Encoding says so)
+    body: Any  # decoded JSON, or None
+    provider: str
+    replica: int  # -1 when the request was rejected before reaching a replica
+    status: int
+    usage: dict[str, Any] | None  # the usage object the reply carried
+    ts: float  # sim clock time
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def to_json(self, bodies: bool = False) -> dict[str, Any]:
+        query = "&".join(f"{k}=<redacted>" if k.lower() in _SECRET_PARAMS else f"{k}={v}"
+                         for k, v in parse_qsl(self.query, keep_blank_values=True))
+        d: dict[str, Any] = {
+            "method": self.method, "path": self.path, "query": query,
+            "headers": [[k, "<redacted>" if k.lower() in _SECRET_HEADERS else v]
+                        for k, v in self.headers],
+            "body_size": len(self.raw_body), "provider": self.provider,
+            "replica": self.replica, "status": self.status, "usage": self.usage, "ts": self.ts}
+        if bodies:
+            d["body"] = self.body
+        return d
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 1024  # hundreds of clients may connect at once
+
+    def __init__(self, address: tuple[str, int], sim: "Simulator") -> None:
+        self.sim = sim
+        self.connections: set[socket.socket] = set()
+        self.conn_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+    timeout = 300  # idle keep-alive connections are closed after this
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.conn_lock:
+            self.server.connections.add(self.request)
+
+    def finish(self) -> None:
+        with self.server.conn_lock:
+            self.server.connections.discard(self.request)
+        super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s " + format, self.address_string(), *args)
+
+    def do_POST(self) -> None:
+        try:
+            self._dispatch()
+        except OSError:  # the client hung up
+            self.close_connection = True
+        except Exception:  # a simulator bug must not look like a network failure to the test
+            logger.exception("simulator failed on %s %s", self.command, self.path)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.send_error(500, "simulator error")
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_POST
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        raw = self._read_body()
+        if url.path.startswith("/_sim/"):
+            self._control(url.path, url.query)
+            return
+        sim = self.server.sim
+        headers = list(self.headers.items())
+        decode_error = None
+        body: Any = None
+        if raw:
+            try:
+                ce = (self.headers.get("content-encoding") or "identity").strip().lower()
+                plain = encoding.decode(raw, ce) if ce != "identity" else raw
+                body = json.loads(plain)
+            except (ValueError, UnicodeDecodeError) as e:
+                decode_error = f"could not decode request body: {type(e).__name__}"
+        outcome = sim.engine.handle(self.command, url.path, url.query, headers,
+                                    None if decode_error else body, decode_error)
+        sim._record(RecordedRequest(self.command, outcome.path, url.query, headers, raw, body,
+                                    outcome.provider, outcome.replica, outcome.reply.status,
+                                    outcome.usage, outcome.ts))
+        self._send(outcome)
+
+    def _send(self, outcome: Outcome) -> None:
+        reply = outcome.reply
+        enc_name = (self.headers.get(COMPRESS_HEADER) or "").strip().lower() or None
+        if enc_name and enc_name not in wire.ENCODERS:
+            enc_name = None
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("x-sim-provider", outcome.provider)
+        self.send_header("x-sim-replica", str(outcome.replica))
+        if enc_name:
+            self.send_header("Content-Encoding", enc_name)
+        if reply.events is None:
+            self._send_body(reply, enc_name)
+        else:
+            self._send_events(reply, enc_name)
+
+    def _send_body(self, reply: Reply, enc_name: str | None) -> None:
+        data = encoding.encode(reply.body, enc_name) if enc_name else reply.body
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_events(self, reply: Reply, enc_name: str | None) -> None:
+        delay = self.server.sim.event_delay
+        override = self.headers.get(DELAY_HEADER)
+        if override:
+            with contextlib.suppress(ValueError):
+                delay = max(float(override), 0.0) / 1000
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        encoder = wire.ENCODERS[enc_name]() if enc_name else None
+        try:
+            for event in reply.events or ():
+                if delay:
+                    time.sleep(delay)
+                self._chunk(encoder.chunk(event) if encoder else event)
+            if encoder:
+                self._chunk(encoder.finish())
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:  # the client went away mid-stream
+            self.close_connection = True
+
+    def _chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    def _control(self, path: str, query: str) -> None:
+        sim = self.server.sim
+        params = parse_qs(query)
+        status, payload = 200, None
+        if path == "/_sim/health":
+            payload = {"ok": True, "replicas": sim.engine.replicas, "now": sim.clock.now(),
+                       "requests": len(sim.requests)}
+        elif path == "/_sim/requests":
+            bodies = params.get("bodies", ["0"])[0] not in ("0", "", "false")
+            payload = [r.to_json(bodies) for r in sim.requests]
+        elif path == "/_sim/advance" and self.command == "POST":
+            try:
+                payload = {"now": sim.clock.advance(float(params.get("seconds", ["0"])[0]))}
+            except ValueError as e:
+                status, payload = 400, {"error": str(e)}
+        elif path == "/_sim/reset" and self.command == "POST":
+            sim.reset()
+            payload = {"ok": True}
+        else:
+            status, payload = 404, {"error": f"unknown control endpoint {self.command} {path}"}
+        data = wire.dumps(payload)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class Simulator:
+    """A fake LLM provider on 127.0.0.1. Use as `with Simulator() as sim:` or start()/stop()."""
+
+    def __init__(self, replicas: int = 4, clock: SimClock | None = None, seed: int = 0,
+                 default_provider: str = "openai", event_delay: float = 0.0, *,
+                 port: int = 0, auto_ttl: float | None = None) -> None:
+        self.clock = clock if clock is not None else SimClock()
+        self.engine = Engine(replicas, self.clock, seed, default_provider, auto_ttl)
+        self.event_delay = event_delay
+        self._port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+
+    def start(self, port: int | None = None) -> Self:
+        if self._server is not None:
+            return self
+        if port is not None:
+            self._port = port
+        self._server = _Server(("127.0.0.1", self._port), self)
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name=f"simulator:{self._port}", daemon=True)
+        self._thread.start()
+        logger.debug("simulator listening on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with server.conn_lock:
+            conns = list(server.connections)
+        for conn in conns:  # wake handler threads parked on idle keep-alive connections
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def reset(self) -> None:
+        """Forget every cache and recorded request (the clock is left alone)."""
+        self.engine.reset()
+        with self._lock:
+            self._requests.clear()
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)

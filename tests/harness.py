@@ -1,0 +1,162 @@
+"""End-to-end harness: a real `mitmdump` process with the addon, in front of the simulator.
+
+Every process started here is stopped by its PID when the test ends; everything listens on
+127.0.0.1 only. Traffic for public provider hosts never leaves the machine: mitmproxy's
+map-remote sends it to the simulator, with lazy connects so the real host is never resolved.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON = ROOT / "affinity_addon" / "addon.py"
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+MITMWEB = Path(sys.executable).parent / "mitmweb"
+
+# Provider hosts and the simulator provider that plays them.
+HOSTS: dict[str, str] = {
+    "api.openai.com": "openai",
+    "api.anthropic.com": "anthropic",
+    "api.x.ai": "xai",
+    "openrouter.ai": "openrouter",
+    "chatgpt.com": "codex",
+    "api.deepseek.com": "deepseek",
+    "api.fireworks.ai": "fireworks",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def map_remote_args(sim_url: str, hosts: Iterable[str] = HOSTS) -> list[str]:
+    args = []
+    for host in hosts:
+        args += ["--map-remote", f"#^https?://{re.escape(host)}(:443)?/#{sim_url}/p/{HOSTS[host]}/"]
+    return args
+
+
+@dataclass
+class Proxy:
+    proc: subprocess.Popen
+    port: int
+    confdir: Path
+    log: Path
+    output: Path
+    web_port: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def wait_records(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = self.records()
+            if len(recs) >= n or time.monotonic() > deadline:
+                return recs
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        stop_pid(self.proc)
+        return self.output.read_text(errors="replace")
+
+
+def start_proxy(
+    tmp: Path,
+    sim_url: str | None,
+    *,
+    addon: bool = True,
+    mode: str | None = None,
+    options: Mapping[str, str] | None = None,
+    extra_args: Iterable[str] = (),
+    web: bool = False,
+    hosts: Iterable[str] = HOSTS,
+) -> Proxy:
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    confdir = tmp / "confdir"
+    log = tmp / "affinity.jsonl"
+    output = tmp / "mitm-output.txt"
+    binary = MITMWEB if web else MITMDUMP
+    args = [str(binary), "--listen-host", "127.0.0.1", "-p", str(port),
+            "--set", f"confdir={confdir}", "--set", "connection_strategy=lazy",
+            "--set", "upstream_cert=false", "--set", "termlog_verbosity=info"]
+    web_port = None
+    if web:
+        web_port = free_port()
+        args += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
+                 "--set", "web_host=127.0.0.1", "--set", "web_password=test-token"]
+    if mode:
+        args += ["--mode", f"{mode}@{port}"]
+    if sim_url:
+        args += map_remote_args(sim_url, hosts)
+    if addon:
+        args += ["-s", str(ADDON), "--set", f"affinity_log={log}"]
+    for k, v in (options or {}).items():
+        args += ["--set", f"{k}={v}"]
+    args += list(extra_args)
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    out = output.open("wb")
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, cwd=tmp)
+    try:
+        wait_port(port, proc)
+        if web_port:
+            wait_port(web_port, proc)
+    except Exception:
+        stop_pid(proc)
+        raise RuntimeError("mitmdump did not start:\n" + output.read_text(errors="replace")) from None
+    return Proxy(proc, port, confdir, log, output, web_port)
+
+
+def hit_ratio(usages: Iterable[Mapping[str, int]]) -> float:
+    """Token-weighted hit ratio over normalized usage dicts."""
+    us = list(usages)
+    total = sum(u["input_tokens"] for u in us)
+    return sum(u["cache_read_tokens"] for u in us) / total if total else 0.0

@@ -1,16 +1,19 @@
 """The mitmproxy addon: rules -> affinity ID -> rewrite -> upstream -> usage record."""
 
+import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http, tls
 
-from affinity_addon import affinity_id, logrecord
+from affinity_addon import affinity_id, contentview, logrecord
 from affinity_addon.jsonl import JsonlWriter
+from affinity_addon.miss_tracker import MissTracker, Pending
 from affinity_addon.options import OPTION_PARSERS, check_deferred
 from affinity_addon.rewrite import apply_rules
 from affinity_addon.rules import RuleSet, load_rules
@@ -21,7 +24,15 @@ from affinity_addon.usage import UsageReader
 logger = logging.getLogger(__name__)
 
 DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
-META = "affinity"  # flow.metadata key: plain data only (mitmproxy must be able to save flows)
+META = contentview.META  # flow.metadata key: plain data only (mitmproxy must save flows)
+RULES_POLL_SECONDS = 1.0
+
+# What to tell a client that rejected our certificate, by the runtime it probably is.
+CA_HINT = (
+    "set NODE_EXTRA_CA_CERTS={ca} (Node: Claude Code, opencode, pi), SSL_CERT_FILE={ca} "
+    "(Python httpx, Codex), REQUESTS_CA_BUNDLE={ca} (Python requests), "
+    "CODEX_CA_CERTIFICATE={ca} (Codex), or use reverse mode with a base URL"
+)
 
 
 # Terminal events of a Responses stream that carry the final usage (SSE and WebSocket alike).
@@ -44,7 +55,11 @@ class CacheAffinity:
         self.writer: JsonlWriter | None = None
         self.stats = Aggregator(keep_series=False)
         self._live: dict[str, _Live] = {}
+        self._pending: dict[str, Pending] = {}
+        self.tracker = MissTracker()
         self._warned: set[str] = set()
+        self._rules_mtime: float | None = None
+        self._watcher: asyncio.Task | None = None
 
     def load(self, loader: Any) -> None:
         # A typed --set value that fails to parse would make mitmproxy silently skip this
@@ -78,6 +93,22 @@ class CacheAffinity:
             """,
         )
         loader.add_option(
+            "affinity_scope", str, "rules",
+            """
+            Which TLS connections to decrypt: "rules" intercepts only hosts that the rules name
+            and passes every other connection through untouched (no certificate swap for
+            unrelated apps); "all" leaves the choice to mitmproxy (allow_hosts/ignore_hosts).
+            """,
+            choices=["rules", "all"],
+        )
+        loader.add_option(
+            "affinity_max_conversations", int, 10_000,
+            """
+            How many conversations to remember for the cache-miss verdicts (least recently
+            used are forgotten). Each costs about a few KB: hashes and lengths, never text.
+            """,
+        )
+        loader.add_option(
             "affinity_summary", bool, True,
             "Print a cache summary (rich tables) to stderr when the proxy shuts down.",
         )
@@ -88,6 +119,8 @@ class CacheAffinity:
                 OPTION_PARSERS[name](getattr(ctx.options, name))
             except ValueError as e:
                 raise exceptions.OptionsError(f"Cannot parse {name} option: {e}") from None
+        if "affinity_max_conversations" in updated:
+            self.tracker = MissTracker(max(ctx.options.affinity_max_conversations, 1))
         if "affinity_log" in updated:
             if self.writer:
                 self.writer.close()
@@ -101,9 +134,11 @@ class CacheAffinity:
                     ) from None
         if "affinity_rules" in updated:
             try:
+                mtime = self._mtime()
                 self.ruleset = load_rules(ctx.options.affinity_rules)
             except ValueError as e:
                 raise exceptions.OptionsError(f"Cannot load affinity_rules: {e}") from None
+            self._rules_mtime = mtime
             logger.info(
                 "affinity: %d rules from %s", len(self.ruleset.rules), ctx.options.affinity_rules
             )
@@ -112,6 +147,61 @@ class CacheAffinity:
         leftovers = sorted(k for k in getattr(ctx.options, "deferred", {}) if k.startswith("affinity"))
         if leftovers:
             logger.error("affinity: unknown option(s): %s", ", ".join(leftovers))
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_rules())
+
+    def _mtime(self) -> float | None:
+        try:
+            return os.stat(Path(ctx.options.affinity_rules).expanduser()).st_mtime_ns / 1e9
+        except OSError:
+            return None
+
+    async def _watch_rules(self) -> None:
+        # Hot reload: a saved edit applies within a second; a broken edit keeps the last good
+        # rules and says why (file and line), once per edit.
+        while True:
+            await asyncio.sleep(RULES_POLL_SECONDS)
+            try:
+                self.check_rules_file()
+            except Exception:
+                logger.exception("affinity: rules watcher failed")
+
+    def check_rules_file(self) -> bool:
+        mtime = self._mtime()
+        if mtime is None or mtime == self._rules_mtime:
+            return False
+        self._rules_mtime = mtime
+        try:
+            self.ruleset = load_rules(ctx.options.affinity_rules)
+        except ValueError as e:
+            logger.error("affinity: rules not reloaded, keeping the previous ones: %s", e)
+            return False
+        logger.info("affinity: reloaded %d rules from %s", len(self.ruleset.rules),
+                    ctx.options.affinity_rules)
+        return True
+
+    def in_scope(self, host: str) -> bool:
+        rs = self.ruleset
+        return rs is not None and any(r.host.matches(host) for r in rs.rules)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if ctx.options.affinity_scope != "rules" or data.ignore_connection:
+            return
+        host = data.client_hello.sni or (
+            data.context.server.address[0] if data.context.server.address else "")
+        if not self.in_scope(host):
+            data.ignore_connection = True  # not an LLM host we know: pass TLS through untouched
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        host = data.conn.sni or "?"
+        if not self.in_scope(host):
+            return
+        ca = Path(ctx.options.confdir).expanduser() / "mitmproxy-ca-cert.pem"
+        self._warn_once(
+            f"ca:{data.context.client.peername[0] if data.context.client.peername else ''}",
+            "affinity: a client refused the proxy's certificate for %s: it does not trust the "
+            "mitmproxy CA. %s", host, CA_HINT.format(ca=ca),
+        )
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:
@@ -131,12 +221,29 @@ class CacheAffinity:
             return
         if result is None:
             return
-        outcome, _ = result
+        outcome, parsed = result
         if outcome.warning:
             logger.warning("affinity: rule %r: %s; sent unchanged", outcome.rules[0], outcome.warning)
-        rec = outcome.record()
-        rec["started"] = time.time()
-        flow.metadata[META] = rec
+        flow.metadata[META] = outcome.record()
+        if outcome.shape and parsed.obj is not None:
+            try:
+                self._observe(flow, outcome, parsed.obj)
+            except Exception:
+                logger.exception("affinity: cannot fingerprint this request; no verdict for it")
+
+    def _observe(self, flow: http.HTTPFlow, outcome: Any, body: dict[str, Any]) -> None:
+        assert self.ruleset is not None
+        # Key conversations by their root where there is one: it survives a dropped affinity
+        # header, which is the case the `routed-away` verdict is for.
+        key = affinity_id.root_id(body, outcome.shape, self.ruleset.affinity,
+                                  ctx.options.affinity_key) or outcome.affinity_id
+        if key is None:
+            return
+        if len(self._pending) > 50_000:  # flows that never finished; should not happen
+            self._pending.clear()
+        self._pending[flow.id] = self.tracker.observe(
+            body, shape=outcome.shape, model=outcome.model, host=flow.request.pretty_host,
+            key=key, signal=outcome.signal, ts=flow.request.timestamp_start or time.time())
 
     # -- response side ---------------------------------------------------------------------
 
@@ -169,9 +276,12 @@ class CacheAffinity:
                     live.reader.feed_json(json.loads(flow.response.get_content(strict=True) or b""))
                 except (ValueError, RecursionError):
                     pass  # an error page or a body we do not understand: no usage
-            if stream and live.tap.kept is not None and flow.response.raw_content is None:
-                flow.response.raw_content = live.tap.kept  # visible in mitmweb; already sent
-            complete = not stream or live.tap.ended
+            if stream and flow.response.raw_content is None:
+                kept = live.tap.kept
+                if kept is not None:
+                    flow.response.raw_content = kept  # visible in mitmweb; already sent
+            # A stream that ended without its terminal event was cut short upstream.
+            complete = not stream or (live.tap.ended and live.reader.terminal)
             self._finish(flow, meta, live, stream=stream, complete=complete, error=None)
         except Exception:
             logger.exception("affinity: could not record this response")
@@ -180,6 +290,7 @@ class CacheAffinity:
         live = self._live.pop(flow.id, None)
         meta = flow.metadata.get(META)
         if meta is None or flow.websocket is not None:
+            self._pending.pop(flow.id, None)
             return
         try:
             stream = live is not None and live.tap is not None
@@ -214,15 +325,24 @@ class CacheAffinity:
         reader = live.reader if live else None
         resp = flow.response
         response_cache = bool(resp and resp.headers.get("x-openrouter-cache-status", "").upper() == "HIT")
+        usage = reader.usage() if reader else None
         record = logrecord.build(
             meta=meta, flow_id=flow.id, host=flow.request.pretty_host,
             path=flow.request.path.split("?", 1)[0], method=flow.request.method,
             status=resp.status_code if resp else None,
-            usage=reader.usage() if reader else None, usage_raw=reader.raw if reader else None,
+            usage=usage, usage_raw=reader.raw if reader else None,
             stream=stream, transport=transport, complete=complete, error=error,
             started=flow.request.timestamp_start, response_cache=response_cache,
             extras=reader.extras if reader else None,
         )
+        pending = self._pending.pop(flow.id, None) if transport == "http" else None
+        if pending is not None:
+            verdict, predicted = self.tracker.verdict(
+                pending, usage, time.time(), response_cache=response_cache,
+                provider_reason=record["provider_miss_reason"], dry_run=record["dry_run"])
+            record.update(verdict.to_log())
+            record["predicted_hit_ratio"] = predicted
+            meta["miss_reason"], meta["miss_detail"] = verdict.reason, verdict.detail
         if self.writer:
             self.writer.write(record)
         self.stats.add(record)
@@ -261,6 +381,9 @@ class CacheAffinity:
         logger.info("affinity: reloaded %d rules", len(self.ruleset.rules))
 
     def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         # done() also runs on every hot reload of the script: summarize only on a real shutdown.
         shutting_down = getattr(getattr(ctx.master, "should_exit", None), "is_set", lambda: False)()
         if shutting_down and ctx.options.affinity_summary and self.stats.total.requests:

@@ -25,27 +25,27 @@ class _Inner(Protocol):
     eof: bool
     unused_data: bytes
 
-    def decompress(self, data: bytes, /) -> bytes: ...
+    def decompress(self, data: bytes, /, *args: int) -> bytes: ...
 
 
-def _zstd_factory() -> Callable[[], _Inner] | None:
+def _zstd_factory() -> tuple[Callable[[], _Inner], bool] | None:
     """The first zstd implementation available: 3.14 stdlib, mitmproxy 12.3's, mitmproxy 12.2's."""
     try:
         from compression import zstd  # type: ignore[import-not-found]
 
-        return zstd.ZstdDecompressor
+        return zstd.ZstdDecompressor, True
     except ImportError:
         pass
     try:
         from backports import zstd  # type: ignore[import-not-found,no-redef]
 
-        return zstd.ZstdDecompressor
+        return zstd.ZstdDecompressor, True
     except ImportError:
         pass
     try:
         import zstandard
 
-        return lambda: zstandard.ZstdDecompressor().decompressobj()
+        return (lambda: zstandard.ZstdDecompressor().decompressobj()), False
     except ImportError:
         return None
 
@@ -57,8 +57,10 @@ class _Frames:
     at the first end of frame and leaves the rest in `unused_data`, so start a fresh one there.
     """
 
-    def __init__(self, factory: Callable[[], _Inner], name: str, max_output: int) -> None:
+    def __init__(self, factory: Callable[[], _Inner], name: str, max_output: int,
+                 bounded: bool = True) -> None:
         self._factory = factory
+        self._bounded = bounded  # decompress() takes max_length: a bomb stops at the cap
         self._name = name
         self._max_output = max_output
         self._inner: _Inner | None = None
@@ -69,13 +71,17 @@ class _Frames:
         while data:
             if self._inner is None:
                 self._inner = self._factory()
+            room = self._max_output - size
             try:
-                piece = self._inner.decompress(data)
+                if self._bounded:
+                    piece = self._inner.decompress(data, room + 1)
+                else:
+                    piece = self._inner.decompress(data)
             except Exception as e:  # zlib.error, zstd errors: all mean corrupt input
                 raise ValueError(f"corrupt {self._name} data: {e}") from e
-            size += len(piece)
-            if size > self._max_output:
+            if len(piece) > room:
                 raise ValueError(f"{self._name} chunk decodes to more than {self._max_output} bytes")
+            size += len(piece)
             out.append(piece)
             if not self._inner.eof:
                 break
@@ -144,8 +150,11 @@ def _one(encoding: str, max_output: int) -> Decoder | None:
         except ImportError:
             return None
     if encoding == "zstd":
-        factory = _zstd_factory()
-        return _Frames(factory, "zstd", max_output) if factory else None
+        found = _zstd_factory()
+        if found is None:
+            return None
+        factory, bounded = found
+        return _Frames(factory, "zstd", max_output, bounded)
     return None
 
 

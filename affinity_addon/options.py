@@ -36,6 +36,13 @@ def parse_nonneg_int(raw: str) -> int:
     return v
 
 
+def parse_scope(raw: str) -> str:
+    v = raw.strip()
+    if v not in ("rules", "all"):
+        raise ValueError(f"expected 'rules' or 'all', not {raw!r}")
+    return v
+
+
 def _nonempty_key(v: Any) -> None:
     if not isinstance(v, str) or not v:
         raise ValueError("the key must not be empty")
@@ -46,6 +53,8 @@ RAW_PARSERS: dict[str, Callable[[str], Any]] = {
     "affinity_dry_run": parse_bool,
     "affinity_summary": parse_bool,
     "affinity_keep_bodies": parse_nonneg_int,
+    "affinity_scope": parse_scope,
+    "affinity_max_conversations": parse_nonneg_int,
 }
 
 # Checks run in configure on the typed values (ValueError -> OptionsError).

@@ -34,8 +34,19 @@ class Segment:
 
 def canonical(value: Any) -> bytes:
     """Stable bytes for a JSON value with cache markers removed (markers move turn to turn)."""
-    return json.dumps(_strip_markers(value), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8", "surrogatepass")
+    # Fast paths for the bulk of any prompt, plain strings and text blocks: no JSON encoding of
+    # large texts. A string and a one-part text list render the same prompt, so they hash the
+    # same (the breakpoint planner turns one into the other to place a marker).
+    if isinstance(value, str):
+        return b"t\x00" + value.encode("utf-8", "surrogatepass")
+    if isinstance(value, dict) and len(value) <= 3 and isinstance(value.get("text"), str) \
+            and value.get("type", "text") == "text" and all(k in _TEXT_KEYS for k in value):
+        return b"t\x00" + value["text"].encode("utf-8", "surrogatepass")
+    return b"j\x00" + json.dumps(_strip_markers(value), sort_keys=True, separators=(",", ":"),
+                                  ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+_TEXT_KEYS = frozenset({"type", "text"}) | MARKER_KEYS
 
 
 def _strip_markers(value: Any) -> Any:

@@ -98,6 +98,7 @@ class Outcome:
     markers: list[dict[str, Any]] = field(default_factory=list)
     body_write: str = "none"  # none | splice | reserialize
     warning: str | None = None
+    signal: str | None = None  # the routing value the provider will see (None: none at all)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -118,6 +119,24 @@ class Outcome:
 
 def _render(action: SetAction, facts: Mapping[str, str | None]) -> Any:
     return action.template.render(facts)
+
+
+def _routing_signal(matched: list[Rule], request: http.Request, body: dict[str, Any] | None,
+                    out: Outcome, dry_run: bool) -> str | None:
+    for rule in matched:
+        for a in rule.set_headers:
+            v = request.headers.get(a.target)  # in a dry run: the client's own value, if any
+            if v:
+                return v
+        if body is None:
+            continue
+        for a in rule.set_fields:
+            if dry_run and a.target in out.fields:
+                continue  # computed but not sent
+            v = affinity_id.get_path(body, a.target)
+            if isinstance(v, str) and v:
+                return v
+    return None
 
 
 def apply_rules(
@@ -203,6 +222,7 @@ def apply_rules(
             if added:
                 out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
                 body_changed = must_reserialize = True
+    out.signal = _routing_signal(matched, request, body, out, dry_run)
     if body_changed and body is not None and parsed.text is not None:
         if must_reserialize:
             new = dumps(body)

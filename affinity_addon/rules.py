@@ -3,6 +3,8 @@
 A rules file is YAML (schema: rules/schema.json). `load_rules(path)` is pure: it returns an
 immutable RuleSet or raises ValueError naming the file, the line and the rule.
 
+A rule without actions only observes: its traffic gets usage records and miss verdicts.
+
 How several matching rules combine: every enabled rule whose `match` fits applies, in file
 order, until one with `stop: true`. Each action sees the request as the rules before it left it,
 so with the default `on_conflict: keep` the first rule (or the client) to set a header or field
@@ -302,8 +304,6 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             aff = affinity_id.parse_affinity_config(raw["affinity"])
         except ValueError as e:
             raise where.error(raw, "affinity", f"affinity: {e}", name) from None
-    if not (set_headers or set_fields or cache_control is not None):
-        raise where.error(raw, None, "has no action (set_headers, set_fields or cache_control)", name)
     if not enabled:
         return None
     return Rule(

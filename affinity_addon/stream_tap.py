@@ -50,7 +50,10 @@ class StreamTap:
         self.events = 0
         self.bytes_in = 0
         self.failed: str | None = None
-        self._decode = make_decoder(content_encoding)
+        try:
+            self._decode = make_decoder(content_encoding)
+        except Exception:  # a header value of the wrong type: count bytes, parse nothing
+            self._decode = None
         if self._decode is None:
             self.failed = f"unsupported content-encoding {content_encoding!r}"
 

@@ -28,12 +28,12 @@ _RAW_MAX_DEPTH = 4
 _RAW_MAX_ITEMS = 32
 
 Key = str | int  # a dict key, a list index, or "*" (first list item that has the rest)
-Path_ = tuple[Key, ...]
+FieldPath = tuple[Key, ...]
 
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
 
 
-def parse_path(text: str) -> Path_:
+def parse_path(text: str) -> FieldPath:
     """`choices[0].usage` -> ("choices", 0, "usage")."""
     if not isinstance(text, str) or not text:
         raise ValueError(f"field path must be a non-empty string, got {text!r}")
@@ -54,10 +54,7 @@ def parse_path(text: str) -> Path_:
     return tuple(keys)
 
 
-_MISSING = object()
-
-
-def get_path(obj: Any, path: Path_) -> Any:
+def get_path(obj: Any, path: FieldPath) -> Any:
     """The value at `path`, or None; `*` takes the first list item where the rest resolves."""
     for i, key in enumerate(path):
         if key == "*":
@@ -85,30 +82,30 @@ def get_path(obj: Any, path: Path_) -> Any:
 class ShapeFields:
     """One API shape's usage knowledge, parsed from the YAML table."""
 
-    usage_at: tuple[Path_, ...]
+    usage_at: tuple[FieldPath, ...]
     overlay: bool
     input_includes_cache: bool
-    input: tuple[Path_, ...]
-    input_sum: tuple[Path_, ...]
-    cache_read: tuple[Path_, ...]
-    cache_write: tuple[Path_, ...]
-    cache_write_5m: tuple[Path_, ...]
-    cache_write_1h: tuple[Path_, ...]
-    output: tuple[Path_, ...]
-    output_extra: tuple[Path_, ...]
-    cost: tuple[Path_, ...]
-    terminal: tuple[tuple[tuple[Path_, frozenset[str] | None], ...], ...]
+    input: tuple[FieldPath, ...]
+    input_sum: tuple[FieldPath, ...]
+    cache_read: tuple[FieldPath, ...]
+    cache_write: tuple[FieldPath, ...]
+    cache_write_5m: tuple[FieldPath, ...]
+    cache_write_1h: tuple[FieldPath, ...]
+    output: tuple[FieldPath, ...]
+    output_extra: tuple[FieldPath, ...]
+    cost: tuple[FieldPath, ...]
+    terminal: tuple[tuple[tuple[FieldPath, frozenset[str] | None], ...], ...]
     done_sentinel: bool
     needles: re.Pattern[bytes] | None  # None: parse every event
     terminal_events: frozenset[str]  # SSE event names that end the stream by themselves
-    extras: tuple[tuple[str, tuple[Path_, ...]], ...]
+    extras: tuple[tuple[str, tuple[FieldPath, ...]], ...]
 
 
 _FIELD_LISTS = ("input", "input_sum", "cache_read", "cache_write", "cache_write_5m",
                 "cache_write_1h", "output", "output_extra", "cost")
 
 
-def _paths(spec: dict[str, Any], key: str, where: str) -> tuple[Path_, ...]:
+def _paths(spec: dict[str, Any], key: str, where: str) -> tuple[FieldPath, ...]:
     value = spec.get(key, [])
     if not isinstance(value, list):
         raise ValueError(f"{where}.{key} must be a list of field paths")
@@ -198,7 +195,7 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def _first_count(obj: dict[str, Any], paths: tuple[Path_, ...]) -> int | None:
+def _first_count(obj: dict[str, Any], paths: tuple[FieldPath, ...]) -> int | None:
     """First non-zero valid count, else a valid 0, else None."""
     zero = None
     for path in paths:
@@ -210,7 +207,7 @@ def _first_count(obj: dict[str, Any], paths: tuple[Path_, ...]) -> int | None:
     return zero
 
 
-def _first_cost(obj: dict[str, Any], paths: tuple[Path_, ...]) -> float | None:
+def _first_cost(obj: dict[str, Any], paths: tuple[FieldPath, ...]) -> float | None:
     for path in paths:
         v = get_path(obj, path)
         if type(v) in (int, float) and math.isfinite(v) and v >= 0:
@@ -270,8 +267,10 @@ def normalize(shape: str, raw_usage: dict[str, Any], flavor: str | None = None) 
     return normalize_with(fields_for(shape, flavor), raw_usage)
 
 
-def _matches(obj: dict[str, Any], rule: tuple[tuple[Path_, frozenset[str] | None], ...]) -> bool:
+def _matches(obj: dict[str, Any], rule: tuple[tuple[FieldPath, frozenset[str] | None], ...]) -> bool:
     for path, allowed in rule:
+        if path[0] not in obj:
+            return False
         v = get_path(obj, path)
         if v is None or v == "" or isinstance(v, dict | list):
             return False
@@ -300,8 +299,7 @@ class UsageReader:
         try:
             if isinstance(data, str):
                 data = data.encode("utf-8", "surrogatepass")
-            stripped = data.strip()
-            if stripped == b"[DONE]":
+            if len(data) < 16 and data.strip() == b"[DONE]":
                 if self._fields.done_sentinel:
                     self.terminal = True
                 return
@@ -310,7 +308,7 @@ class UsageReader:
                 if event in self._fields.terminal_events:
                     self.terminal = True
                 return
-            obj = json.loads(stripped)
+            obj = json.loads(data)
         except (ValueError, UnicodeError):
             return  # keep-alives, junk, truncated JSON: not usage
         except Exception as e:
@@ -333,7 +331,10 @@ class UsageReader:
             return
         self.messages += 1
         f = self._fields
+        # Most events lack most of the paths: checking the first key inline skips the walk.
         for path in f.usage_at:
+            if path[0] not in obj:
+                continue
             usage = get_path(obj, path)
             if isinstance(usage, dict) and usage:
                 if f.overlay and self._raw is not None:
@@ -343,6 +344,8 @@ class UsageReader:
                 break
         for key, paths in f.extras:
             for path in paths:
+                if path[0] not in obj:
+                    continue
                 v = get_path(obj, path)
                 if isinstance(v, str) and v:
                     self.extras[key] = v[:_MAX_EXTRA_LEN]

@@ -32,6 +32,7 @@ HOSTS: dict[str, str] = {
     "chatgpt.com": "codex",
     "api.deepseek.com": "deepseek",
     "api.fireworks.ai": "fireworks",
+    "llm.unlisted.test": "openai",  # a host no rule names
 }
 
 

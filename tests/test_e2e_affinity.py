@@ -78,9 +78,11 @@ def test_dry_run_sends_nothing_changed(monkeypatch, sim, proxy_factory):
 
 
 def test_unmatched_hosts_pass_through_untouched(monkeypatch, sim, proxy_factory):
-    proxy = proxy_factory()
-    client = regular_client(monkeypatch, proxy, "https://api.deepseek.com/v1")
-    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}
+    # Decrypt everything (scope "all") to see that an unmatched host's request is untouched;
+    # by default its TLS would not even be opened (test_e2e_proxy.py).
+    proxy = proxy_factory(options={"affinity_scope": "all"})
+    client = regular_client(monkeypatch, proxy, "https://llm.unlisted.test/v1")
+    body = {"model": "some-model", "messages": [{"role": "user", "content": "hi"}]}
     client.chat.completions.create(**body)
     (r,) = sim.requests
     assert json.loads(r.raw_body) == body

@@ -206,10 +206,10 @@ def test_metadata_is_plain_data_and_flows_still_save(addon):
 
 def test_bad_rules_and_options_are_options_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("rules:\n  - name: a\n    match: {host: x}\n")
+    bad.write_text("rules:\n  - name: a\n    match: {host: x}\n    set_headers: {'a b': c}\n")
     a = CacheAffinity()
     with taddons.context(a) as tctx:
-        with pytest.raises(exceptions.OptionsError, match=rf"{bad}:2: rule 'a'"):
+        with pytest.raises(exceptions.OptionsError, match=rf"{bad}:4: rule 'a'"):
             tctx.configure(a, affinity_rules=str(bad))
         with pytest.raises(exceptions.OptionsError, match="key must not be empty"):
             tctx.configure(a, affinity_key="")

@@ -86,7 +86,6 @@ def test_matching(tmp_path):
 @pytest.mark.parametrize(
     "text, line, pattern",
     [
-        ("rules:\n  - name: a\n    match: {host: x}\n", 2, "rule 'a': has no action"),
         ("rules:\n  - name: a\n    match: {path: /x}\n    set_headers: {a: b}\n", 3, "match needs a 'host'"),
         ("rules:\n  - name: a\n    match: {host: x}\n    set_headers: {\"a b\": v}\n", 4, "not a valid header name"),
         ("rules:\n  - name: a\n    match: {host: x}\n    set_fields: {\"a..b\": v}\n", 4, "dotted field path"),

@@ -259,7 +259,9 @@ def test_without_signal_replicas_are_random_but_seeded(clock, name, path, body, 
     assert replicas == [r.replica for r in runs[1]]  # deterministic with the seed
     assert len(set(replicas)) > 1
     ratios = [hit_ratio(r.usage) for r in runs[0][1:]]
-    assert sum(ratios) / len(ratios) < 0.7  # vs > 0.8 on every turn with a signal
+    # Each first visit to a cold replica misses outright; with a signal no turn after the
+    # first ever does (test above).
+    assert sum(1 for x in ratios if x == 0) >= 2, ratios
 
 
 def test_openrouter_claude_sticky_on_conversation_root(sim: Simulator) -> None:
@@ -715,7 +717,7 @@ def test_compressed_sse_is_flushed_per_event(sim: Simulator) -> None:
     finally:
         conn.close()
     assert b"event: message_stop" in seen
-    assert 0.09 < first_event_at < 0.4 and total > 0.65  # 7 events, 100 ms apart
+    assert 0.09 < first_event_at < total - 0.4 and total > 0.65  # 7 events, 100 ms apart
 
 
 def test_event_delay_sets_time_to_first_byte(clock: SimClock) -> None:
@@ -730,7 +732,7 @@ def test_event_delay_sets_time_to_first_byte(clock: SimClock) -> None:
         first_byte_at = time.monotonic() - start
         resp.read()
         conn.close()
-    assert headers_at < 0.1 and 0.14 < first_byte_at < 0.5
+    assert headers_at + 0.1 < first_byte_at and 0.14 < first_byte_at < 2
 
 
 def test_keep_alive_connection_reused(sim: Simulator) -> None:
@@ -777,7 +779,7 @@ def test_two_hundred_concurrent_streams(sim: Simulator) -> None:
     assert all(isinstance(r, bytes) and r.rstrip().endswith(b'{"type":"message_stop"}')
                for r in results)
     assert len(sim.requests) == n
-    assert elapsed < 8  # 0.7 s of events each: they ran in parallel, not one after another
+    assert elapsed < 15  # 0.7 s of events each: they ran in parallel, not one after another
 
 
 # --- control API and CLI -------------------------------------------------------------------

@@ -287,6 +287,9 @@ def test_text_mentioning_usage_is_harmless() -> None:
     r.feed_event("response.output_text.delta",
                  b'{"type":"response.output_text.delta","delta":"\\"usage\\": response.completed"}')
     assert r.usage() is None and not r.terminal
+    assert r.messages == 0  # escaped quotes in text never look like a key
+    r.feed_event(None, b'{"delta": "usage", "usage" : null}')  # a spaced key still counts
+    assert r.messages == 1
 
 
 def test_flavor_changes_preference_only() -> None:

@@ -190,6 +190,7 @@ class Engine:
                 replica = self._route(b, b.shape, headers, body)
                 counts = self._serve(provider, replica, b, prompt, model_name, now)
         except RequestError as e:
+            logger.debug("%s %s on %s rejected: %s %s", method, path, provider, e.status, e)
             rid = self.request_id()
             payload = wire.ERROR_STYLES[errors](e.status, str(e), rid)
             reply = Reply(e.status, "application/json", wire.dumps(payload))

@@ -3,7 +3,7 @@
 Every behaviour difference (affinity signal, cache model, usage field names, streaming usage
 placement, error JSON, body constraints) is a field of `Behaviour`. A provider row holds a base
 `Behaviour`, per-path changes and per-model changes (OpenRouter routes `anthropic/*` with Claude's
-marker semantics). Facts follow /work/shared/reference/providers.md, never the addon's own code.
+marker semantics). Facts follow the shared providers.md reference, never the addon's code.
 """
 
 import fnmatch

@@ -163,11 +163,29 @@ def price_for(model: str | None, provider: str | None = None, host: str | None =
     return default_table().price_for(model, provider, host)
 
 
-def _tokens(usage: Mapping[str, Any], key: str) -> int:
-    value = usage.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        return 0
-    return int(value)
+def _tokens(value: Any) -> int:
+    if type(value) is int:  # the common case, first: this runs for every line of a big log
+        return value if value > 0 else 0
+    if isinstance(value, float) and 0 < value < 1e18:  # json.loads accepts Infinity and NaN
+        return int(value)
+    return 0
+
+
+def prompt_counts(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """(input, read, write, write_1h) from a logged usage object, clamped so that
+    read + write <= input and write_1h <= write; junk values count as 0."""
+    total = _tokens(usage.get("input_tokens"))
+    read = min(_tokens(usage.get("cache_read_tokens")), total)
+    write = min(_tokens(usage.get("cache_write_tokens")), total - read)
+    write_1h = min(_tokens(usage.get("cache_write_1h_tokens")), write)
+    return total, read, write, write_1h
+
+
+def weighted_prompt(total: int, read: int, write: int, write_1h: int, price: Price) -> float:
+    """The prompt in input-token equivalents: each token times its multiplier."""
+    # Providers that do not split writes by TTL write at their short/default TTL.
+    return (total - read - write + read * price.read + (write - write_1h) * price.write_5m
+            + write_1h * price.write_1h)
 
 
 def estimate_cost(usage: Mapping[str, Any] | None, price: Price) -> CostEstimate:
@@ -176,16 +194,9 @@ def estimate_cost(usage: Mapping[str, Any] | None, price: Price) -> CostEstimate
     """
     if not isinstance(usage, Mapping):
         return CostEstimate.of(0.0, 0.0, price.unit)
-    total = _tokens(usage, "input_tokens")
-    read = _tokens(usage, "cache_read_tokens")
-    write = _tokens(usage, "cache_write_tokens")
-    write_1h = min(_tokens(usage, "cache_write_1h_tokens"), write)
-    uncached = max(total - read - write, 0)
-    # Providers that do not split writes by TTL write at their short/default TTL.
-    with_cache = (uncached + read * price.read + (write - write_1h) * price.write_5m
-                  + write_1h * price.write_1h)
-    without = float(max(total, read + write))
+    total, read, write, write_1h = prompt_counts(usage)
+    with_cache = weighted_prompt(total, read, write, write_1h, price)
     if price.input_usd_per_mtok is not None:
         scale = price.input_usd_per_mtok / 1_000_000
-        return CostEstimate.of(with_cache * scale, without * scale, USD)
-    return CostEstimate.of(with_cache, without, TOKEN_EQUIVALENTS)
+        return CostEstimate.of(with_cache * scale, total * scale, USD)
+    return CostEstimate.of(with_cache, float(total), TOKEN_EQUIVALENTS)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from mitmproxy import http
 
 from affinity_addon import affinity_id
@@ -28,6 +29,19 @@ class ParsedBody:
     obj: dict[str, Any] | None = None
     text: bytes | None = None  # decoded bytes the object came from
     problem: str | None = None  # why there is no object (for one warning line)
+    # Parsed by the stdlib because orjson refused it (NaN/Infinity, integers beyond 64 bits):
+    # write it back with the stdlib too, which round-trips those values.
+    exotic: bool = False
+
+
+def loads(text: bytes) -> tuple[Any, bool]:
+    """(value, exotic). orjson is ~10x faster on large bodies; the stdlib takes what it refuses."""
+    try:
+        return orjson.loads(text), False
+    except orjson.JSONDecodeError:
+        # Decode as UTF-8 ourselves: json.loads(bytes) would also accept UTF-16/32, which the
+        # byte splice would then corrupt.
+        return json.loads(text.decode("utf-8")), True
 
 
 def parse_body(request: http.Request) -> ParsedBody:
@@ -46,14 +60,12 @@ def parse_body(request: http.Request) -> ParsedBody:
     if text.lstrip(_WS)[:1] != b"{":
         return ParsedBody(text=text, problem="body is not a JSON object")
     try:
-        # Decode as UTF-8 ourselves: json.loads(bytes) would also accept UTF-16/32, which the
-        # byte splice below would then corrupt.
-        obj = json.loads(text.decode("utf-8"))
+        obj, exotic = loads(text)
     except (ValueError, RecursionError) as e:
         return ParsedBody(text=text, problem=f"body is not valid JSON ({type(e).__name__})")
     if not isinstance(obj, dict):
         return ParsedBody(text=text, problem="body is not a JSON object")
-    return ParsedBody(obj, text)
+    return ParsedBody(obj, text, exotic=exotic)
 
 
 def _set_path(body: dict[str, Any], path: str, value: Any) -> bool:
@@ -70,8 +82,13 @@ def _set_path(body: dict[str, Any], path: str, value: Any) -> bool:
     return True
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, exotic: bool = False) -> bytes:
     # Compact and UTF-8 like the clients' own encoders; keeps key order.
+    if not exotic:
+        try:
+            return orjson.dumps(obj)
+        except TypeError:  # e.g. lone surrogates in a string
+            pass
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
 
@@ -225,7 +242,7 @@ def apply_rules(
     out.signal = _routing_signal(matched, request, body, out, dry_run)
     if body_changed and body is not None and parsed.text is not None:
         if must_reserialize:
-            new = dumps(body)
+            new = dumps(body, parsed.exotic)
             out.body_write = "reserialize"
         else:
             new = splice_top_level(parsed.text, new_top, empty=len(body) == len(new_top))

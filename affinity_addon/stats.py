@@ -9,15 +9,16 @@ response-cache hits (those report zero usage by design). Records without usage (
 streams) and response-cache hits are counted separately, never as misses.
 """
 
-import dataclasses
 import logging
+import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from affinity_addon.pricing import (
@@ -26,7 +27,8 @@ from affinity_addon.pricing import (
     CostEstimate,
     Price,
     PriceTable,
-    estimate_cost,
+    prompt_counts,
+    weighted_prompt,
 )
 from affinity_addon.pricing import default_table as default_price_table
 
@@ -52,102 +54,80 @@ class Example(NamedTuple):
     miss_detail: str | None
 
 
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        return 0
-    return int(value)
-
-
 def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    return value if type(value) is str and value else None
+
+
+def _number(value: Any) -> float | None:
+    if type(value) is int or (type(value) is float and math.isfinite(value)):
+        return value
+    return None
 
 
 @dataclass(slots=True)
 class Observation:
-    """What one record contributes, computed once and added to every bucket it falls in."""
+    """What one record contributes, computed once and added to each bucket it falls in."""
 
     verdict: str
-    counted: bool
+    ts: str | None
     incomplete: bool
     dry_run: bool
+    counted: bool = False  # has usage and is not a response-cache hit
     input_tokens: int = 0
     read_tokens: int = 0
     write_tokens: int = 0
-    uncached_tokens: int = 0
     output_tokens: int = 0
     provider_cost: float = 0.0
-    eq_with: float = 0.0
-    eq_without: float = 0.0
-    usd: CostEstimate | None = None
-    missed: bool = False
-    tokens_lost: int = 0
+    eq_with: float = 0.0  # prompt cost in input-token equivalents
+    usd_scale: float | None = None  # USD per token equivalent, when the base price is known
+    tokens_lost: int = 0  # missed requests: uncached + written tokens
     predicted_read: float | None = None  # dry run: read tokens the rules would have given
     dry_saved_eq: float = 0.0
-    ts: str | None = None
 
 
-def observe(record: Mapping[str, Any], prices: PriceTable) -> Observation:
-    usage = record.get("usage")
-    response_cache = record.get("response_cache") is True
-    obs = Observation(
-        verdict=NO_USAGE,
-        counted=False,
-        incomplete=record.get("complete") is False,
-        dry_run=record.get("dry_run") is True,
-        ts=_str(record.get("ts")),
-    )
-    if response_cache:
+def observe(record: Mapping[str, Any], price_of: Callable[[str | None, str | None, str | None],
+                                                          Price]) -> Observation:
+    """One record's contribution; `price_of(model, provider, host)` picks the multipliers."""
+    get = record.get
+    ts = get("ts")
+    obs = Observation(NO_USAGE, ts if type(ts) is str else None, get("complete") is False,
+                      get("dry_run") is True)
+    if get("response_cache") is True:
         obs.verdict = RESPONSE_CACHE
         return obs
-    if not isinstance(usage, Mapping):
+    usage = get("usage")
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         return obs
     obs.counted = True
-    obs.input_tokens = total = _int(usage.get("input_tokens"))
-    obs.read_tokens = read = min(_int(usage.get("cache_read_tokens")), total)
-    obs.write_tokens = write = min(_int(usage.get("cache_write_tokens")), total - read)
-    obs.uncached_tokens = total - read - write
-    obs.output_tokens = _int(usage.get("output_tokens"))
-    cost = usage.get("cost")
-    if isinstance(cost, int | float) and not isinstance(cost, bool):
+    total, read, write, write_1h = prompt_counts(usage)
+    obs.input_tokens, obs.read_tokens, obs.write_tokens = total, read, write
+    output = usage.get("output_tokens")
+    obs.output_tokens = output if type(output) is int and output > 0 else 0
+    cost = _number(usage.get("cost"))
+    if cost is not None:
         obs.provider_cost = float(cost)
 
-    reason = _str(record.get("miss_reason"))
+    reason = get("miss_reason")
     if total <= 0:
         obs.verdict = NO_PROMPT
-    elif reason is not None:
+    elif type(reason) is str and reason:
         obs.verdict = reason
     else:  # the miss analysis did not run (or is off): judge by the counters alone
         obs.verdict = "hit" if read > 0 else "unknown"
-    obs.missed = obs.verdict not in NOT_MISSED
-    if obs.missed:
-        obs.tokens_lost = obs.uncached_tokens + write
+    if obs.verdict not in NOT_MISSED:
+        obs.tokens_lost = total - read
 
-    price = prices.price_for(_str(record.get("model")), _str(record.get("provider")),
-                             _str(record.get("host")))
-    eq = _equivalents(usage, price)
-    obs.eq_with, obs.eq_without = eq.with_cache, eq.without_cache
+    price = price_of(_str(get("model")), _str(get("provider")), _str(get("host")))
+    obs.eq_with = weighted_prompt(total, read, write, write_1h, price)
     if price.input_usd_per_mtok is not None:
-        scale = price.input_usd_per_mtok / 1_000_000
-        obs.usd = CostEstimate.of(eq.with_cache * scale, eq.without_cache * scale, USD)
+        obs.usd_scale = price.input_usd_per_mtok / 1_000_000
 
-    predicted = record.get("predicted_hit_ratio")
-    if (obs.dry_run and total > 0 and isinstance(predicted, int | float)
-            and not isinstance(predicted, bool)):
+    predicted = _number(get("predicted_hit_ratio")) if obs.dry_run else None
+    if predicted is not None and total > 0:
         obs.predicted_read = min(max(float(predicted), 0.0), 1.0) * total
         # Tokens the rules would have turned from full-price into cache reads.
         obs.dry_saved_eq = max(obs.predicted_read - read, 0.0) * (1.0 - price.read)
     return obs
-
-
-_EQ_PRICES: dict[Price, Price] = {}
-
-
-def _equivalents(usage: Mapping[str, Any], price: Price) -> CostEstimate:
-    """The cost in token equivalents whatever the unit of the price, so all models add up."""
-    eq_price = _EQ_PRICES.get(price)
-    if eq_price is None:
-        eq_price = _EQ_PRICES[price] = dataclasses.replace(price, input_usd_per_mtok=None)
-    return estimate_cost(usage, eq_price)
 
 
 @dataclass(slots=True)
@@ -165,11 +145,9 @@ class Bucket:
     input_tokens: int = 0
     read_tokens: int = 0
     write_tokens: int = 0
-    uncached_tokens: int = 0
     output_tokens: int = 0
     provider_cost: float = 0.0
     eq_with: float = 0.0
-    eq_without: float = 0.0
     usd_with: float = 0.0
     usd_without: float = 0.0
     usd_requests: int = 0  # counted requests whose model has a known base price
@@ -188,14 +166,17 @@ class Bucket:
 
     def add(self, obs: Observation, example: Example | None = None, max_examples: int = 3) -> None:
         self.requests += 1
-        if obs.ts is not None:
+        ts = obs.ts
+        if ts is not None:
             # ISO-8601 UTC strings of one format sort like the times they name.
-            if self.first_ts is None or obs.ts < self.first_ts:
-                self.first_ts = obs.ts
-            if self.last_ts is None or obs.ts > self.last_ts:
-                self.last_ts = obs.ts
-        self.incomplete += obs.incomplete
-        self.dry_run += obs.dry_run
+            if self.first_ts is None or ts < self.first_ts:
+                self.first_ts = ts
+            if self.last_ts is None or ts > self.last_ts:
+                self.last_ts = ts
+        if obs.incomplete:
+            self.incomplete += 1
+        if obs.dry_run:
+            self.dry_run += 1
         if not obs.counted:
             if obs.verdict == RESPONSE_CACHE:
                 self.response_cache += 1
@@ -203,34 +184,77 @@ class Bucket:
                 self.no_usage += 1
             return
         self.counted += 1
-        if obs.input_tokens > 0:
+        total = obs.input_tokens
+        if total > 0:
             self.prompt_requests += 1
-            self.hit_requests += obs.read_tokens > 0
-        self.input_tokens += obs.input_tokens
+            if obs.read_tokens > 0:
+                self.hit_requests += 1
+        self.input_tokens += total
         self.read_tokens += obs.read_tokens
         self.write_tokens += obs.write_tokens
-        self.uncached_tokens += obs.uncached_tokens
         self.output_tokens += obs.output_tokens
         self.provider_cost += obs.provider_cost
         self.eq_with += obs.eq_with
-        self.eq_without += obs.eq_without
-        if obs.usd is not None:
+        if obs.usd_scale is not None:
             self.usd_requests += 1
-            self.usd_with += obs.usd.with_cache
-            self.usd_without += obs.usd.without_cache
-        if obs.missed:
+            self.usd_with += obs.eq_with * obs.usd_scale
+            self.usd_without += total * obs.usd_scale
+        if obs.verdict not in NOT_MISSED:
             self.miss_reasons[obs.verdict] += 1
             self.tokens_lost[obs.verdict] += obs.tokens_lost
             if example is not None and max_examples > 0:
                 _keep_largest(self.examples.setdefault(obs.verdict, []), example, max_examples)
         if obs.predicted_read is not None:
             self.dry_requests += 1
-            self.dry_input_tokens += obs.input_tokens
+            self.dry_input_tokens += total
             self.dry_read_tokens += obs.read_tokens
             self.dry_predicted_read += obs.predicted_read
             self.dry_saved_eq += obs.dry_saved_eq
-            if obs.usd is not None and obs.eq_without > 0:
-                self.dry_saved_usd += obs.dry_saved_eq * obs.usd.without_cache / obs.eq_without
+            if obs.usd_scale is not None:
+                self.dry_saved_usd += obs.dry_saved_eq * obs.usd_scale
+
+    def merge(self, other: "Bucket", max_examples: int = 3) -> None:
+        """Add another bucket's totals into this one (examples: keep the largest)."""
+        self.requests += other.requests
+        self.counted += other.counted
+        self.no_usage += other.no_usage
+        self.response_cache += other.response_cache
+        self.incomplete += other.incomplete
+        self.prompt_requests += other.prompt_requests
+        self.hit_requests += other.hit_requests
+        self.input_tokens += other.input_tokens
+        self.read_tokens += other.read_tokens
+        self.write_tokens += other.write_tokens
+        self.output_tokens += other.output_tokens
+        self.provider_cost += other.provider_cost
+        self.eq_with += other.eq_with
+        self.usd_with += other.usd_with
+        self.usd_without += other.usd_without
+        self.usd_requests += other.usd_requests
+        for reason, n in other.miss_reasons.items():
+            self.miss_reasons[reason] += n
+        for reason, n in other.tokens_lost.items():
+            self.tokens_lost[reason] += n
+        for reason, examples in other.examples.items():
+            kept = self.examples.setdefault(reason, [])
+            for example in examples:
+                _keep_largest(kept, example, max_examples)
+        if other.dry_run or other.dry_requests:
+            self.dry_run += other.dry_run
+            self.dry_requests += other.dry_requests
+            self.dry_input_tokens += other.dry_input_tokens
+            self.dry_read_tokens += other.dry_read_tokens
+            self.dry_predicted_read += other.dry_predicted_read
+            self.dry_saved_eq += other.dry_saved_eq
+            self.dry_saved_usd += other.dry_saved_usd
+        if other.first_ts is not None and (self.first_ts is None or other.first_ts < self.first_ts):
+            self.first_ts = other.first_ts
+        if other.last_ts is not None and (self.last_ts is None or other.last_ts > self.last_ts):
+            self.last_ts = other.last_ts
+
+    @property
+    def uncached_tokens(self) -> int:
+        return self.input_tokens - self.read_tokens - self.write_tokens
 
     @property
     def hit_ratio(self) -> float | None:
@@ -250,7 +274,7 @@ class Bucket:
         """In USD when every counted request has a known base price, else token equivalents."""
         if self.counted and self.usd_requests == self.counted:
             return CostEstimate.of(self.usd_with, self.usd_without, USD)
-        return CostEstimate.of(self.eq_with, self.eq_without, TOKEN_EQUIVALENTS)
+        return CostEstimate.of(self.eq_with, float(self.input_tokens), TOKEN_EQUIVALENTS)
 
     def dry_predicted_ratio(self) -> float | None:
         return self.dry_predicted_read / self.dry_input_tokens if self.dry_input_tokens else None
@@ -285,8 +309,8 @@ class Bucket:
             "cost": {"unit": cost.unit, "with_cache": cost.with_cache,
                      "without_cache": cost.without_cache, "saved": cost.saved},
             "cost_token_equivalents": {"with_cache": self.eq_with,
-                                       "without_cache": self.eq_without,
-                                       "saved": self.eq_without - self.eq_with},
+                                       "without_cache": self.input_tokens,
+                                       "saved": self.input_tokens - self.eq_with},
             "cost_usd_priced": {"requests": self.usd_requests, "with_cache": self.usd_with,
                                 "without_cache": self.usd_without,
                                 "saved": self.usd_without - self.usd_with},
@@ -328,6 +352,11 @@ def _keep_largest(kept: list[Example], example: Example, n: int) -> None:
 class Aggregator:
     """Adds records into a total and per-model/rule/conversation/verdict buckets.
 
+    Each record is added twice: to its (model, rule, conversation) cell and to its verdict's
+    bucket; the per-model, per-rule, per-conversation and total views are merged from those on
+    first access after an add. That halves the work per line of a big log. Miss examples are
+    kept for the total and per verdict only.
+
     `series` keeps (ts, hit ratio, input tokens) per conversation for the hit-ratio-over-time
     chart; turn it off in a long-running proxy, where it would only grow.
     """
@@ -335,47 +364,88 @@ class Aggregator:
     def __init__(self, prices: PriceTable | None = None, *, max_examples: int = 3,
                  keep_series: bool = True) -> None:
         self.prices = prices or default_price_table()
+        self._price_memo: dict[tuple[str | None, str | None, str | None], Price] = {}
         self.max_examples = max_examples
         self.keep_series = keep_series
-        self.total = Bucket("total")
-        self.by_model: dict[str, Bucket] = {}
-        self.by_rule: dict[str, Bucket] = {}
-        self.by_conversation: dict[str, Bucket] = {}
         self.by_reason: dict[str, Bucket] = {}
         self.series: dict[str, list[tuple[str, float, int]]] = {}
         self.conversation_model: dict[str, str] = {}  # last model seen, to label conversations
+        self._cells: dict[tuple[str, str, str], Bucket] = {}
+        self._views: tuple[Bucket, dict[str, Bucket], dict[str, Bucket],
+                           dict[str, Bucket]] | None = None
 
     def add(self, record: Mapping[str, Any]) -> None:
         if not isinstance(record, Mapping):
             return
-        obs = observe(record, self.prices)
-        model = _str(record.get("model")) or NONE_KEY
-        rule = _str(record.get("rule")) or NONE_KEY
-        conv = _str(record.get("affinity_id")) or NONE_KEY
+        obs = observe(record, self._price_of)
+        get = record.get
+        model, rule, conv = _str(get("model")), _str(get("rule")), _str(get("affinity_id"))
         example = None
-        if obs.missed and self.max_examples:
-            detail = record.get("miss_detail")
-            example = Example(obs.tokens_lost, obs.ts, _str(record.get("affinity_id")),
-                              _str(record.get("model")), _str(record.get("rule")),
-                              _str(record.get("flow_id")),
-                              detail if isinstance(detail, str) else None)
-        if model != NONE_KEY:
-            self.conversation_model[conv] = model
         n = self.max_examples
-        self.total.add(obs, example, n)
-        for table, key in ((self.by_model, model), (self.by_rule, rule),
-                           (self.by_conversation, conv), (self.by_reason, obs.verdict)):
-            bucket = table.get(key)
-            if bucket is None:
-                bucket = table[key] = Bucket(key)
-            bucket.add(obs, example, n)
-        if self.keep_series and obs.counted and obs.input_tokens > 0 and obs.ts is not None:
+        if n and obs.verdict not in NOT_MISSED:
+            detail = get("miss_detail")
+            example = Example(obs.tokens_lost, obs.ts, conv, model, rule, _str(get("flow_id")),
+                              detail if type(detail) is str else None)
+        conv = conv or NONE_KEY
+        key = (model or NONE_KEY, rule or NONE_KEY, conv)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = Bucket(conv)
+        cell.add(obs)
+        bucket = self.by_reason.get(obs.verdict)
+        if bucket is None:
+            bucket = self.by_reason[obs.verdict] = Bucket(obs.verdict)
+        bucket.add(obs, example, n)
+        self._views = None
+        if model is not None:
+            self.conversation_model[conv] = model
+        if self.keep_series and obs.input_tokens > 0 and obs.ts is not None:
             self.series.setdefault(conv, []).append(
                 (obs.ts, obs.read_tokens / obs.input_tokens, obs.input_tokens))
+
+    def _price_of(self, model: str | None, provider: str | None, host: str | None) -> Price:
+        # A log has few distinct (model, provider, host): memoize before the table lowercases.
+        key = (model, provider, host)
+        price = self._price_memo.get(key)
+        if price is None:
+            price = self._price_memo[key] = self.prices.price_for(model, provider, host)
+        return price
 
     def add_all(self, records: Iterable[Mapping[str, Any]]) -> None:
         for record in records:
             self.add(record)
+
+    def _merged(self) -> tuple[Bucket, dict[str, Bucket], dict[str, Bucket], dict[str, Bucket]]:
+        if self._views is None:
+            n = self.max_examples
+            total = Bucket("total")
+            for bucket in self.by_reason.values():
+                total.merge(bucket, n)
+            views: list[dict[str, Bucket]] = [{}, {}, {}]
+            for cell_key, cell in self._cells.items():
+                for view, key in zip(views, cell_key, strict=True):
+                    bucket = view.get(key)
+                    if bucket is None:
+                        bucket = view[key] = Bucket(key)
+                    bucket.merge(cell, n)
+            self._views = (total, *views)
+        return self._views
+
+    @property
+    def total(self) -> Bucket:
+        return self._merged()[0]
+
+    @property
+    def by_model(self) -> dict[str, Bucket]:
+        return self._merged()[1]
+
+    @property
+    def by_rule(self) -> dict[str, Bucket]:
+        return self._merged()[2]
+
+    @property
+    def by_conversation(self) -> dict[str, Bucket]:
+        return self._merged()[3]
 
 
 def top_buckets(table: Mapping[str, Bucket], n: int | None = None) -> list[Bucket]:
@@ -412,59 +482,87 @@ def short_id(value: str | None, n: int = 12) -> str:
     return value if len(value) <= n else value[:n] + "…"
 
 
-def bucket_table(title: str, buckets: Iterable[Bucket], label: str, *,
-                 id_like: bool = False) -> Table:
+# Columns a narrow terminal drops first (the rest always stay): least useful first.
+_DROP_ORDER = ("not counted", "output", "no cache", "cost", "write", "top miss", "hit req")
+
+
+def bucket_table(title: str, buckets: Iterable[Bucket], label: str, *, id_like: bool = False,
+                 compact: bool = False, width: int | None = None) -> Table:
+    """One row per bucket. `compact` (the live summary) leaves out output and costs; `width`
+    (the console's) drops the least useful columns rather than let rich squeeze numbers."""
+    buckets = list(buckets)
+    cols: dict[str, list[str]] = {label: [short_id(b.key) if id_like else b.key
+                                          for b in buckets]}
+    cols["req"] = [str(b.requests) for b in buckets]
+    cols["hit tok"] = [fmt_ratio(b.hit_ratio) for b in buckets]
+    cols["hit req"] = [fmt_ratio(b.request_hit_ratio) for b in buckets]
+    cols["read"] = [fmt_tokens(b.read_tokens) for b in buckets]
+    cols["write"] = [fmt_tokens(b.write_tokens) for b in buckets]
+    cols["uncached"] = [fmt_tokens(b.uncached_tokens) for b in buckets]
+    costs = [b.cost() for b in buckets]
+    if not compact:
+        cols["output"] = [fmt_tokens(b.output_tokens) for b in buckets]
+        cols["cost"] = [fmt_cost(c.with_cache, c.unit) for c in costs]
+        cols["no cache"] = [fmt_cost(c.without_cache, c.unit) for c in costs]
+    cols["saved"] = [fmt_cost(c.saved, c.unit) for c in costs]
+    tops = [b.top_reasons(1) for b in buckets]
+    cols["top miss"] = [f"{t[0][0]} ×{t[0][1]}" if t else "" for t in tops]
+    if any(b.response_cache or b.no_usage for b in buckets):  # requests not in the ratios
+        cols["not counted"] = [", ".join(
+            ([f"{b.response_cache} resp-cache"] if b.response_cache else [])
+            + ([f"{b.no_usage} no usage"] if b.no_usage else [])) for b in buckets]
+
+    label_cap = 200
+
+    def natural(name: str) -> int:
+        wide = max(map(len, cols[name]), default=1)
+        wide = min(wide, label_cap if name == label else 40)
+        return max(wide, len(name)) + 2  # + cell padding
+
+    def fits() -> bool:
+        return width is None or sum(map(natural, cols)) + 2 <= width  # + edge padding
+
+    if not fits():
+        label_cap = 24  # long names give way first, then whole columns
+        for name in _DROP_ORDER:
+            if fits():
+                break
+            cols.pop(name, None)
+
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
-    table.add_column(label, overflow="fold")
-    for name in ("req", "hit tok", "hit req", "read", "write", "uncached", "output"):
-        table.add_column(name, justify="right")
-    table.add_column("cost cached", justify="right")
-    table.add_column("uncached cost", justify="right")
-    table.add_column("saved", justify="right", style="green")
-    table.add_column("top miss")
-    for b in buckets:
-        cost = b.cost()
-        top = b.top_reasons(1)
-        extra = []
-        if b.response_cache:
-            extra.append(f"{b.response_cache} resp-cache")
-        if b.no_usage:
-            extra.append(f"{b.no_usage} no usage")
-        req = f"{b.requests}" + (f" ({', '.join(extra)})" if extra else "")
-        table.add_row(
-            short_id(b.key) if id_like else b.key,
-            req,
-            fmt_ratio(b.hit_ratio),
-            fmt_ratio(b.request_hit_ratio),
-            fmt_tokens(b.read_tokens),
-            fmt_tokens(b.write_tokens),
-            fmt_tokens(b.uncached_tokens),
-            fmt_tokens(b.output_tokens),
-            fmt_cost(cost.with_cache, cost.unit),
-            fmt_cost(cost.without_cache, cost.unit),
-            fmt_cost(cost.saved, cost.unit),
-            f"{top[0][0]} ×{top[0][1]}" if top else "",
-        )
+    for name in cols:
+        if name == label:
+            table.add_column(name, no_wrap=True, overflow="ellipsis", min_width=10,
+                             max_width=natural(name) - 2)
+        elif name in ("top miss", "not counted"):
+            table.add_column(name, no_wrap=True, overflow="ellipsis",
+                             style="dim" if name == "not counted" else None)
+        else:
+            table.add_column(name, justify="right", no_wrap=True, min_width=natural(name) - 2,
+                             style="green" if name == "saved" else None)
+    for row in zip(*cols.values(), strict=True):
+        table.add_row(*map(escape, row))
     return table
 
 
 def reasons_table(bucket: Bucket, *, top: int | None = None, examples: bool = True) -> Table:
-    table = Table(title="Miss reasons (by tokens lost: uncached + written)", box=box.SIMPLE_HEAD,
+    table = Table(title="Miss reasons", box=box.SIMPLE_HEAD,
                   title_justify="left", title_style="bold")
     table.add_column("reason", style="yellow")
     table.add_column("req", justify="right")
-    table.add_column("tokens lost", justify="right")
+    table.add_column("tokens lost", justify="right")  # uncached + written
     table.add_column("share", justify="right")
     if examples:
         table.add_column("examples (ts · conversation · model · detail)", overflow="fold")
     lost_total = sum(bucket.tokens_lost.values()) or 1
     for reason, n, lost in bucket.top_reasons(top):
-        row = [reason, str(n), fmt_tokens(lost), fmt_ratio(lost / lost_total)]
+        row = [escape(reason), str(n), fmt_tokens(lost), fmt_ratio(lost / lost_total)]
         if examples:
             ex = sorted(bucket.examples.get(reason, []), key=lambda e: -e.tokens_lost)
-            row.append("\n".join(
+            # Log-derived text is escaped: a "[" in a model name must not be read as markup.
+            row.append(escape("\n".join(
                 f"{e.ts or '?'} · {short_id(e.affinity_id)} · {e.model or '?'} · "
-                f"{e.miss_detail or '-'}" for e in ex))
+                f"{e.miss_detail or '-'}" for e in ex)))
         table.add_row(*row)
     return table
 
@@ -495,6 +593,7 @@ def render_summary(agg: Aggregator, console: Console, *, top: int = 10) -> None:
         console.print("affinity: no LLM requests recorded")
         return
     console.print(f"[bold]affinity[/] · {totals_line(agg.total)}")
-    console.print(bucket_table("Per model", top_buckets(agg.by_model, top), "model"))
+    console.print(bucket_table("Per model", top_buckets(agg.by_model, top), "model",
+                               compact=True, width=console.width))
     if agg.total.miss_reasons:
         console.print(reasons_table(agg.total, top=min(top, 5), examples=False))

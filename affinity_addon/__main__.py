@@ -1,0 +1,38 @@
+"""The `affinity` command line: `affinity report LOG.jsonl ...` (and `python -m affinity_addon`).
+
+Each subcommand module exposes `add_parser(subparsers)`, which registers its arguments and sets
+`run(args) -> int` as the parser default; add a module to SUBCOMMANDS to add a subcommand.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from affinity_addon import report
+
+SUBCOMMANDS: tuple[Callable[[Any], argparse.ArgumentParser], ...] = (report.add_parser,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="affinity", description="Prompt-cache affinity for LLM agents: tools around the "
+                                     "mitmproxy addon's logs.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `affinity report ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

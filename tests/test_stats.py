@@ -1,0 +1,390 @@
+"""Price table, cost estimate and the aggregation shared by the live summary and the report."""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from affinity_addon import pricing
+from affinity_addon.pricing import (
+    TOKEN_EQUIVALENTS,
+    USD,
+    Price,
+    PriceTable,
+    estimate_cost,
+    parse_prices,
+    parse_rule,
+    price_for,
+)
+from affinity_addon.stats import Aggregator, Bucket, render_summary
+from tests import loggen
+
+# --- price table ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "provider", "host", "read", "w5", "w1h"), [
+    ("claude-sonnet-4-5-20250929", "anthropic", "api.anthropic.com", 0.1, 1.25, 2.0),
+    ("claude-haiku-4-5", "anthropic", "api.anthropic.com", 0.1, 1.25, 2.0),
+    ("anthropic/claude-sonnet-4.5", "openai-chat", "openrouter.ai", 0.1, 1.25, 2.0),
+    ("anthropic.claude-opus-4-1-20250805-v1:0", "anthropic",
+     "bedrock-runtime.us-east-1.amazonaws.com", 0.1, 1.25, 2.0),
+    ("claude-opus-5-5", "anthropic", "api.anthropic.com", 0.05, 1.25, 2.0),
+    ("claude-sonnet-5.5", "anthropic", None, 0.05, 1.25, 2.0),
+    ("claude-fable-5-1", "anthropic", None, 0.025, 1.25, 2.0),
+    ("gpt-5.6", "openai-responses", "api.openai.com", 0.1, 1.25, 1.25),
+    ("gpt-5.7-codex", "openai-responses", "chatgpt.com", 0.1, 1.25, 1.25),
+    ("gpt-5.1-codex", "openai-responses", "chatgpt.com", 0.1, 1.0, 1.0),
+    ("gpt-5", "openai-chat", "api.openai.com", 0.1, 1.0, 1.0),
+    ("gpt-4.1-mini", "openai-chat", "api.openai.com", 0.25, 1.0, 1.0),
+    ("gpt-4o", "openai-chat", "api.openai.com", 0.5, 1.0, 1.0),
+    ("o3-mini", "openai-chat", "api.openai.com", 0.5, 1.0, 1.0),
+    ("grok-4", "openai-chat", "api.x.ai", 0.25, 1.0, 1.0),
+    ("grok-code-fast-1", "openai-responses", "api.x.ai", 0.25, 1.0, 1.0),
+    ("deepseek-v4-flash", "openai-chat", "api.deepseek.com", 0.02, 1.0, 1.0),
+    ("deepseek-v4-pro", "openai-chat", "api.deepseek.com", 0.033, 1.0, 1.0),
+    ("deepseek/deepseek-v3.2", "openai-chat", "openrouter.ai", 0.1, 1.0, 1.0),
+    ("gemini-2.5-flash", "gemini", "generativelanguage.googleapis.com", 0.1, 1.0, 1.0),
+    ("google/gemini-2.5-pro", "openai-chat", "openrouter.ai", 0.25, 1.0, 1.0),
+    ("kimi-k3", "openai-chat", "api.moonshot.ai", 0.1, 1.0, 1.0),
+    ("kimi-k2.7-code", "openai-chat", "api.kimi.com", 0.2, 1.0, 1.0),
+    ("moonshotai/kimi-k3", "openai-chat", "openrouter.ai", 0.25, 1.0, 1.0),
+    ("some-new-model", "openai-chat", "api.moonshot.ai", 0.25, 1.0, 1.0),
+    ("moonshotai/kimi-k2-instruct", "openai-chat", "api.groq.com", 0.5, 1.0, 1.0),
+    ("accounts/fireworks/models/glm-5", "openai-chat", "api.fireworks.ai", 0.5, 1.0, 1.0),
+    ("qwen3-coder-plus", "openai-chat", "dashscope-intl.aliyuncs.com", 0.1, 1.25, 1.25),
+    ("glm-5", "openai-chat", "api.z.ai", 0.19, 1.0, 1.0),
+    ("mistral-large-latest", "openai-chat", "api.mistral.ai", 0.1, 1.0, 1.0),
+    ("my-finetune", "anthropic", "llm.internal.example", 0.1, 1.25, 2.0),
+])
+def test_price_table_multipliers(model, provider, host, read, w5, w1h):
+    price = price_for(model, provider, host)
+    assert (price.read, price.write_5m, price.write_1h) == (read, w5, w1h), price
+
+
+def test_unknown_model_gets_the_default_entry_and_matching_is_case_insensitive():
+    assert price_for("totally-unknown", "openai-chat", "llm.example").name == "default"
+    assert price_for(None).name == "default"
+    assert price_for("CLAUDE-SONNET-4-5", None, "API.ANTHROPIC.COM").read == 0.1
+
+
+def test_base_prices_from_the_reference():
+    assert price_for("grok-4", "openai-chat", "api.x.ai").input_usd_per_mtok == 3.0
+    assert price_for("kimi-k3", None, "api.moonshot.ai").input_usd_per_mtok == 3.0
+    assert price_for("z-ai/glm-latest", None, "openrouter.ai").input_usd_per_mtok == 1.40
+    assert price_for("claude-sonnet-4-5", "anthropic").unit == USD
+    # DeepSeek bills peak/off-peak: no single base price, so costs stay in token equivalents.
+    assert price_for("deepseek-v4-flash", None, "api.deepseek.com").unit == TOKEN_EQUIVALENTS
+
+
+def test_every_table_entry_cites_a_source():
+    text = pricing.DEFAULT_PRICES.read_text(encoding="utf-8")
+    entries = re.findall(r"((?:  #.*\n)*)  - name: (\S+)", text)
+    assert len(entries) == len(pricing.default_table().rules) > 20
+    missing = [name for comments, name in entries if "# source:" not in comments]
+    assert not missing, f"entries without a `# source:` comment: {missing}"
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"name": "x"}, "`read` is required"),
+    ({"name": "x", "read": -0.1}, "must not be negative"),
+    ({"name": "x", "read": "cheap"}, "must be a number"),
+    ({"name": "x", "read": True}, "must be a number"),
+    ({"name": "x", "read": 0.1, "write": 1.25, "write_5m": 1.25}, "not both"),
+    ({"name": "x", "read": 0.1, "model": 3}, "glob"),
+    ({"name": "x", "read": 0.1, "modle": "gpt-*"}, "unknown keys"),
+    ("gpt-*", "expected a mapping"),
+])
+def test_parse_rule_rejects_bad_entries(entry, message):
+    with pytest.raises(ValueError, match=message):
+        parse_rule(entry, 3)
+
+
+def test_parse_prices_first_match_wins_and_defaults():
+    table = PriceTable(parse_prices({"prices": [
+        {"name": "special", "host": "*.example", "model": ["a-*", "b-*"], "read": 0.5},
+        {"name": "anthropic-ish", "provider": "anthropic", "read": 0.1, "write_5m": 1.25},
+        {"name": "any", "read": 0.3, "input_usd_per_mtok": 2},
+    ]}))
+    assert table.price_for("a-1", "anthropic", "api.example").name == "special"
+    anth = table.price_for("z", "anthropic", "api.example")
+    # An unlisted 1h rate is at least the 5m one.
+    assert (anth.name, anth.write_5m, anth.write_1h) == ("anthropic-ish", 1.25, 1.25)
+    assert table.price_for("z", "openai-chat", "h").input_usd_per_mtok == 2.0
+    with pytest.raises(ValueError, match="prices"):
+        parse_prices({"price": []})
+    assert PriceTable(()).price_for("x") == pricing.NEUTRAL
+
+
+def test_load_price_table_file(tmp_path: Path):
+    path = tmp_path / "p.yaml"
+    path.write_text("prices:\n  - name: flat\n    read: 0.2\n    write: 1.5\n", encoding="utf-8")
+    price = PriceTable.load(path).price_for("anything")
+    assert (price.read, price.write_5m, price.write_1h) == (0.2, 1.5, 1.5)
+
+
+# --- cost estimate --------------------------------------------------------------------------
+
+ANTHROPIC_USD = Price("t", read=0.1, write_5m=1.25, write_1h=2.0, input_usd_per_mtok=3.0)
+PLAIN = Price("p", read=0.25, write_5m=1.0, write_1h=1.0)
+
+
+def test_estimate_cost_in_usd_with_ttl_split():
+    usage = {"input_tokens": 10_000, "cache_read_tokens": 6_000, "cache_write_tokens": 3_000,
+             "cache_write_1h_tokens": 1_000, "output_tokens": 500}
+    cost = estimate_cost(usage, ANTHROPIC_USD)
+    # 1000 uncached + 6000*0.1 + 2000*1.25 + 1000*2.0 = 6100 equivalents at $3/Mtok.
+    assert cost.unit == USD
+    assert cost.with_cache == pytest.approx(6100 * 3e-6)
+    assert cost.without_cache == pytest.approx(10_000 * 3e-6)
+    assert cost.saved == pytest.approx(3900 * 3e-6)
+
+
+def test_estimate_cost_token_equivalents_and_negative_saving_on_a_first_write():
+    cost = estimate_cost({"input_tokens": 4000, "cache_read_tokens": 0,
+                          "cache_write_tokens": 4000}, Price("t", 0.1, 1.25, 2.0))
+    assert cost.unit == TOKEN_EQUIVALENTS
+    assert (cost.with_cache, cost.without_cache) == (5000.0, 4000.0)
+    assert cost.saved == -1000.0
+
+
+@pytest.mark.parametrize("usage", [None, {}, {"input_tokens": "12"}, {"input_tokens": -5},
+                                   {"cache_read_tokens": 100}, "usage"])
+def test_estimate_cost_tolerates_junk(usage):
+    cost = estimate_cost(usage, PLAIN)
+    assert (cost.with_cache, cost.without_cache, cost.saved) == (0.0, 0.0, 0.0)
+
+
+def test_estimate_cost_clamps_counters_to_the_prompt():
+    cost = estimate_cost({"input_tokens": 100, "cache_read_tokens": 150}, PLAIN)
+    assert cost.with_cache == pytest.approx(25.0)
+    assert cost.without_cache == 100.0
+
+
+# --- aggregation ----------------------------------------------------------------------------
+
+def rec(**kw):
+    base = {"v": 1, "ts": "2026-11-23T10:00:00.000Z", "rule": "r1", "provider": "openai-chat",
+            "host": "api.example", "model": "m1", "affinity_id": "conv-a", "complete": True,
+            "response_cache": False, "dry_run": False, "miss_reason": None}
+    base.update(kw)
+    return base
+
+
+def usage(i, r=0, w=0, o=10):
+    return {"input_tokens": i, "cache_read_tokens": r, "cache_write_tokens": w, "output_tokens": o}
+
+
+def test_hit_ratios_exclude_response_cache_and_missing_usage():
+    agg = Aggregator(PriceTable(parse_prices([{"name": "flat", "read": 0.1}])))
+    agg.add(rec(usage=usage(1000, 0, 0), miss_reason="first-write", miss_detail="new",
+                ts="2026-11-23T10:00:00.000Z"))
+    agg.add(rec(usage=usage(2000, 1000), miss_reason="hit", ts="2026-11-23T10:01:00.000Z"))
+    agg.add(rec(usage=usage(3000, 2000), miss_reason="hit", ts="2026-11-23T10:02:00.000Z"))
+    agg.add(rec(usage=usage(0, 0), response_cache=True, miss_reason="response-cache"))
+    agg.add(rec(usage=None, complete=False, error="disconnect"))
+    t = agg.total
+    assert (t.requests, t.counted, t.response_cache, t.no_usage, t.incomplete) == (5, 3, 1, 1, 1)
+    assert (t.input_tokens, t.read_tokens, t.write_tokens, t.uncached_tokens) == (6000, 3000, 0,
+                                                                                  3000)
+    assert t.hit_ratio == pytest.approx(0.5)
+    assert (t.prompt_requests, t.hit_requests) == (3, 2)
+    assert t.request_hit_ratio == pytest.approx(2 / 3)
+    assert dict(t.miss_reasons) == {"first-write": 1}
+    assert dict(t.tokens_lost) == {"first-write": 1000}
+    assert t.examples["first-write"][0].miss_detail == "new"
+    assert (t.first_ts, t.last_ts) == ("2026-11-23T10:00:00.000Z", "2026-11-23T10:02:00.000Z")
+    # Token equivalents: 1000 + (1000 + 100) + (1000 + 200) against 6000 uncached.
+    cost = t.cost()
+    assert (cost.unit, cost.with_cache, cost.without_cache) == (TOKEN_EQUIVALENTS, 3300.0, 6000.0)
+    assert set(agg.by_reason) == {"first-write", "hit", "response-cache", "no-usage"}
+    assert agg.by_reason["hit"].requests == 2
+
+
+def test_buckets_by_model_rule_conversation():
+    agg = Aggregator()
+    agg.add(rec(model="a", rule="r1", affinity_id="c1", usage=usage(100, 50),
+                miss_reason="prefix-changed", miss_detail="system[0] changed"))
+    agg.add(rec(model="a", rule="r2", affinity_id="c2", usage=usage(200, 200), miss_reason="hit"))
+    agg.add(rec(model="b", rule="r2", affinity_id="c2", usage=usage(400, 0),
+                miss_reason="ttl-expired"))
+    agg.add(rec(model=None, rule=None, affinity_id=None, usage=usage(10, 0)))
+    assert {k: b.requests for k, b in agg.by_model.items()} == {"a": 2, "b": 1, "(none)": 1}
+    assert {k: b.input_tokens for k, b in agg.by_rule.items()} == {"r1": 100, "r2": 600,
+                                                                  "(none)": 10}
+    c2 = agg.by_conversation["c2"]
+    assert (c2.requests, c2.read_tokens, dict(c2.miss_reasons)) == (2, 200, {"ttl-expired": 1})
+    # No miss verdict recorded and nothing read: counted as an unknown miss.
+    assert agg.by_reason["unknown"].input_tokens == 10
+    assert dict(agg.total.tokens_lost) == {"prefix-changed": 50, "ttl-expired": 400,
+                                           "unknown": 10}
+    assert [r for r, _, _ in agg.total.top_reasons()] == ["ttl-expired", "prefix-changed",
+                                                          "unknown"]
+    assert agg.conversation_model["c2"] == "b"
+
+
+def test_views_refresh_after_more_records():
+    agg = Aggregator()
+    agg.add(rec(usage=usage(100, 0)))
+    assert agg.total.requests == 1
+    agg.add(rec(usage=usage(100, 100), miss_reason="hit"))
+    assert agg.total.requests == 2 and agg.by_model["m1"].read_tokens == 100
+
+
+def test_examples_keep_the_costliest_misses():
+    agg = Aggregator(max_examples=2)
+    for lost in (100, 900, 300, 700):
+        agg.add(rec(usage=usage(lost, 0), miss_reason="prefix-changed", flow_id=f"f{lost}"))
+    kept = sorted(e.tokens_lost for e in agg.total.examples["prefix-changed"])
+    assert kept == [700, 900]
+    assert {e.flow_id for e in agg.by_reason["prefix-changed"].examples["prefix-changed"]} == {
+        "f700", "f900"}
+
+
+def test_usd_only_when_every_request_is_priced():
+    agg = Aggregator()
+    agg.add(rec(model="claude-sonnet-4-5", provider="anthropic", host="api.anthropic.com",
+                usage=usage(1_000_000, 800_000, 100_000), miss_reason="hit"))
+    model = agg.by_model["claude-sonnet-4-5"]
+    cost = model.cost()
+    # 100k uncached + 800k*0.1 + 100k*1.25 = 305k equivalents at $3/Mtok.
+    assert cost.unit == USD
+    assert cost.with_cache == pytest.approx(0.915)
+    assert cost.without_cache == pytest.approx(3.0)
+    agg.add(rec(model="unpriced-x", usage=usage(1000, 0)))
+    total = agg.total.cost()
+    assert total.unit == TOKEN_EQUIVALENTS
+    assert total.without_cache == 1_001_000
+    assert agg.total.usd_requests == 1
+
+
+def test_dry_run_prediction_and_savings():
+    agg = Aggregator(PriceTable(parse_prices([{"name": "flat", "read": 0.1,
+                                               "input_usd_per_mtok": 1.0}])))
+    agg.add(rec(rule="dry", dry_run=True, predicted_hit_ratio=0.8, usage=usage(1000, 500),
+                miss_reason="prefix-changed"))
+    agg.add(rec(rule="dry", dry_run=True, predicted_hit_ratio=0.5, usage=usage(1000, 500),
+                miss_reason="hit"))
+    agg.add(rec(rule="dry", dry_run=True, predicted_hit_ratio=None, usage=usage(1000, 0)))
+    agg.add(rec(rule="live", usage=usage(1000, 1000), miss_reason="hit", predicted_hit_ratio=0.9))
+    b = agg.by_rule["dry"]
+    assert (b.dry_run, b.dry_requests, b.dry_input_tokens) == (3, 2, 2000)
+    assert b.dry_observed_ratio() == pytest.approx(0.5)
+    assert b.dry_predicted_ratio() == pytest.approx(0.65)
+    # 300 more tokens read, each saving 0.9 of its price.
+    assert b.dry_saved_eq == pytest.approx(270.0)
+    assert b.dry_saved_usd == pytest.approx(270e-6)
+    assert agg.by_rule["live"].dry_requests == 0
+    assert agg.total.to_dict()["dry_run"]["requests"] == 2
+
+
+def test_tolerates_missing_and_wrong_typed_fields():
+    agg = Aggregator()
+    for junk in [{}, {"usage": "lots"}, {"usage": {"input_tokens": "9"}}, {"ts": 5, "model": 7},
+                 {"usage": {"input_tokens": 10.0, "cache_read_tokens": True}},
+                 {"usage": {}, "miss_reason": 3, "predicted_hit_ratio": "x", "dry_run": True},
+                 {"response_cache": "yes", "usage": None}, [], "line", None]:
+        agg.add(junk)
+    t = agg.total
+    assert t.requests == 7  # the three non-mappings are ignored
+    assert t.input_tokens == 10  # only the float 10.0 was a usable count
+    assert t.read_tokens == 0
+
+
+def test_merge_equals_adding_everything():
+    records = loggen.generate(conversations=12, seed=5)
+    whole = Aggregator()
+    whole.add_all(records)
+    merged = Bucket("merged")
+    for bucket in whole.by_model.values():
+        merged.merge(bucket)
+    t = whole.total
+    for name in ("requests", "counted", "no_usage", "response_cache", "input_tokens",
+                 "read_tokens", "write_tokens", "output_tokens", "hit_requests",
+                 "prompt_requests", "dry_requests"):
+        assert getattr(merged, name) == getattr(t, name), name
+    assert merged.miss_reasons == t.miss_reasons
+    assert merged.eq_with == pytest.approx(t.eq_with)
+
+
+def test_generated_log_totals_match_a_hand_count():
+    records = loggen.generate(conversations=30, seed=3)
+    agg = Aggregator()
+    agg.add_all(records)
+    counted = [r for r in records if r["usage"] is not None and not r["response_cache"]]
+    t = agg.total
+    assert t.requests == len(records)
+    assert t.counted == len(counted)
+    assert t.response_cache == sum(r["response_cache"] for r in records) > 0
+    assert t.no_usage == sum(r["usage"] is None for r in records) > 0
+    assert t.input_tokens == sum(r["usage"]["input_tokens"] for r in counted)
+    assert t.read_tokens == sum(r["usage"]["cache_read_tokens"] for r in counted)
+    assert t.write_tokens == sum(r["usage"]["cache_write_tokens"] for r in counted)
+    hits = sum(r["usage"]["cache_read_tokens"] > 0 for r in counted)
+    assert t.request_hit_ratio == pytest.approx(hits / len(counted))
+    missed = [r for r in counted if r["miss_reason"] not in ("hit", None)]
+    assert t.missed_requests == len(missed)
+    assert sum(t.tokens_lost.values()) == sum(
+        r["usage"]["input_tokens"] - r["usage"]["cache_read_tokens"] for r in missed)
+    assert set(t.miss_reasons) >= {"first-write", "prefix-changed", "ttl-expired",
+                                   "routed-away", "lookback-exceeded", "unknown"}
+
+
+counts = st.one_of(st.none(), st.integers(-5, 10**7), st.floats(allow_nan=True),
+                   st.text(max_size=3), st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.fixed_dictionaries({}, optional={
+    "usage": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+        "input_tokens": counts, "cache_read_tokens": counts, "cache_write_tokens": counts,
+        "cache_write_1h_tokens": counts, "output_tokens": counts, "cost": counts})),
+    "model": st.one_of(st.none(), st.sampled_from(["claude-sonnet-4-5", "gpt-5", "x"]),
+                       st.integers()),
+    "miss_reason": st.one_of(st.none(), st.sampled_from(["hit", "prefix-changed"]),
+                             st.integers()),
+    "response_cache": st.one_of(st.booleans(), st.none()),
+    "dry_run": st.booleans(),
+    "predicted_hit_ratio": counts,
+    "ts": st.one_of(st.none(), st.text(max_size=5)),
+}), max_size=20))
+def test_aggregation_invariants_hold_for_any_records(records):
+    agg = Aggregator()
+    agg.add_all(records)
+    t = agg.total
+    assert t.requests == len(records) == t.counted + t.no_usage + t.response_cache
+    assert t.read_tokens + t.write_tokens + t.uncached_tokens == t.input_tokens
+    assert t.uncached_tokens >= 0
+    for ratio in (t.hit_ratio, t.request_hit_ratio, t.dry_predicted_ratio()):
+        assert ratio is None or 0.0 <= ratio <= 1.0
+    cost = t.cost()
+    assert math.isfinite(cost.with_cache) and cost.with_cache <= cost.without_cache * 2.0 + 1e-9
+    assert sum(b.requests for b in agg.by_model.values()) == t.requests
+    assert sum(b.requests for b in agg.by_reason.values()) == t.requests
+
+
+# --- live summary ---------------------------------------------------------------------------
+
+def test_render_summary_prints_models_and_reasons():
+    agg = Aggregator()
+    agg.add_all(loggen.generate(conversations=15, seed=2))
+    console = Console(record=True, width=220, color_system=None)
+    render_summary(agg, console, top=3)
+    out = console.export_text()
+    assert "Per model" in out and "Miss reasons" in out
+    ratio = f"{agg.total.hit_ratio * 100:.1f}%"
+    assert ratio in out
+    top3 = sorted(agg.by_model.values(), key=lambda b: -b.input_tokens)[:3]
+    for bucket in top3:
+        assert bucket.key in out
+    rows = [m for m in agg.by_model if re.search(rf"^\s+{re.escape(m)}\s", out, re.M)]
+    assert len(rows) == 3
+
+
+def test_render_summary_with_nothing_recorded():
+    console = Console(record=True, width=100)
+    render_summary(Aggregator(), console)
+    assert "no LLM requests" in console.export_text()

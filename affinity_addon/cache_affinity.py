@@ -6,12 +6,13 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import command, ctx, exceptions, hooks, http, tls
+from mitmproxy import command, ctx, exceptions, flow, hooks, http, tls
 
 from affinity_addon import affinity_id, contentview, logrecord
 from affinity_addon.jsonl import JsonlWriter
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
 META = contentview.META  # flow.metadata key: plain data only (mitmproxy must save flows)
 RULES_POLL_SECONDS = 1.0
+STATS_CONVERSATIONS = 2000  # live summary: conversations tracked one by one (memory bound)
 
 # What to tell a client that rejected our certificate, by the runtime it probably is.
 CA_HINT = (
@@ -55,7 +57,7 @@ class CacheAffinity:
     def __init__(self) -> None:
         self.ruleset: RuleSet | None = None
         self.writer: JsonlWriter | None = None
-        self.stats = Aggregator(keep_series=False)
+        self.stats = Aggregator(keep_series=False, max_conversations=STATS_CONVERSATIONS)
         self._live: dict[str, _Live] = {}
         # Fingerprints are computed off the event loop (tens of ms for a 1 MB prompt), while
         # the request travels upstream; the verdict waits for them at response time.
@@ -399,10 +401,29 @@ class CacheAffinity:
         logger.info("affinity summary:\n%s", text)
         return text
 
+    @command.command("affinity.why")
+    def why_command(self, flows: Sequence[flow.Flow]) -> str:
+        """Explain the cache outcome of flows (e.g. @focus, @marked): rule, ID, usage, verdict."""
+        lines = []
+        for f in flows:
+            meta = f.metadata.get(META) if isinstance(f, http.HTTPFlow) else None
+            if meta is None:
+                continue
+            u = meta.get("usage") or {}
+            lines.append(
+                f"{f.request.method} {f.request.pretty_host}{f.request.path.split('?', 1)[0]}  "
+                f"rule={meta.get('rule')}  aff={meta.get('affinity_id')} ({meta.get('affinity_source')})  "
+                f"read={u.get('cache_read_tokens', '-')}/{u.get('input_tokens', '-')}  "
+                f"verdict={meta.get('miss_reason') or '-'}"
+                + (f": {meta['miss_detail']}" if meta.get("miss_detail") else ""))
+        text = "\n".join(lines) or "no matched LLM flows selected"
+        logger.info("affinity.why:\n%s", text)
+        return text
+
     @command.command("affinity.reset")
     def reset_command(self) -> None:
         """Forget the cache statistics collected so far."""
-        self.stats = Aggregator(keep_series=False)
+        self.stats = Aggregator(keep_series=False, max_conversations=STATS_CONVERSATIONS)
 
     @command.command("affinity.reload")
     def reload_command(self) -> None:

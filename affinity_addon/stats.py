@@ -349,6 +349,9 @@ def _keep_largest(kept: list[Example], example: Example, n: int) -> None:
         kept[smallest] = example
 
 
+OLDER_KEY = "(older conversations)"
+
+
 class Aggregator:
     """Adds records into a total and per-model/rule/conversation/verdict buckets.
 
@@ -362,8 +365,11 @@ class Aggregator:
     """
 
     def __init__(self, prices: PriceTable | None = None, *, max_examples: int = 3,
-                 keep_series: bool = True) -> None:
+                 keep_series: bool = True, max_conversations: int | None = None) -> None:
         self.prices = prices or default_price_table()
+        # A long-running proxy sees unboundedly many conversations: past this many cells the
+        # oldest are folded into one "(older)" conversation per model and rule.
+        self.max_conversations = max_conversations
         self._price_memo: dict[tuple[str | None, str | None, str | None], Price] = {}
         self.max_examples = max_examples
         self.keep_series = keep_series
@@ -391,6 +397,8 @@ class Aggregator:
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = Bucket(conv)
+            if self.max_conversations and len(self._cells) > self.max_conversations:
+                self._fold_oldest()
         cell.add(obs)
         bucket = self.by_reason.get(obs.verdict)
         if bucket is None:
@@ -402,6 +410,21 @@ class Aggregator:
         if self.keep_series and obs.input_tokens > 0 and obs.ts is not None:
             self.series.setdefault(conv, []).append(
                 (obs.ts, obs.read_tokens / obs.input_tokens, obs.input_tokens))
+
+    def _fold_oldest(self) -> None:
+        for key in self._cells:
+            if key[2] != OLDER_KEY:
+                break
+        else:
+            return
+        old = self._cells.pop(key)
+        self.conversation_model.pop(key[2], None)
+        self.series.pop(key[2], None)
+        into_key = (key[0], key[1], OLDER_KEY)
+        into = self._cells.get(into_key)
+        if into is None:
+            into = self._cells[into_key] = Bucket(OLDER_KEY)
+        into.merge(old, self.max_examples)
 
     def _price_of(self, model: str | None, provider: str | None, host: str | None) -> Price:
         # A log has few distinct (model, provider, host): memoize before the table lowercases.

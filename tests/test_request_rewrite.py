@@ -273,3 +273,23 @@ def test_default_rules(default_addon, host, path, model, header, field):
         assert set(sent) == set(body)
     if host != "openrouter.ai" or "grok" not in model:
         assert "x-grok-conv-id" not in f.request.headers or host == "api.x.ai"
+
+
+def test_commands_why_stats_reset_reload(addon):
+    a, tctx = addon
+    f = req(CHAT)
+    a.request(f)
+    a.responseheaders(f)  # no response yet: nothing happens
+    f.response = tutils.tresp(content=json.dumps({"usage": {
+        "prompt_tokens": 2000, "completion_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 1536}}}).encode(),
+        headers=Headers(content_type="application/json"))
+    a.responseheaders(f)
+    a.response(f)
+    assert f.comment.startswith("cache 1.5k read / 0 write of 2.0k · 77%")
+    why = tctx.master.commands.call("affinity.why", [f])
+    assert "rule=first" in why and "read=1536/2000" in why and "verdict=" in why
+    assert "1 requests" in tctx.master.commands.call("affinity.stats")
+    tctx.master.commands.call("affinity.reset")
+    assert a.stats.total.requests == 0
+    tctx.master.commands.call("affinity.reload")

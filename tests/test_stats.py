@@ -388,3 +388,16 @@ def test_render_summary_with_nothing_recorded():
     console = Console(record=True, width=100)
     render_summary(Aggregator(), console)
     assert "no LLM requests" in console.export_text()
+
+
+def test_live_aggregator_memory_is_bounded():
+    from affinity_addon.stats import OLDER_KEY, Aggregator
+
+    agg = Aggregator(keep_series=False, max_conversations=100)
+    for i in range(5000):
+        agg.add({"model": "m", "rule": "r", "affinity_id": f"conv-{i}", "complete": True,
+                 "usage": {"input_tokens": 10, "cache_read_tokens": 5, "cache_write_tokens": 0,
+                           "output_tokens": 1}, "miss_reason": "hit"})
+    assert len(agg._cells) <= 101
+    assert agg.total.requests == 5000 and agg.total.read_tokens == 25000
+    assert agg.by_conversation[OLDER_KEY].requests >= 4900

@@ -8,7 +8,7 @@ import random
 import string
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from affinity_addon.prompt import canonical, root_segments
@@ -160,9 +160,24 @@ class Engine:
                 return int.from_bytes(hashlib.sha256(value).digest()[:8], "big") % self.replicas
         return self._rng.randrange(self.replicas)
 
+    def fail(self, raw_path: str, headers: list[tuple[str, str]], status: int,
+             message: str) -> Outcome:
+        """An error reply in the provider's own style, without serving (fault injection)."""
+        provider, path = provider_for(raw_path, _header(headers, "host"), self.default_provider)
+        resolved = resolve(provider, path, None)
+        spec = PROVIDERS.get(provider)
+        errors = resolved.behaviour.errors if resolved else spec.base.errors if spec else "openai"
+        payload = wire.ERROR_STYLES[errors](status, message, self.request_id())
+        reply = Reply(status, "application/json", wire.dumps(payload))
+        return Outcome(provider, path, -1, None, reply, self.clock.now())
+
     def handle(self, method: str, raw_path: str, query: str, headers: list[tuple[str, str]],
-               body: Any, body_error: str | None = None) -> Outcome:
-        """Serve one request. `body` is the decoded JSON; `body_error` says why there is none."""
+               body: Any, body_error: str | None = None, *,
+               reply_text: str | None = None) -> Outcome:
+        """Serve one request. `body` is the decoded JSON; `body_error` says why there is none.
+
+        `reply_text` replaces what the model says (tests trace it through a proxy).
+        """
         now = self.clock.now()
         provider, path = provider_for(raw_path, _header(headers, "host"), self.default_provider)
         spec = PROVIDERS.get(provider)
@@ -198,6 +213,8 @@ class Engine:
 
         usage = wire.USAGE_STYLES[b.usage](counts)
         ids = self._ids(b.shape)
+        if reply_text is not None:
+            ids = replace(ids, text=reply_text)
         stream = b.stream if b.stream is not None else body.get("stream") is True
         if b.shape == GEMINI and stream and "alt=sse" not in query.split("&"):
             # Gemini without alt=sse streams a JSON array of the same chunks.

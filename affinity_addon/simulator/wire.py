@@ -139,9 +139,12 @@ USAGE_STYLES: dict[str, Callable[[Counts], Usage]] = {
 
 # --- errors -------------------------------------------------------------------------------
 
-_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error",
-                          405: "invalid_request_error", 413: "request_too_large"}
-_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                          403: "permission_error", 404: "not_found_error",
+                          405: "invalid_request_error", 413: "request_too_large",
+                          429: "rate_limit_error", 529: "overloaded_error"}
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "INVALID_ARGUMENT",
+                  429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 
 ERROR_STYLES: dict[str, Callable[[int, str, str], Any]] = {
     "anthropic": lambda status, msg, rid: {
@@ -170,15 +173,16 @@ def sse(data: Any, event: str | None = None) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Ids:
-    """Realistic ids for one reply."""
+    """Realistic ids for one reply, and the text the model "says" in it."""
 
     message: str  # msg_... (Anthropic message / Responses output item)
     completion: str  # chatcmpl-... / resp_... / Gemini responseId
+    text: str = REPLY_TEXT  # tests set their own (x-sim-reply-text) to trace it through a proxy
 
 
 def _anthropic_message(model: str, usage: Usage, ids: Ids) -> dict[str, Any]:
     return {"id": ids.message, "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": REPLY_TEXT}], "stop_reason": "end_turn",
+            "content": [{"type": "text", "text": ids.text}], "stop_reason": "end_turn",
             "stop_sequence": None, "usage": usage}
 
 
@@ -194,7 +198,7 @@ def _anthropic_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any]) 
              "content_block": {"type": "text", "text": ""}}, "content_block_start"),
         sse({"type": "ping"}, "ping"),
         sse({"type": "content_block_delta", "index": 0,
-             "delta": {"type": "text_delta", "text": REPLY_TEXT}}, "content_block_delta"),
+             "delta": {"type": "text_delta", "text": ids.text}}, "content_block_delta"),
         sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
         sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
              "usage": delta_usage}, "message_delta"),
@@ -205,7 +209,7 @@ def _anthropic_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any]) 
 def _chat_completion(model: str, usage: Usage, ids: Ids) -> dict[str, Any]:
     return {"id": ids.completion, "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": "fp_sim",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY_TEXT,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ids.text,
                                                  "refusal": None},
                          "logprobs": None, "finish_reason": "stop"}],
             "usage": usage}
@@ -233,7 +237,7 @@ def _chat_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any],
     events = [
         chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}]),
-        chunk([{"index": 0, "delta": {"content": REPLY_TEXT}, "logprobs": None,
+        chunk([{"index": 0, "delta": {"content": ids.text}, "logprobs": None,
                 "finish_reason": None}]),
         chunk([finish]),
     ]
@@ -246,7 +250,7 @@ def _chat_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any],
 def _response_object(model: str, usage: Usage | None, ids: Ids, body: dict[str, Any],
                      done: bool) -> dict[str, Any]:
     output = [{"type": "message", "id": ids.message, "status": "completed", "role": "assistant",
-               "content": [{"type": "output_text", "text": REPLY_TEXT, "annotations": []}]}]
+               "content": [{"type": "output_text", "text": ids.text, "annotations": []}]}]
     obj: dict[str, Any] = {
         "id": ids.completion, "object": "response", "created_at": int(time.time()),
         "status": "completed" if done else "in_progress", "error": None,
@@ -263,15 +267,15 @@ def _responses_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any]) 
     item = {"type": "message", "id": ids.message, "status": "in_progress", "role": "assistant",
             "content": []}
     part = {"type": "output_text", "text": "", "annotations": []}
-    done_part = part | {"text": REPLY_TEXT}
+    done_part = part | {"text": ids.text}
     pos = {"item_id": ids.message, "output_index": 0, "content_index": 0}
     steps: list[tuple[str, dict[str, Any]]] = [
         ("response.created", {"response": _response_object(model, None, ids, body, False)}),
         ("response.in_progress", {"response": _response_object(model, None, ids, body, False)}),
         ("response.output_item.added", {"output_index": 0, "item": item}),
         ("response.content_part.added", pos | {"part": part}),
-        ("response.output_text.delta", pos | {"delta": REPLY_TEXT}),
-        ("response.output_text.done", pos | {"text": REPLY_TEXT}),
+        ("response.output_text.delta", pos | {"delta": ids.text}),
+        ("response.output_text.done", pos | {"text": ids.text}),
         ("response.content_part.done", pos | {"part": done_part}),
         ("response.output_item.done", {"output_index": 0,
                                        "item": item | {"status": "completed",
@@ -296,8 +300,8 @@ def _gemini_chunks(model: str, usage: Usage, ids: Ids) -> list[dict[str, Any]]:
     first = {k: usage[k] for k in ("promptTokenCount",)} | {"candidatesTokenCount": 1,
                                                             "totalTokenCount":
                                                                 usage["promptTokenCount"] + 1}
-    return [_gemini_chunk(model, REPLY_TEXT[:1], first, ids, False),
-            _gemini_chunk(model, REPLY_TEXT[1:], usage, ids, True)]
+    return [_gemini_chunk(model, ids.text[:1], first, ids, False),
+            _gemini_chunk(model, ids.text[1:], usage, ids, True)]
 
 
 Builder = Callable[[str, Usage, Ids, dict[str, Any], str], Any]
@@ -309,7 +313,7 @@ _JSON: dict[str, Builder] = {
     OPENAI_CHAT: lambda model, usage, ids, body, _: _chat_completion(model, usage, ids),
     OPENAI_RESPONSES: lambda model, usage, ids, body, _: _response_object(model, usage, ids,
                                                                           body, True),
-    GEMINI: lambda model, usage, ids, body, _: _gemini_chunk(model, REPLY_TEXT, usage, ids, True),
+    GEMINI: lambda model, usage, ids, body, _: _gemini_chunk(model, ids.text, usage, ids, True),
 }
 _SSE: dict[str, Builder] = {
     ANTHROPIC: lambda model, usage, ids, body, _: _anthropic_events(model, usage, ids, body),

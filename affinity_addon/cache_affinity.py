@@ -284,6 +284,9 @@ class CacheAffinity:
         meta = flow.metadata.get(META)
         if meta is None or flow.response is None:
             return
+        if flow.websocket is not None:  # the upgrade: records come per completed frame
+            self._pending.pop(flow.id, None)
+            return
         try:
             stream = live is not None and live.tap is not None
             if live is not None and not stream and flow.response.raw_content:

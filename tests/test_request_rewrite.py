@@ -293,3 +293,36 @@ def test_commands_why_stats_reset_reload(addon):
     tctx.master.commands.call("affinity.reset")
     assert a.stats.total.requests == 0
     tctx.master.commands.call("affinity.reload")
+
+
+def test_codex_websocket_frames_become_records(tmp_path):
+    from mitmproxy import websocket
+    from wsproto.frame_protocol import Opcode
+
+    log = tmp_path / "ws.jsonl"
+    a = CacheAffinity()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, affinity_rules=str(DEFAULT), affinity_log=str(log))
+        f = tflow.twebsocketflow(messages=False)
+        f.request.host, f.request.port, f.request.scheme = "chatgpt.com", 443, "https"
+        f.request.path = "/backend-api/codex/responses"
+        f.request.headers["session-id"] = "019a9544-7ab1-73c1-837e-1fa681f4462b"
+        resp = f.response
+        f.response = None
+        a.request(f)  # the upgrade request: headers filled, no body
+        assert f.request.headers["thread-id"] == "019a9544-7ab1-73c1-837e-1fa681f4462b"
+        f.response = resp
+        a.responseheaders(f)
+        a.response(f)  # the 101: no usage, but a record is only written per completed frame
+        frames = (Path(__file__).parent / "fixtures" / "usage" / "codex_ws.jsonl").read_bytes()
+        for line in frames.splitlines():
+            f.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, False, line))
+            a.websocket_message(f)
+        f.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, True, b'{"type":"response.completed"}'))
+        a.websocket_message(f)  # client frames are not responses
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    ws = [r for r in recs if r["transport"] == "websocket"]
+    assert len(ws) == len(recs)  # no record for the 101 upgrade itself
+    assert [r["usage"]["cache_read_tokens"] for r in ws] == [0, 41088]
+    assert all(r["affinity_id"] == "019a9544-7ab1-73c1-837e-1fa681f4462b" for r in ws)
+    assert all(r["provider"] == "openai-responses" and r["stream"] for r in ws)

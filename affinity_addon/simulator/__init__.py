@@ -4,6 +4,8 @@ Used as the upstream behind mitmproxy by tests, benchmarks and the demo. See `se
 """
 
 from affinity_addon.simulator.clock import SimClock
-from affinity_addon.simulator.server import RecordedRequest, Simulator
+from affinity_addon.simulator.faults import FAULT_HEADER, Faults, parse_faults
+from affinity_addon.simulator.server import RecordedRequest, SentResponse, Simulator
 
-__all__ = ["RecordedRequest", "SimClock", "Simulator"]
+__all__ = ["FAULT_HEADER", "Faults", "RecordedRequest", "SentResponse", "SimClock", "Simulator",
+           "parse_faults"]

@@ -1,11 +1,14 @@
 """The simulator's HTTP side: a threaded HTTP/1.1 server on 127.0.0.1 with keep-alive, chunked
-SSE flushed per event, optional response compression, a recorded request log and a control API.
+SSE flushed per event, optional response compression, fault injection (`faults.py`), a recorded
+request log, a digest of every response body it sent, and a control API.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -18,12 +21,19 @@ from mitmproxy.net import encoding
 from affinity_addon.simulator import wire
 from affinity_addon.simulator.clock import SimClock
 from affinity_addon.simulator.engine import Engine, Outcome, Reply
+from affinity_addon.simulator.faults import FAULT_HEADER, Faults, parse_faults
 
 logger = logging.getLogger(__name__)
 
 # Test-only knobs, read from request headers.
 DELAY_HEADER = "x-sim-event-delay-ms"
 COMPRESS_HEADER = "x-sim-compress"
+REPLY_TEXT_HEADER = "x-sim-reply-text"  # what the model says (default wire.REPLY_TEXT)
+# Sent with every reply: a sequence number (the key of `Simulator.responses`) and the SHA-256 of
+# the whole body the simulator is about to send, as encoded on the wire (chunk framing aside), so
+# a client behind a proxy can check it got exactly those bytes.
+RESPONSE_ID_HEADER = "x-sim-response-id"
+DIGEST_HEADER = "x-sim-body-sha256"
 # Never echoed by the control API: a subprocess's request log may end up in CI output.
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie",
                              "x-goog-api-key", "proxy-authorization"})
@@ -63,6 +73,21 @@ class RecordedRequest:
         if bodies:
             d["body"] = self.body
         return d
+
+
+@dataclass(frozen=True, slots=True)
+class SentResponse:
+    """What the simulator actually wrote for one reply."""
+
+    id: int  # the x-sim-response-id it carried
+    status: int
+    sha256: str  # of the body bytes written (encoded, without chunk framing)
+    size: int
+    complete: bool  # the whole body went out and the message was ended properly
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "sha256": self.sha256, "size": self.size,
+                "complete": self.complete}
 
 
 class _Server(ThreadingHTTPServer):
@@ -130,6 +155,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._control(url.path, url.query)
             return
         sim = self.server.sim
+        try:
+            faults = parse_faults(self.headers.get(FAULT_HEADER))
+        except ValueError as e:
+            self._json(400, {"error": f"bad {FAULT_HEADER} header: {e}"})
+            return
         headers = list(self.headers.items())
         decode_error = None
         body: Any = None
@@ -140,63 +170,147 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(plain)
             except (ValueError, UnicodeDecodeError) as e:
                 decode_error = f"could not decode request body: {type(e).__name__}"
-        outcome = sim.engine.handle(self.command, url.path, url.query, headers,
-                                    None if decode_error else body, decode_error)
+        if faults.status is not None:
+            outcome = sim.engine.fail(url.path, headers, faults.status,
+                                      f"simulated failure ({FAULT_HEADER})")
+        else:
+            outcome = sim.engine.handle(self.command, url.path, url.query, headers,
+                                        None if decode_error else body, decode_error,
+                                        reply_text=self.headers.get(REPLY_TEXT_HEADER))
         sim._record(RecordedRequest(self.command, outcome.path, url.query, headers, raw, body,
                                     outcome.provider, outcome.replica, outcome.reply.status,
                                     outcome.usage, outcome.ts))
-        self._send(outcome)
+        self._send(outcome, faults)
 
-    def _send(self, outcome: Outcome) -> None:
+    def _encoded(self, reply: Reply, enc_name: str | None,
+                 faults: Faults) -> list[tuple[bytes, bool]]:
+        """The body as it goes on the wire: (piece, is_event) pairs, one per SSE event."""
+        if reply.events is None:
+            data = encoding.encode(reply.body, enc_name) if enc_name else reply.body
+            if faults.truncate_gzip:
+                data = data[: len(data) // 2]
+            return [(data, False)]
+        events = list(reply.events)
+        if faults.pad_event_bytes:
+            events.insert(0, wire.sse({"type": "ping", "padding": "x" * faults.pad_event_bytes},
+                                      "ping"))
+        encoder = wire.ENCODERS[enc_name]() if enc_name else None
+        pieces = [(encoder.chunk(e) if encoder else e, True) for e in events]
+        if faults.truncate_gzip and pieces:
+            last = pieces[-1][0]
+            pieces[-1] = (last[: len(last) // 2], True)  # and no gzip trailer
+        elif encoder:
+            pieces.append((encoder.finish(), False))
+        return pieces
+
+    def _send(self, outcome: Outcome, faults: Faults) -> None:
         reply = outcome.reply
         enc_name = (self.headers.get(COMPRESS_HEADER) or "").strip().lower() or None
         if enc_name and enc_name not in wire.ENCODERS:
             enc_name = None
+        if faults.truncate_gzip:
+            enc_name = "gzip"
+        pieces = self._encoded(reply, enc_name, faults)
+        streaming = reply.events is not None
+        sim = self.server.sim
+        rid = sim._next_response_id()
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("x-sim-provider", outcome.provider)
         self.send_header("x-sim-replica", str(outcome.replica))
+        self.send_header(RESPONSE_ID_HEADER, str(rid))
+        self.send_header(DIGEST_HEADER,
+                         hashlib.sha256(b"".join(p for p, _ in pieces)).hexdigest())
+        if reply.status in (429, 529):
+            self.send_header("Retry-After", "1")
         if enc_name:
             self.send_header("Content-Encoding", enc_name)
-        if reply.events is None:
-            self._send_body(reply, enc_name)
+        if streaming:
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
         else:
-            self._send_events(reply, enc_name)
-
-    def _send_body(self, reply: Reply, enc_name: str | None) -> None:
-        data = encoding.encode(reply.body, enc_name) if enc_name else reply.body
-        self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(sum(len(p) for p, _ in pieces)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self.wfile.flush()
+        if self.command == "HEAD":
+            sim._sent(SentResponse(rid, reply.status, hashlib.sha256().hexdigest(), 0, True))
+            return
+        digest = hashlib.sha256()
+        written = [0]
+        complete = False
+        try:
+            complete = self._write_pieces(pieces, streaming, faults, digest, written)
+        except OSError:  # the client went away mid-stream
+            self.close_connection = True
+        finally:
+            sim._sent(SentResponse(rid, reply.status, digest.hexdigest(), written[0], complete))
 
-    def _send_events(self, reply: Reply, enc_name: str | None) -> None:
+    def _write_pieces(self, pieces: list[tuple[bytes, bool]], streaming: bool, faults: Faults,
+                      digest: Any, written: list[int]) -> bool:
+        """Writes the body, counting into `written[0]`; False when a fault cut it short."""
         delay = self.server.sim.event_delay
         override = self.headers.get(DELAY_HEADER)
         if override:
             with contextlib.suppress(ValueError):
                 delay = max(float(override), 0.0) / 1000
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self.wfile.flush()
-        encoder = wire.ENCODERS[enc_name]() if enc_name else None
-        try:
-            for event in reply.events or ():
-                if delay:
-                    time.sleep(delay)
-                self._chunk(encoder.chunk(event) if encoder else event)
-            if encoder:
-                self._chunk(encoder.finish())
+        stop_at, how = None, None
+        after_events = faults.reset_after_events if faults.reset_after_events is not None \
+            else faults.close_after_events
+        if after_events is not None:
+            how = "reset" if faults.reset_after_events is not None else "close"
+            events = [p for p, is_event in pieces if is_event] if streaming else []
+            stop_at = sum(len(p) for p in events[:after_events])
+        if faults.reset_after_bytes is not None:
+            stop_at, how = faults.reset_after_bytes, "reset"
+        step = faults.slowloris_bytes if faults.slowloris_ms else None
+        size = 0
+        for piece, is_event in pieces:
+            if is_event and delay:
+                time.sleep(delay)
+            for sub in ([piece[i:i + step] for i in range(0, len(piece), step)] if step
+                        else [piece]):
+                if stop_at is not None:
+                    sub = sub[: max(stop_at - size, 0)]
+                if not sub:
+                    continue
+                if step:
+                    time.sleep(faults.slowloris_ms / 1000)
+                if streaming:
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(sub), sub))
+                else:
+                    self.wfile.write(sub)
+                self.wfile.flush()
+                digest.update(sub)
+                size += len(sub)
+                written[0] = size
+        if how == "reset":
+            self._reset()
+            return False
+        if how == "close":  # a clean FIN, but the chunked body never ends
+            self.close_connection = True
+            return False
+        if streaming:
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        except OSError:  # the client went away mid-stream
-            self.close_connection = True
+        return True
 
-    def _chunk(self, data: bytes) -> None:
-        if data:
-            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
-            self.wfile.flush()
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST, the way a crashed upstream looks."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+        # rfile holds a reference to the socket: drop it, or close() would not close anything.
+        self.rfile.close()
+        self.connection.close()
+
+    def _json(self, status: int, payload: Any) -> None:
+        data = wire.dumps(payload)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _control(self, path: str, query: str) -> None:
         sim = self.server.sim
@@ -208,6 +322,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/_sim/requests":
             bodies = params.get("bodies", ["0"])[0] not in ("0", "", "false")
             payload = [r.to_json(bodies) for r in sim.requests]
+        elif path == "/_sim/responses":
+            payload = [r.to_json() for r in sim.responses]
         elif path == "/_sim/advance" and self.command == "POST":
             try:
                 payload = {"now": sim.clock.advance(float(params.get("seconds", ["0"])[0]))}
@@ -218,12 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
             payload = {"ok": True}
         else:
             status, payload = 404, {"error": f"unknown control endpoint {self.command} {path}"}
-        data = wire.dumps(payload)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._json(status, payload)
 
 
 class Simulator:
@@ -239,6 +350,8 @@ class Simulator:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._requests: list[RecordedRequest] = []
+        self._responses: dict[int, SentResponse] = {}
+        self._response_ids = 0
         self._lock = threading.Lock()
 
     def start(self, port: int | None = None) -> Self:
@@ -288,12 +401,32 @@ class Simulator:
         with self._lock:
             return list(self._requests)
 
+    @property
+    def responses(self) -> list[SentResponse]:
+        """Every reply body written (or cut short), by x-sim-response-id."""
+        with self._lock:
+            return [self._responses[k] for k in sorted(self._responses)]
+
+    def response(self, response_id: int | str) -> SentResponse | None:
+        with self._lock:
+            return self._responses.get(int(response_id))
+
     def reset(self) -> None:
-        """Forget every cache and recorded request (the clock is left alone)."""
+        """Forget every cache, recorded request and sent response (the clock is left alone)."""
         self.engine.reset()
         with self._lock:
             self._requests.clear()
+            self._responses.clear()
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
             self._requests.append(request)
+
+    def _next_response_id(self) -> int:
+        with self._lock:
+            self._response_ids += 1
+            return self._response_ids
+
+    def _sent(self, response: SentResponse) -> None:
+        with self._lock:
+            self._responses[response.id] = response

@@ -194,9 +194,12 @@ class CacheAffinity:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if ctx.options.affinity_scope != "rules" or data.ignore_connection:
             return
-        host = data.client_hello.sni or (
-            data.context.server.address[0] if data.context.server.address else "")
-        if not self.in_scope(host):
+        # The SNI names the host in regular mode; in reverse mode the client may send any SNI
+        # (or none) and the upstream address is what the rules are about.
+        hosts = [data.client_hello.sni or ""]
+        if data.context.server.address:
+            hosts.append(str(data.context.server.address[0]))
+        if not any(self.in_scope(h) for h in hosts if h):
             data.ignore_connection = True  # not an LLM host we know: pass TLS through untouched
 
     def tls_failed_client(self, data: tls.TlsData) -> None:

@@ -104,3 +104,16 @@ def test_bad_options_stop_startup(tmp_path, args, message):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert message in r.stdout + r.stderr
+
+
+def test_reverse_mode_with_a_tls_client(sim, proxy_factory):
+    # The client speaks TLS to the reverse proxy with its own SNI ("localhost"): the rules are
+    # about the upstream, so the connection must still be intercepted and rewritten.
+    import httpx2
+
+    proxy = proxy_factory(mode="reverse:https://api.x.ai")
+    client = openai.OpenAI(base_url=f"https://localhost:{proxy.port}/v1", api_key="k", max_retries=0,
+                           http_client=httpx2.Client(verify=str(proxy.ca)))
+    conversation(client, "grok-4", "tls", turns=2)
+    ids = [r.header("x-grok-conv-id") for r in sim.requests]
+    assert ids[0] and ids[0] == ids[1]

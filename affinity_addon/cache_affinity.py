@@ -234,7 +234,12 @@ class CacheAffinity:
         outcome, parsed = result
         if outcome.warning:
             logger.warning("affinity: rule %r: %s; sent unchanged", outcome.rules[0], outcome.warning)
-        flow.metadata[META] = outcome.record()
+        rec = outcome.record()
+        # As the client sent them: map-remote and other addons may rewrite the URL later.
+        rec["host"] = flow.request.pretty_host
+        rec["path"] = flow.request.path.split("?", 1)[0]
+        rec["method"] = flow.request.method
+        flow.metadata[META] = rec
         if outcome.shape and parsed.obj is not None:
             try:
                 self._observe(flow, outcome, parsed.obj)
@@ -243,16 +248,16 @@ class CacheAffinity:
 
     def _observe(self, flow: http.HTTPFlow, outcome: Any, body: dict[str, Any]) -> None:
         assert self.ruleset is not None
-        # Key conversations by their root where there is one: it survives a dropped affinity
-        # header, which is the case the `routed-away` verdict is for.
-        key = affinity_id.root_id(body, outcome.shape, self.ruleset.affinity,
-                                  ctx.options.affinity_key) or outcome.affinity_id
-        if key is None:
+        root = affinity_id.root_id(body, outcome.shape, self.ruleset.affinity,
+                                   ctx.options.affinity_key)
+        client = outcome.affinity_id if outcome.affinity_source != "root" else None
+        keys = tuple(k for k in (client, root) if k)
+        if not keys:
             return
         if len(self._pending) > 50_000:  # flows that never finished; should not happen
             self._pending.clear()
         work = partial(self.tracker.observe, body, shape=outcome.shape, model=outcome.model,
-                       host=flow.request.pretty_host, key=key, signal=outcome.signal,
+                       host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
                        ts=flow.request.timestamp_start or time.time())
         try:
             loop = asyncio.get_running_loop()
@@ -348,8 +353,9 @@ class CacheAffinity:
         response_cache = bool(resp and resp.headers.get("x-openrouter-cache-status", "").upper() == "HIT")
         usage = reader.usage() if reader else None
         record = logrecord.build(
-            meta=meta, flow_id=flow.id, host=flow.request.pretty_host,
-            path=flow.request.path.split("?", 1)[0], method=flow.request.method,
+            meta=meta, flow_id=flow.id, host=meta.get("host") or flow.request.pretty_host,
+            path=meta.get("path") or flow.request.path.split("?", 1)[0],
+            method=meta.get("method") or flow.request.method,
             status=resp.status_code if resp else None,
             usage=usage, usage_raw=reader.raw if reader else None,
             stream=stream, transport=transport, complete=complete, error=error,

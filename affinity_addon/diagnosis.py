@@ -133,6 +133,7 @@ class _Case:
     ttl_seconds: float
     response_cache: bool
     affinity_changed: bool
+    affinity_missing: bool
     prev_blocks: list[BlockPrint]
     cur_blocks: list[BlockPrint]
     cur_markers: list[int]
@@ -279,7 +280,9 @@ def _lookback_exceeded(case: _Case) -> Verdict | None:
 def _routed_away(case: _Case) -> Verdict | None:
     if case.prev_point == 0:
         return None
-    if case.affinity_changed:
+    if case.affinity_missing:
+        why = "no affinity ID reached the provider (the routing header or field was missing)"
+    elif case.affinity_changed:
         why = "the affinity ID changed since the previous request"
     else:
         why = "the affinity ID is missing or not honoured, or the provider moved the conversation"
@@ -295,7 +298,8 @@ _CHECKS: tuple[Callable[[_Case], Verdict | None], ...] = (
 
 def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
           shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
-          response_cache: bool = False, affinity_changed: bool = False) -> _Case:
+          response_cache: bool = False, affinity_changed: bool = False,
+          affinity_missing: bool = False) -> _Case:
     cur_blocks = cur_fp.comparable
     prev_blocks = prev.fingerprint.comparable if prev else []
     diff = compare(prev.fingerprint, cur_fp) if prev else None
@@ -307,18 +311,20 @@ def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: flo
     if expected is not None:
         expected = round(expected * scale)
     return _Case(prev, usage, now, shape, automatic, min_tokens, ttl_seconds, response_cache,
-                 affinity_changed, prev_blocks, cur_blocks, _marker_positions(cur_blocks, automatic),
+                 affinity_changed, affinity_missing, prev_blocks, cur_blocks,
+                 _marker_positions(cur_blocks, automatic),
                  diff, point, scale, expected)
 
 
 def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
              shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
              response_cache: bool = False, affinity_changed: bool = False,
+             affinity_missing: bool = False,
              provider_miss_reason: str | None = None) -> Verdict:
     """The verdict for one response. `prev` is the conversation's entry before this request."""
     case = _case(prev, cur_fp, usage, now, shape=shape, automatic=automatic,
                  min_tokens=min_tokens, ttl_seconds=ttl_seconds, response_cache=response_cache,
-                 affinity_changed=affinity_changed)
+                 affinity_changed=affinity_changed, affinity_missing=affinity_missing)
     verdict = next((v for v in (check(case) for check in _CHECKS) if v is not None),
                    Verdict("unknown", None, case.expected))
     return replace(verdict, reported_read_tokens=usage.cache_read_tokens if usage else None,

@@ -1,9 +1,10 @@
 """Ties fingerprints, cache profiles and usage into one verdict per response.
 
-The conversation key is the keyed hash of the conversation's root when the body has one, and
-the affinity ID otherwise: the root survives an affinity header that a client or relay drops,
-which is exactly the case `routed-away` must catch. Each stored entry remembers the routing
-signal that reached the provider (the affinity value the rules sent, or the client's own).
+A conversation is looked up by the client's own conversation ID first (it survives a changed
+system prompt, which must read as `prefix-changed`, not as a new conversation), then by the
+keyed hash of its root (which survives an affinity header that a client or relay dropped: the
+`routed-away` case). Entries are stored under both. Each remembers the routing signal that
+reached the provider (the affinity value the rules sent, or the client's own).
 """
 
 import fnmatch
@@ -85,7 +86,7 @@ def profile_for(host: str, shape: str | None, model: str | None) -> Profile:
 class Pending:
     """What the request side knew, waiting for the response's usage."""
 
-    key: str
+    keys: tuple[str, ...]  # the client's own conversation ID first, then the root hash
     fingerprint: Fingerprint
     ts: float
     signal: str | None
@@ -106,7 +107,7 @@ class MissTracker:
         self.store = ConversationStore(capacity)
 
     def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
-                key: str, signal: str | None, ts: float) -> Pending:
+                keys: tuple[str, ...], signal: str | None, ts: float) -> Pending:
         prof = profile_for(host, shape, model)
         fp = fingerprint(body, shape, model)
         ttl = prof.ttl_seconds
@@ -116,16 +117,16 @@ class MissTracker:
             except ValueError:
                 pass
         min_tokens = prof.min_tokens if prof.min_tokens is not None else min_tokens_for(model)
-        return Pending(key, fp, ts, signal, prof.automatic, ttl, min_tokens, shape)
+        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape)
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool) -> tuple[Verdict, float | None]:
-        prev = self.store.get(p.key)
+        prev = next((e for e in map(self.store.get, p.keys) if e is not None), None)
         changed = prev is not None and prev.signal != p.signal
         v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
-                     response_cache=response_cache, affinity_changed=changed or p.signal is None,
-                     provider_miss_reason=provider_reason)
+                     response_cache=response_cache, affinity_changed=changed,
+                     affinity_missing=p.signal is None, provider_miss_reason=provider_reason)
         predicted = None
         if dry_run:
             predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
@@ -133,5 +134,6 @@ class MissTracker:
                                           shape=p.shape)
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
-            self.store.put(p.key, Stored(entry, p.signal))  # type: ignore[arg-type]
+            for key in p.keys:
+                self.store.put(key, Stored(entry, p.signal))  # type: ignore[arg-type]
         return v, predicted

@@ -430,7 +430,8 @@ class _Planner:
         leading: list[_Slot] = []
         messages = self.p.body.get("messages")
         for i, msg in enumerate(messages if isinstance(messages, list) else []):
-            if not isinstance(msg, dict) or msg.get("role") not in SYSTEM_ROLES:
+            role = msg.get("role") if isinstance(msg, dict) else None
+            if not isinstance(role, str) or role not in SYSTEM_ROLES:
                 break
             leading += [s for s in self.p.slots if s.seg.message_index == i and s.seg.section
                         == "messages" and s.eligible]

@@ -226,6 +226,9 @@ class CacheAffinity:
                 self.ruleset, flow.request, key=ctx.options.affinity_key,
                 dry_run=ctx.options.affinity_dry_run,
             )
+        except RecursionError:
+            logger.warning("affinity: request body nested too deeply to inspect; sent unchanged")
+            return
         except Exception:  # fail open: an addon bug must never break the request
             logger.exception("affinity: rewrite failed; request sent unchanged")
             return
@@ -243,6 +246,8 @@ class CacheAffinity:
         if outcome.shape and parsed.obj is not None:
             try:
                 self._observe(flow, outcome, parsed.obj)
+            except RecursionError:
+                pass  # too deeply nested to fingerprint: no verdict for this one
             except Exception:
                 logger.exception("affinity: cannot fingerprint this request; no verdict for it")
 

@@ -99,7 +99,7 @@ def _tools(body: dict[str, Any]) -> Iterator[Segment]:
 
 def _messages(body: dict[str, Any], key: str) -> Iterator[Segment]:
     msgs = body.get(key)
-    if isinstance(msgs, str):  # Responses API: `input` may be a plain string (one user message)
+    if isinstance(msgs, str) and key == "input":  # Responses: a plain string is one user message
         yield Segment(key, key, "string", "user", 0, msgs)
         return
     if not isinstance(msgs, list):

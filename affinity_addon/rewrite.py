@@ -9,6 +9,7 @@ and every other byte of the body stays exactly as the client sent it.
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,14 +35,24 @@ class ParsedBody:
     exotic: bool = False
 
 
+# orjson reads integers beyond 64 bits as floats (changing them on re-encode); only a run of
+# 19+ digits can be one, so such bodies are parsed by the stdlib, which keeps them exact.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def loads(text: bytes) -> tuple[Any, bool]:
-    """(value, exotic). orjson is ~10x faster on large bodies; the stdlib takes what it refuses."""
+    """(value, exotic). orjson is faster; the stdlib takes what it refuses (NaN, 1e400, lone
+    surrogates), and such "exotic" bodies are never re-serialized: that would not round-trip."""
     try:
-        return orjson.loads(text), False
+        obj = orjson.loads(text)
     except orjson.JSONDecodeError:
         # Decode as UTF-8 ourselves: json.loads(bytes) would also accept UTF-16/32, which the
         # byte splice would then corrupt.
         return json.loads(text.decode("utf-8")), True
+    if _LONG_DIGITS.search(text):
+        obj = json.loads(text.decode("utf-8"))
+    return obj, False
 
 
 def parse_body(request: http.Request) -> ParsedBody:
@@ -82,14 +93,12 @@ def _set_path(body: dict[str, Any], path: str, value: Any) -> bool:
     return True
 
 
-def dumps(obj: Any, exotic: bool = False) -> bytes:
+def dumps(obj: Any) -> bytes:
     # Compact and UTF-8 like the clients' own encoders; keeps key order.
-    if not exotic:
-        try:
-            return orjson.dumps(obj)
-        except TypeError:  # e.g. lone surrogates in a string
-            pass
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # integers beyond 64 bits: the stdlib writes them exactly
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def splice_top_level(text: bytes, items: Mapping[str, Any], empty: bool) -> bytes:
@@ -207,15 +216,18 @@ def apply_rules(
                     out.kept.append(f"header:{a.target}")
                 continue
             value = str(_render(a, facts))
+            if _CONTROL.search(value):  # e.g. {model} from a hostile body: no header injection
+                logger.warning("rule %r: value for header %s has control characters; not set",
+                               rule.name, a.target)
+                continue
             out.headers[a.target] = value
-            if not dry_run:
-                request.headers[a.target] = value
         if body is None:
             continue
         for a in rule.set_fields:
             if a.needs_affinity and aff is None:
                 continue
             current = affinity_id.get_path(body, a.target)
+            present_as_null = current is None and "." not in a.target and a.target in body
             if current is not None and a.on_conflict == KEEP:
                 if a.target not in out.fields:
                     out.kept.append(f"field:{a.target}")
@@ -228,7 +240,7 @@ def apply_rules(
                 continue
             out.fields[a.target] = value
             body_changed = True
-            if "." in a.target or current is not None or a.target in new_top:
+            if "." in a.target or current is not None or present_as_null or a.target in new_top:
                 must_reserialize = True
             else:
                 new_top[a.target] = value
@@ -239,14 +251,25 @@ def apply_rules(
             if added:
                 out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
                 body_changed = must_reserialize = True
-    out.signal = _routing_signal(matched, request, body, out, dry_run)
+    new: bytes | None = None
     if body_changed and body is not None and parsed.text is not None:
-        if must_reserialize:
-            new = dumps(body, parsed.exotic)
+        if must_reserialize and parsed.exotic:
+            out.warning = ("body holds values JSON cannot re-encode losslessly (NaN, 1e400, lone "
+                           "surrogates); body not rewritten")
+            out.fields.clear()
+            out.markers.clear()
+        elif must_reserialize:
+            new = dumps(body)
             out.body_write = "reserialize"
         else:
             new = splice_top_level(parsed.text, new_top, empty=len(body) == len(new_top))
             out.body_write = "splice"
-        if not dry_run:
+    # Everything is computed before anything is applied: a failure above leaves the request
+    # exactly as the client sent it.
+    if not dry_run:
+        for name, value in out.headers.items():
+            request.headers[name] = value
+        if new is not None:
             request.content = new
+    out.signal = _routing_signal(matched, request, body, out, dry_run)
     return out, parsed

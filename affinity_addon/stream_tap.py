@@ -50,6 +50,11 @@ class StreamTap:
         self.events = 0
         self.bytes_in = 0
         self.failed: str | None = None
+        # Events over max_event are dropped, not parsed (the bytes still flow), and parsing
+        # resumes at the next event: usage usually comes after a big content event.
+        self.skipped = 0
+        self._skip_line = False  # discarding the rest of an over-long line
+        self._skip_event = False  # ignoring lines until the blank line that ends the event
         try:
             self._decode = make_decoder(content_encoding)
         except Exception:  # a header value of the wrong type: count bytes, parse nothing
@@ -105,11 +110,33 @@ class StreamTap:
         if not self._cr and b"\r" in decoded:
             self._cr = True
             self._scanned = 0
+        if self._skip_line and not self._drop_line_rest():
+            return
         # Only new data can complete a line: nothing to do until it brings a line end.
         if self._cr or b"\n" in decoded:
             self._split(final=False)
         if self.failed is None and len(self._buf) + self._data_size > self._max_event:
-            self._fail(f"SSE event larger than {self._max_event} bytes")
+            self._oversized()
+            if len(self._buf) > self._max_event // 2:  # the big part is an unfinished line
+                self._buf.clear()
+                self._scanned = 0
+                self._skip_line = True
+
+    def _oversized(self) -> None:
+        self.skipped += 1
+        self._name, self._data, self._data_size = None, [], 0
+        self._skip_event = True
+
+    def _drop_line_rest(self) -> bool:
+        """Discard up to the end of the over-long line; False while it has not ended yet."""
+        m = _LINE_END.search(self._buf)
+        if m is None:
+            self._buf.clear()
+            return False
+        del self._buf[:m.start()]  # keep the line end: the line splitter handles CR/CRLF/LF
+        self._skip_line = False
+        self._scanned = 0
+        return True
 
     def _split(self, final: bool) -> None:
         if self._cr:
@@ -154,6 +181,10 @@ class StreamTap:
         self._scanned = max(len(buf) - 1, 0)
 
     def _line(self, line: bytes) -> None:
+        if self._skip_event:
+            if not line:
+                self._skip_event = False
+            return
         if not line:
             self._dispatch()
             return
@@ -166,7 +197,7 @@ class StreamTap:
             self._data.append(value)
             self._data_size += len(value) + 1
             if self._data_size > self._max_event:
-                self._fail(f"SSE event larger than {self._max_event} bytes")
+                self._oversized()
         elif field == b"event":
             self._name = value.decode("utf-8", "replace")
 

@@ -281,6 +281,8 @@ def _eligible(seg: Segment, rules: _ShapeRules) -> tuple[bool, bool]:
     if seg.section == "tools":
         return rules.tool_markers and isinstance(v, dict) and not v.get("defer_loading"), False
     if isinstance(v, str):
+        if seg.path.endswith("]"):
+            return False, False  # a bare string inside a block list: no place for a marker
         kept = seg.section == "messages" and seg.role in rules.keep_string_roles
         ok = bool(v.strip()) and not kept
         return ok, ok

@@ -235,8 +235,9 @@ class CacheAffinity:
         if result is None:
             return
         outcome, parsed = result
-        if outcome.warning:
-            logger.warning("affinity: rule %r: %s; sent unchanged", outcome.rules[0], outcome.warning)
+        if outcome.problems:  # one line per request, whatever went wrong
+            logger.warning("affinity: %s %s: %s", flow.request.method, flow.request.pretty_host,
+                           "; ".join(outcome.problems))
         rec = outcome.record()
         # As the client sent them: map-remote and other addons may rewrite the URL later.
         rec["host"] = flow.request.pretty_host

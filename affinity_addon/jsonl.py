@@ -26,6 +26,8 @@ class JsonlWriter:
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
         data = line.encode("utf-8", "replace")
         try:
+            if self._fd is not None and self._moved():
+                self.close()  # rotated or removed: write to the file at the path again
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             n = os.write(self._fd, data)
@@ -43,6 +45,14 @@ class JsonlWriter:
             logger.warning("affinity: writing %s again (%d records were lost)", self.path, self.failed)
         self.written += 1
         return True
+
+    def _moved(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        fst = os.fstat(self._fd)  # type: ignore[arg-type]
+        return (st.st_ino, st.st_dev) != (fst.st_ino, fst.st_dev)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -237,23 +237,28 @@ class _Handler(BaseHTTPRequestHandler):
             return
         digest = hashlib.sha256()
         written = [0]
-        complete = False
+        end = "error"
         try:
-            complete = self._write_pieces(pieces, streaming, faults, digest, written)
+            end = self._write_pieces(pieces, streaming, faults, digest, written)
         except OSError:  # the client went away mid-stream
             self.close_connection = True
-        finally:
-            sim._sent(SentResponse(rid, reply.status, digest.hexdigest(), written[0], complete))
+        # Recorded before a reset, so a test that saw the reset also finds the record.
+        sim._sent(SentResponse(rid, reply.status, digest.hexdigest(), written[0], end == "done"))
+        if end == "reset":
+            self._reset()
+        elif end == "close":  # a clean FIN, but the chunked body never ended
+            self.close_connection = True
 
     def _write_pieces(self, pieces: list[tuple[bytes, bool]], streaming: bool, faults: Faults,
-                      digest: Any, written: list[int]) -> bool:
-        """Writes the body, counting into `written[0]`; False when a fault cut it short."""
+                      digest: Any, written: list[int]) -> str:
+        """Writes the body, counting into `written[0]`; how it ends: done, reset or close."""
         delay = self.server.sim.event_delay
         override = self.headers.get(DELAY_HEADER)
         if override:
             with contextlib.suppress(ValueError):
                 delay = max(float(override), 0.0) / 1000
-        stop_at, how = None, None
+        stop_at: int | None = None
+        how: str | None = None
         after_events = faults.reset_after_events if faults.reset_after_events is not None \
             else faults.close_after_events
         if after_events is not None:
@@ -283,16 +288,12 @@ class _Handler(BaseHTTPRequestHandler):
                 digest.update(sub)
                 size += len(sub)
                 written[0] = size
-        if how == "reset":
-            self._reset()
-            return False
-        if how == "close":  # a clean FIN, but the chunked body never ends
-            self.close_connection = True
-            return False
+        if how is not None:
+            return how
         if streaming:
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        return True
+        return "done"
 
     def _reset(self) -> None:
         """Abort the connection with a TCP RST, the way a crashed upstream looks."""
@@ -353,6 +354,7 @@ class Simulator:
         self._responses: dict[int, SentResponse] = {}
         self._response_ids = 0
         self._lock = threading.Lock()
+        self._sent_cond = threading.Condition(self._lock)
 
     def start(self, port: int | None = None) -> Self:
         if self._server is not None:
@@ -407,9 +409,13 @@ class Simulator:
         with self._lock:
             return [self._responses[k] for k in sorted(self._responses)]
 
-    def response(self, response_id: int | str) -> SentResponse | None:
-        with self._lock:
-            return self._responses.get(int(response_id))
+    def response(self, response_id: int | str, timeout: float = 5.0) -> SentResponse | None:
+        """The record of one reply, waiting for it: a client can see the last byte of a reply
+        a moment before the simulator's thread gets to write down that it sent it."""
+        rid = int(response_id)
+        with self._sent_cond:
+            self._sent_cond.wait_for(lambda: rid in self._responses, timeout)
+            return self._responses.get(rid)
 
     def reset(self) -> None:
         """Forget every cache, recorded request and sent response (the clock is left alone)."""
@@ -428,5 +434,6 @@ class Simulator:
             return self._response_ids
 
     def _sent(self, response: SentResponse) -> None:
-        with self._lock:
+        with self._sent_cond:
             self._responses[response.id] = response
+            self._sent_cond.notify_all()

@@ -326,3 +326,17 @@ def test_codex_websocket_frames_become_records(tmp_path):
     assert [r["usage"]["cache_read_tokens"] for r in ws] == [0, 41088]
     assert all(r["affinity_id"] == "019a9544-7ab1-73c1-837e-1fa681f4462b" for r in ws)
     assert all(r["provider"] == "openai-responses" and r["stream"] for r in ws)
+
+
+def test_summary_prints_on_shutdown_only_not_on_script_reload(addon, capsys):
+    a, tctx = addon
+    f = req(CHAT)
+    a.request(f)
+    f.response = tutils.tresp(content=json.dumps({"usage": {"prompt_tokens": 10}}).encode(),
+                              headers=Headers(content_type="application/json"))
+    a.response(f)
+    a.done()  # what a hot reload of the script does
+    assert "requests" not in capsys.readouterr().err
+    tctx.master.should_exit.set()
+    a.done()
+    assert "1 requests" in capsys.readouterr().err

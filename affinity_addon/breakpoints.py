@@ -63,8 +63,11 @@ class _ShapeRules(NamedTuple):
 _SHAPES: dict[str, _ShapeRules] = {
     # Mid-conversation `role: system` messages (Claude Code) are a beta: leave their form alone.
     ANTHROPIC: _ShapeRules(True, None, frozenset({"system"})),
-    # OpenRouter takes markers on text parts only; a string tool result stays a string there.
-    OPENAI_CHAT: _ShapeRules(False, frozenset({"text"}), frozenset({"tool"})),
+    # OpenRouter takes markers on text parts only. A string tool result becomes a one-part
+    # text list like any other message (the chat format allows text parts on `role: tool`, and
+    # OpenRouter carries them into Anthropic tool_result blocks): in an agent's tool loop the
+    # newest messages are tool results, and the rolling marker must be able to follow them.
+    OPENAI_CHAT: _ShapeRules(False, frozenset({"text"}), frozenset()),
 }
 
 

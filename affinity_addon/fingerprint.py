@@ -55,7 +55,11 @@ _CONTENT_KEYS = frozenset({"content", "parts"})
 # A block's chunk hashes follow those of the blocks before it: ceil(chars / CHUNK_CHARS) of them.
 _ROW = struct.Struct(f"<{DIGEST_SIZE}sIIiIHHHHHB")
 _CHUNK = struct.Struct("<I")
-_MARKED, _SYSTEM, _FIRST, _REASONING, _REL_PATH = 1, 2, 4, 8, 16
+_MARKED, _SYSTEM, _FIRST, _REASONING, _REL_PATH, _CHUNKED = 1, 2, 4, 8, 16, 32
+# Chunk hashes (for "changed at ~char N") are kept for the blocks where volatile text lives —
+# tools, system prompts and the first messages (dates, cwd) — not for every turn of a long
+# conversation, where they would cost most of the fingerprint's time.
+CHUNKED_MESSAGES = 2
 _IGNORED_DIGEST = bytes(DIGEST_SIZE)
 
 
@@ -134,7 +138,7 @@ class Fingerprint:
         labels, out, chunk0 = self.labels, [], 0
         for row in _ROW.iter_unpack(self.rows):
             digest, chars, tokens, mi, env, path, kind, section, ttl, field, flags = row
-            n_chunks = -(-chars // CHUNK_CHARS) if field else 0
+            n_chunks = -(-chars // CHUNK_CHARS) if field and flags & _CHUNKED else 0
             section_s = labels[section]
             out.append(BlockPrint(
                 path=f"{section_s}[{mi}]{labels[path]}" if flags & _REL_PATH else labels[path],
@@ -259,7 +263,10 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
         if mi is None or first:
             envelope_hash, reasoning = 0, False
             if envelope:
-                env = canonical(envelope)
+                role = envelope.get("role")
+                # Most envelopes are just {"role": ...}: skip the JSON encoder for those.
+                env = (b"r\x00" + role.encode("utf-8", "surrogatepass")
+                       if len(envelope) == 1 and isinstance(role, str) else canonical(envelope))
                 envelope_hash = zlib.crc32(env)
                 extra = estimate_tokens(len(env))
                 reasoning = not REASONING_FIELDS.isdisjoint(envelope)
@@ -280,7 +287,8 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
             chars = len(text) if field is not None else len(canon)
         tokens = FIXED_TOKENS.get(kind, estimate_tokens(chars)) + extra
         total += tokens
-        if field is not None:
+        if field is not None and (mi is None or mi < CHUNKED_MESSAGES or flags & _SYSTEM):
+            flags |= _CHUNKED
             chunks += _chunk_hashes(text)
         prefix = f"{seg.section}[{mi}]"
         if mi is not None and seg.path.startswith(prefix):
@@ -396,6 +404,8 @@ def _where(a: BlockPrint, b: BlockPrint) -> tuple[str, str]:
         if a.first != b.first:
             return a.message_path, f"message boundary moved at {a.path}"
         return a.message_path, f"{a.message_path} fields besides content changed"
+    if a.text_field is not None and a.text_field == b.text_field and not (a.chunks and b.chunks):
+        return a.text_path, f"{a.text_path} changed"  # a later turn: no chunk hashes kept
     if a.text_field is not None and a.text_field == b.text_field:
         size = _CHUNK.size
         count = min(len(a.chunks), len(b.chunks)) // size

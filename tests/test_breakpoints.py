@@ -335,8 +335,12 @@ def test_openrouter_tool_messages() -> None:
                              "function": {"name": "ls", "arguments": "{}"}}]}]
     as_string = {"messages": copy.deepcopy(base) + [{"role": "tool", "tool_call_id": "c1", "content": "a\nb"}]}
     added = plan(as_string, shape="openai-chat", model="anthropic/claude-sonnet-4.5")
-    # A string tool result is not convertible: the nearest earlier eligible block gets it.
-    assert [m.path for m in added] == ["messages[0].content[0]", "messages[1].content[0]"]
+    # A string tool result becomes a one-part text list, so the rolling marker follows the
+    # tool loop (an agent's newest message is usually a tool result, not a user turn).
+    assert [m.path for m in added][-1] == "messages[3].content[0]"
+    assert as_string["messages"][3]["content"] == [
+        {"type": "text", "text": "a\nb", "cache_control": {"type": "ephemeral"}}]
+    strip_added(as_string, added)
     assert as_string["messages"][3]["content"] == "a\nb"
 
     as_parts = {"messages": copy.deepcopy(base) + [

@@ -211,7 +211,12 @@ def test_message_text_changed():
     edited["messages"][2]["content"][0]["text"] = "question 1 (edited)"
     d = diff_a(base, edited)
     assert (d.kind, d.first_change) == ("message-changed", "messages[2].content[0].text")
-    assert d.detail.endswith("~char 0")
+    # Chunk hashes (the ~char locator) are kept for tools, system and the first messages only.
+    assert d.detail == "messages[2].content[0].text changed"
+    edited = copy.deepcopy(base)
+    edited["messages"][0]["content"][0]["text"] += " (edited)"
+    d = diff_a(base, edited)
+    assert d.first_change == "messages[0].content[0].text" and "~char" in d.detail
 
 
 def test_image_added_and_removed():

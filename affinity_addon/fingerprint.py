@@ -11,7 +11,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from affinity_addon.prompt import MARKER_KEYS, SYSTEM_ROLES, Segment, canonical, iter_segments
@@ -129,12 +129,29 @@ class Fingerprint:
     rows: bytes  # _ROW-packed, one per block
     labels: tuple[str, ...]  # strings the rows point at: paths, kinds, sections, ttls
     chunks: bytes  # _CHUNK-packed text chunk hashes
+    # Unpacked blocks, kept only while one request is being judged (`release()` drops them):
+    # unpacking costs far more than anything done with the blocks, and a stored fingerprint
+    # must stay packed.
+    _unpacked: tuple[tuple[BlockPrint, ...], list[BlockPrint]] | None = field(
+        default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows) // _ROW.size
 
+    def release(self) -> None:
+        object.__setattr__(self, "_unpacked", None)
+
+    def _unpack(self) -> tuple[tuple[BlockPrint, ...], list[BlockPrint]]:
+        if self._unpacked is None:
+            blocks = self._decode()
+            object.__setattr__(self, "_unpacked", (blocks, [b for b in blocks if not b.ignored]))
+        return self._unpacked  # type: ignore[return-value]
+
     @property
     def blocks(self) -> tuple[BlockPrint, ...]:
+        return self._unpack()[0]
+
+    def _decode(self) -> tuple[BlockPrint, ...]:
         labels, out, chunk0 = self.labels, [], 0
         for row in _ROW.iter_unpack(self.rows):
             digest, chars, tokens, mi, env, path, kind, section, ttl, field, flags = row
@@ -163,7 +180,7 @@ class Fingerprint:
     @property
     def comparable(self) -> list[BlockPrint]:
         """The blocks that count for the prefix: volatile (ignored) ones left out."""
-        return [b for b in self.blocks if not b.ignored]
+        return self._unpack()[1]
 
     @property
     def last_ttl(self) -> str | None:

@@ -136,4 +136,7 @@ class MissTracker:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
             for key in p.keys:
                 self.store.put(key, Stored(entry, p.signal))  # type: ignore[arg-type]
+        p.fingerprint.release()  # stored packed: a few KB per conversation, not the unpacked blocks
+        if prev is not None:
+            prev.entry.fingerprint.release()
         return v, predicted

@@ -109,6 +109,13 @@ class CacheAffinity:
             choices=["rules", "all"],
         )
         loader.add_option(
+            "affinity_diagnose", bool, True,
+            """
+            Fingerprint every matched request to explain cache misses (miss_reason). Costs a
+            few ms per MB of prompt; turn it off for the thinnest proxy (records keep usage).
+            """,
+        )
+        loader.add_option(
             "affinity_max_conversations", int, 10_000,
             """
             How many conversations to remember for the cache-miss verdicts (least recently
@@ -244,7 +251,7 @@ class CacheAffinity:
         rec["path"] = flow.request.path.split("?", 1)[0]
         rec["method"] = flow.request.method
         flow.metadata[META] = rec
-        if outcome.shape and parsed.obj is not None:
+        if outcome.shape and parsed.obj is not None and ctx.options.affinity_diagnose:
             try:
                 self._observe(flow, outcome, parsed.obj)
             except RecursionError:

@@ -52,6 +52,7 @@ def _nonempty_key(v: Any) -> None:
 RAW_PARSERS: dict[str, Callable[[str], Any]] = {
     "affinity_dry_run": parse_bool,
     "affinity_summary": parse_bool,
+    "affinity_diagnose": parse_bool,
     "affinity_keep_bodies": parse_nonneg_int,
     "affinity_scope": parse_scope,
     "affinity_max_conversations": parse_nonneg_int,

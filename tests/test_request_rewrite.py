@@ -340,3 +340,18 @@ def test_summary_prints_on_shutdown_only_not_on_script_reload(addon, capsys):
     tctx.master.should_exit.set()
     a.done()
     assert "1 requests" in capsys.readouterr().err
+
+
+def test_diagnosis_can_be_turned_off(addon, tmp_path):
+    a, tctx = addon
+    log = tmp_path / "d.jsonl"
+    tctx.configure(a, affinity_diagnose=False, affinity_log=str(log))
+    f = req(CHAT)
+    a.request(f)
+    assert f.id not in a._pending and "x-conv" in f.request.headers  # still rewritten
+    f.response = tutils.tresp(content=json.dumps({"usage": {"prompt_tokens": 10}}).encode(),
+                              headers=Headers(content_type="application/json"))
+    a.responseheaders(f)
+    a.response(f)
+    (rec,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert rec["usage"]["input_tokens"] == 10 and rec["miss_reason"] is None

@@ -31,10 +31,8 @@ import os
 import platform
 import random
 import re
-import selectors
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +42,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from affinity_addon.simulator.procs import clean_env, free_port, listening_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "affinity_addon" / "addon.py"
@@ -69,25 +69,6 @@ RSS_GROWTH_FLOOR_MB = 4.0  # below this the allocator's noise dominates any perc
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{what}: nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
-
 
 class Processes:
     """Every child this script starts; `stop_all` ends them by PID (SIGTERM, then SIGKILL)."""
@@ -125,21 +106,7 @@ def start_simulator(procs: Processes, tmp: Path) -> tuple[subprocess.Popen[bytes
         [sys.executable, "-m", "affinity_addon.simulator", "--port", "0", "--replicas", "4"],
         stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=ROOT, env=clean_env())
     procs.add("simulator", proc)
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout=30):
-        raise RuntimeError("simulator did not start within 30 s")
-    line = proc.stdout.readline().decode()
-    m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-    if not m:
-        raise RuntimeError(f"simulator did not print its address: {line!r}")
-    return proc, int(m.group(1))
-
-
-def clean_env() -> dict[str, str]:
-    # A proxy variable in the caller's shell must not send loopback traffic anywhere else.
-    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    return proc, listening_port(proc)
 
 
 @dataclass

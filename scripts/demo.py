@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import selectors
 import shutil
 import signal
 import socket
@@ -39,6 +38,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from affinity_addon.simulator.procs import free_port, listening_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "affinity_addon" / "addon.py"
@@ -170,12 +171,6 @@ def transcript(turn: int) -> list[dict[str, Any]]:
 
 # --- processes ---------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Processes:
     """Everything this script starts; `stop_all` ends each by its PID (SIGTERM, then SIGKILL)."""
 
@@ -224,19 +219,6 @@ def start_simulator(procs: Processes, err: Path) -> subprocess.Popen[bytes]:
         return procs.start([sys.executable, "-m", "affinity_addon.simulator", "--port", "0",
                             "--replicas", "4", "--event-delay", str(EVENT_DELAY)],
                            stdout=subprocess.PIPE, stderr=f, cwd=ROOT)
-
-
-def simulator_port(proc: subprocess.Popen[bytes]) -> int:
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout=30):
-        raise RuntimeError("the simulator did not start within 30 s")
-    line = proc.stdout.readline().decode()
-    m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-    if not m:
-        raise RuntimeError(f"the simulator did not print its address: {line!r}")
-    return int(m.group(1))
 
 
 @dataclass
@@ -453,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]affinity demo[/]: {agent.title}. The addon adds the "
                       f"{agent.what}.")
         sims = [start_simulator(procs, tmp / f"sim-{i}.err") for i in range(2)]
-        ports = [simulator_port(s) for s in sims]
+        ports = [listening_port(s) for s in sims]
         bare = start_proxy(procs, tmp / "bare", "bare", agent, ports[0], addon=False)
         addon = start_proxy(procs, tmp / "addon", "addon", agent, ports[1], addon=True)
         for proxy in (bare, addon):

@@ -6,10 +6,7 @@ map-remote sends it to the simulator, with lazy connects so the real host is nev
 """
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from affinity_addon.simulator.procs import clean_env, free_port, stop_pid, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "affinity_addon" / "addon.py"
@@ -34,35 +33,6 @@ HOSTS: dict[str, str] = {
     "api.fireworks.ai": "fireworks",
     "llm.unlisted.test": "openai",  # a host no rule names
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def map_remote_args(sim_url: str, hosts: Iterable[str] = HOSTS) -> list[str]:
@@ -142,14 +112,14 @@ def start_proxy(
     for k, v in (options or {}).items():
         args += ["--set", f"{k}={v}"]
     args += list(extra_args)
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env = clean_env()
     out = output.open("wb")
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, cwd=tmp)
     try:
-        wait_port(port, proc)
+        wait_port(port, proc, "mitmdump")
         if web_port:
-            wait_port(web_port, proc)
+            wait_port(web_port, proc, "mitmweb")
     except Exception:
         stop_pid(proc)
         raise RuntimeError("mitmdump did not start:\n" + output.read_text(errors="replace")) from None

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from affinity_addon.affinity_id import get_path
 from affinity_addon.prompt import canonical, root_segments
 from affinity_addon.records import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.simulator import cache, wire
@@ -63,15 +64,6 @@ def _find_key(value: Any, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _dotted(body: dict[str, Any], path: str) -> Any:
-    value: Any = body
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
 def _validate(b: Behaviour, body: dict[str, Any]) -> None:
     if b.stream_required and body.get("stream") is not True:
         raise RequestError(400, "Stream must be set to true")
@@ -80,7 +72,7 @@ def _validate(b: Behaviour, body: dict[str, Any]) -> None:
         if key:
             raise RequestError(400, f"Unsupported parameter: {key}")
     for first, second in b.conflicts:
-        if _dotted(body, first) is not None and _dotted(body, second) is not None:
+        if get_path(body, first) is not None and get_path(body, second) is not None:
             raise RequestError(400, f"Only one of '{first}' and '{second}' may be set.")
 
 

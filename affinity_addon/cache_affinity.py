@@ -7,10 +7,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import command, ctx, exceptions, flow, http, tls
+from mitmproxy import command, ctx, exceptions, flow, hooks, http, tls
 
 from affinity_addon import affinity_id, contentview, logrecord
 from affinity_addon.jsonl import JsonlWriter
@@ -57,7 +59,10 @@ class CacheAffinity:
         self.writer: JsonlWriter | None = None
         self.stats = Aggregator(keep_series=False, max_conversations=STATS_CONVERSATIONS)
         self._live: dict[str, _Live] = {}
-        self._pending: dict[str, Pending] = {}  # request fingerprints awaiting their response
+        # Fingerprints are computed off the event loop (tens of ms for a 1 MB prompt), while
+        # the request travels upstream; the verdict waits for them at response time.
+        self._pending: dict[str, Pending | asyncio.Future[Pending]] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self.tracker = MissTracker()
         self._warned: set[str] = set()
         self._rules_mtime: float | None = None
@@ -264,11 +269,17 @@ class CacheAffinity:
             return
         if len(self._pending) > 50_000:  # flows that never finished; should not happen
             self._pending.clear()
-        # Inline on purpose: a worker thread measured slower (it shares the GIL with the proxy
-        # and adds switching delays), and the body is parsed already.
-        self._pending[flow.id] = self.tracker.observe(
-            body, shape=outcome.shape, model=outcome.model, host=flow.request.pretty_host,
-            keys=keys, signal=outcome.signal, ts=flow.request.timestamp_start or time.time())
+        work = partial(self.tracker.observe, body, shape=outcome.shape, model=outcome.model,
+                       host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
+                       ts=flow.request.timestamp_start or time.time())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside mitmproxy's loop (unit tests): compute inline
+            self._pending[flow.id] = work()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="affinity-fp")
+        self._pending[flow.id] = loop.run_in_executor(self._pool, work)
 
     # -- response side ---------------------------------------------------------------------
 
@@ -365,7 +376,23 @@ class CacheAffinity:
             extras=reader.extras if reader else None,
         )
         pending = self._pending.pop(flow.id, None) if transport == "http" else None
+        if isinstance(pending, asyncio.Future | Future):
+            if not pending.done():
+                pending.add_done_callback(
+                    lambda f: self._completed(flow, meta, record, usage, f, live_update=True))
+                return
+            pending = pending.result() if not pending.exception() else None
         self._record(flow, meta, record, usage, pending)
+
+    def _completed(self, flow: http.HTTPFlow, meta: dict[str, Any], record: dict[str, Any],
+                   usage: Any, fut: Any, live_update: bool) -> None:
+        try:
+            pending = fut.result() if not fut.cancelled() and not fut.exception() else None
+            self._record(flow, meta, record, usage, pending)
+            if live_update:  # changed outside a hook: tell mitmweb
+                ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+        except Exception:
+            logger.exception("affinity: could not record this response")
 
     def _record(self, flow: http.HTTPFlow, meta: dict[str, Any], record: dict[str, Any],
                 usage: Any, pending: Pending | None) -> None:
@@ -436,6 +463,9 @@ class CacheAffinity:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         # done() also runs on every hot reload of the script: summarize only on a real shutdown.
         shutting_down = getattr(getattr(ctx.master, "should_exit", None), "is_set", lambda: False)()
         if shutting_down and ctx.options.affinity_summary and self.stats.total.requests:

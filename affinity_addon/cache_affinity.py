@@ -59,8 +59,9 @@ class CacheAffinity:
         self.writer: JsonlWriter | None = None
         self.stats = Aggregator(keep_series=False, max_conversations=STATS_CONVERSATIONS)
         self._live: dict[str, _Live] = {}
-        # Fingerprints are computed off the event loop (tens of ms for a 1 MB prompt), while
-        # the request travels upstream; the verdict waits for them at response time.
+        # Fingerprints are computed in a worker thread while the request travels upstream
+        # (scripts/bench: faster than inline, though the thread shares the GIL); the verdict
+        # waits for them at response time.
         self._pending: dict[str, Pending | asyncio.Future[Pending]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.tracker = MissTracker()

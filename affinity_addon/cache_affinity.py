@@ -262,9 +262,12 @@ class CacheAffinity:
 
     def _observe(self, flow: http.HTTPFlow, outcome: Any, body: dict[str, Any]) -> None:
         assert self.ruleset is not None
-        root = affinity_id.root_id(body, outcome.shape, self.ruleset.affinity,
-                                   ctx.options.affinity_key)
-        client = outcome.affinity_id if outcome.affinity_source != "root" else None
+        if outcome.affinity_source == "root":  # derived already
+            root, client = outcome.affinity_id, None
+        else:
+            root = affinity_id.root_id(body, outcome.shape, self.ruleset.affinity,
+                                       ctx.options.affinity_key)
+            client = outcome.affinity_id
         keys = tuple(k for k in (client, root) if k)
         if not keys:
             return

@@ -72,7 +72,7 @@ def entry_for(fp: Fingerprint, ts: float, *, ttl_seconds: float, automatic: bool
     return Entry(fp, ts, ttl_seconds, point > 0, sum(b.tokens for b in blocks[:point]))
 
 
-class ConversationStore:
+class ConversationStore[T]:
     """Entries by affinity ID, least recently used evicted first. O(1) get/put."""
 
     __slots__ = ("_entries", "capacity")
@@ -81,15 +81,15 @@ class ConversationStore:
         if capacity < 1:
             raise ValueError(f"conversation store capacity must be at least 1, not {capacity}")
         self.capacity = capacity
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._entries: OrderedDict[str, T] = OrderedDict()
 
-    def get(self, affinity_id: str) -> Entry | None:
+    def get(self, affinity_id: str) -> T | None:
         entry = self._entries.get(affinity_id)
         if entry is not None:
             self._entries.move_to_end(affinity_id)
         return entry
 
-    def put(self, affinity_id: str, entry: Entry) -> None:
+    def put(self, affinity_id: str, entry: T) -> None:
         self._entries[affinity_id] = entry
         self._entries.move_to_end(affinity_id)
         while len(self._entries) > self.capacity:

@@ -104,7 +104,7 @@ class Stored:
 
 class MissTracker:
     def __init__(self, capacity: int = 10_000) -> None:
-        self.store = ConversationStore(capacity)
+        self.store: ConversationStore[Stored] = ConversationStore(capacity)
 
     def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
                 keys: tuple[str, ...], signal: str | None, ts: float) -> Pending:
@@ -135,7 +135,7 @@ class MissTracker:
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
             for key in p.keys:
-                self.store.put(key, Stored(entry, p.signal))  # type: ignore[arg-type]
+                self.store.put(key, Stored(entry, p.signal))
         p.fingerprint.release()  # stored packed: a few KB per conversation, not the unpacked blocks
         if prev is not None:
             prev.entry.fingerprint.release()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from affinity_addon import report
+from affinity_addon.views import report
 
 SUBCOMMANDS: tuple[Callable[[Any], argparse.ArgumentParser], ...] = (report.add_parser,)
 

@@ -11,6 +11,6 @@ _root = str(Path(__file__).resolve().parent.parent)
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-from affinity_addon.cache_affinity import CacheAffinity  # noqa: E402
+from affinity_addon.mitm.cache_affinity import CacheAffinity  # noqa: E402
 
 addons = [CacheAffinity()]

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from affinity_addon.simulator.procs import clean_env, free_port, listening_port, wait_port
+from tests.procs import clean_env, free_port, listening_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "affinity_addon" / "addon.py"
@@ -103,7 +103,7 @@ class Processes:
 def start_simulator(procs: Processes, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     err = (tmp / "simulator.err").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "affinity_addon.simulator", "--port", "0", "--replicas", "4"],
+        [sys.executable, "-m", "tests.sim", "--port", "0", "--replicas", "4"],
         stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=ROOT, env=clean_env())
     procs.add("simulator", proc)
     return proc, listening_port(proc)

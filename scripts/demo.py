@@ -39,7 +39,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from affinity_addon.simulator.procs import free_port, listening_port
+from tests.procs import free_port, listening_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "affinity_addon" / "addon.py"
@@ -216,7 +216,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, output: Path 
 
 def start_simulator(procs: Processes, err: Path) -> subprocess.Popen[bytes]:
     with err.open("wb") as f:
-        return procs.start([sys.executable, "-m", "affinity_addon.simulator", "--port", "0",
+        return procs.start([sys.executable, "-m", "tests.sim", "--port", "0",
                             "--replicas", "4", "--event-delay", str(EVENT_DELAY)],
                            stdout=subprocess.PIPE, stderr=f, cwd=ROOT)
 

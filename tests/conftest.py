@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from affinity_addon.simulator import SimClock, Simulator
 from tests.harness import Proxy, start_proxy
+from tests.sim import SimClock, Simulator
 
 
 @pytest.fixture

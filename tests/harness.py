@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from affinity_addon.simulator.procs import clean_env, free_port, stop_pid, wait_port
+from tests.procs import clean_env, free_port, stop_pid, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "affinity_addon" / "addon.py"

@@ -5,7 +5,7 @@ import re
 import pytest
 from mitmproxy.http import Headers
 
-from affinity_addon.affinity_id import (
+from affinity_addon.request.affinity_id import (
     AffinityConfig,
     derive,
     model_family,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from affinity_addon.breakpoints import (
+from affinity_addon.request.breakpoints import (
     AddedMarker,
     CacheControlSpec,
     Placement,
@@ -20,7 +20,7 @@ from affinity_addon.breakpoints import (
     plan_breakpoints,
     strip_added,
 )
-from affinity_addon.prompt import iter_segments
+from affinity_addon.request.prompt import iter_segments
 
 CC = {"type": "ephemeral"}
 CC1H = {"type": "ephemeral", "ttl": "1h"}

@@ -2,7 +2,8 @@ import copy
 
 import pytest
 
-from affinity_addon.diagnosis import (
+from affinity_addon.diagnosis.fingerprint import Fingerprint, fingerprint
+from affinity_addon.diagnosis.verdicts import (
     REASONS,
     ConversationStore,
     Entry,
@@ -12,8 +13,7 @@ from affinity_addon.diagnosis import (
     parse_ttl,
     predict_hit_ratio,
 )
-from affinity_addon.fingerprint import Fingerprint, fingerprint
-from affinity_addon.records import Usage
+from affinity_addon.record.schema import Usage
 
 MIN = 1024
 TTL = 300.0

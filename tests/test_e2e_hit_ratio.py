@@ -21,7 +21,6 @@ import openai
 import pytest
 from mitmproxy.net import encoding
 
-from affinity_addon.simulator import RecordedRequest, Simulator
 from tests.conversations import (
     ANTHROPIC_TOOLS,
     CHAT_TOOLS,
@@ -36,6 +35,7 @@ from tests.conversations import (
     responses_conversation,
 )
 from tests.harness import Proxy
+from tests.sim import RecordedRequest, Simulator
 
 TURNS = 6
 KEY = "sk-test-not-a-real-key"

@@ -37,10 +37,10 @@ import yaml
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from affinity_addon.cache_affinity import DEFAULT_RULES, CacheAffinity
-from affinity_addon.simulator import SimClock, Simulator
+from affinity_addon.mitm.cache_affinity import DEFAULT_RULES, CacheAffinity
 from tests.conversations import CHAT_TOOLS, big_prompt
 from tests.harness import ROOT, Proxy, start_proxy
+from tests.sim import SimClock, Simulator
 
 # OpenRouter's response cache, played by mitmdump's own modify_headers: it sets response
 # headers in `responseheaders`, before the addon reads them in `response`, on the replies to

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from affinity_addon.fingerprint import (
+from affinity_addon.diagnosis.fingerprint import (
     CHUNK_CHARS,
     IGNORED,
     Fingerprint,

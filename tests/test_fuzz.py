@@ -45,10 +45,10 @@ from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 from wsproto.frame_protocol import Opcode
 
-from affinity_addon import breakpoints
-from affinity_addon.cache_affinity import META, CacheAffinity
-from affinity_addon.records import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
-from affinity_addon.simulator import wire
+from affinity_addon.mitm.cache_affinity import META, CacheAffinity
+from affinity_addon.request import breakpoints
+from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.sim import wire
 
 HOST = "api.fuzz.test"
 CHAT, MESSAGES, RESPONSES, OTHER = ("/v1/chat/completions", "/v1/messages", "/v1/responses",

@@ -23,8 +23,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from affinity_addon.simulator import Simulator, parse_faults
 from tests.harness import ADDON, MITMDUMP, Proxy, free_port
+from tests.sim import Simulator, parse_faults
 
 # -- the simulator's fault injection, without a proxy ---------------------------------------------
 

@@ -19,14 +19,14 @@ import pytest
 from rich.console import Console
 
 from affinity_addon.__main__ import main
-from affinity_addon.report import (
+from affinity_addon.views.html import render_html
+from affinity_addon.views.report import (
     RecordFilter,
     build_report,
     parse_since,
     render_report,
     report_document,
 )
-from affinity_addon.report_html import render_html
 from tests import loggen
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

@@ -10,7 +10,7 @@ from mitmproxy.http import Headers
 from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
-from affinity_addon.cache_affinity import META, CacheAffinity
+from affinity_addon.mitm.cache_affinity import META, CacheAffinity
 
 RULES = """
 version: 1

@@ -5,7 +5,7 @@ import jsonschema
 import pytest
 import yaml
 
-from affinity_addon.rules import (
+from affinity_addon.request.rules import (
     KEEP,
     OVERWRITE,
     load_rules,

@@ -16,8 +16,8 @@ import openai
 import pytest
 from mitmproxy.net import encoding
 
-from affinity_addon.simulator import SimClock, Simulator
-from affinity_addon.simulator.cache import anthropic_minimum
+from tests.sim import SimClock, Simulator
+from tests.sim.cache import anthropic_minimum
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = "The quick brown fox jumps over the lazy dog. " * 120  # ~1,350 tokens as one segment
@@ -828,7 +828,7 @@ def test_control_api(sim: Simulator, clock: SimClock) -> None:
 
 def test_cli_subprocess() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "affinity_addon.simulator", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "tests.sim", "--port", "0",
                              "--replicas", "2", "--event-delay", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=ROOT)

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from affinity_addon import pricing
-from affinity_addon.pricing import (
+from affinity_addon.views import pricing
+from affinity_addon.views.aggregate import Aggregator, Bucket, render_summary
+from affinity_addon.views.pricing import (
     TOKEN_EQUIVALENTS,
     USD,
     Price,
@@ -20,7 +21,6 @@ from affinity_addon.pricing import (
     parse_rule,
     price_for,
 )
-from affinity_addon.stats import Aggregator, Bucket, render_summary
 from tests import loggen
 
 # --- price table ----------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def test_render_summary_with_nothing_recorded():
 
 
 def test_live_aggregator_memory_is_bounded():
-    from affinity_addon.stats import OLDER_KEY, Aggregator
+    from affinity_addon.views.aggregate import OLDER_KEY, Aggregator
 
     agg = Aggregator(keep_series=False, max_conversations=100)
     for i in range(5000):

@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from affinity_addon import records
-from affinity_addon.decoders import make_decoder
-from affinity_addon.stream_tap import StreamTap
-from affinity_addon.usage import UsageReader
+from affinity_addon import shapes
+from affinity_addon.record.schema import Usage
+from affinity_addon.response.decoders import make_decoder
+from affinity_addon.response.stream_tap import StreamTap
+from affinity_addon.response.usage import UsageReader
 
 FIXTURES = Path(__file__).parent / "fixtures" / "usage"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((FIXTURES / "expected.json").read_text())
@@ -324,12 +325,12 @@ class TapAddon:
     def __init__(self) -> None:
         self.readers: dict[str, UsageReader] = {}
         self.taps: dict[str, StreamTap] = {}
-        self.results: dict[str, records.Usage | None] = {}
+        self.results: dict[str, Usage | None] = {}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         assert flow.response is not None
         if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
-            reader = self.readers[flow.id] = UsageReader(records.ANTHROPIC)
+            reader = self.readers[flow.id] = UsageReader(shapes.ANTHROPIC)
             tap = StreamTap(flow.response.headers.get("content-encoding"), reader.feed_event,
                             keep_limit=1 << 20)
             self.taps[flow.id] = tap
@@ -338,7 +339,7 @@ class TapAddon:
     def response(self, flow: http.HTTPFlow) -> None:
         assert flow.response is not None
         tap = self.taps.pop(flow.id, None)
-        reader = self.readers.pop(flow.id, None) or UsageReader(records.ANTHROPIC)
+        reader = self.readers.pop(flow.id, None) or UsageReader(shapes.ANTHROPIC)
         if tap is None:
             reader.feed_json(flow.response.json())
         elif tap.kept is not None:
@@ -350,7 +351,7 @@ class TapAddon:
         assert flow.websocket is not None
         msg = flow.websocket.messages[-1]
         if not msg.from_client:
-            reader = self.readers.setdefault(flow.id, UsageReader(records.OPENAI_RESPONSES))
+            reader = self.readers.setdefault(flow.id, UsageReader(shapes.OPENAI_RESPONSES))
             reader.feed_event(None, msg.content)
 
 
@@ -366,7 +367,7 @@ def test_tap_as_mitmproxy_stream_callable() -> None:
         out = [stream(wire[i:i + 7]) for i in range(0, len(wire), 7)] + [stream(b"")]
         assert b"".join(out) == wire
         addon.response(f)
-    assert addon.results[f.id] == records.Usage(**EXPECTED["anthropic.sse"]["usage"])
+    assert addon.results[f.id] == Usage(**EXPECTED["anthropic.sse"]["usage"])
     assert f.metadata["affinity_terminal"] is True
     assert f.response.headers["content-encoding"] == "br"
     assert f.response.text == fixture("anthropic.sse").decode()
@@ -380,7 +381,7 @@ async def test_reader_in_response_hook_via_cycle() -> None:
             content_type="application/json"), content=body))
         f.response.encode("gzip")
         await tctx.cycle(addon, f)
-    assert addon.results[f.id] == records.Usage(**EXPECTED["anthropic.json"]["usage"])
+    assert addon.results[f.id] == Usage(**EXPECTED["anthropic.json"]["usage"])
     assert f.metadata["affinity_terminal"] is True
 
 
@@ -474,7 +475,7 @@ def test_callback_error_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     def boom(name: str | None, data: bytes) -> None:
         raise KeyError("nope")
 
-    with caplog.at_level(logging.DEBUG, logger="affinity_addon.stream_tap"):
+    with caplog.at_level(logging.DEBUG, logger="affinity_addon.response.stream_tap"):
         tap, _ = collect([b"data: 1\n\ndata: 2\n\ndata: 3\n\n"])
         tap2 = StreamTap(None, boom)
         tap2(b"data: 1\n\ndata: 2\n\ndata: 3\n\n")

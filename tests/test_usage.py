@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from affinity_addon import records
-from affinity_addon.usage import (
+from affinity_addon import shapes
+from affinity_addon.response.usage import (
     UsageReader,
     fields_for,
     get_path,
@@ -65,7 +65,7 @@ def test_fixture_usage(name: str) -> None:
 
 
 def test_every_shape_has_fixtures() -> None:
-    assert {c["shape"] for c in EXPECTED.values()} == set(records.SHAPES)
+    assert {c["shape"] for c in EXPECTED.values()} == set(shapes.SHAPES)
 
 
 def test_anthropic_hit_ratio_counts_cache_in_input() -> None:
@@ -76,7 +76,7 @@ def test_anthropic_hit_ratio_counts_cache_in_input() -> None:
 
 
 def test_anthropic_message_delta_overrides_only_non_null_fields() -> None:
-    r = UsageReader(records.ANTHROPIC)
+    r = UsageReader(shapes.ANTHROPIC)
     r.feed_json({"type": "message_start", "message": {"id": "msg_1", "usage": {
         "input_tokens": 10, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 0,
         "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 0},
@@ -96,7 +96,7 @@ def test_anthropic_message_delta_overrides_only_non_null_fields() -> None:
 
 
 def test_anthropic_without_message_stop_is_not_terminal() -> None:
-    r = UsageReader(records.ANTHROPIC)
+    r = UsageReader(shapes.ANTHROPIC)
     for event, data in sse_events((FIXTURES / "anthropic.sse").read_bytes())[:-1]:
         r.feed_event(event, data)
     assert r.usage() is not None
@@ -104,13 +104,13 @@ def test_anthropic_without_message_stop_is_not_terminal() -> None:
 
 
 def test_anthropic_write_split_sums_when_total_missing() -> None:
-    u = normalize(records.ANTHROPIC, {"input_tokens": 5, "cache_creation": {
+    u = normalize(shapes.ANTHROPIC, {"input_tokens": 5, "cache_creation": {
         "ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 70}})
     assert (u.cache_write_tokens, u.input_tokens) == (100, 105)
 
 
 def test_diagnostics_in_stream_and_pending_null() -> None:
-    r = UsageReader(records.ANTHROPIC)
+    r = UsageReader(shapes.ANTHROPIC)
     r.feed_json({"type": "message_start", "message": {
         "id": "msg_2", "diagnostics": {"cache_miss_reason": None},
         "usage": {"input_tokens": 1}}})
@@ -122,7 +122,7 @@ def test_diagnostics_in_stream_and_pending_null() -> None:
 
 
 def test_chat_last_usage_chunk_wins() -> None:
-    r = UsageReader(records.OPENAI_CHAT)
+    r = UsageReader(shapes.OPENAI_CHAT)
     # Some servers report running usage on every chunk; only the final figures count.
     r.feed_event(None, b'{"choices":[],"usage":{"prompt_tokens":50,"completion_tokens":1}}')
     r.feed_event(None, b'{"choices":[],"usage":{"prompt_tokens":50,"completion_tokens":9,'
@@ -137,13 +137,13 @@ def test_chat_last_usage_chunk_wins() -> None:
 
 def test_chat_compat_zero_does_not_hide_native_field() -> None:
     # A provider filling the OpenAI field with 0 next to its own count must not read as a miss.
-    u = normalize(records.OPENAI_CHAT, {"prompt_tokens": 19, "cached_tokens": 12,
+    u = normalize(shapes.OPENAI_CHAT, {"prompt_tokens": 19, "cached_tokens": 12,
                                         "prompt_tokens_details": {"cached_tokens": 0}})
     assert u.cache_read_tokens == 12
 
 
 def test_deepseek_without_prompt_tokens_sums_hit_and_miss() -> None:
-    u = normalize(records.OPENAI_CHAT, {"prompt_cache_hit_tokens": 640,
+    u = normalize(shapes.OPENAI_CHAT, {"prompt_cache_hit_tokens": 640,
                                         "prompt_cache_miss_tokens": 60, "completion_tokens": 3})
     assert (u.input_tokens, u.cache_read_tokens, u.output_tokens) == (700, 640, 3)
 
@@ -151,19 +151,19 @@ def test_deepseek_without_prompt_tokens_sums_hit_and_miss() -> None:
 def test_gemini_compat_miss_without_details() -> None:
     for raw in ({"prompt_tokens": 100}, {"prompt_tokens": 100, "prompt_tokens_details": None},
                 {"prompt_tokens": 100, "prompt_tokens_details": {}}):
-        u = normalize(records.OPENAI_CHAT, raw)
+        u = normalize(shapes.OPENAI_CHAT, raw)
         assert (u.input_tokens, u.cache_read_tokens, u.hit_ratio) == (100, 0, 0.0)
 
 
 def test_openrouter_cost_and_zero_cost() -> None:
-    assert normalize(records.OPENAI_CHAT, {"prompt_tokens": 1, "cost": 0}).cost == 0.0
-    assert normalize(records.OPENAI_CHAT, {"prompt_tokens": 1, "cost": 0.5}).cost == 0.5
+    assert normalize(shapes.OPENAI_CHAT, {"prompt_tokens": 1, "cost": 0}).cost == 0.0
+    assert normalize(shapes.OPENAI_CHAT, {"prompt_tokens": 1, "cost": 0.5}).cost == 0.5
     for bad in (-1, "0.5", True, float("nan"), float("inf"), None):
-        assert normalize(records.OPENAI_CHAT, {"prompt_tokens": 1, "cost": bad}).cost is None
+        assert normalize(shapes.OPENAI_CHAT, {"prompt_tokens": 1, "cost": bad}).cost is None
 
 
 def test_responses_created_with_null_usage_is_no_usage() -> None:
-    r = UsageReader(records.OPENAI_RESPONSES)
+    r = UsageReader(shapes.OPENAI_RESPONSES)
     r.feed_event("response.created", b'{"type":"response.created","response":{"id":"resp_1",'
                                      b'"status":"in_progress","usage":null}}')
     assert r.usage() is None
@@ -172,19 +172,19 @@ def test_responses_created_with_null_usage_is_no_usage() -> None:
 
 
 def test_responses_cache_write_optional() -> None:
-    u = normalize(records.OPENAI_RESPONSES, {"input_tokens": 100,
+    u = normalize(shapes.OPENAI_RESPONSES, {"input_tokens": 100,
                                              "input_tokens_details": {"cached_tokens": 64}})
     assert (u.cache_read_tokens, u.cache_write_tokens) == (64, 0)
 
 
 def test_responses_non_stream_in_progress_is_not_terminal() -> None:
-    r = UsageReader(records.OPENAI_RESPONSES)
+    r = UsageReader(shapes.OPENAI_RESPONSES)
     r.feed_json({"id": "resp_bg", "object": "response", "status": "queued", "usage": None})
     assert not r.terminal
 
 
 def test_gemini_sse_uses_last_usage_metadata() -> None:
-    r = UsageReader(records.GEMINI)
+    r = UsageReader(shapes.GEMINI)
     r.feed_json({"usageMetadata": {"promptTokenCount": 10, "cachedContentTokenCount": 8,
                                    "candidatesTokenCount": 1}})
     r.feed_json({"usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 4},
@@ -197,7 +197,7 @@ def test_gemini_sse_uses_last_usage_metadata() -> None:
 
 
 def test_gemini_blocked_prompt_is_terminal() -> None:
-    r = UsageReader(records.GEMINI)
+    r = UsageReader(shapes.GEMINI)
     r.feed_json({"promptFeedback": {"blockReason": "SAFETY"},
                  "usageMetadata": {"promptTokenCount": 7}})
     assert r.terminal
@@ -208,23 +208,23 @@ def test_gemini_blocked_prompt_is_terminal() -> None:
 def test_invalid_counts_are_absent_and_raw_is_kept(bad: Any) -> None:
     raw = {"prompt_tokens": bad, "completion_tokens": bad,
            "prompt_tokens_details": {"cached_tokens": bad, "cache_write_tokens": bad}}
-    u = normalize(records.OPENAI_CHAT, raw)
+    u = normalize(shapes.OPENAI_CHAT, raw)
     assert (u.input_tokens, u.cache_read_tokens, u.cache_write_tokens, u.output_tokens) == (0,) * 4
     assert u.raw["prompt_tokens"] == plain(bad)
     assert "prompt_tokens" in u.raw
 
 
 def test_invalid_anthropic_fields_next_to_valid_ones() -> None:
-    u = normalize(records.ANTHROPIC, {"input_tokens": 10, "cache_read_input_tokens": "90",
+    u = normalize(shapes.ANTHROPIC, {"input_tokens": 10, "cache_read_input_tokens": "90",
                                       "cache_creation_input_tokens": -1, "output_tokens": 2})
     assert (u.input_tokens, u.cache_read_tokens, u.cache_write_tokens) == (10, 0, 0)
     assert u.raw["cache_read_input_tokens"] == "90"
 
 
 def test_normalize_odd_inputs() -> None:
-    assert normalize(records.GEMINI, {}).to_dict() == {
+    assert normalize(shapes.GEMINI, {}).to_dict() == {
         "input_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0, "output_tokens": 0}
-    assert normalize(records.GEMINI, "nope").input_tokens == 0  # type: ignore[arg-type]
+    assert normalize(shapes.GEMINI, "nope").input_tokens == 0  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown API shape"):
         normalize("bedrock-converse", {})
     with pytest.raises(ValueError, match="unknown API shape"):
@@ -233,7 +233,7 @@ def test_normalize_odd_inputs() -> None:
 
 def test_raw_keeps_numbers_and_names_not_text() -> None:
     secret = "You are a helpful assistant. " * 10
-    u = normalize(records.ANTHROPIC, {"input_tokens": 1, "service_tier": "standard",
+    u = normalize(shapes.ANTHROPIC, {"input_tokens": 1, "service_tier": "standard",
                                       "note": secret, "nested": {"deep": {"deeper": {"x": {"y": 1}}}},
                                       "bad": float("nan"), "obj": object()})
     assert u.raw["service_tier"] == "standard"
@@ -250,7 +250,7 @@ def test_raw_keeps_numbers_and_names_not_text() -> None:
     b'{"response": {"usage": 5}}', b'{"choices": "x", "usage": null}', b"[DONE] trailing",
     b'{"usage": {"prompt_tokens": 1e400}}', b'{"a":' * 5000 + b"1" + b"}" * 5000,
 ])
-@pytest.mark.parametrize("shape", records.SHAPES)
+@pytest.mark.parametrize("shape", shapes.SHAPES)
 def test_junk_events_never_raise(shape: str, data: bytes) -> None:
     r = UsageReader(shape)
     r.feed_event("message_delta", data)
@@ -260,14 +260,14 @@ def test_junk_events_never_raise(shape: str, data: bytes) -> None:
 
 
 def test_done_only_ends_chat_streams() -> None:
-    chat, responses = UsageReader(records.OPENAI_CHAT), UsageReader(records.OPENAI_RESPONSES)
+    chat, responses = UsageReader(shapes.OPENAI_CHAT), UsageReader(shapes.OPENAI_RESPONSES)
     for r in (chat, responses):
         r.feed_event(None, b"[DONE]\n")
     assert chat.terminal and not responses.terminal
 
 
 def test_feed_event_accepts_str_websocket_messages() -> None:
-    r = UsageReader(records.OPENAI_RESPONSES)
+    r = UsageReader(shapes.OPENAI_RESPONSES)
     r.feed_event(None, '{"type":"response.completed","response":{"usage":{"input_tokens":3,'
                        '"input_tokens_details":{"cached_tokens":2}}}}')
     u = r.usage()
@@ -275,7 +275,7 @@ def test_feed_event_accepts_str_websocket_messages() -> None:
 
 
 def test_events_without_needles_are_skipped_but_terminal_name_counts() -> None:
-    r = UsageReader(records.ANTHROPIC)
+    r = UsageReader(shapes.ANTHROPIC)
     r.feed_event("content_block_delta", b'{"type":"content_block_delta","delta":{"text":"x"}}')
     assert r.messages == 0  # not parsed at all
     r.feed_event("message_stop", b"{}")
@@ -283,7 +283,7 @@ def test_events_without_needles_are_skipped_but_terminal_name_counts() -> None:
 
 
 def test_text_mentioning_usage_is_harmless() -> None:
-    r = UsageReader(records.OPENAI_RESPONSES)
+    r = UsageReader(shapes.OPENAI_RESPONSES)
     r.feed_event("response.output_text.delta",
                  b'{"type":"response.output_text.delta","delta":"\\"usage\\": response.completed"}')
     assert r.usage() is None and not r.terminal
@@ -295,10 +295,10 @@ def test_text_mentioning_usage_is_harmless() -> None:
 def test_flavor_changes_preference_only() -> None:
     raw = {"prompt_tokens": 1000, "prompt_cache_hit_tokens": 800,
            "prompt_tokens_details": {"cached_tokens": 700}}
-    assert normalize(records.OPENAI_CHAT, raw).cache_read_tokens == 700
-    assert normalize(records.OPENAI_CHAT, raw, flavor="deepseek").cache_read_tokens == 800
-    assert UsageReader(records.OPENAI_CHAT, "unknown-host").usage() is None
-    assert fields_for(records.OPENAI_CHAT, "unknown-host") is fields_for(records.OPENAI_CHAT)
+    assert normalize(shapes.OPENAI_CHAT, raw).cache_read_tokens == 700
+    assert normalize(shapes.OPENAI_CHAT, raw, flavor="deepseek").cache_read_tokens == 800
+    assert UsageReader(shapes.OPENAI_CHAT, "unknown-host").usage() is None
+    assert fields_for(shapes.OPENAI_CHAT, "unknown-host") is fields_for(shapes.OPENAI_CHAT)
 
 
 def test_paths() -> None:
@@ -342,7 +342,7 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(records.SHAPES), st.lists(json_values, max_size=4))
+@given(st.sampled_from(shapes.SHAPES), st.lists(json_values, max_size=4))
 def test_any_json_never_raises(shape: str, messages: list[Any]) -> None:
     r = UsageReader(shape)
     for m in messages:
@@ -357,15 +357,15 @@ def test_any_json_never_raises(shape: str, messages: list[Any]) -> None:
 
 
 @pytest.mark.parametrize("shape, event, body, error_type", [
-    (records.ANTHROPIC, "error", {"type": "error", "error": {"type": "overloaded_error",
+    (shapes.ANTHROPIC, "error", {"type": "error", "error": {"type": "overloaded_error",
                                                             "message": "Overloaded"}},
      "overloaded_error"),
-    (records.OPENAI_CHAT, None, {"error": {"message": "x", "type": "rate_limit_error"}},
+    (shapes.OPENAI_CHAT, None, {"error": {"message": "x", "type": "rate_limit_error"}},
      "rate_limit_error"),
-    (records.OPENAI_RESPONSES, "error", {"type": "error", "code": "context_length_exceeded",
+    (shapes.OPENAI_RESPONSES, "error", {"type": "error", "code": "context_length_exceeded",
                                          "message": "x", "param": None},
      "context_length_exceeded"),
-    (records.GEMINI, None, {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}},
+    (shapes.GEMINI, None, {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}},
      "RESOURCE_EXHAUSTED"),
 ])
 def test_error_events_give_error_type_not_message(shape: str, event: str | None,

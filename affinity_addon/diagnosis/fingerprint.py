@@ -1,0 +1,510 @@
+"""Prefix fingerprints: a request's prompt in provider hash order, without its text.
+
+One digest per prompt segment (`prompt.iter_segments`), plus lengths and 4-byte hashes of each
+256-character chunk of text, so a later request can be told exactly where it left the cached
+prefix ("system[0].text changed at ~char 512") while the proxy keeps no prompt text at all.
+Rows are packed into bytes: a 200-message conversation costs a few KB, not a few hundred.
+"""
+
+import hashlib
+import re
+import struct
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from affinity_addon.request.prompt import (
+    MARKER_KEYS,
+    SYSTEM_ROLES,
+    Segment,
+    canonical,
+    iter_segments,
+)
+from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+from affinity_addon.tokens import estimate_tokens
+
+DIGEST_SIZE = 8  # 64 bits: a collision only misreports one diagnosis
+CHUNK_CHARS = 256
+IGNORED = "ignored"  # the kind of a block that matched a volatile pattern
+
+# Blocks that clients change on every request although the provider leaves them out of the
+# cached prefix; reporting them would blame every request on a change that costs nothing.
+VOLATILE_PATTERNS: dict[str, tuple[str, ...]] = {
+    # Claude Code's system[0] carries a per-request `cch=` value, yet its hit rates stay high.
+    "system": (r"^x-anthropic-billing-header:",),
+}
+
+# Request fields outside the prompt that are still part of the cached prefix: a change keeps
+# tools/system cached but invalidates the messages (Anthropic's documented tiers; OpenAI counts
+# structured-output schemas as prefix without saying where, so they are cut at the same place).
+PREFIX_SETTINGS: dict[str, tuple[str, ...]] = {
+    ANTHROPIC: ("tool_choice", "thinking"),
+    OPENAI_CHAT: ("response_format",),
+    OPENAI_RESPONSES: ("text",),
+}
+
+# Message fields that carry the model's reasoning (xAI, Kimi, DeepSeek, OpenRouter); dropping
+# them from history is xAI's "top cause of cache misses".
+REASONING_FIELDS = frozenset({"reasoning_content", "reasoning", "reasoning_details"})
+THINKING_KINDS = frozenset({"thinking", "redacted_thinking", "reasoning"})
+IMAGE_KINDS = frozenset({"image", "image_url", "input_image"})
+# Images are billed by pixels, not by the length of their base64; ~1 MP is about 1,000 tokens
+# (providers bill 85-1,600).
+FIXED_TOKENS: dict[str, int] = dict.fromkeys(IMAGE_KINDS, 1_000)
+
+# Message keys that hold the content itself; the rest of a message is its "envelope".
+_CONTENT_KEYS = frozenset({"content", "parts"})
+
+# digest, chars, tokens, message index (-1: none), envelope hash,
+# label indexes (path, kind, section, ttl+1, text field+1), flags.
+# A block's chunk hashes follow those of the blocks before it: ceil(chars / CHUNK_CHARS) of them.
+_ROW = struct.Struct(f"<{DIGEST_SIZE}sIIiIHHHHHB")
+_CHUNK = struct.Struct("<I")
+_MARKED, _SYSTEM, _FIRST, _REASONING, _REL_PATH, _CHUNKED = 1, 2, 4, 8, 16, 32
+# Chunk hashes (for "changed at ~char N") are kept for the blocks where volatile text lives —
+# tools, system prompts and the first messages (dates, cwd) — not for every turn of a long
+# conversation, where they would cost most of the fingerprint's time.
+CHUNKED_MESSAGES = 2
+_IGNORED_DIGEST = bytes(DIGEST_SIZE)
+
+
+def compile_volatile(spec: Mapping[str, Iterable[str]]) -> dict[str, tuple[re.Pattern[str], ...]]:
+    """Compile {section: [regex, ...]}; raises ValueError naming the bad pattern."""
+    out: dict[str, tuple[re.Pattern[str], ...]] = {}
+    for section, patterns in spec.items():
+        if isinstance(patterns, str):
+            raise ValueError(f"volatile patterns for {section!r} must be a list, not a string")
+        compiled = []
+        for pattern in patterns:
+            try:
+                compiled.append(re.compile(pattern))
+            except (re.error, TypeError) as e:
+                raise ValueError(f"bad volatile pattern {pattern!r} for {section!r}: {e}") from None
+        out[section] = tuple(compiled)
+    return out
+
+
+DEFAULT_VOLATILE = compile_volatile(VOLATILE_PATTERNS)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockPrint:
+    """One prompt segment, unpacked from a Fingerprint. Holds hashes and lengths, no text."""
+
+    path: str
+    section: str
+    kind: str
+    digest: bytes
+    chars: int
+    tokens: int
+    marked: bool
+    ttl: str | None
+    message_index: int | None = None
+    text_field: str | None = None  # "text"/"content": the text's key, "": the block is a string
+    system: bool = False  # system/developer/instructions content
+    first: bool = False  # first block of its message
+    envelope: int = 0  # hash of the message's other fields (role, tool_calls, ...)
+    reasoning: bool = False  # the message carries reasoning fields
+    chunks: bytes = b""  # 4-byte hash per CHUNK_CHARS characters of the text
+
+    @property
+    def ignored(self) -> bool:
+        return self.kind == IGNORED
+
+    @property
+    def text_path(self) -> str:
+        if self.text_field:
+            return f"{self.path}.{self.text_field}"
+        return self.path
+
+    @property
+    def message_path(self) -> str:
+        if self.message_index is None:
+            return self.path
+        return f"{self.section}[{self.message_index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """The prompt of one request, packed. Read it through `.blocks`."""
+
+    model: str | None
+    total_tokens: int
+    settings: tuple[tuple[str, bytes], ...]  # (field, digest) of PREFIX_SETTINGS present
+    rows: bytes  # _ROW-packed, one per block
+    labels: tuple[str, ...]  # strings the rows point at: paths, kinds, sections, ttls
+    chunks: bytes  # _CHUNK-packed text chunk hashes
+    # Unpacked blocks, kept only while one request is being judged (`release()` drops them):
+    # unpacking costs far more than anything done with the blocks, and a stored fingerprint
+    # must stay packed.
+    _unpacked: tuple[tuple[BlockPrint, ...], list[BlockPrint]] | None = field(
+        default=None, compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.rows) // _ROW.size
+
+    def release(self) -> None:
+        object.__setattr__(self, "_unpacked", None)
+
+    def _unpack(self) -> tuple[tuple[BlockPrint, ...], list[BlockPrint]]:
+        if self._unpacked is None:
+            blocks = self._decode()
+            object.__setattr__(self, "_unpacked", (blocks, [b for b in blocks if not b.ignored]))
+        return self._unpacked  # type: ignore[return-value]
+
+    @property
+    def blocks(self) -> tuple[BlockPrint, ...]:
+        return self._unpack()[0]
+
+    def _decode(self) -> tuple[BlockPrint, ...]:
+        labels, out, chunk0 = self.labels, [], 0
+        for row in _ROW.iter_unpack(self.rows):
+            digest, chars, tokens, mi, env, path, kind, section, ttl, field, flags = row
+            n_chunks = -(-chars // CHUNK_CHARS) if field and flags & _CHUNKED else 0
+            section_s = labels[section]
+            out.append(BlockPrint(
+                path=f"{section_s}[{mi}]{labels[path]}" if flags & _REL_PATH else labels[path],
+                section=section_s,
+                kind=labels[kind],
+                digest=digest,
+                chars=chars,
+                tokens=tokens,
+                marked=bool(flags & _MARKED),
+                ttl=labels[ttl - 1] if ttl else None,
+                message_index=None if mi < 0 else mi,
+                text_field=labels[field - 1] if field else None,
+                system=bool(flags & _SYSTEM),
+                first=bool(flags & _FIRST),
+                envelope=env,
+                reasoning=bool(flags & _REASONING),
+                chunks=self.chunks[chunk0 * _CHUNK.size:(chunk0 + n_chunks) * _CHUNK.size],
+            ))
+            chunk0 += n_chunks
+        return tuple(out)
+
+    @property
+    def comparable(self) -> list[BlockPrint]:
+        """The blocks that count for the prefix: volatile (ignored) ones left out."""
+        return self._unpack()[1]
+
+    @property
+    def last_ttl(self) -> str | None:
+        """The `ttl` of the last marked block, the one the next request reads from."""
+        marked = [b for b in self.blocks if b.marked]
+        return marked[-1].ttl if marked else None
+
+
+_Unit = tuple[Segment, bool, dict[str, Any] | None]
+
+
+def _walk(body: dict[str, Any], shape: str) -> Iterator[_Unit]:
+    """(segment, first block of its message?, the message's non-content fields when first).
+
+    Also yields messages the walker skips for having no content (an assistant turn that is only
+    `tool_calls`), since a change there breaks the prefix just the same.
+    """
+    done: dict[str, int] = {}  # section -> last message index seen
+
+    def skipped(section: str, upto: int | None) -> Iterator[_Unit]:
+        msgs = body.get(section)
+        if not isinstance(msgs, list):
+            return
+        end = len(msgs) if upto is None else upto
+        for i in range(done.get(section, -1) + 1, end):
+            msg = msgs[i]
+            if isinstance(msg, dict):
+                kind = "tool_calls" if "tool_calls" in msg else "message"
+                role = msg.get("role") if isinstance(msg.get("role"), str) else None
+                yield Segment(f"{section}[{i}]", section, kind, role, i, msg), True, None
+
+    for seg in iter_segments(body, shape):
+        mi = seg.message_index
+        if mi is None:
+            yield seg, False, None
+            continue
+        first, envelope = done.get(seg.section) != mi, None
+        if first:
+            yield from skipped(seg.section, mi)
+            done[seg.section] = mi
+            msgs = body.get(seg.section)
+            whole = seg.path in (seg.section, f"{seg.section}[{mi}]")  # item is its own segment
+            if not whole and isinstance(msgs, list) and isinstance(msgs[mi], dict):
+                envelope = {k: v for k, v in msgs[mi].items() if k not in _CONTENT_KEYS}
+        yield seg, first, envelope
+    for section in list(done):
+        yield from skipped(section, None)
+
+
+def _text(value: Any) -> tuple[str | None, str]:
+    """(field holding the text, the text): field "" when the value is the string itself."""
+    if isinstance(value, str):
+        return "", value
+    if isinstance(value, dict):
+        for key in ("text", "content"):
+            text = value.get(key)
+            if isinstance(text, str) and text:
+                return key, text
+    return None, ""
+
+
+def _chunk_hashes(text: str) -> bytes:
+    return b"".join(
+        _CHUNK.pack(zlib.crc32(text[i:i + CHUNK_CHARS].encode("utf-8", "surrogatepass")))
+        for i in range(0, len(text), CHUNK_CHARS)
+    )
+
+
+def _marker(value: Any) -> tuple[bool, str | None]:
+    if not isinstance(value, dict):
+        return False, None
+    for key in MARKER_KEYS:
+        spec = value.get(key)
+        if spec is not None:
+            ttl = spec.get("ttl") if isinstance(spec, dict) else None
+            return True, ttl if isinstance(ttl, str) else None
+    return False, None
+
+
+def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
+                volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None) -> Fingerprint:
+    """Fingerprint a request body of API shape `shape`. O(blocks + text length); keeps no text."""
+    volatile = DEFAULT_VOLATILE if volatile is None else volatile
+    label_ids: dict[str, int] = {}
+
+    def label(s: str) -> int:
+        return label_ids.setdefault(s, len(label_ids))
+
+    rows, chunks = bytearray(), bytearray()
+    total = 0
+    envelope_hash, reasoning = 0, False
+    for seg, first, envelope in _walk(body, shape):
+        field, text = _text(seg.value)
+        marked, ttl = _marker(seg.value)
+        mi = seg.message_index
+        extra = 0
+        if mi is None or first:
+            envelope_hash, reasoning = 0, False
+            if envelope:
+                role = envelope.get("role")
+                # Most envelopes are just {"role": ...}: skip the JSON encoder for those.
+                env = (b"r\x00" + role.encode("utf-8", "surrogatepass")
+                       if len(envelope) == 1 and isinstance(role, str) else canonical(envelope))
+                envelope_hash = zlib.crc32(env)
+                extra = estimate_tokens(len(env))
+                reasoning = not REASONING_FIELDS.isdisjoint(envelope)
+        flags = ((_MARKED if marked else 0) | (_FIRST if first else 0)
+                 | (_REASONING if reasoning else 0)
+                 | (_SYSTEM if seg.role in SYSTEM_ROLES or seg.section == "system" else 0))
+        kind = seg.kind
+        if field and seg.kind == "text" and any(p.search(text) for p in volatile.get(seg.section, ())):
+            kind, digest, field = IGNORED, _IGNORED_DIGEST, None
+            chars = len(text)
+        else:
+            canon = canonical(seg.value)
+            h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+            h.update((seg.role or "").encode())
+            h.update(b"\0")
+            h.update(canon)
+            digest = h.digest()
+            chars = len(text) if field is not None else len(canon)
+        tokens = FIXED_TOKENS.get(kind, estimate_tokens(chars)) + extra
+        total += tokens
+        if field is not None and (mi is None or mi < CHUNKED_MESSAGES or flags & _SYSTEM):
+            flags |= _CHUNKED
+            chunks += _chunk_hashes(text)
+        prefix = f"{seg.section}[{mi}]"
+        if mi is not None and seg.path.startswith(prefix):
+            flags |= _REL_PATH
+            path = label(seg.path[len(prefix):])
+        else:
+            path = label(seg.path)
+        rows += _ROW.pack(
+            digest, chars, tokens, -1 if mi is None else mi, envelope_hash,
+            path, label(kind), label(seg.section),
+            label(ttl) + 1 if ttl is not None else 0,
+            label(field) + 1 if field is not None else 0, flags,
+        )
+    settings = tuple(
+        (key, hashlib.blake2b(canonical(body[key]), digest_size=8).digest())
+        for key in PREFIX_SETTINGS.get(shape, ()) if key in body
+    )
+    return Fingerprint(model, total, settings, bytes(rows), tuple(label_ids), bytes(chunks))
+
+
+# --- comparing two fingerprints of one conversation -------------------------------------------
+
+MAX_SHIFT = 16  # messages inserted/removed at once that compare() still recognises as such
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixDiff:
+    """Where `cur` leaves `prev`'s prefix. Counts are over comparable (non-ignored) blocks."""
+
+    kind: str  # identical, appended, model-switched, settings-changed, tools-reordered, ...
+    common_blocks: int
+    common_tokens: int
+    first_change: str | None = None  # path of the first difference
+    detail: str | None = None
+
+
+def _same(a: BlockPrint, b: BlockPrint) -> bool:
+    return a.digest == b.digest and a.first == b.first and a.envelope == b.envelope
+
+
+def compare(prev: Fingerprint, cur: Fingerprint) -> PrefixDiff:
+    """Explain how `cur` relates to `prev`: O(blocks)."""
+    if prev.model and cur.model and prev.model != cur.model:
+        return PrefixDiff("model-switched", 0, 0, "model",
+                          f"model switched from {prev.model} to {cur.model}")
+    p, c = prev.comparable, cur.comparable
+    n, limit = 0, min(len(p), len(c))
+    while n < limit and _same(p[n], c[n]):
+        n += 1
+    kind, path, detail = _classify(p, c, n)
+    changed = _changed_settings(prev, cur)
+    if changed:
+        cut = next((i for i, b in enumerate(p) if b.message_index is not None), len(p))
+        if n >= cut:
+            n, kind, path = cut, "settings-changed", changed[0]
+            detail = f"{', '.join(changed)} changed, which invalidates the cached messages"
+    return PrefixDiff(kind, n, sum(b.tokens for b in p[:n]), path, detail)
+
+
+def _changed_settings(prev: Fingerprint, cur: Fingerprint) -> list[str]:
+    a, b = dict(prev.settings), dict(cur.settings)
+    return [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+_Change = tuple[str, str | None, str | None]  # kind, first_change path, detail
+
+
+def _classify(p: list[BlockPrint], c: list[BlockPrint], n: int) -> _Change:
+    if n == len(p) == len(c):
+        return "identical", None, None
+    if n == len(p):
+        return "appended", None, f"{len(c) - n} block(s) appended"
+    a, b = p[n], (c[n] if n < len(c) else None)
+    if a.section == "tools" or (b is not None and b.section == "tools"):
+        return _tools_change(p, c, n)
+    if a.message_index is None or (b is not None and b.message_index is None):
+        return _system_block_change(a, b)
+    return _message_change(p, c, n)
+
+
+def _tools_change(p: list[BlockPrint], c: list[BlockPrint], n: int) -> _Change:
+    tp = [b.digest for b in p if b.section == "tools"]
+    tc = [b.digest for b in c if b.section == "tools"]
+    path = f"tools[{n}]"
+    if sorted(tp) == sorted(tc):
+        return "tools-reordered", "tools", f"tools reordered ({len(tc)} definitions, from {path})"
+    if len(tc) > len(tp) and _is_subsequence(tp, tc):
+        return "tool-added", path, f"{len(tc) - len(tp)} tool(s) added at {path}"
+    if len(tc) < len(tp) and _is_subsequence(tc, tp):
+        return "tool-removed", path, f"{len(tp) - len(tc)} tool(s) removed at {path}"
+    return "tool-changed", path, f"{path} definition changed"
+
+
+def _is_subsequence(short: list[bytes], long: list[bytes]) -> bool:
+    it = iter(long)
+    return all(x in it for x in short)
+
+
+def _system_block_change(a: BlockPrint, b: BlockPrint | None) -> _Change:
+    if b is not None and a.path == b.path:
+        path, where = _where(a, b)
+        return "system-changed", path, where
+    if b is None or b.message_index is not None:
+        return "system-changed", a.path, f"{a.path} removed"
+    if a.message_index is not None:
+        return "system-changed", b.path, f"{b.path} added"
+    return "system-changed", b.path, f"{b.path} changed"
+
+
+def _where(a: BlockPrint, b: BlockPrint) -> tuple[str, str]:
+    """(path, detail) for two versions of the same block, down to the changed text chunk."""
+    if a.digest == b.digest:
+        if a.first != b.first:
+            return a.message_path, f"message boundary moved at {a.path}"
+        return a.message_path, f"{a.message_path} fields besides content changed"
+    if a.text_field is not None and a.text_field == b.text_field and not (a.chunks and b.chunks):
+        return a.text_path, f"{a.text_path} changed"  # a later turn: no chunk hashes kept
+    if a.text_field is not None and a.text_field == b.text_field:
+        size = _CHUNK.size
+        count = min(len(a.chunks), len(b.chunks)) // size
+        k = next((i for i in range(count)
+                  if a.chunks[i * size:(i + 1) * size] != b.chunks[i * size:(i + 1) * size]),
+                 None)
+        if k is None and len(a.chunks) != len(b.chunks):
+            k = count
+        if k is not None:
+            return a.text_path, f"{a.text_path} changed at ~char {k * CHUNK_CHARS}"
+        return a.path, f"{a.path} changed outside its text"
+    return a.path, f"{a.path} changed"
+
+
+def _skip(blocks: list[BlockPrint], i: int, kinds: frozenset[str]) -> int:
+    while i < len(blocks) and blocks[i].kind in kinds:
+        i += 1
+    return i
+
+
+def _message_change(p: list[BlockPrint], c: list[BlockPrint], n: int) -> _Change:
+    a, b = p[n], (c[n] if n < len(c) else None)
+    if b is None:
+        if a.first:
+            count = len({x.message_index for x in p[n:]})
+            return ("message-removed", a.message_path,
+                    f"{count} message(s) removed from the end, from {a.message_path}")
+        return "message-changed", a.path, f"blocks removed from the end of {a.message_path}"
+    if a.reasoning and not b.reasoning and a.digest == b.digest:
+        return "thinking-removed", a.message_path, f"reasoning dropped from {a.message_path}"
+    m = _skip(p, n, THINKING_KINDS)
+    if m > n and (m < len(p) and p[m].digest == b.digest):
+        return "thinking-removed", a.path, f"{a.kind} block removed at {a.path}"
+    m = _skip(c, n, IMAGE_KINDS)
+    if m > n and m < len(c) and c[m].digest == a.digest:
+        return "image-added", b.path, f"{m - n} image(s) added at {b.path}"
+    m = _skip(p, n, IMAGE_KINDS)
+    if m > n and m < len(p) and p[m].digest == b.digest:
+        return "image-removed", a.path, f"{m - n} image(s) removed at {a.path}"
+    shifted = _message_shift(p, c, a, b)
+    if shifted is not None:
+        return shifted
+    path, where = _where(a, b) if a.path == b.path else (b.path, f"{b.path} changed")
+    return ("system-changed" if a.system or b.system else "message-changed"), path, where
+
+
+def _messages(blocks: list[BlockPrint]) -> tuple[list[int], list[tuple[tuple[bytes, int], ...]]]:
+    """Message indexes in order and, for each, the key its blocks compare by."""
+    order: list[int] = []
+    keys: list[list[tuple[bytes, int]]] = []
+    for b in blocks:
+        if b.message_index is None:
+            continue
+        if b.first or not order or order[-1] != b.message_index:
+            order.append(b.message_index)
+            keys.append([])
+        keys[-1].append((b.digest, b.envelope))
+    return order, [tuple(k) for k in keys]
+
+
+def _message_shift(p: list[BlockPrint], c: list[BlockPrint],
+                   a: BlockPrint, b: BlockPrint) -> _Change | None:
+    """Whole messages inserted into or removed from the history, the rest unchanged."""
+    if not (a.first and b.first):
+        return None
+    po, pk = _messages(p)
+    co, ck = _messages(c)
+    ia, ib = po.index(a.message_index), co.index(b.message_index)
+    rest = pk[ia:]
+    for k in range(1, min(MAX_SHIFT, len(ck) - ib - 1) + 1):
+        if ck[ib + k:ib + k + len(rest)] == rest:
+            return ("message-inserted", b.message_path,
+                    f"{k} message(s) inserted at {b.message_path}")
+    for k in range(1, min(MAX_SHIFT, len(pk) - ia - 1) + 1):
+        tail = pk[ia + k:]
+        if ck[ib:ib + len(tail)] == tail:
+            return ("message-removed", a.message_path,
+                    f"{k} message(s) removed at {a.message_path}")
+    return None

@@ -1,0 +1,142 @@
+"""Ties fingerprints, cache profiles and usage into one verdict per response.
+
+A conversation is looked up by the client's own conversation ID first (it survives a changed
+system prompt, which must read as `prefix-changed`, not as a new conversation), then by the
+keyed hash of its root (which survives an affinity header that a client or relay dropped: the
+`routed-away` case). Entries are stored under both. Each remembers the routing signal that
+reached the provider (the affinity value the rules sent, or the client's own).
+"""
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import yaml
+
+from affinity_addon.catalog import catalog_file
+from affinity_addon.diagnosis.fingerprint import Fingerprint, fingerprint
+from affinity_addon.diagnosis.verdicts import (
+    ConversationStore,
+    Entry,
+    Verdict,
+    diagnose,
+    entry_for,
+    parse_ttl,
+    predict_hit_ratio,
+)
+from affinity_addon.record.schema import Usage
+from affinity_addon.request.breakpoints import min_tokens_for
+
+PROFILES = catalog_file("cache_profiles.yaml")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    hosts: tuple[str, ...]
+    models: tuple[str, ...]
+    shapes: tuple[str, ...]
+    automatic: bool
+    ttl_seconds: float
+    min_tokens: int | None  # None: by model (cache_minimums.yaml)
+
+    def matches(self, host: str, shape: str | None, model: str | None) -> bool:
+        if self.hosts and not any(fnmatch.fnmatch(host.lower(), h) for h in self.hosts):
+            return False
+        if self.shapes and shape not in self.shapes:
+            return False
+        return not self.models or (model is not None and any(fnmatch.fnmatchcase(model, m) for m in self.models))
+
+
+def _tuple(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    return (v,) if isinstance(v, str) else tuple(str(x) for x in v)
+
+
+def parse_profiles(data: Any) -> tuple[Profile, ...]:
+    if not isinstance(data, Mapping) or not isinstance(data.get("profiles"), list):
+        raise ValueError("cache profiles: expected a mapping with a 'profiles' list")
+    out = []
+    for i, p in enumerate(data["profiles"]):
+        m = p.get("match") or {}
+        mt = p.get("min_tokens", "auto")
+        if mt != "auto" and not isinstance(mt, int):
+            raise ValueError(f"cache profiles[{i}]: min_tokens must be 'auto' or a number")
+        out.append(Profile(_tuple(m.get("host")), _tuple(m.get("model")), _tuple(m.get("shape")),
+                           bool(p.get("automatic", True)), parse_ttl(p.get("ttl", "5m")),
+                           None if mt == "auto" else mt))
+    return tuple(out)
+
+
+@cache
+def default_profiles() -> tuple[Profile, ...]:
+    return parse_profiles(yaml.safe_load(PROFILES.read_text()))
+
+
+def profile_for(host: str, shape: str | None, model: str | None) -> Profile:
+    for p in default_profiles():
+        if p.matches(host, shape, model):
+            return p
+    return Profile((), (), (), True, 600.0, 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """What the request side knew, waiting for the response's usage."""
+
+    keys: tuple[str, ...]  # the client's own conversation ID first, then the root hash
+    fingerprint: Fingerprint
+    ts: float
+    signal: str | None
+    automatic: bool
+    ttl_seconds: float
+    min_tokens: int
+    shape: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    entry: Entry
+    signal: str | None
+
+
+class MissTracker:
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.store: ConversationStore[Stored] = ConversationStore(capacity)
+
+    def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
+                keys: tuple[str, ...], signal: str | None, ts: float) -> Pending:
+        prof = profile_for(host, shape, model)
+        fp = fingerprint(body, shape, model)
+        ttl = prof.ttl_seconds
+        if not prof.automatic and fp.last_ttl:
+            try:
+                ttl = parse_ttl(fp.last_ttl)
+            except ValueError:
+                pass
+        min_tokens = prof.min_tokens if prof.min_tokens is not None else min_tokens_for(model)
+        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape)
+
+    def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
+                provider_reason: str | None, dry_run: bool) -> tuple[Verdict, float | None]:
+        prev = next((e for e in map(self.store.get, p.keys) if e is not None), None)
+        changed = prev is not None and prev.signal != p.signal
+        v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
+                     automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
+                     response_cache=response_cache, affinity_changed=changed,
+                     affinity_missing=p.signal is None, provider_miss_reason=provider_reason)
+        predicted = None
+        if dry_run:
+            predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
+                                          min_tokens=p.min_tokens, automatic=p.automatic,
+                                          shape=p.shape)
+        if not response_cache:
+            entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
+            for key in p.keys:
+                self.store.put(key, Stored(entry, p.signal))
+        p.fingerprint.release()  # stored packed: a few KB per conversation, not the unpacked blocks
+        if prev is not None:
+            prev.entry.fingerprint.release()
+        return v, predicted

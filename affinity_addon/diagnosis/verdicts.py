@@ -1,0 +1,350 @@
+"""Why a response did or did not read from the prompt cache: one verdict per response.
+
+The previous request of each conversation (by affinity ID) is kept as a fingerprint in a bounded
+LRU store. At response time the verdict comes from the fingerprint diff, the time gap and the
+normalized usage, by an ordered table of checks where the first that applies wins.
+"""
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from affinity_addon.diagnosis.fingerprint import BlockPrint, Fingerprint, PrefixDiff, compare
+from affinity_addon.record.schema import Usage
+from affinity_addon.shapes import ANTHROPIC
+
+logger = logging.getLogger(__name__)
+
+REASONS = ("hit", "first-write", "prefix-changed", "ttl-expired", "routed-away", "below-minimum",
+           "lookback-exceeded", "response-cache", "unknown")
+
+# How many blocks back from a breakpoint the provider looks for an earlier cache entry.
+# Shapes not listed match any earlier entry (OpenAI breakpoints, automatic prefix caching).
+LOOKBACK_BLOCKS: dict[str, int] = {ANTHROPIC: 20}
+
+# Reads below this share of the expected tokens are reported as a partial hit. Expectations are
+# character estimates, so only a clear shortfall is worth a mention.
+PARTIAL_BELOW = 0.5
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_TTL_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+
+
+def parse_ttl(text: str) -> float:
+    """Seconds in a provider TTL string: "5m" -> 300.0, "1h", "30m", "24h"."""
+    m = _TTL_RE.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"bad TTL {text!r}: expected a number and a unit s/m/h/d, like '5m'")
+    return float(m.group(1)) * _TTL_UNITS[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What the last request of a conversation made cacheable, and when."""
+
+    fingerprint: Fingerprint
+    ts: float  # seconds on the caller's clock, taken at request start (TTLs count from there)
+    ttl_seconds: float
+    marked: bool  # the request asked for caching (a marker, or automatic caching)
+    cacheable_tokens: int  # tokens up to the last marker, or the whole prompt when automatic
+
+
+def _marker_positions(blocks: list[BlockPrint], automatic: bool) -> list[int]:
+    """Breakpoints by comparable-block index; automatic caching breaks at the last block."""
+    positions = [i for i, b in enumerate(blocks) if b.marked]
+    if automatic and blocks and (not positions or positions[-1] != len(blocks) - 1):
+        positions.append(len(blocks) - 1)
+    return positions
+
+
+def _cache_point(blocks: list[BlockPrint], automatic: bool) -> int:
+    """Number of leading comparable blocks a request makes cacheable."""
+    positions = _marker_positions(blocks, automatic)
+    return positions[-1] + 1 if positions else 0
+
+
+def entry_for(fp: Fingerprint, ts: float, *, ttl_seconds: float, automatic: bool) -> Entry:
+    """The store entry for a request just sent."""
+    blocks = fp.comparable
+    point = _cache_point(blocks, automatic)
+    return Entry(fp, ts, ttl_seconds, point > 0, sum(b.tokens for b in blocks[:point]))
+
+
+class ConversationStore[T]:
+    """Entries by affinity ID, least recently used evicted first. O(1) get/put."""
+
+    __slots__ = ("_entries", "capacity")
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        if capacity < 1:
+            raise ValueError(f"conversation store capacity must be at least 1, not {capacity}")
+        self.capacity = capacity
+        self._entries: OrderedDict[str, T] = OrderedDict()
+
+    def get(self, affinity_id: str) -> T | None:
+        entry = self._entries.get(affinity_id)
+        if entry is not None:
+            self._entries.move_to_end(affinity_id)
+        return entry
+
+    def put(self, affinity_id: str, entry: T) -> None:
+        self._entries[affinity_id] = entry
+        self._entries.move_to_end(affinity_id)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, affinity_id: object) -> bool:
+        return affinity_id in self._entries
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    reason: str  # one of REASONS
+    detail: str | None = None
+    expected_cacheable_tokens: int | None = None
+    reported_read_tokens: int | None = None
+    provider_reason: str | None = None  # Anthropic cache-diagnosis beta's cache_miss_reason.type
+
+    def to_log(self) -> dict[str, Any]:
+        """The verdict's fields of a JSONL record (docs/log-format.md)."""
+        return {
+            "miss_reason": self.reason,
+            "miss_detail": self.detail,
+            "expected_cacheable_tokens": self.expected_cacheable_tokens,
+            "provider_miss_reason": self.provider_reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Case:
+    """Everything a check looks at, computed once per response."""
+
+    prev: Entry | None
+    usage: Usage | None
+    now: float
+    shape: str
+    automatic: bool
+    min_tokens: int
+    ttl_seconds: float
+    response_cache: bool
+    affinity_changed: bool
+    affinity_missing: bool
+    prev_blocks: list[BlockPrint]
+    cur_blocks: list[BlockPrint]
+    cur_markers: list[int]
+    diff: PrefixDiff | None
+    prev_point: int  # leading blocks the previous request made cacheable
+    scale: float  # reported prompt tokens per estimated token, to calibrate estimates
+    expected: int | None  # tokens this request could read from what the previous one cached
+
+    @property
+    def reads(self) -> int:
+        return self.usage.cache_read_tokens if self.usage else 0
+
+    @property
+    def prefix_changed(self) -> bool:
+        return self.diff is not None and self.diff.common_blocks < self.prev_point
+
+    def tokens(self, estimate: int) -> int:
+        return round(estimate * self.scale)
+
+
+def _expected(prev: Entry | None, diff: PrefixDiff | None, point: int) -> int | None:
+    if prev is None or diff is None or point == 0:
+        return None
+    if diff.common_blocks >= point:
+        return prev.cacheable_tokens
+    return min(diff.common_tokens, prev.cacheable_tokens)
+
+
+def _lookback_gap(case: _Case) -> tuple[int, int] | None:
+    """(previous breakpoint, nearest following one) when they are too far apart to connect."""
+    lookback = LOOKBACK_BLOCKS.get(case.shape)
+    if lookback is None or case.prev_point == 0 or case.prefix_changed:
+        return None
+    p = case.prev_point - 1
+    q = next((i for i in case.cur_markers if i >= p), None)
+    if q is None or q - p <= lookback:
+        return None
+    return p, q
+
+
+def _lookback_text(case: _Case, gap: tuple[int, int]) -> str:
+    p, q = gap
+    return (f"breakpoint {case.cur_blocks[q].path} is {q - p} blocks after the previous one "
+            f"({case.prev_blocks[p].path}); the provider looks back only "
+            f"{LOOKBACK_BLOCKS[case.shape]}")
+
+
+# --- the checks, in order ---------------------------------------------------------------------
+
+def _response_cache(case: _Case) -> Verdict | None:
+    if case.response_cache:
+        return Verdict("response-cache", "served from the OpenRouter response cache (zero usage)")
+    return None
+
+
+def _no_usage(case: _Case) -> Verdict | None:
+    if case.usage is None:
+        return Verdict("unknown", "no usage in the response (stream ended before it was reported)",
+                       case.expected)
+    return None
+
+
+def _hit(case: _Case) -> Verdict | None:
+    reads = case.reads
+    if reads <= 0:
+        return None
+    notes = []
+    expected = case.expected
+    if expected and reads < PARTIAL_BELOW * expected:
+        notes.append(f"partial: read {reads} of ~{expected} expected tokens")
+        gap = _lookback_gap(case)
+        if gap is not None:
+            notes.append(_lookback_text(case, gap))
+    if case.prefix_changed and case.diff is not None:
+        notes.append(f"prefix changed: {case.diff.detail}")
+    if case.prev is None:
+        notes.append("first request seen for this conversation; its prefix was already cached")
+    return Verdict("hit", "; ".join(notes) or None, expected)
+
+
+def _not_requested(case: _Case) -> Verdict | None:
+    if case.automatic or case.cur_markers or (case.usage and case.usage.cache_write_tokens):
+        return None
+    return Verdict("unknown", "the request asks for no caching (no cache marker, not automatic)",
+                   case.expected)
+
+
+def _below_minimum(case: _Case) -> Verdict | None:
+    usage = case.usage
+    if case.min_tokens <= 0 or usage is None or usage.cache_write_tokens:
+        return None
+    if case.automatic and usage.input_tokens:
+        cacheable = usage.input_tokens
+    else:
+        point = case.cur_markers[-1] + 1 if case.cur_markers else 0
+        cacheable = case.tokens(sum(b.tokens for b in case.cur_blocks[:point]))
+    if cacheable >= case.min_tokens:
+        return None
+    return Verdict("below-minimum",
+                   f"cacheable prefix ~{cacheable} tokens is below the {case.min_tokens}-token "
+                   "minimum", case.expected)
+
+
+def _first_write(case: _Case) -> Verdict | None:
+    prev = case.prev
+    if prev is None:
+        why = "new conversation"
+    elif case.prev_point == 0:
+        why = "the previous request of this conversation asked for no caching"
+    elif case.tokens(prev.cacheable_tokens) < case.min_tokens:
+        why = (f"the previous request's cacheable prefix (~{case.tokens(prev.cacheable_tokens)} "
+               f"tokens) was below the {case.min_tokens}-token minimum")
+    else:
+        return None
+    if case.usage is not None and case.usage.cache_write_tokens:
+        why += f"; wrote {case.usage.cache_write_tokens} tokens"
+    return Verdict("first-write", why, case.expected)
+
+
+def _prefix_changed(case: _Case) -> Verdict | None:
+    if not case.prefix_changed or case.diff is None:
+        return None
+    return Verdict("prefix-changed", f"{case.diff.kind}: {case.diff.detail}", case.expected)
+
+
+def _ttl_expired(case: _Case) -> Verdict | None:
+    if case.prev is None:
+        return None
+    ttl = case.prev.ttl_seconds or case.ttl_seconds
+    gap = case.now - case.prev.ts
+    if ttl <= 0 or gap <= ttl:
+        return None
+    return Verdict("ttl-expired", f"{gap:.0f} s since the previous request, above the "
+                   f"{ttl:.0f} s TTL", case.expected)
+
+
+def _lookback_exceeded(case: _Case) -> Verdict | None:
+    gap = _lookback_gap(case)
+    if gap is None:
+        return None
+    return Verdict("lookback-exceeded", _lookback_text(case, gap), case.expected)
+
+
+def _routed_away(case: _Case) -> Verdict | None:
+    if case.prev_point == 0:
+        return None
+    if case.affinity_missing:
+        why = "no affinity ID reached the provider (the routing header or field was missing)"
+    elif case.affinity_changed:
+        why = "the affinity ID changed since the previous request"
+    else:
+        why = "the affinity ID is missing or not honoured, or the provider moved the conversation"
+    return Verdict("routed-away", f"same prefix within the TTL, previously cached, yet nothing "
+                   f"read: {why}", case.expected)
+
+
+_CHECKS: tuple[Callable[[_Case], Verdict | None], ...] = (
+    _response_cache, _no_usage, _hit, _not_requested, _below_minimum, _first_write,
+    _prefix_changed, _ttl_expired, _lookback_exceeded, _routed_away,
+)
+
+
+def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
+          shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
+          response_cache: bool = False, affinity_changed: bool = False,
+          affinity_missing: bool = False) -> _Case:
+    cur_blocks = cur_fp.comparable
+    prev_blocks = prev.fingerprint.comparable if prev else []
+    diff = compare(prev.fingerprint, cur_fp) if prev else None
+    point = _cache_point(prev_blocks, automatic) if prev and prev.marked else 0
+    scale = 1.0
+    if usage is not None and usage.input_tokens > 0 and cur_fp.total_tokens > 0:
+        scale = usage.input_tokens / cur_fp.total_tokens
+    expected = _expected(prev, diff, point)
+    if expected is not None:
+        expected = round(expected * scale)
+    return _Case(prev, usage, now, shape, automatic, min_tokens, ttl_seconds, response_cache,
+                 affinity_changed, affinity_missing, prev_blocks, cur_blocks,
+                 _marker_positions(cur_blocks, automatic),
+                 diff, point, scale, expected)
+
+
+def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
+             shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
+             response_cache: bool = False, affinity_changed: bool = False,
+             affinity_missing: bool = False,
+             provider_miss_reason: str | None = None) -> Verdict:
+    """The verdict for one response. `prev` is the conversation's entry before this request."""
+    case = _case(prev, cur_fp, usage, now, shape=shape, automatic=automatic,
+                 min_tokens=min_tokens, ttl_seconds=ttl_seconds, response_cache=response_cache,
+                 affinity_changed=affinity_changed, affinity_missing=affinity_missing)
+    verdict = next((v for v in (check(case) for check in _CHECKS) if v is not None),
+                   Verdict("unknown", None, case.expected))
+    return replace(verdict, reported_read_tokens=usage.cache_read_tokens if usage else None,
+                   provider_reason=provider_miss_reason)
+
+
+def predict_hit_ratio(prev: Entry | None, cur_fp: Fingerprint, *, min_tokens: int,
+                      automatic: bool, shape: str | None = None) -> float | None:
+    """The hit ratio this request should get from a warm cache (for dry runs).
+
+    Counts the tokens the previous request made cacheable that this one shares, when this one
+    has a breakpoint to read them with; None when the prompt is empty.
+    """
+    case = _case(prev, cur_fp, None, 0.0, shape=shape or "", automatic=automatic,
+                 min_tokens=min_tokens, ttl_seconds=0.0)
+    total = sum(b.tokens for b in case.cur_blocks)
+    if total <= 0:
+        return None
+    readable = case.expected or 0
+    if not case.cur_markers or _lookback_gap(case) is not None or readable < min_tokens:
+        return 0.0
+    return min(readable / total, 1.0)

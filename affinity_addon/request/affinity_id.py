@@ -1,0 +1,215 @@
+"""One stable affinity ID per conversation, derived statelessly from the request.
+
+Sources are tried in order; the first that yields a value wins:
+- `header: NAME`: a session header the client already sends (Claude Code, Codex, opencode, pi);
+- `body: dotted.path` (optionally `json: key` for a JSON string, or `regex:` with one group):
+  e.g. `prompt_cache_key`, or the `session_id` inside Claude Code's `metadata.user_id`;
+- `root`: a keyed hash of the conversation's root (first system/developer/instructions content,
+  first user message, model family). Turn N+1 only appends messages, so the root and the ID stay
+  the same on every turn, on every proxy instance, across restarts; a side request with its own
+  prompt (titles, memory extraction) gets its own ID.
+Client IDs that are short, plain ASCII are used verbatim (so Codex's `session-id` stays equal to
+its `prompt_cache_key`); anything else is replaced by a keyed hash, so no ID ever carries prompt
+text or more than 64 characters.
+"""
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from affinity_addon.request.prompt import canonical, root_segments, text_of
+
+DEFAULT_KEY = "affinity-default-key-v1"
+MAX_LEN = 64
+_VERBATIM = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+# Model variants that belong to one cached conversation: dated snapshots, context-size tags.
+_MODEL_SUFFIXES = re.compile(r"(\[[^\]]*\]|-\d{8}|-\d{4}-\d{2}-\d{2}|-latest)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    kind: str  # "header" | "body" | "root"
+    name: str = ""  # header name (lower case) or dotted body path
+    json_key: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    @property
+    def label(self) -> str:
+        return "root" if self.kind == "root" else f"{self.kind}:{self.name}"
+
+
+DEFAULT_SOURCES: tuple[Source, ...] = (
+    Source("header", "x-claude-code-session-id"),
+    Source("body", "metadata.user_id", json_key="session_id"),
+    Source("body", "metadata.user_id", regex=re.compile(r"_session_([0-9A-Fa-f-]{8,64})$")),
+    Source("header", "session-id"),
+    Source("header", "session_id"),
+    Source("body", "prompt_cache_key"),
+    Source("header", "thread-id"),
+    Source("header", "x-session-id"),
+    Source("header", "x-session-affinity"),
+    Source("header", "x-grok-conv-id"),
+    Source("header", "x-opencode-session"),
+    Source("body", "session_id"),
+    Source("root"),
+)
+
+# System blocks that change on every request and are not part of the cached prefix
+# (Claude Code's billing header, clients.md), so they must not split a conversation.
+DEFAULT_ROOT_IGNORE: tuple[re.Pattern[str], ...] = (re.compile(r"^x-anthropic-billing-header:"),)
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityConfig:
+    sources: tuple[Source, ...] = DEFAULT_SOURCES
+    root_ignore: tuple[re.Pattern[str], ...] = DEFAULT_ROOT_IGNORE
+
+
+def _parse_source(raw: Any) -> Source:
+    if raw == "root" or (isinstance(raw, Mapping) and raw.get("root") is True and len(raw) == 1):
+        return Source("root")
+    if isinstance(raw, str) and ":" in raw:
+        kind, _, name = raw.partition(":")
+        raw = {kind.strip(): name.strip()}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"source {raw!r}: use 'root', 'header:NAME', 'body:PATH' or a mapping")
+    kinds = [k for k in ("header", "body") if k in raw]
+    if len(kinds) != 1:
+        raise ValueError(f"source {dict(raw)!r} needs exactly one of 'header' or 'body'")
+    kind = kinds[0]
+    name = raw[kind]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"source {kind}: needs a name")
+    extra = set(raw) - {kind, "json", "regex"}
+    if extra:
+        raise ValueError(f"source {kind}:{name}: unknown key {sorted(extra)[0]!r}")
+    if kind == "header" and ("json" in raw or "regex" in raw):
+        raise ValueError(f"source header:{name}: json/regex apply to body sources only")
+    json_key = raw.get("json")
+    if json_key is not None and not isinstance(json_key, str):
+        raise ValueError(f"source {kind}:{name}: json must be a key name")
+    regex = None
+    if "regex" in raw:
+        try:
+            regex = re.compile(str(raw["regex"]))
+        except re.error as e:
+            raise ValueError(f"source {kind}:{name}: invalid regex: {e}") from None
+        if regex.groups != 1:
+            raise ValueError(f"source {kind}:{name}: regex needs exactly one capture group")
+    return Source(kind, name.lower() if kind == "header" else name, json_key, regex)
+
+
+def parse_affinity_config(raw: Any) -> AffinityConfig:
+    if raw is None:
+        return AffinityConfig()
+    if not isinstance(raw, Mapping):
+        raise ValueError("must be a mapping with 'sources' and/or 'root_ignore'")
+    extra = set(raw) - {"sources", "root_ignore"}
+    if extra:
+        raise ValueError(f"unknown key {sorted(extra)[0]!r}")
+    sources = DEFAULT_SOURCES
+    if "sources" in raw:
+        if not isinstance(raw["sources"], list) or not raw["sources"]:
+            raise ValueError("sources must be a non-empty list")
+        sources = tuple(_parse_source(s) for s in raw["sources"])
+    ignore = DEFAULT_ROOT_IGNORE
+    if "root_ignore" in raw:
+        if not isinstance(raw["root_ignore"], list):
+            raise ValueError("root_ignore must be a list of regexes")
+        try:
+            ignore = tuple(re.compile(str(p)) for p in raw["root_ignore"])
+        except re.error as e:
+            raise ValueError(f"root_ignore: invalid regex: {e}") from None
+    return AffinityConfig(sources, ignore)
+
+
+def get_path(body: Mapping[str, Any], path: str) -> Any:
+    cur: Any = body
+    for part in path.split("."):
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def keyed_hash(data: bytes, key: str) -> str:
+    return hashlib.blake2b(data, key=key.encode()[:64], digest_size=16).hexdigest()
+
+
+def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> str | None:
+    if src.kind == "header":
+        v = headers.get(src.name)
+        return v.strip() if isinstance(v, str) and v.strip() else None
+    if body is None:
+        return None
+    v = get_path(body, src.name)
+    if src.json_key is not None:
+        if not isinstance(v, str):
+            return None
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return None
+        v = v.get(src.json_key) if isinstance(v, dict) else None
+    if src.regex is not None:
+        if not isinstance(v, str):
+            return None
+        m = src.regex.search(v)
+        v = m.group(1) if m else None
+    if isinstance(v, str) and v.strip():
+        return v.strip()
+    return None
+
+
+def model_family(model: Any) -> str:
+    if not isinstance(model, str):
+        return ""
+    m = model.strip().lower()
+    while True:
+        stripped = _MODEL_SUFFIXES.sub("", m)
+        if stripped == m:
+            return m
+        m = stripped
+
+
+def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str) -> str | None:
+    system, user = root_segments(dict(body), shape)
+    system = [s for s in system if not any(p.search(text_of(s.value)) for p in config.root_ignore)]
+    if not system and not user:
+        return None
+    h = hashlib.blake2b(key=key.encode()[:64], digest_size=16)
+    h.update(model_family(body.get("model")).encode())
+    for seg in system:
+        h.update(b"\x00s")
+        h.update(canonical(seg.value))
+    for seg in user:
+        h.update(b"\x00u")
+        h.update(canonical(seg.value))
+    return "aff-" + h.hexdigest()
+
+
+def derive(
+    config: AffinityConfig,
+    headers: Mapping[str, str],
+    body: Mapping[str, Any] | None,
+    shape: str | None,
+    key: str = DEFAULT_KEY,
+) -> tuple[str | None, str | None]:
+    """(affinity_id, source label), or (None, None) when no source yields a value."""
+    for src in config.sources:
+        if src.kind == "root":
+            if body is not None and shape is not None:
+                rid = root_id(body, shape, config, key)
+                if rid is not None:
+                    return rid, "root"
+            continue
+        v = _client_value(src, headers, body)
+        if v is None:
+            continue
+        if not _VERBATIM.match(v):
+            v = "aff-" + keyed_hash(v.encode("utf-8", "surrogatepass"), key)
+        return v, src.label
+    return None, None

@@ -1,0 +1,604 @@
+"""Plans `cache_control` breakpoints for Anthropic Messages and OpenRouter-style chat bodies.
+
+Providers with explicit caching (Anthropic, and Anthropic/Gemini/Qwen behind OpenRouter) only
+cache up to a marked block, so an agent that sends no markers pays full price on every turn.
+The planner adds markers without breaking what already works:
+
+- at most 4 markers in a request, counting the client's own, which are never moved or removed
+  (moving a breakpoint turn to turn is the classic way to lose every hit);
+- deterministic positions, so turn N+1 reads what turn N wrote: the rolling marker goes on the
+  last block, and when the new turn appended more than `lookback` blocks, a second one goes
+  exactly where the previous turn's rolling marker was (the end of the messages before the last
+  assistant reply, which the previous request did not have yet);
+- 1h markers before 5m ones; no marker on thinking blocks or empty text; no marker whose prefix
+  is below the model's minimum cacheable length (it would cache nothing and use a slot);
+- idempotent, and `strip_added` undoes a plan exactly (dry runs, reports).
+"""
+
+import fnmatch
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from itertools import pairwise
+from typing import Any, NamedTuple
+
+import yaml
+
+from affinity_addon.catalog import catalog_file
+from affinity_addon.request.prompt import (
+    MARKER_KEYS,
+    SYSTEM_ROLES,
+    Segment,
+    canonical,
+    iter_segments,
+)
+from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT
+from affinity_addon.tokens import estimate_tokens
+
+logger = logging.getLogger(__name__)
+
+MAX_MARKERS = 4
+DEFAULT_LOOKBACK = 20  # blocks a breakpoint looks back for an earlier cache entry
+DEFAULT_MIN_TOKENS = 1024
+
+AGENT = "agent"
+EXPLICIT = "explicit"
+SKIP = "skip"
+FILL = "fill"
+TTLS = ("5m", "1h")
+PLACEMENT_KINDS = ("tools", "system", "last_user", "last_n", "auto")
+TOP_LEVEL = "cache_control"  # path of Anthropic's automatic (top-level) marker
+
+MINIMUMS_FILE = catalog_file("cache_minimums.yaml")
+
+# Models that honour only the last breakpoint of a request (OpenRouter's Gemini route), matched
+# against normalized names: one marker is all they can use.
+LAST_MARKER_ONLY_MODELS = ("gemini-*",)
+
+_NEVER_MARKED = frozenset({"thinking", "redacted_thinking"})
+
+
+class _ShapeRules(NamedTuple):
+    tool_markers: bool  # may a tools[] entry carry a marker
+    markable: frozenset[str] | None  # block types that may carry one; None: all but _NEVER_MARKED
+    keep_string_roles: frozenset[str]  # roles whose string content must stay a string
+
+
+_SHAPES: dict[str, _ShapeRules] = {
+    # Mid-conversation `role: system` messages (Claude Code) are a beta: leave their form alone.
+    ANTHROPIC: _ShapeRules(True, None, frozenset({"system"})),
+    # OpenRouter takes markers on text parts only. A string tool result becomes a one-part
+    # text list like any other message (the chat format allows text parts on `role: tool`, and
+    # OpenRouter carries them into Anthropic tool_result blocks): in an agent's tool loop the
+    # newest messages are tool results, and the rolling marker must be able to follow them.
+    OPENAI_CHAT: _ShapeRules(False, frozenset({"text"}), frozenset()),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec
+
+
+class Placement(NamedTuple):
+    kind: str  # one of PLACEMENT_KINDS
+    count: int = 1  # K for last_n
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControlSpec:
+    strategy: str = AGENT
+    placements: tuple[Placement, ...] = ()
+    ttl: str = "5m"
+    client_markers: str = SKIP  # skip: leave requests with client markers alone; fill: free slots
+    lookback: int = DEFAULT_LOOKBACK
+    min_tokens: int | None = None  # None: by model, from catalog/cache_minimums.yaml
+    last_marker_only: bool | None = None  # None: by model (LAST_MARKER_ONLY_MODELS)
+
+
+@dataclass(frozen=True, slots=True)
+class AddedMarker:
+    path: str  # "tools[3]", "system[1]", "messages[5].content[0]" or "cache_control" (top level)
+    ttl: str  # "5m" | "1h"
+    converted: bool = False  # string content was turned into a one-part list to carry it
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "ttl": self.ttl}
+
+
+_SPEC_KEYS = ("strategy", "placements", "ttl", "client_markers", "lookback", "min_tokens",
+              "last_marker_only")
+
+
+def parse_cache_control(value: Any) -> CacheControlSpec:
+    """Parses a rule's `cache_control:` value: true, "agent", "auto" or a mapping."""
+    if value is True or value == AGENT:
+        return CacheControlSpec()
+    if value == "auto":
+        return CacheControlSpec(strategy=EXPLICIT, placements=(Placement("auto"),))
+    if value is False or value is None:
+        raise ValueError("false/empty means no breakpoints: leave the key out instead")
+    if not isinstance(value, dict):
+        raise ValueError(f"expected true, \"auto\" or a mapping, got {value!r}")
+    unknown = sorted(str(k) for k in value if k not in _SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; expected {', '.join(_SPEC_KEYS)}")
+
+    placements = _parse_placements(value.get("placements"))
+    strategy = value.get("strategy", EXPLICIT if placements else AGENT)
+    if strategy not in (AGENT, EXPLICIT):
+        raise ValueError(f"strategy must be agent or explicit, got {strategy!r}")
+    if strategy == EXPLICIT and not placements:
+        raise ValueError("strategy explicit needs a non-empty placements list")
+    if strategy == AGENT and placements:
+        raise ValueError("placements only apply to strategy: explicit")
+
+    ttl = value.get("ttl", "5m")
+    if ttl not in TTLS:
+        raise ValueError(f"ttl must be 5m or 1h, got {ttl!r}")
+    client = value.get("client_markers", SKIP)
+    if client not in (SKIP, FILL):
+        raise ValueError(f"client_markers must be skip or fill, got {client!r}")
+    lookback = value.get("lookback", DEFAULT_LOOKBACK)
+    if not _is_int(lookback) or lookback < 1:
+        raise ValueError(f"lookback must be a positive integer, got {lookback!r}")
+    min_tokens = value.get("min_tokens", "auto")
+    if min_tokens == "auto":
+        min_tokens = None
+    elif not _is_int(min_tokens) or min_tokens < 0:
+        raise ValueError(f"min_tokens must be auto or a non-negative integer, got {min_tokens!r}")
+    last_only = value.get("last_marker_only")
+    if last_only is not None and not isinstance(last_only, bool):
+        raise ValueError(f"last_marker_only must be true or false, got {last_only!r}")
+    return CacheControlSpec(strategy, placements, ttl, client, lookback, min_tokens, last_only)
+
+
+def _parse_placements(raw: Any) -> tuple[Placement, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"placements must be a list, got {raw!r}")
+    out: list[Placement] = []
+    for item in raw:
+        if isinstance(item, str) and item in PLACEMENT_KINDS and item != "last_n":
+            out.append(Placement(item))
+        elif isinstance(item, dict) and set(item) == {"last_n"}:
+            k = item["last_n"]
+            if not _is_int(k) or not 1 <= k <= MAX_MARKERS:
+                raise ValueError(f"last_n must be an integer from 1 to {MAX_MARKERS}, got {k!r}")
+            out.append(Placement("last_n", k))
+        else:
+            raise ValueError(f"unknown placement {item!r}; expected tools, system, last_user, "
+                             "auto or {last_n: K}")
+    return tuple(out)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model minimums
+
+
+def normalize_model(model: str) -> str:
+    """`anthropic/claude-sonnet-4.5`, `us.anthropic.claude-sonnet-4-5-v1:0` -> `claude-sonnet-4-5...`."""
+    name = model.strip().lower().rsplit("/", 1)[-1]
+    # Bedrock prefixes are dotted words ("us.", "anthropic."); version dots follow a digit or dash.
+    name = re.sub(r"^(?:[a-z]+\.)+", "", name)
+    return name.replace(".", "-")
+
+
+def parse_minimums(data: Any) -> tuple[tuple[str, int], ...]:
+    """Validates the cache_minimums table: a mapping of model glob to token count."""
+    if not isinstance(data, dict) or not data:
+        raise ValueError("cache minimums must be a non-empty mapping of model glob to tokens")
+    table: list[tuple[str, int]] = []
+    for glob, tokens in data.items():
+        if not isinstance(glob, str) or not _is_int(tokens) or tokens < 0:
+            raise ValueError(f"bad cache minimum entry {glob!r}: {tokens!r}")
+        table.append((glob.lower(), tokens))
+    return tuple(table)
+
+
+@cache
+def _minimums() -> tuple[tuple[str, int], ...]:
+    return parse_minimums(yaml.safe_load(MINIMUMS_FILE.read_text(encoding="utf-8")))
+
+
+def min_tokens_for(model: str | None) -> int:
+    """The model's minimum cacheable prefix, from catalog/cache_minimums.yaml (first glob wins)."""
+    name = normalize_model(model) if isinstance(model, str) else ""
+    for glob, tokens in _minimums():
+        if fnmatch.fnmatchcase(name, glob):
+            return tokens
+    return DEFAULT_MIN_TOKENS
+
+
+def _last_marker_only(model: str | None) -> bool:
+    name = normalize_model(model) if isinstance(model, str) else ""
+    return any(fnmatch.fnmatchcase(name, g) for g in LAST_MARKER_ONLY_MODELS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where markers are and could be
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    index: int  # position in hash order (prompt.iter_segments)
+    seg: Segment
+    path: str  # where a marker goes (a string's path gains "[0]" once converted)
+    eligible: bool
+    convert: bool
+    prefix_tokens: int  # estimated tokens up to and including this block
+
+
+class _Marker(NamedTuple):
+    position: int  # slot index; len(slots) for the top-level marker
+    ttl: str
+
+
+def _marker_ttl(value: Any) -> str:
+    return "1h" if isinstance(value, dict) and value.get("ttl") == "1h" else "5m"
+
+
+def _held(path: str, item: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(item, dict):
+        for key in MARKER_KEYS:
+            if item.get(key) is not None:
+                yield path, item[key]
+
+
+def _marker_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(holder path, marker value) of every marker; "" is the body itself (top level)."""
+    yield from _held("", body)
+    for section in ("tools", "system"):
+        items = body.get(section)
+        if isinstance(items, list):
+            for i, item in enumerate(items):
+                yield from _held(f"{section}[{i}]", item)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return
+    for i, msg in enumerate(messages):
+        yield from _held(f"messages[{i}]", msg)  # OpenRouter also takes message-level markers
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, block in enumerate(content):
+            yield from _held(f"messages[{i}].content[{j}]", block)
+            inner = block.get("content") if isinstance(block, dict) else None
+            if isinstance(inner, list):  # tool_result content blocks carry their own
+                for k, part in enumerate(inner):
+                    yield from _held(f"messages[{i}].content[{j}].content[{k}]", part)
+
+
+def count_markers(body: dict[str, Any], shape: str) -> int:
+    """Every marker in tools, system, messages (and tool results) and at the top level."""
+    if not isinstance(body, dict):
+        return 0
+    return sum(1 for _ in _marker_sites(body))
+
+
+def _eligible(seg: Segment, rules: _ShapeRules) -> tuple[bool, bool]:
+    """(may carry a marker, must be converted to a one-part list first)."""
+    v = seg.value
+    if isinstance(v, dict) and "cache_control" in v and v["cache_control"] is None:
+        return False, False  # an explicit null: marking it would not be undoable exactly
+    if seg.section == "tools":
+        return rules.tool_markers and isinstance(v, dict) and not v.get("defer_loading"), False
+    if isinstance(v, str):
+        if seg.path.endswith("]"):
+            return False, False  # a bare string inside a block list: no place for a marker
+        kept = seg.section == "messages" and seg.role in rules.keep_string_roles
+        ok = bool(v.strip()) and not kept
+        return ok, ok
+    if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+        return False, False
+    kind = v["type"]
+    if kind in _NEVER_MARKED or (rules.markable is not None and kind not in rules.markable):
+        return False, False
+    if kind == "text":
+        text = v.get("text")
+        return isinstance(text, str) and bool(text.strip()), False
+    return True, False
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+class _Prompt:
+    """The body's blocks in hash order, with the markers already on them."""
+
+    def __init__(self, body: dict[str, Any], shape: str, rules: _ShapeRules) -> None:
+        self.body = body
+        self.slots: list[_Slot] = []
+        total = 0
+        for index, seg in enumerate(iter_segments(body, shape)):
+            ok, convert = _eligible(seg, rules)
+            # Measure a string as the block it becomes, so planning twice sees the same sizes.
+            value = _text_part(seg.value) if isinstance(seg.value, str) else seg.value
+            total += estimate_tokens(len(canonical(value)))
+            path = f"{seg.path}[0]" if isinstance(seg.value, str) else seg.path
+            self.slots.append(_Slot(index, seg, path, ok, convert, total))
+        self.end = len(self.slots)
+        eligible = [s for s in self.slots if s.eligible]
+        self.last_eligible = eligible[-1] if eligible else None
+        self.markers = self._markers()
+
+    def _markers(self) -> list[_Marker]:
+        where = {s.seg.path: s.index for s in self.slots}
+        last_of: dict[int, int] = {}
+        for s in self.slots:
+            if s.seg.message_index is not None and s.seg.section == "messages":
+                last_of[s.seg.message_index] = s.index
+        messages = self.body.get("messages")
+        last = 0
+        for i in range(len(messages) if isinstance(messages, list) else 0):
+            last = last_of.get(i, last)  # a message without blocks: its nearest earlier block
+            where.setdefault(f"messages[{i}]", last)
+        out = []
+        for holder, value in _marker_sites(self.body):
+            pos = self.end if holder == "" else _lookup(where, holder)
+            out.append(_Marker(pos, _marker_ttl(value)))
+        return out
+
+    def messages_in(self, predicate: Callable[[_Slot], bool]) -> list[_Slot]:
+        return [s for s in self.slots if s.seg.section == "messages" and predicate(s)]
+
+
+def _lookup(where: dict[str, int], holder: str) -> int:
+    path = holder
+    while path:
+        if path in where:
+            return where[path]
+        path = path.rpartition(".")[0]  # a tool_result's inner block sits at the tool_result
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+class _Planner:
+    def __init__(self, prompt: _Prompt, spec: CacheControlSpec, minimum: int, free: int,
+                 last_only: bool) -> None:
+        self.p = prompt
+        self.spec = spec
+        self.minimum = minimum
+        self.free = free
+        self.last_only = last_only
+        self.chosen: dict[int, tuple[_Slot | None, str]] = {}  # position -> (slot|None=top, ttl)
+        self.taken = {m.position for m in prompt.markers}
+        self.top_taken = prompt.end in self.taken
+        if self.top_taken and prompt.last_eligible:
+            self.taken.add(prompt.last_eligible.index)  # the automatic marker lands there
+        fixed = prompt.markers
+        # 1h markers must precede 5m ones: where may a new marker go, and with which TTL.
+        self.last_1h = max((m.position for m in fixed if m.ttl == "1h"), default=-1)
+        self.first_5m = min((m.position for m in fixed if m.ttl == "5m"), default=prompt.end + 1)
+        self.last_fixed = max((m.position for m in fixed), default=-1)
+
+    def _ttl(self, position: int) -> str | None:
+        before_1h = position < self.last_1h
+        after_5m = position > self.first_5m
+        if before_1h and after_5m:
+            return None  # the client's own markers already break the order
+        return "1h" if before_1h else "5m" if after_5m else self.spec.ttl
+
+    def offer(self, slot: _Slot | None, top: bool = False) -> bool:
+        if len(self.chosen) >= self.free:
+            return False
+        if top:
+            anchor = self.p.last_eligible
+            if (self.top_taken or TOP_LEVEL in self.p.body or anchor is None
+                    or anchor.index in self.taken):
+                return False
+            position, tokens = self.p.end, anchor.prefix_tokens
+        else:
+            if slot is None or not slot.eligible or slot.index in self.taken:
+                return False
+            position, tokens = slot.index, slot.prefix_tokens
+        if tokens < self.minimum or (self.last_only and position <= self.last_fixed):
+            return False
+        ttl = self._ttl(position)
+        if ttl is None:
+            return False
+        self.chosen[position] = (None if top else slot, ttl)
+        self.taken.add(position)
+        if top:
+            self.top_taken = True
+            self.taken.add(anchor.index)
+        return True
+
+    # -- targets ----------------------------------------------------------------------------
+
+    def last_in_messages(self) -> _Slot | None:
+        found = self.p.messages_in(lambda s: s.eligible)
+        return found[-1] if found else None
+
+    def previous_tail(self) -> _Slot | None:
+        """Where the previous request's rolling marker was: the end of the messages before the
+        last assistant reply (that reply is the previous request's answer)."""
+        messages = self.p.body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        replies = [i for i, m in enumerate(messages[:-1])
+                   if isinstance(m, dict) and m.get("role") == "assistant"]
+        if not replies:
+            return None
+        found = self.p.messages_in(lambda s: s.eligible and s.seg.message_index < replies[-1])
+        return found[-1] if found else None
+
+    def system_end(self) -> _Slot | None:
+        if self.p.slots and any(s.seg.section == "system" for s in self.p.slots):
+            found = [s for s in self.p.slots if s.seg.section == "system" and s.eligible]
+            return found[-1] if found else None
+        # Chat bodies: the leading system/developer messages are the system prompt.
+        leading: list[_Slot] = []
+        messages = self.p.body.get("messages")
+        for i, msg in enumerate(messages if isinstance(messages, list) else []):
+            role = msg.get("role") if isinstance(msg, dict) else None
+            if not isinstance(role, str) or role not in SYSTEM_ROLES:
+                break
+            leading += [s for s in self.p.slots if s.seg.message_index == i and s.seg.section
+                        == "messages" and s.eligible]
+        return leading[-1] if leading else None
+
+    def last_tool(self) -> _Slot | None:
+        found = [s for s in self.p.slots if s.seg.section == "tools" and s.eligible]
+        return found[-1] if found else None
+
+    def last_user(self) -> _Slot | None:
+        users = self.p.messages_in(lambda s: s.seg.role == "user")
+        if not users:
+            return None
+        end = users[-1].index
+        found = self.p.messages_in(lambda s: s.eligible and s.index <= end)
+        return found[-1] if found else None
+
+    def last_n(self, k: int) -> list[_Slot]:
+        """The last eligible block of each of the last k messages, newest first."""
+        messages = self.p.body.get("messages")
+        n = len(messages) if isinstance(messages, list) else 0
+        out = []
+        for i in range(n - 1, max(n - k, 0) - 1, -1):
+            found = self.p.messages_in(lambda s, i=i: s.eligible and s.seg.message_index == i)
+            if found:
+                out.append(found[-1])
+        return out
+
+    # -- strategies -------------------------------------------------------------------------
+
+    def agent(self) -> None:
+        # Priority when slots are short: the rolling marker (next turn reads it), the previous
+        # turn's one when the new turn is too long to reach it, then the stable system and tool
+        # prefixes (they survive conversation edits), then lookback bridges.
+        rolling = self.last_in_messages()
+        self.offer(rolling)
+        tail = self.previous_tail()
+        if rolling and tail and rolling.index - tail.index > self.spec.lookback:
+            self.offer(tail)
+        self.offer(self.system_end())
+        self.offer(self.last_tool())
+        if not self.last_only:
+            self.bridge_gaps()
+
+    def bridge_gaps(self) -> None:
+        """Spends free slots on intermediates where markers are more than `lookback` apart.
+
+        An intermediate sits at the last eligible block at or before a multiple of `lookback`:
+        a fixed grid keeps it in place while the conversation grows, so it is read back next turn.
+        """
+        step = self.spec.lookback
+        while len(self.chosen) < self.free:
+            marks = sorted(p for p in self.taken if p < self.p.end)
+            gaps = [(a, b) for a, b in pairwise(marks) if b - a > step]
+            for a, b in reversed(gaps):
+                grid = (b - 1) // step * step
+                inside = [s for s in self.p.slots[a + 1:grid + 1] if s.eligible]
+                if any(self.offer(s) for s in reversed(inside)):
+                    break
+            else:
+                return
+
+    def explicit(self) -> None:
+        offers: list[tuple[_Slot | None, bool]] = []
+        for placement in self.spec.placements:
+            if placement.kind == "tools":
+                offers.append((self.last_tool(), False))
+            elif placement.kind == "system":
+                offers.append((self.system_end(), False))
+            elif placement.kind == "last_user":
+                offers.append((self.last_user(), False))
+            elif placement.kind == "last_n":
+                offers += [(s, False) for s in self.last_n(placement.count)]
+            elif placement.kind == "auto":
+                offers.append((None, True))
+        if self.last_only:  # only the latest marker counts: offer the latest first
+            offers.sort(key=lambda o: self.p.end if o[1] else o[0].index if o[0] else -1,
+                        reverse=True)
+        for slot, top in offers:
+            self.offer(slot, top)
+
+
+def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
+                     spec: CacheControlSpec) -> list[AddedMarker]:
+    """Adds cache_control markers to `body` in place; returns what was added, in prompt order."""
+    rules = _SHAPES.get(shape)
+    if rules is None or not isinstance(body, dict):
+        return []
+    if spec.client_markers == SKIP and next(_marker_sites(body), None) is not None:
+        return []  # before measuring the prompt: most agent traffic stops here
+    prompt = _Prompt(body, shape, rules)
+    free = MAX_MARKERS - len(prompt.markers)
+    last_only = spec.last_marker_only if spec.last_marker_only is not None \
+        else _last_marker_only(model)
+    if last_only:
+        free = min(free, 1)
+    if free <= 0:
+        return []
+    minimum = spec.min_tokens if spec.min_tokens is not None else min_tokens_for(model)
+    planner = _Planner(prompt, spec, minimum, free, last_only)
+    if spec.strategy == AGENT:
+        planner.agent()
+    else:
+        planner.explicit()
+    added = [_apply(body, slot, ttl) for _, (slot, ttl) in sorted(planner.chosen.items())]
+    if added:
+        logger.debug("planned %d breakpoint(s): %s", len(added),
+                     ", ".join(f"{m.path}/{m.ttl}" for m in added))
+    return added
+
+
+def _marker(ttl: str) -> dict[str, str]:
+    # 5m is the default everywhere; some OpenAI-compatible routes reject an explicit ttl.
+    return {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
+
+
+def _apply(body: dict[str, Any], slot: _Slot | None, ttl: str) -> AddedMarker:
+    if slot is None:
+        body[TOP_LEVEL] = _marker(ttl)
+        return AddedMarker(TOP_LEVEL, ttl)
+    if not slot.convert:
+        slot.seg.value["cache_control"] = _marker(ttl)
+        return AddedMarker(slot.path, ttl)
+    part = {**_text_part(slot.seg.value), "cache_control": _marker(ttl)}
+    if slot.seg.message_index is None:
+        body["system"] = [part]
+    else:
+        body["messages"][slot.seg.message_index]["content"] = [part]
+    return AddedMarker(slot.path, ttl, converted=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Undo
+
+_PATH_TOKEN = re.compile(r"([A-Za-z_]+)|\[(\d+)\]")
+
+
+def _path_keys(path: str) -> list[str | int]:
+    return [int(i) if i else name for name, i in _PATH_TOKEN.findall(path)]
+
+
+def strip_added(body: dict[str, Any], added: list[AddedMarker]) -> None:
+    """Removes the markers `plan_breakpoints` added, folding converted strings back."""
+    for m in reversed(added):
+        keys = _path_keys(m.path)
+        if keys == [TOP_LEVEL]:
+            body.pop(TOP_LEVEL, None)
+            continue
+        try:
+            parent: Any = body
+            for k in keys[:-2]:
+                parent = parent[k]
+            holder = parent[keys[-2]]
+            block = holder[keys[-1]]
+            block.pop("cache_control", None)
+            if m.converted:
+                parent[keys[-2]] = block["text"]
+        except (KeyError, IndexError, TypeError):
+            logger.warning("cannot strip breakpoint at %s: the body changed", m.path)

@@ -1,0 +1,169 @@
+"""Walks a request body's prompt in the order providers hash it, one segment per cacheable unit.
+
+Shared by the affinity ID (conversation root), the breakpoint planner and the prefix
+fingerprints, so all three agree on what "the prefix" is. Order per shape:
+- anthropic: tools -> system -> messages (content blocks)
+- openai-chat: tools -> messages (content parts)
+- openai-responses: tools -> instructions -> input (content items)
+- gemini: tools -> systemInstruction parts -> contents parts
+Bodies of the wrong type anywhere are skipped, never raised on: clients send odd things.
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+
+# Keys that mark cache breakpoints: they steer caching but are not part of the cached bytes.
+MARKER_KEYS = frozenset({"cache_control", "prompt_cache_breakpoint"})
+
+SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    path: str  # e.g. "tools[3]", "system[0]", "messages[2].content[1]", "messages[2].content", "instructions"
+    section: str  # "tools", "system", "messages", "instructions", "input", "contents"
+    kind: str  # block type ("text", "image", "tool_use", "thinking", ...), "tool", or "string"
+    role: str | None
+    message_index: int | None  # index in messages/input/contents, None for tools/system
+    value: Any  # the JSON value itself (a dict, or a str for string content)
+
+
+def canonical(value: Any) -> bytes:
+    """Stable bytes for a JSON value with cache markers removed (markers move turn to turn)."""
+    # Fast paths for the bulk of any prompt, plain strings and text blocks: no JSON encoding of
+    # large texts. A string and a one-part text list render the same prompt, so they hash the
+    # same (the breakpoint planner turns one into the other to place a marker).
+    if isinstance(value, str):
+        return b"t\x00" + value.encode("utf-8", "surrogatepass")
+    if isinstance(value, dict) and len(value) <= 3 and isinstance(value.get("text"), str) \
+            and value.get("type", "text") == "text" and all(k in _TEXT_KEYS for k in value):
+        return b"t\x00" + value["text"].encode("utf-8", "surrogatepass")
+    return b"j\x00" + json.dumps(_strip_markers(value), sort_keys=True, separators=(",", ":"),
+                                  ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+_TEXT_KEYS = frozenset({"type", "text"}) | MARKER_KEYS
+
+
+def _strip_markers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_markers(v) for k, v in value.items() if k not in MARKER_KEYS}
+    if isinstance(value, list):
+        return [_strip_markers(v) for v in value]
+    return value
+
+
+def text_of(value: Any) -> str:
+    """The text of a segment value, for length estimates; '' for non-text blocks."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        t = value.get("text")
+        if isinstance(t, str):
+            return t
+        c = value.get("content")
+        if isinstance(c, str):
+            return c
+    return ""
+
+
+def _kind(block: Any, default: str) -> str:
+    if isinstance(block, dict):
+        t = block.get("type")
+        if isinstance(t, str):
+            return t
+    if isinstance(block, str):
+        return "string"
+    return default
+
+
+def _content(prefix: str, section: str, role: str | None, index: int | None,
+             content: Any, key: str = "content") -> Iterator[Segment]:
+    if isinstance(content, str):
+        yield Segment(f"{prefix}.{key}", section, "string", role, index, content)
+    elif isinstance(content, list):
+        for j, block in enumerate(content):
+            yield Segment(f"{prefix}.{key}[{j}]", section, _kind(block, "part"), role, index, block)
+
+
+def _tools(body: dict[str, Any]) -> Iterator[Segment]:
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for i, tool in enumerate(tools):
+            yield Segment(f"tools[{i}]", "tools", "tool", None, None, tool)
+
+
+def _messages(body: dict[str, Any], key: str) -> Iterator[Segment]:
+    msgs = body.get(key)
+    if isinstance(msgs, str) and key == "input":  # Responses: a plain string is one user message
+        yield Segment(key, key, "string", "user", 0, msgs)
+        return
+    if not isinstance(msgs, list):
+        return
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict):
+            continue
+        role = msg.get("role") if isinstance(msg.get("role"), str) else None
+        if "content" in msg:
+            yield from _content(f"{key}[{i}]", key, role, i, msg["content"])
+        elif "parts" in msg:  # gemini contents
+            yield from _content(f"{key}[{i}]", key, role, i, msg["parts"], "parts")
+        else:  # Responses items without content (function_call, reasoning, ...)
+            yield Segment(f"{key}[{i}]", key, _kind(msg, "item"), role, i, msg)
+
+
+def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
+    yield from _tools(body)
+    if shape == ANTHROPIC:
+        system = body.get("system")
+        if isinstance(system, str):
+            yield Segment("system", "system", "string", "system", None, system)
+        elif isinstance(system, list):
+            for i, block in enumerate(system):
+                yield Segment(f"system[{i}]", "system", _kind(block, "text"), "system", None, block)
+        yield from _messages(body, "messages")
+    elif shape == OPENAI_CHAT:
+        yield from _messages(body, "messages")
+    elif shape == OPENAI_RESPONSES:
+        instructions = body.get("instructions")
+        if isinstance(instructions, str):
+            yield Segment("instructions", "instructions", "string", "system", None, instructions)
+        yield from _messages(body, "input")
+    elif shape == GEMINI:
+        si = body.get("systemInstruction") or body.get("system_instruction")
+        if isinstance(si, dict):
+            yield from _content("systemInstruction", "system", "system", None, si.get("parts"), "parts")
+        yield from _messages(body, "contents")
+
+
+def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list[Segment]]:
+    """The conversation's root: (first system/developer/instructions content, first user message).
+
+    These stay byte-identical on every turn of one conversation (turn N+1 only appends), which is
+    what makes them a stateless conversation key, the way OpenRouter's sticky routing uses them.
+    """
+    system: list[Segment] = []
+    user: list[Segment] = []
+    system_msg: int | None = None
+    user_msg: int | None = None
+    for seg in iter_segments(body, shape):
+        if seg.section == "tools":
+            continue
+        if seg.role in SYSTEM_ROLES:
+            if seg.message_index is None or system_msg in (None, seg.message_index):
+                if seg.message_index is not None:
+                    system_msg = seg.message_index
+                if seg.message_index is None or not user:
+                    system.append(seg)
+        elif seg.role == "user" and seg.message_index is not None:
+            if user_msg is None:
+                user_msg = seg.message_index
+            if seg.message_index == user_msg:
+                user.append(seg)
+            else:
+                break
+    return system, user

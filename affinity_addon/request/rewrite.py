@@ -1,0 +1,291 @@
+"""Applies matching rules to one request: affinity headers, body fields, cache breakpoints.
+
+The request body is parsed at most once, and only when a rule whose host and path fit needs
+it. It is written back through mitmproxy's decoded `content`, so a zstd/gzip/br body stays
+compressed and Content-Length stays right. When every body change is a new top-level key (the
+common case: `prompt_cache_key`, `session_id`), the key is spliced in after the opening brace
+and every other byte of the body stays exactly as the client sent it.
+"""
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from mitmproxy import http
+
+from affinity_addon.request import affinity_id
+from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
+
+logger = logging.getLogger(__name__)
+
+_WS = b" \t\r\n"
+
+
+@dataclass
+class ParsedBody:
+    obj: dict[str, Any] | None = None
+    text: bytes | None = None  # decoded bytes the object came from
+    problem: str | None = None  # why there is no object (for one warning line)
+    # Parsed by the stdlib because orjson refused it (NaN/Infinity, integers beyond 64 bits):
+    # write it back with the stdlib too, which round-trips those values.
+    exotic: bool = False
+
+
+# orjson reads integers beyond 64 bits as floats (changing them on re-encode); only a run of
+# 19+ digits can be one, so such bodies are parsed by the stdlib, which keeps them exact.
+# (translate + `in` scans a MB in under a millisecond; a regex takes ten times longer.)
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS = b"0" * 19
+# orjson needs ~13x the body in memory while parsing, the stdlib ~2x: huge bodies are rare,
+# and there memory matters more than speed.
+_ORJSON_MAX = 8 << 20
+_CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
+
+
+def loads(text: bytes) -> tuple[Any, bool]:
+    """(value, exotic). orjson is faster; the stdlib takes what it refuses (NaN, 1e400, lone
+    surrogates), and such "exotic" bodies are never re-serialized: that would not round-trip."""
+    if len(text) > _ORJSON_MAX:
+        obj = json.loads(text.decode("utf-8"))  # UTF-8 only, as below
+        return obj, not _standard(obj)
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # Decode as UTF-8 ourselves: json.loads(bytes) would also accept UTF-16/32, which the
+        # byte splice would then corrupt.
+        return json.loads(text.decode("utf-8")), True
+    if _LONG_DIGITS in text.translate(_DIGITS_TO_ZERO):
+        obj = json.loads(text.decode("utf-8"))
+    return obj, False
+
+
+def _standard(obj: Any) -> bool:
+    """False if a value would not round-trip through JSON (NaN/inf, lone surrogates)."""
+    try:
+        json.dumps(obj, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def parse_body(request: http.Request) -> ParsedBody:
+    raw = request.raw_content
+    if raw is None:
+        return ParsedBody(problem="body was streamed (stream_large_bodies); not rewritten")
+    if not raw:
+        return ParsedBody()
+    try:
+        text = request.get_content(strict=True)
+    except ValueError:
+        enc = request.headers.get("content-encoding", "")
+        return ParsedBody(problem=f"body could not be decoded (Content-Encoding: {enc!r})")
+    if text is None:
+        return ParsedBody()
+    if text.lstrip(_WS)[:1] != b"{":
+        return ParsedBody(text=text, problem="body is not a JSON object")
+    try:
+        obj, exotic = loads(text)
+    except (ValueError, RecursionError) as e:
+        return ParsedBody(text=text, problem=f"body is not valid JSON ({type(e).__name__})")
+    if not isinstance(obj, dict):
+        return ParsedBody(text=text, problem="body is not a JSON object")
+    return ParsedBody(obj, text, exotic=exotic)
+
+
+def _set_path(body: dict[str, Any], path: str, value: Any) -> bool:
+    parts = path.split(".")
+    cur: Any = body
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if nxt is None:
+            nxt = cur[part] = {}
+        if not isinstance(nxt, dict):
+            return False
+        cur = nxt
+    cur[parts[-1]] = value
+    return True
+
+
+def dumps(obj: Any) -> bytes:
+    # Compact and UTF-8 like the clients' own encoders; keeps key order.
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # integers beyond 64 bits: the stdlib writes them exactly
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def splice_top_level(text: bytes, items: Mapping[str, Any], empty: bool) -> bytes:
+    """Insert new top-level keys right after the object's opening brace."""
+    start = text.index(b"{") + 1
+    ins = b",".join(dumps(k) + b":" + dumps(v) for k, v in items.items())
+    return text[:start] + ins + (b"" if empty else b",") + text[start:]
+
+
+@dataclass
+class Outcome:
+    """What the rules did to one request; `record()` is the plain-data form for flow.metadata."""
+
+    rules: list[str]
+    shape: str | None
+    model: str | None
+    affinity_id: str | None
+    affinity_source: str | None
+    dry_run: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    markers: list[dict[str, Any]] = field(default_factory=list)
+    body_write: str = "none"  # none | splice | reserialize
+    problems: list[str] = field(default_factory=list)  # logged as one warning per request
+    signal: str | None = None  # the routing value the provider will see (None: none at all)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "rule": self.rules[0],
+            "rules": list(self.rules),
+            "shape": self.shape,
+            "model": self.model,
+            "affinity_id": self.affinity_id,
+            "affinity_source": self.affinity_source,
+            "dry_run": self.dry_run,
+            "added": {"headers": dict(self.headers), "fields": dict(self.fields),
+                      "markers": list(self.markers)},
+            "kept": list(self.kept),
+            "body_write": self.body_write,
+            "warning": "; ".join(self.problems) or None,
+        }
+
+
+def _render(action: SetAction, facts: Mapping[str, str | None]) -> Any:
+    return action.template.render(facts)
+
+
+def _routing_signal(matched: list[Rule], request: http.Request, body: dict[str, Any] | None,
+                    out: Outcome, dry_run: bool) -> str | None:
+    for rule in matched:
+        for a in rule.set_headers:
+            v = request.headers.get(a.target)  # in a dry run: the client's own value, if any
+            if v:
+                return v
+        if body is None:
+            continue
+        for a in rule.set_fields:
+            if dry_run and a.target in out.fields:
+                continue  # computed but not sent
+            v = affinity_id.get_path(body, a.target)
+            if isinstance(v, str) and v:
+                return v
+    return None
+
+
+def apply_rules(
+    ruleset: RuleSet,
+    request: http.Request,
+    *,
+    key: str = affinity_id.DEFAULT_KEY,
+    dry_run: bool = False,
+    parsed: ParsedBody | None = None,
+) -> tuple[Outcome, ParsedBody] | None:
+    """Rewrite `request` in place (unless dry_run). None when no rule matches."""
+    host, method = request.pretty_host, request.method
+    path = request.path.split("?", 1)[0]
+    candidates = ruleset.candidates(host, path, method)
+    if not candidates:
+        return None
+    if parsed is None:
+        parsed = parse_body(request)
+    body = parsed.obj
+    model = body.get("model") if body is not None and isinstance(body.get("model"), str) else None
+    matched: list[Rule] = []
+    for rule in candidates:
+        if rule.model is not None and body is None:
+            continue
+        if rule.matches_model(model):
+            matched.append(rule)
+            if rule.stop:
+                break
+    if not matched:
+        return None
+    first = matched[0]
+    shape = next((r.api for r in matched if r.api), None) or shape_for(path)
+    aff_config = next((r.affinity for r in matched if r.affinity), ruleset.affinity)
+    aff, source = affinity_id.derive(aff_config, request.headers, body, shape, key)
+    out = Outcome([r.name for r in matched], shape, model, aff, source, dry_run)
+    if parsed.problem and any(r.needs_body for r in matched):
+        out.problems.append(parsed.problem + "; sent unchanged")
+    facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
+             "path": path, "method": method, "rule": first.name}
+    body_changed = False
+    new_top: dict[str, Any] = {}  # keys added at the top level, in order (for the splice)
+    must_reserialize = False
+    for rule in matched:
+        facts["rule"] = rule.name
+        for a in rule.set_headers:
+            if a.needs_affinity and aff is None:
+                continue
+            present = a.target in out.headers or a.target in request.headers
+            if present and a.on_conflict == KEEP:
+                if a.target not in out.headers:
+                    out.kept.append(f"header:{a.target}")
+                continue
+            value = str(_render(a, facts))
+            if not _CONTROL.isdisjoint(value):  # e.g. {model} from a hostile body: no header injection
+                out.problems.append(f"rule {rule.name!r}: header {a.target} value has control "
+                                    "characters; not set")
+                continue
+            out.headers[a.target] = value
+        if body is None:
+            continue
+        for a in rule.set_fields:
+            if a.needs_affinity and aff is None:
+                continue
+            current = affinity_id.get_path(body, a.target)
+            present_as_null = current is None and "." not in a.target and a.target in body
+            if current is not None and a.on_conflict == KEEP:
+                if a.target not in out.fields:
+                    out.kept.append(f"field:{a.target}")
+                continue
+            value = _render(a, facts)
+            if current == value:
+                continue
+            if not _set_path(body, a.target, value):
+                out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
+                continue
+            out.fields[a.target] = value
+            body_changed = True
+            if "." in a.target or current is not None or present_as_null or a.target in new_top:
+                must_reserialize = True
+            else:
+                new_top[a.target] = value
+        if rule.cache_control is not None and shape is not None:
+            from affinity_addon.request.breakpoints import plan_breakpoints
+
+            added = plan_breakpoints(body, shape, model, rule.cache_control)
+            if added:
+                out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
+                body_changed = must_reserialize = True
+    new: bytes | None = None
+    if body_changed and body is not None and parsed.text is not None:
+        if must_reserialize and parsed.exotic:
+            out.problems.append("body holds values JSON cannot re-encode losslessly (NaN, 1e400, "
+                                "lone surrogates); body not rewritten")
+            out.fields.clear()
+            out.markers.clear()
+        elif must_reserialize:
+            new = dumps(body)
+            out.body_write = "reserialize"
+        else:
+            new = splice_top_level(parsed.text, new_top, empty=len(body) == len(new_top))
+            out.body_write = "splice"
+    # Everything is computed before anything is applied: a failure above leaves the request
+    # exactly as the client sent it.
+    if not dry_run:
+        for name, value in out.headers.items():
+            request.headers[name] = value
+        if new is not None:
+            request.content = new
+    out.signal = _routing_signal(matched, request, body, out, dry_run)
+    return out, parsed

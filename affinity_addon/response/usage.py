@@ -1,0 +1,372 @@
+"""Normalized cache usage from any API shape's JSON body, SSE events or WebSocket messages.
+
+Where each shape keeps its usage, and every provider's spelling of the cache fields, live in
+`catalog/usage_fields.yaml`; this module only walks those paths. Provider data is untrusted: odd
+values never raise, they count as absent and stay visible in `Usage.raw`.
+"""
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from affinity_addon.catalog import catalog_file
+from affinity_addon.record.schema import Usage
+from affinity_addon.shapes import SHAPES
+
+logger = logging.getLogger(__name__)
+
+FIELDS_FILE = catalog_file("usage_fields.yaml")
+
+_MAX_TOKENS = 2**53  # beyond this a count is garbage, and it would not survive JSON readers
+_MAX_EXTRA_LEN = 200
+_RAW_MAX_STR = 64  # usage objects hold numbers and short enums, never prompt text
+_RAW_MAX_DEPTH = 4
+_RAW_MAX_ITEMS = 32
+
+Key = str | int  # a dict key, a list index, or "*" (first list item that has the rest)
+FieldPath = tuple[Key, ...]
+
+_SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
+
+
+def parse_path(text: str) -> FieldPath:
+    """`choices[0].usage` -> ("choices", 0, "usage")."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"field path must be a non-empty string, got {text!r}")
+    keys: list[Key] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos] == "." and keys and pos + 1 < len(text):
+            pos += 1
+        m = _SEGMENT.match(text, pos)
+        if m is None:
+            raise ValueError(f"bad field path {text!r} at character {pos}")
+        name, index = m.groups()
+        if name is not None:
+            keys.append(name)
+        else:
+            keys.append("*" if index == "*" else int(index))
+        pos = m.end()
+    return tuple(keys)
+
+
+def get_path(obj: Any, path: FieldPath) -> Any:
+    """The value at `path`, or None; `*` takes the first list item where the rest resolves."""
+    for i, key in enumerate(path):
+        if key == "*":
+            if not isinstance(obj, list):
+                return None
+            for item in obj:
+                found = get_path(item, path[i + 1:])
+                if found is not None:
+                    return found
+            return None
+        if isinstance(key, int):
+            if not isinstance(obj, list) or key >= len(obj):
+                return None
+            obj = obj[key]
+        else:
+            if not isinstance(obj, dict):
+                return None
+            obj = obj.get(key)
+        if obj is None:
+            return None
+    return obj
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeFields:
+    """One API shape's usage knowledge, parsed from the YAML table."""
+
+    usage_at: tuple[FieldPath, ...]
+    overlay: bool
+    input_includes_cache: bool
+    input: tuple[FieldPath, ...]
+    input_sum: tuple[FieldPath, ...]
+    cache_read: tuple[FieldPath, ...]
+    cache_write: tuple[FieldPath, ...]
+    cache_write_5m: tuple[FieldPath, ...]
+    cache_write_1h: tuple[FieldPath, ...]
+    output: tuple[FieldPath, ...]
+    output_extra: tuple[FieldPath, ...]
+    cost: tuple[FieldPath, ...]
+    terminal: tuple[tuple[tuple[FieldPath, frozenset[str] | None], ...], ...]
+    done_sentinel: bool
+    needles: re.Pattern[bytes] | None  # None: parse every event
+    terminal_events: frozenset[str]  # SSE event names that end the stream by themselves
+    extras: tuple[tuple[str, tuple[FieldPath, ...]], ...]
+
+
+_FIELD_LISTS = ("input", "input_sum", "cache_read", "cache_write", "cache_write_5m",
+                "cache_write_1h", "output", "output_extra", "cost")
+
+
+def _paths(spec: dict[str, Any], key: str, where: str) -> tuple[FieldPath, ...]:
+    value = spec.get(key, [])
+    if not isinstance(value, list):
+        raise ValueError(f"{where}.{key} must be a list of field paths")
+    return tuple(parse_path(p) for p in value)
+
+
+def parse_shape_fields(spec: Any, where: str) -> ShapeFields:
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a mapping")
+    merge = spec.get("merge", "replace")
+    if merge not in ("overlay", "replace"):
+        raise ValueError(f"{where}.merge must be 'overlay' or 'replace', got {merge!r}")
+    terminal = []
+    for i, rule in enumerate(spec.get("terminal") or []):
+        if not isinstance(rule, dict) or not rule:
+            raise ValueError(f"{where}.terminal[{i}] must be a non-empty mapping")
+        conds = []
+        for path, values in rule.items():
+            if values is not None and not isinstance(values, list):
+                raise ValueError(f"{where}.terminal[{i}].{path} must be a list or null")
+            conds.append((parse_path(path),
+                          None if values is None else frozenset(str(v) for v in values)))
+        terminal.append(tuple(conds))
+    extras = spec.get("extras") or {}
+    if not isinstance(extras, dict):
+        raise ValueError(f"{where}.extras must be a mapping")
+    needles = spec.get("needles") or []
+    if not isinstance(needles, list) or not all(isinstance(n, str) and n for n in needles):
+        raise ValueError(f"{where}.needles must be a list of non-empty strings")
+    return ShapeFields(
+        usage_at=_paths(spec, "usage_at", where),
+        overlay=merge == "overlay",
+        input_includes_cache=bool(spec.get("input_includes_cache", True)),
+        **{k: _paths(spec, k, where) for k in _FIELD_LISTS},
+        terminal=tuple(terminal),
+        done_sentinel=bool(spec.get("done_sentinel", False)),
+        needles=re.compile(b"|".join(re.escape(n.encode()) for n in needles)) if needles else None,
+        terminal_events=frozenset().union(*(
+            allowed for rule in terminal for path, allowed in rule
+            if len(rule) == 1 and path == ("type",) and allowed is not None)),
+        extras=tuple((str(k), _paths(extras, k, f"{where}.extras")) for k in extras),
+    )
+
+
+def parse_table(doc: Any) -> tuple[dict[str, ShapeFields], dict[tuple[str, str], ShapeFields]]:
+    """The YAML document -> ({shape: fields}, {(flavor, shape): fields})."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), dict):
+        raise ValueError("usage fields table needs a `shapes` mapping")
+    raw_shapes: dict[str, Any] = doc["shapes"]
+    shapes = {name: parse_shape_fields(spec, f"shapes.{name}") for name, spec in raw_shapes.items()}
+    flavors: dict[tuple[str, str], ShapeFields] = {}
+    for flavor, per_shape in (doc.get("flavors") or {}).items():
+        if not isinstance(per_shape, dict):
+            raise ValueError(f"flavors.{flavor} must be a mapping of shape -> fields")
+        for shape, override in per_shape.items():
+            if shape not in raw_shapes or not isinstance(override, dict):
+                raise ValueError(f"flavors.{flavor}.{shape}: unknown shape or not a mapping")
+            merged = {**raw_shapes[shape], **override}
+            flavors[(flavor, shape)] = parse_shape_fields(merged, f"flavors.{flavor}.{shape}")
+    return shapes, flavors
+
+
+def _load() -> tuple[dict[str, ShapeFields], dict[tuple[str, str], ShapeFields]]:
+    with FIELDS_FILE.open(encoding="utf-8") as f:
+        shapes, flavors = parse_table(yaml.safe_load(f))
+    missing = set(SHAPES) - set(shapes)
+    if missing:
+        raise ValueError(f"{FIELDS_FILE}: no usage fields for shapes {sorted(missing)}")
+    return shapes, flavors
+
+
+_SHAPES, _FLAVORS = _load()
+
+
+def fields_for(shape: str, flavor: str | None = None) -> ShapeFields:
+    if flavor is not None and (flavor, shape) in _FLAVORS:
+        return _FLAVORS[(flavor, shape)]
+    try:
+        return _SHAPES[shape]
+    except KeyError:
+        raise ValueError(f"unknown API shape {shape!r} (known: {', '.join(_SHAPES)})") from None
+
+
+def _count(value: Any) -> int | None:
+    if type(value) is int and 0 <= value <= _MAX_TOKENS:  # bool is an int subclass: excluded
+        return value
+    return None
+
+
+def _first_count(obj: dict[str, Any], paths: tuple[FieldPath, ...]) -> int | None:
+    """First non-zero valid count, else a valid 0, else None."""
+    zero = None
+    for path in paths:
+        n = _count(get_path(obj, path))
+        if n:
+            return n
+        if n == 0:
+            zero = 0
+    return zero
+
+
+def _first_cost(obj: dict[str, Any], paths: tuple[FieldPath, ...]) -> float | None:
+    for path in paths:
+        v = get_path(obj, path)
+        if type(v) in (int, float) and math.isfinite(v) and v >= 0:
+            return float(v)
+    return None
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy of a usage object: numbers, field names, short strings only."""
+    if value is None or type(value) in (bool, int):
+        return value
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value if len(value) <= _RAW_MAX_STR else None
+    if depth >= _RAW_MAX_DEPTH:
+        return None
+    if isinstance(value, dict):
+        return {str(k)[:_RAW_MAX_STR]: plain(v, depth + 1)
+                for k, v in list(value.items())[:_RAW_MAX_ITEMS]}
+    if isinstance(value, list):
+        return [plain(v, depth + 1) for v in value[:_RAW_MAX_ITEMS]]
+    return None
+
+
+def normalize_with(fields: ShapeFields, raw_usage: dict[str, Any]) -> Usage:
+    if not isinstance(raw_usage, dict):
+        raw_usage = {}
+    read = _first_count(raw_usage, fields.cache_read) or 0
+    w5 = _first_count(raw_usage, fields.cache_write_5m)
+    w1 = _first_count(raw_usage, fields.cache_write_1h)
+    write = _first_count(raw_usage, fields.cache_write)
+    if write is None:
+        write = (w5 or 0) + (w1 or 0)
+    inp = _first_count(raw_usage, fields.input)
+    if inp is None:
+        parts = [_count(get_path(raw_usage, p)) for p in fields.input_sum]
+        inp = sum(n for n in parts if n is not None)
+    if not fields.input_includes_cache:
+        inp += read + write
+    out = (_first_count(raw_usage, fields.output) or 0) + (
+        _first_count(raw_usage, fields.output_extra) or 0)
+    return Usage(
+        input_tokens=inp,
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+        output_tokens=out,
+        cache_write_5m_tokens=w5,
+        cache_write_1h_tokens=w1,
+        cost=_first_cost(raw_usage, fields.cost),
+        raw=plain(raw_usage),
+    )
+
+
+def normalize(shape: str, raw_usage: dict[str, Any], flavor: str | None = None) -> Usage:
+    """One provider usage object -> Usage. Raises ValueError only for an unknown shape."""
+    return normalize_with(fields_for(shape, flavor), raw_usage)
+
+
+def _matches(obj: dict[str, Any], rule: tuple[tuple[FieldPath, frozenset[str] | None], ...]) -> bool:
+    for path, allowed in rule:
+        if path[0] not in obj:
+            return False
+        v = get_path(obj, path)
+        if v is None or v == "" or isinstance(v, dict | list):
+            return False
+        if allowed is not None and str(v) not in allowed:
+            return False
+    return True
+
+
+class UsageReader:
+    """Accumulates one response's usage from whatever pieces the transport delivers.
+
+    Feed it a whole JSON body, each SSE event, or each WebSocket message; it never raises.
+    """
+
+    def __init__(self, shape: str, flavor: str | None = None) -> None:
+        self.shape = shape
+        self.flavor = flavor
+        self._fields = fields_for(shape, flavor)
+        self._raw: dict[str, Any] | None = None
+        self.extras: dict[str, Any] = {}
+        self.terminal = False
+        self.messages = 0  # JSON objects seen, for diagnostics
+
+    def feed_event(self, event: str | None, data: bytes | str) -> None:
+        """One SSE event (or one WebSocket text message: `feed_event(None, message.content)`)."""
+        try:
+            if isinstance(data, str):
+                data = data.encode("utf-8", "surrogatepass")
+            if len(data) < 16 and data.strip() == b"[DONE]":
+                if self._fields.done_sentinel:
+                    self.terminal = True
+                return
+            needles = self._fields.needles
+            if needles is not None and needles.search(data) is None:
+                if event in self._fields.terminal_events:
+                    self.terminal = True
+                return
+            obj = json.loads(data)
+        except (ValueError, UnicodeError):
+            return  # keep-alives, junk, truncated JSON: not usage
+        except Exception as e:
+            logger.debug("usage reader ignored an event: %s: %s", type(e).__name__, e)
+            return
+        self.feed_json(obj)
+
+    def feed_json(self, obj: Any) -> None:
+        try:
+            if isinstance(obj, list):  # Gemini without alt=sse streams a JSON array of chunks
+                for item in obj:
+                    self._feed_one(item)
+            else:
+                self._feed_one(obj)
+        except Exception as e:  # a bad table or a truly odd object must not break the flow
+            logger.debug("usage reader ignored a message: %s: %s", type(e).__name__, e)
+
+    def _feed_one(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        self.messages += 1
+        f = self._fields
+        # Most events lack most of the paths: checking the first key inline skips the walk.
+        for path in f.usage_at:
+            if path[0] not in obj:
+                continue
+            usage = get_path(obj, path)
+            if isinstance(usage, dict) and usage:
+                if f.overlay and self._raw is not None:
+                    self._raw = {**self._raw, **{k: v for k, v in usage.items() if v is not None}}
+                else:
+                    self._raw = dict(usage)
+                break
+        for key, paths in f.extras:
+            for path in paths:
+                if path[0] not in obj:
+                    continue
+                v = get_path(obj, path)
+                if isinstance(v, str) and v:
+                    self.extras[key] = v[:_MAX_EXTRA_LEN]
+                    break
+                if _count(v) is not None:
+                    self.extras[key] = v
+                    break
+        if not self.terminal and any(_matches(obj, rule) for rule in f.terminal):
+            self.terminal = True
+
+    @property
+    def raw(self) -> dict[str, Any] | None:
+        """The accumulated provider usage object (sanitized), or None."""
+        return plain(self._raw) if self._raw is not None else None
+
+    def usage(self) -> Usage | None:
+        if self._raw is None:
+            return None
+        try:
+            return normalize_with(self._fields, self._raw)
+        except Exception as e:
+            logger.debug("usage normalization failed: %s: %s", type(e).__name__, e)
+            return None

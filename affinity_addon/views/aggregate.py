@@ -1,0 +1,622 @@
+"""Aggregation of JSONL usage records (docs/log-format.md) by model, rule, conversation, verdict.
+
+One `Aggregator` serves the proxy's live summary and `affinity report`, so both count the same
+way. Records are dicts straight from `json.loads`: every field may be missing or of the wrong
+type, and is then ignored rather than raised on.
+
+What counts toward hit ratios: records with a `usage` object that are not OpenRouter
+response-cache hits (those report zero usage by design). Records without usage (errors, cut
+streams) and response-cache hits are counted separately, never as misses.
+"""
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from affinity_addon.views.pricing import (
+    TOKEN_EQUIVALENTS,
+    USD,
+    CostEstimate,
+    Price,
+    PriceTable,
+    prompt_counts,
+    weighted_prompt,
+)
+from affinity_addon.views.pricing import default_table as default_price_table
+
+logger = logging.getLogger(__name__)
+
+NONE_KEY = "(none)"
+NO_USAGE = "no-usage"
+RESPONSE_CACHE = "response-cache"
+NO_PROMPT = "no-prompt"
+# Verdicts that are not a miss: the prompt was read from cache, or there was no prompt to cache.
+NOT_MISSED = frozenset({"hit", NO_PROMPT, NO_USAGE, RESPONSE_CACHE})
+
+
+class Example(NamedTuple):
+    """A missed request to show next to its reason: ids, numbers and the miss detail only."""
+
+    tokens_lost: int
+    ts: str | None
+    affinity_id: str | None
+    model: str | None
+    rule: str | None
+    flow_id: str | None
+    miss_detail: str | None
+
+
+def _str(value: Any) -> str | None:
+    return value if type(value) is str and value else None
+
+
+def _number(value: Any) -> float | None:
+    if type(value) is int or (type(value) is float and math.isfinite(value)):
+        return value
+    return None
+
+
+@dataclass(slots=True)
+class Observation:
+    """What one record contributes, computed once and added to each bucket it falls in."""
+
+    verdict: str
+    ts: str | None
+    incomplete: bool
+    dry_run: bool
+    counted: bool = False  # has usage and is not a response-cache hit
+    input_tokens: int = 0
+    read_tokens: int = 0
+    write_tokens: int = 0
+    output_tokens: int = 0
+    provider_cost: float = 0.0
+    eq_with: float = 0.0  # prompt cost in input-token equivalents
+    usd_scale: float | None = None  # USD per token equivalent, when the base price is known
+    tokens_lost: int = 0  # missed requests: uncached + written tokens
+    predicted_read: float | None = None  # dry run: read tokens the rules would have given
+    dry_saved_eq: float = 0.0
+
+
+def observe(record: Mapping[str, Any], price_of: Callable[[str | None, str | None, str | None],
+                                                          Price]) -> Observation:
+    """One record's contribution; `price_of(model, provider, host)` picks the multipliers."""
+    get = record.get
+    ts = get("ts")
+    obs = Observation(NO_USAGE, ts if type(ts) is str else None, get("complete") is False,
+                      get("dry_run") is True)
+    if get("response_cache") is True:
+        obs.verdict = RESPONSE_CACHE
+        return obs
+    usage = get("usage")
+    if type(usage) is not dict and not isinstance(usage, Mapping):
+        return obs
+    obs.counted = True
+    total, read, write, write_1h = prompt_counts(usage)
+    obs.input_tokens, obs.read_tokens, obs.write_tokens = total, read, write
+    output = usage.get("output_tokens")
+    obs.output_tokens = output if type(output) is int and output > 0 else 0
+    cost = _number(usage.get("cost"))
+    if cost is not None:
+        obs.provider_cost = float(cost)
+
+    reason = get("miss_reason")
+    if total <= 0:
+        obs.verdict = NO_PROMPT
+    elif type(reason) is str and reason:
+        obs.verdict = reason
+    else:  # the miss analysis did not run (or is off): judge by the counters alone
+        obs.verdict = "hit" if read > 0 else "unknown"
+    if obs.verdict not in NOT_MISSED:
+        obs.tokens_lost = total - read
+
+    price = price_of(_str(get("model")), _str(get("provider")), _str(get("host")))
+    obs.eq_with = weighted_prompt(total, read, write, write_1h, price)
+    if price.input_usd_per_mtok is not None:
+        obs.usd_scale = price.input_usd_per_mtok / 1_000_000
+
+    predicted = _number(get("predicted_hit_ratio")) if obs.dry_run else None
+    if predicted is not None and total > 0:
+        obs.predicted_read = min(max(float(predicted), 0.0), 1.0) * total
+        # Tokens the rules would have turned from full-price into cache reads.
+        obs.dry_saved_eq = max(obs.predicted_read - read, 0.0) * (1.0 - price.read)
+    return obs
+
+
+@dataclass(slots=True)
+class Bucket:
+    """Running totals for one group of records (a model, a rule, a conversation, a verdict)."""
+
+    key: str
+    requests: int = 0
+    counted: int = 0  # with usage and not a response-cache hit: the base of every ratio
+    no_usage: int = 0
+    response_cache: int = 0
+    incomplete: int = 0
+    prompt_requests: int = 0  # counted with input_tokens > 0
+    hit_requests: int = 0  # ... and cache_read_tokens > 0
+    input_tokens: int = 0
+    read_tokens: int = 0
+    write_tokens: int = 0
+    output_tokens: int = 0
+    provider_cost: float = 0.0
+    eq_with: float = 0.0
+    usd_with: float = 0.0
+    usd_without: float = 0.0
+    usd_requests: int = 0  # counted requests whose model has a known base price
+    miss_reasons: Counter[str] = field(default_factory=Counter)
+    tokens_lost: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[Example]] = field(default_factory=dict)
+    dry_run: int = 0
+    dry_requests: int = 0  # dry-run records with a prediction
+    dry_input_tokens: int = 0
+    dry_read_tokens: int = 0
+    dry_predicted_read: float = 0.0
+    dry_saved_eq: float = 0.0
+    dry_saved_usd: float = 0.0
+    first_ts: str | None = None
+    last_ts: str | None = None
+
+    def add(self, obs: Observation, example: Example | None = None, max_examples: int = 3) -> None:
+        self.requests += 1
+        ts = obs.ts
+        if ts is not None:
+            # ISO-8601 UTC strings of one format sort like the times they name.
+            if self.first_ts is None or ts < self.first_ts:
+                self.first_ts = ts
+            if self.last_ts is None or ts > self.last_ts:
+                self.last_ts = ts
+        if obs.incomplete:
+            self.incomplete += 1
+        if obs.dry_run:
+            self.dry_run += 1
+        if not obs.counted:
+            if obs.verdict == RESPONSE_CACHE:
+                self.response_cache += 1
+            else:
+                self.no_usage += 1
+            return
+        self.counted += 1
+        total = obs.input_tokens
+        if total > 0:
+            self.prompt_requests += 1
+            if obs.read_tokens > 0:
+                self.hit_requests += 1
+        self.input_tokens += total
+        self.read_tokens += obs.read_tokens
+        self.write_tokens += obs.write_tokens
+        self.output_tokens += obs.output_tokens
+        self.provider_cost += obs.provider_cost
+        self.eq_with += obs.eq_with
+        if obs.usd_scale is not None:
+            self.usd_requests += 1
+            self.usd_with += obs.eq_with * obs.usd_scale
+            self.usd_without += total * obs.usd_scale
+        if obs.verdict not in NOT_MISSED:
+            self.miss_reasons[obs.verdict] += 1
+            self.tokens_lost[obs.verdict] += obs.tokens_lost
+            if example is not None and max_examples > 0:
+                _keep_largest(self.examples.setdefault(obs.verdict, []), example, max_examples)
+        if obs.predicted_read is not None:
+            self.dry_requests += 1
+            self.dry_input_tokens += total
+            self.dry_read_tokens += obs.read_tokens
+            self.dry_predicted_read += obs.predicted_read
+            self.dry_saved_eq += obs.dry_saved_eq
+            if obs.usd_scale is not None:
+                self.dry_saved_usd += obs.dry_saved_eq * obs.usd_scale
+
+    def merge(self, other: "Bucket", max_examples: int = 3) -> None:
+        """Add another bucket's totals into this one (examples: keep the largest)."""
+        self.requests += other.requests
+        self.counted += other.counted
+        self.no_usage += other.no_usage
+        self.response_cache += other.response_cache
+        self.incomplete += other.incomplete
+        self.prompt_requests += other.prompt_requests
+        self.hit_requests += other.hit_requests
+        self.input_tokens += other.input_tokens
+        self.read_tokens += other.read_tokens
+        self.write_tokens += other.write_tokens
+        self.output_tokens += other.output_tokens
+        self.provider_cost += other.provider_cost
+        self.eq_with += other.eq_with
+        self.usd_with += other.usd_with
+        self.usd_without += other.usd_without
+        self.usd_requests += other.usd_requests
+        for reason, n in other.miss_reasons.items():
+            self.miss_reasons[reason] += n
+        for reason, n in other.tokens_lost.items():
+            self.tokens_lost[reason] += n
+        for reason, examples in other.examples.items():
+            kept = self.examples.setdefault(reason, [])
+            for example in examples:
+                _keep_largest(kept, example, max_examples)
+        if other.dry_run or other.dry_requests:
+            self.dry_run += other.dry_run
+            self.dry_requests += other.dry_requests
+            self.dry_input_tokens += other.dry_input_tokens
+            self.dry_read_tokens += other.dry_read_tokens
+            self.dry_predicted_read += other.dry_predicted_read
+            self.dry_saved_eq += other.dry_saved_eq
+            self.dry_saved_usd += other.dry_saved_usd
+        if other.first_ts is not None and (self.first_ts is None or other.first_ts < self.first_ts):
+            self.first_ts = other.first_ts
+        if other.last_ts is not None and (self.last_ts is None or other.last_ts > self.last_ts):
+            self.last_ts = other.last_ts
+
+    @property
+    def uncached_tokens(self) -> int:
+        return self.input_tokens - self.read_tokens - self.write_tokens
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """Token-weighted: share of all prompt tokens read from cache."""
+        return self.read_tokens / self.input_tokens if self.input_tokens else None
+
+    @property
+    def request_hit_ratio(self) -> float | None:
+        """Request-weighted: share of requests with a prompt that read anything from cache."""
+        return self.hit_requests / self.prompt_requests if self.prompt_requests else None
+
+    @property
+    def missed_requests(self) -> int:
+        return self.miss_reasons.total()
+
+    def cost(self) -> CostEstimate:
+        """In USD when every counted request has a known base price, else token equivalents."""
+        if self.counted and self.usd_requests == self.counted:
+            return CostEstimate.of(self.usd_with, self.usd_without, USD)
+        return CostEstimate.of(self.eq_with, float(self.input_tokens), TOKEN_EQUIVALENTS)
+
+    def dry_predicted_ratio(self) -> float | None:
+        return self.dry_predicted_read / self.dry_input_tokens if self.dry_input_tokens else None
+
+    def dry_observed_ratio(self) -> float | None:
+        return self.dry_read_tokens / self.dry_input_tokens if self.dry_input_tokens else None
+
+    def top_reasons(self, n: int | None = None) -> list[tuple[str, int, int]]:
+        """(reason, requests, tokens lost), most tokens lost first."""
+        ranked = sorted(self.miss_reasons, key=lambda r: (-self.tokens_lost[r],
+                                                          -self.miss_reasons[r], r))
+        return [(r, self.miss_reasons[r], self.tokens_lost[r]) for r in ranked[:n]]
+
+    def to_dict(self, *, examples: bool = True) -> dict[str, Any]:
+        cost = self.cost()
+        d: dict[str, Any] = {
+            "key": self.key,
+            "requests": self.requests,
+            "counted": self.counted,
+            "no_usage": self.no_usage,
+            "response_cache": self.response_cache,
+            "incomplete": self.incomplete,
+            "prompt_requests": self.prompt_requests,
+            "hit_requests": self.hit_requests,
+            "input_tokens": self.input_tokens,
+            "cache_read_tokens": self.read_tokens,
+            "cache_write_tokens": self.write_tokens,
+            "uncached_tokens": self.uncached_tokens,
+            "output_tokens": self.output_tokens,
+            "hit_ratio": self.hit_ratio,
+            "request_hit_ratio": self.request_hit_ratio,
+            "cost": {"unit": cost.unit, "with_cache": cost.with_cache,
+                     "without_cache": cost.without_cache, "saved": cost.saved},
+            "cost_token_equivalents": {"with_cache": self.eq_with,
+                                       "without_cache": self.input_tokens,
+                                       "saved": self.input_tokens - self.eq_with},
+            "cost_usd_priced": {"requests": self.usd_requests, "with_cache": self.usd_with,
+                                "without_cache": self.usd_without,
+                                "saved": self.usd_without - self.usd_with},
+            "provider_cost": self.provider_cost,
+            "missed_requests": self.missed_requests,
+            "miss_reasons": [
+                {"reason": r, "requests": n, "tokens_lost": lost,
+                 **({"examples": [e._asdict() for e in self.examples.get(r, [])]}
+                    if examples else {})}
+                for r, n, lost in self.top_reasons()
+            ],
+            "first_ts": self.first_ts,
+            "last_ts": self.last_ts,
+        }
+        if self.dry_run or self.dry_requests:
+            d["dry_run"] = {
+                "records": self.dry_run,
+                "requests": self.dry_requests,
+                "input_tokens": self.dry_input_tokens,
+                "observed_read_tokens": self.dry_read_tokens,
+                "predicted_read_tokens": self.dry_predicted_read,
+                "observed_hit_ratio": self.dry_observed_ratio(),
+                "predicted_hit_ratio": self.dry_predicted_ratio(),
+                "saved_token_equivalents": self.dry_saved_eq,
+                "saved_usd_priced": self.dry_saved_usd,
+            }
+        return d
+
+
+def _keep_largest(kept: list[Example], example: Example, n: int) -> None:
+    if len(kept) < n:
+        kept.append(example)
+        return
+    smallest = min(range(len(kept)), key=lambda i: kept[i].tokens_lost)
+    if example.tokens_lost > kept[smallest].tokens_lost:
+        kept[smallest] = example
+
+
+OLDER_KEY = "(older conversations)"
+
+
+class Aggregator:
+    """Adds records into a total and per-model/rule/conversation/verdict buckets.
+
+    Each record is added twice: to its (model, rule, conversation) cell and to its verdict's
+    bucket; the per-model, per-rule, per-conversation and total views are merged from those on
+    first access after an add. That halves the work per line of a big log. Miss examples are
+    kept for the total and per verdict only.
+
+    `series` keeps (ts, hit ratio, input tokens) per conversation for the hit-ratio-over-time
+    chart; turn it off in a long-running proxy, where it would only grow.
+    """
+
+    def __init__(self, prices: PriceTable | None = None, *, max_examples: int = 3,
+                 keep_series: bool = True, max_conversations: int | None = None) -> None:
+        self.prices = prices or default_price_table()
+        # A long-running proxy sees unboundedly many conversations: past this many cells the
+        # oldest are folded into one "(older)" conversation per model and rule.
+        self.max_conversations = max_conversations
+        self._price_memo: dict[tuple[str | None, str | None, str | None], Price] = {}
+        self.max_examples = max_examples
+        self.keep_series = keep_series
+        self.by_reason: dict[str, Bucket] = {}
+        self.series: dict[str, list[tuple[str, float, int]]] = {}
+        self.conversation_model: dict[str, str] = {}  # last model seen, to label conversations
+        self._cells: dict[tuple[str, str, str], Bucket] = {}
+        self._views: tuple[Bucket, dict[str, Bucket], dict[str, Bucket],
+                           dict[str, Bucket]] | None = None
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        if not isinstance(record, Mapping):
+            return
+        obs = observe(record, self._price_of)
+        get = record.get
+        model, rule, conv = _str(get("model")), _str(get("rule")), _str(get("affinity_id"))
+        example = None
+        n = self.max_examples
+        if n and obs.verdict not in NOT_MISSED:
+            detail = get("miss_detail")
+            example = Example(obs.tokens_lost, obs.ts, conv, model, rule, _str(get("flow_id")),
+                              detail if type(detail) is str else None)
+        conv = conv or NONE_KEY
+        key = (model or NONE_KEY, rule or NONE_KEY, conv)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = Bucket(conv)
+            if self.max_conversations and len(self._cells) > self.max_conversations:
+                self._fold_oldest()
+        cell.add(obs)
+        bucket = self.by_reason.get(obs.verdict)
+        if bucket is None:
+            bucket = self.by_reason[obs.verdict] = Bucket(obs.verdict)
+        bucket.add(obs, example, n)
+        self._views = None
+        if model is not None:
+            self.conversation_model[conv] = model
+        if self.keep_series and obs.input_tokens > 0 and obs.ts is not None:
+            self.series.setdefault(conv, []).append(
+                (obs.ts, obs.read_tokens / obs.input_tokens, obs.input_tokens))
+
+    def _fold_oldest(self) -> None:
+        for key in self._cells:
+            if key[2] != OLDER_KEY:
+                break
+        else:
+            return
+        old = self._cells.pop(key)
+        self.conversation_model.pop(key[2], None)
+        self.series.pop(key[2], None)
+        into_key = (key[0], key[1], OLDER_KEY)
+        into = self._cells.get(into_key)
+        if into is None:
+            into = self._cells[into_key] = Bucket(OLDER_KEY)
+        into.merge(old, self.max_examples)
+
+    def _price_of(self, model: str | None, provider: str | None, host: str | None) -> Price:
+        # A log has few distinct (model, provider, host): memoize before the table lowercases.
+        key = (model, provider, host)
+        price = self._price_memo.get(key)
+        if price is None:
+            price = self._price_memo[key] = self.prices.price_for(model, provider, host)
+        return price
+
+    def add_all(self, records: Iterable[Mapping[str, Any]]) -> None:
+        for record in records:
+            self.add(record)
+
+    def _merged(self) -> tuple[Bucket, dict[str, Bucket], dict[str, Bucket], dict[str, Bucket]]:
+        if self._views is None:
+            n = self.max_examples
+            total = Bucket("total")
+            for bucket in self.by_reason.values():
+                total.merge(bucket, n)
+            views: list[dict[str, Bucket]] = [{}, {}, {}]
+            for cell_key, cell in self._cells.items():
+                for view, key in zip(views, cell_key, strict=True):
+                    bucket = view.get(key)
+                    if bucket is None:
+                        bucket = view[key] = Bucket(key)
+                    bucket.merge(cell, n)
+            self._views = (total, *views)
+        return self._views
+
+    @property
+    def total(self) -> Bucket:
+        return self._merged()[0]
+
+    @property
+    def by_model(self) -> dict[str, Bucket]:
+        return self._merged()[1]
+
+    @property
+    def by_rule(self) -> dict[str, Bucket]:
+        return self._merged()[2]
+
+    @property
+    def by_conversation(self) -> dict[str, Bucket]:
+        return self._merged()[3]
+
+
+def top_buckets(table: Mapping[str, Bucket], n: int | None = None) -> list[Bucket]:
+    """Largest first by prompt tokens, then by requests; n=None or 0 keeps all."""
+    ranked = sorted(table.values(), key=lambda b: (-b.input_tokens, -b.requests, b.key))
+    return ranked[:n] if n else ranked
+
+
+# --- rich rendering -----------------------------------------------------------------------
+
+def fmt_tokens(n: float) -> str:
+    n = float(n)
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.{1 if abs(n) >= 10 * size else 2}f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "–" if r is None else f"{r * 100:.1f}%"
+
+
+def fmt_cost(value: float, unit: str) -> str:
+    if unit == USD:
+        sign = "-" if value < 0 else ""
+        value = abs(value)
+        return f"{sign}${value:,.2f}" if value >= 1 else f"{sign}${value:.4f}"
+    return f"{fmt_tokens(value)} teq"
+
+
+def short_id(value: str | None, n: int = 12) -> str:
+    if not value:
+        return NONE_KEY
+    return value if len(value) <= n else value[:n] + "…"
+
+
+# Columns a narrow terminal drops first (the rest always stay): least useful first.
+_DROP_ORDER = ("not counted", "output", "no cache", "cost", "write", "top miss", "hit req")
+
+
+def bucket_table(title: str, buckets: Iterable[Bucket], label: str, *, id_like: bool = False,
+                 compact: bool = False, width: int | None = None) -> Table:
+    """One row per bucket. `compact` (the live summary) leaves out output and costs; `width`
+    (the console's) drops the least useful columns rather than let rich squeeze numbers."""
+    buckets = list(buckets)
+    cols: dict[str, list[str]] = {label: [short_id(b.key) if id_like else b.key
+                                          for b in buckets]}
+    cols["req"] = [str(b.requests) for b in buckets]
+    cols["hit tok"] = [fmt_ratio(b.hit_ratio) for b in buckets]
+    cols["hit req"] = [fmt_ratio(b.request_hit_ratio) for b in buckets]
+    cols["read"] = [fmt_tokens(b.read_tokens) for b in buckets]
+    cols["write"] = [fmt_tokens(b.write_tokens) for b in buckets]
+    cols["uncached"] = [fmt_tokens(b.uncached_tokens) for b in buckets]
+    costs = [b.cost() for b in buckets]
+    if not compact:
+        cols["output"] = [fmt_tokens(b.output_tokens) for b in buckets]
+        cols["cost"] = [fmt_cost(c.with_cache, c.unit) for c in costs]
+        cols["no cache"] = [fmt_cost(c.without_cache, c.unit) for c in costs]
+    cols["saved"] = [fmt_cost(c.saved, c.unit) for c in costs]
+    tops = [b.top_reasons(1) for b in buckets]
+    cols["top miss"] = [f"{t[0][0]} ×{t[0][1]}" if t else "" for t in tops]
+    if any(b.response_cache or b.no_usage for b in buckets):  # requests not in the ratios
+        cols["not counted"] = [", ".join(
+            ([f"{b.response_cache} resp-cache"] if b.response_cache else [])
+            + ([f"{b.no_usage} no usage"] if b.no_usage else [])) for b in buckets]
+
+    label_cap = 200
+
+    def natural(name: str) -> int:
+        wide = max(map(len, cols[name]), default=1)
+        wide = min(wide, label_cap if name == label else 40)
+        return max(wide, len(name)) + 2  # + cell padding
+
+    def fits() -> bool:
+        return width is None or sum(map(natural, cols)) + 2 <= width  # + edge padding
+
+    if not fits():
+        label_cap = 24  # long names give way first, then whole columns
+        for name in _DROP_ORDER:
+            if fits():
+                break
+            cols.pop(name, None)
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
+    for name in cols:
+        if name == label:
+            table.add_column(name, no_wrap=True, overflow="ellipsis", min_width=10,
+                             max_width=natural(name) - 2)
+        elif name in ("top miss", "not counted"):
+            table.add_column(name, no_wrap=True, overflow="ellipsis",
+                             style="dim" if name == "not counted" else None)
+        else:
+            table.add_column(name, justify="right", no_wrap=True, min_width=natural(name) - 2,
+                             style="green" if name == "saved" else None)
+    for row in zip(*cols.values(), strict=True):
+        table.add_row(*map(escape, row))
+    return table
+
+
+def reasons_table(bucket: Bucket, *, top: int | None = None, examples: bool = True) -> Table:
+    table = Table(title="Miss reasons", box=box.SIMPLE_HEAD,
+                  title_justify="left", title_style="bold")
+    table.add_column("reason", style="yellow")
+    table.add_column("req", justify="right")
+    table.add_column("tokens lost", justify="right")  # uncached + written
+    table.add_column("share", justify="right")
+    if examples:
+        table.add_column("examples (ts · conversation · model · detail)", overflow="fold")
+    lost_total = sum(bucket.tokens_lost.values()) or 1
+    for reason, n, lost in bucket.top_reasons(top):
+        row = [escape(reason), str(n), fmt_tokens(lost), fmt_ratio(lost / lost_total)]
+        if examples:
+            ex = sorted(bucket.examples.get(reason, []), key=lambda e: -e.tokens_lost)
+            # Log-derived text is escaped: a "[" in a model name must not be read as markup.
+            row.append(escape("\n".join(
+                f"{e.ts or '?'} · {short_id(e.affinity_id)} · {e.model or '?'} · "
+                f"{e.miss_detail or '-'}" for e in ex)))
+        table.add_row(*row)
+    return table
+
+
+def totals_line(b: Bucket) -> str:
+    cost = b.cost()
+    parts = [
+        f"[bold]{b.requests}[/] requests",
+        f"hit ratio [bold]{fmt_ratio(b.hit_ratio)}[/] of tokens, "
+        f"[bold]{fmt_ratio(b.request_hit_ratio)}[/] of requests",
+        f"read {fmt_tokens(b.read_tokens)} / write {fmt_tokens(b.write_tokens)} / "
+        f"uncached {fmt_tokens(b.uncached_tokens)}",
+        f"saved [green]{fmt_cost(cost.saved, cost.unit)}[/]",
+    ]
+    if b.usd_requests and cost.unit != USD:
+        parts.append(f"[green]${b.usd_without - b.usd_with:,.2f}[/] on {b.usd_requests} "
+                     "priced requests")
+    if b.response_cache:
+        parts.append(f"{b.response_cache} response-cache hits")
+    if b.no_usage:
+        parts.append(f"{b.no_usage} without usage")
+    return " · ".join(parts)
+
+
+def render_summary(agg: Aggregator, console: Console, *, top: int = 10) -> None:
+    """The compact summary: totals, per model, and the top miss reasons."""
+    if not agg.total.requests:
+        console.print("affinity: no LLM requests recorded")
+        return
+    console.print(f"[bold]affinity[/] · {totals_line(agg.total)}")
+    console.print(bucket_table("Per model", top_buckets(agg.by_model, top), "model",
+                               compact=True, width=console.width))
+    if agg.total.miss_reasons:
+        console.print(reasons_table(agg.total, top=min(top, 5), examples=False))

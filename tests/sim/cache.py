@@ -1,0 +1,197 @@
+"""The simulated caches: a prompt's prefix identities and the two documented cache models.
+
+- Automatic prefix caching (OpenAI, xAI, DeepSeek, ...): the longest earlier prefix, by whole
+  segments, counts when it is >= 1024 tokens, rounded down to 128-token steps.
+- Anthropic markers: only prefixes that ended at a `cache_control` block are written; a marker
+  reads the longest live one within its 20-block lookback.
+Tokens are the cheap estimate over each segment's canonical JSON (markers stripped), so a marker
+moving between turns does not change the prefix identity.
+"""
+
+import fnmatch
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from affinity_addon.request.prompt import canonical, iter_segments
+from affinity_addon.tokens import estimate_tokens
+
+AUTO_MIN_TOKENS = 1024
+AUTO_INCREMENT = 128
+LOOKBACK = 20  # a marker checks its own block boundary and the 19 before it
+MAX_MARKERS = 4
+TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+NOT_CACHEABLE = frozenset({"thinking", "redacted_thinking"})
+_PURGE_AT = 50_000  # entries per cache before expired ones are swept
+
+# Minimum cacheable prefix per Claude model (providers.md section 1), first match wins. The
+# specific 4.x/3.x rows must precede the `claude-*-5*` row that catches the 5.x family.
+ANTHROPIC_MINIMUMS: tuple[tuple[str, int], ...] = (
+    ("claude-opus-4-5*", 4096), ("claude-opus-4-6*", 4096), ("claude-haiku-4-5*", 4096),
+    ("claude-opus-4-7*", 2048), ("claude-mythos-preview*", 2048), ("claude-3-5-haiku*", 2048),
+    ("claude-sonnet-4-5*", 1024), ("claude-sonnet-4-6*", 1024), ("claude-opus-4-8*", 1024),
+    ("claude-sonnet-5", 1024), ("claude-sonnet-5-2*", 1024), ("claude-3*", 1024),
+    ("claude-*-5*", 512),
+)
+DEFAULT_MINIMUM = 1024
+
+
+def anthropic_minimum(model: str | None) -> int:
+    name = (model or "").lower().removeprefix("anthropic/").split("[")[0].replace(".", "-")
+    for glob, minimum in ANTHROPIC_MINIMUMS:
+        if fnmatch.fnmatchcase(name, glob):
+            return minimum
+    return DEFAULT_MINIMUM
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    index: int  # the marked segment; its prefix ends at boundary index + 1
+    ttl: str
+    path: str  # Anthropic's error path form, e.g. "messages.0.content.4"
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    keys: tuple[bytes, ...]  # keys[i]: identity of the prefix made of segments 0..i (and the model)
+    ends: tuple[int, ...]  # ends[i]: estimated tokens of segments 0..i
+    markers: tuple[Marker, ...]
+
+    @property
+    def tokens(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def tokens_to(self, boundary: int) -> int:
+        """Tokens in the first `boundary` segments."""
+        return self.ends[boundary - 1] if boundary > 0 else 0
+
+
+def _error_path(path: str) -> str:
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def analyze(body: dict[str, Any], shape: str, model: str | None) -> Prompt:
+    digest = hashlib.sha256(f"{shape}\0{model or ''}\0".encode())
+    keys: list[bytes] = []
+    ends: list[int] = []
+    markers: list[Marker] = []
+    last_cacheable: int | None = None
+    total = 0
+    for i, seg in enumerate(iter_segments(body, shape)):
+        data = canonical(seg.value)
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+        keys.append(digest.copy().digest())
+        total += estimate_tokens(len(data))
+        ends.append(total)
+        if seg.kind not in NOT_CACHEABLE:
+            last_cacheable = i
+        cc = seg.value.get("cache_control") if isinstance(seg.value, dict) else None
+        if isinstance(cc, dict):
+            markers.append(Marker(i, str(cc.get("ttl", "5m")), _error_path(seg.path)))
+    top = body.get("cache_control")
+    if isinstance(top, dict):
+        # The automatic marker lands on the last cacheable block (and takes one of the 4 slots).
+        index = last_cacheable if last_cacheable is not None else -1
+        markers.append(Marker(index, str(top.get("ttl", "5m")), "cache_control"))
+    return Prompt(tuple(keys), tuple(ends), tuple(markers))
+
+
+def check_markers(prompt: Prompt) -> None:
+    """Raise ValueError with Anthropic's own message for marker sets the API rejects."""
+    if len(prompt.markers) > MAX_MARKERS:
+        raise ValueError(f"A maximum of {MAX_MARKERS} blocks with cache_control may be provided. "
+                         f"Found {len(prompt.markers)}.")
+    seen_5m = False
+    for m in prompt.markers:
+        if m.ttl not in TTL_SECONDS:
+            raise ValueError(f"{m.path}.cache_control.ttl: Input should be '5m' or '1h'")
+        if m.ttl == "1h" and seen_5m:
+            raise ValueError(f"{m.path}.cache_control.ttl: a ttl='1h' cache_control block must not "
+                             "come after a ttl='5m' cache_control block. Note that blocks are "
+                             "processed in the following order: `tools`, `system`, `messages`.")
+        seen_5m = seen_5m or m.ttl == "5m"
+
+
+def auto_cached(hit_tokens: int) -> int:
+    """What an automatic cache reports for a matched prefix: >= 1024, in 128-token steps."""
+    if hit_tokens < AUTO_MIN_TOKENS:
+        return 0
+    return hit_tokens // AUTO_INCREMENT * AUTO_INCREMENT
+
+
+class AutoCache:
+    """One replica's automatic prefix cache: every prefix of every prompt, evicted when idle."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._last_use: dict[bytes, float] = {}
+
+    def serve(self, prompt: Prompt, now: float) -> int:
+        """Cached tokens for this prompt; then the whole prompt is stored."""
+        hit = 0
+        for i in range(len(prompt.keys) - 1, -1, -1):
+            used = self._last_use.get(prompt.keys[i])
+            if used is not None and now - used < self.ttl:
+                hit = prompt.ends[i]
+                break
+        if len(self._last_use) > _PURGE_AT:
+            self._last_use = {k: t for k, t in self._last_use.items() if now - t < self.ttl}
+        for key in prompt.keys:
+            self._last_use[key] = now
+        return auto_cached(hit)
+
+
+@dataclass(frozen=True, slots=True)
+class MarkerUsage:
+    read: int = 0
+    write_5m: int = 0
+    write_1h: int = 0
+
+    @property
+    def write(self) -> int:
+        return self.write_5m + self.write_1h
+
+
+class MarkerCache:
+    """Anthropic-style explicit cache: entries exist only where a marker ended a prefix."""
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[float, float]] = {}  # key -> (last use, ttl seconds)
+
+    def _alive(self, key: bytes, now: float) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and now - entry[0] < entry[1]
+
+    def serve(self, prompt: Prompt, minimum: int, now: float) -> MarkerUsage:
+        markers = [m for m in prompt.markers if m.index >= 0]
+        read_at = 0
+        for m in markers:
+            end = m.index + 1
+            for boundary in range(end, max(end - LOOKBACK, 0), -1):
+                if boundary <= read_at:
+                    break
+                if self._alive(prompt.keys[boundary - 1], now):
+                    read_at = boundary
+                    break
+        if read_at:  # a hit refreshes the entry's lifetime for free
+            key = prompt.keys[read_at - 1]
+            self._entries[key] = (now, self._entries[key][1])
+        if len(self._entries) > _PURGE_AT:
+            self._entries = {k: e for k, e in self._entries.items() if now - e[0] < e[1]}
+        written = {"5m": 0, "1h": 0}
+        done = read_at
+        for m in markers:
+            end = m.index + 1
+            if prompt.tokens_to(end) < minimum:
+                continue  # silently uncached, like the API
+            key = prompt.keys[end - 1]
+            ttl = TTL_SECONDS[m.ttl]
+            if self._alive(key, now):
+                ttl = max(ttl, self._entries[key][1])
+            self._entries[key] = (now, ttl)
+            if end > done:
+                written[m.ttl] += prompt.tokens_to(end) - prompt.tokens_to(done)
+                done = end
+        return MarkerUsage(prompt.tokens_to(read_at), written["5m"], written["1h"])

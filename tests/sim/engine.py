@@ -1,0 +1,233 @@
+"""The simulator's request handling without sockets: validate, route to a replica, apply the
+provider's cache model and build the reply. The HTTP layer (server.py) only moves bytes.
+"""
+
+import hashlib
+import logging
+import random
+import string
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from affinity_addon.request.affinity_id import get_path
+from affinity_addon.request.prompt import canonical, root_segments
+from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.sim import cache, wire
+from tests.sim.clock import SimClock
+from tests.sim.providers import PROVIDERS, Behaviour, provider_for, resolve
+
+logger = logging.getLogger(__name__)
+
+_ALNUM = string.ascii_letters + string.digits
+_REPLY_IDS = {OPENAI_CHAT: ("chatcmpl-", 29), OPENAI_RESPONSES: ("resp_", 48), GEMINI: ("", 22)}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    content_type: str
+    body: bytes = b""  # the JSON body (when `events` is None)
+    events: tuple[bytes, ...] | None = None  # SSE: one encoded event per item
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    provider: str
+    path: str
+    replica: int  # -1 when the request was rejected before reaching a replica
+    usage: dict[str, Any] | None
+    reply: Reply
+    ts: float  # sim clock time the request was served at
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _find_key(value: Any, names: tuple[str, ...]) -> str | None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in names:
+                return k
+            found = _find_key(v, names)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for v in value:
+            found = _find_key(v, names)
+            if found:
+                return found
+    return None
+
+
+def _validate(b: Behaviour, body: dict[str, Any]) -> None:
+    if b.stream_required and body.get("stream") is not True:
+        raise RequestError(400, "Stream must be set to true")
+    if b.forbidden:
+        key = _find_key(body, b.forbidden)
+        if key:
+            raise RequestError(400, f"Unsupported parameter: {key}")
+    for first, second in b.conflicts:
+        if get_path(body, first) is not None and get_path(body, second) is not None:
+            raise RequestError(400, f"Only one of '{first}' and '{second}' may be set.")
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    name = name.lower()
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def _root(shape: str, body: dict[str, Any]) -> bytes | None:
+    system, user = root_segments(body, shape)
+    if not (system or user):
+        return None
+    return (b"\0".join(canonical(s.value) for s in system) + b"\1"
+            + b"\0".join(canonical(s.value) for s in user))
+
+
+# How each kind of affinity signal is read: (name, shape, headers, body) -> key or None.
+_SIGNAL_READERS: dict[str, Callable[[str, str, list[tuple[str, str]], dict[str, Any]], Any]] = {
+    "header": lambda name, shape, headers, body: _header(headers, name),
+    "body": lambda name, shape, headers, body: body.get(name),
+    "root": lambda name, shape, headers, body: _root(shape, body),
+}
+
+
+class Engine:
+    def __init__(self, replicas: int, clock: SimClock, seed: int, default_provider: str,
+                 auto_ttl: float | None = None) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, not {replicas}")
+        if default_provider not in PROVIDERS:
+            raise ValueError(f"unknown default provider {default_provider!r}; "
+                             f"known: {', '.join(PROVIDERS)}")
+        self.replicas = replicas
+        self.clock = clock
+        self.seed = seed
+        self.default_provider = default_provider
+        self.auto_ttl = auto_ttl
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._rng = random.Random(self.seed)
+            # Ids come from their own generator so routing stays a function of the seed alone.
+            self._id_rng = random.Random(f"ids-{self.seed}")
+            self._auto: dict[tuple[str, int], cache.AutoCache] = {}
+            self._marker: dict[tuple[str, int], cache.MarkerCache] = {}
+
+    def _id(self, n: int) -> str:
+        return "".join(self._id_rng.choice(_ALNUM) for _ in range(n))
+
+    def _ids(self, shape: str) -> wire.Ids:
+        with self._lock:
+            message = "msg_01" + self._id(22)
+            if shape == ANTHROPIC:  # the message is the whole reply
+                return wire.Ids(message, message)
+            prefix, length = _REPLY_IDS.get(shape, _REPLY_IDS[OPENAI_CHAT])
+            return wire.Ids(message, prefix + self._id(length))
+
+    def request_id(self) -> str:
+        with self._lock:
+            return "req_011C" + self._id(20)
+
+    def _route(self, b: Behaviour, shape: str, headers: list[tuple[str, str]],
+               body: dict[str, Any]) -> int:
+        """The replica this request lands on; called with the lock held."""
+        if b.shared or self.replicas == 1:
+            return 0
+        for signal in b.affinity:
+            value = _SIGNAL_READERS[signal.source](signal.name, shape, headers, body)
+            if isinstance(value, str):
+                value = value.encode()
+            if value:
+                return int.from_bytes(hashlib.sha256(value).digest()[:8], "big") % self.replicas
+        return self._rng.randrange(self.replicas)
+
+    def fail(self, raw_path: str, headers: list[tuple[str, str]], status: int,
+             message: str) -> Outcome:
+        """An error reply in the provider's own style, without serving (fault injection)."""
+        provider, path = provider_for(raw_path, _header(headers, "host"), self.default_provider)
+        resolved = resolve(provider, path, None)
+        spec = PROVIDERS.get(provider)
+        errors = resolved.behaviour.errors if resolved else spec.base.errors if spec else "openai"
+        payload = wire.ERROR_STYLES[errors](status, message, self.request_id())
+        reply = Reply(status, "application/json", wire.dumps(payload))
+        return Outcome(provider, path, -1, None, reply, self.clock.now())
+
+    def handle(self, method: str, raw_path: str, query: str, headers: list[tuple[str, str]],
+               body: Any, body_error: str | None = None, *,
+               reply_text: str | None = None) -> Outcome:
+        """Serve one request. `body` is the decoded JSON; `body_error` says why there is none.
+
+        `reply_text` replaces what the model says (tests trace it through a proxy).
+        """
+        now = self.clock.now()
+        provider, path = provider_for(raw_path, _header(headers, "host"), self.default_provider)
+        spec = PROVIDERS.get(provider)
+        errors = spec.base.errors if spec else "openai"
+        model = body.get("model") if isinstance(body, dict) else None
+        resolved = resolve(provider, path, model if isinstance(model, str) else None)
+        try:
+            if resolved is None:
+                raise RequestError(404, f"no route for {method} {path} on provider {provider!r}")
+            b = resolved.behaviour
+            errors = b.errors
+            if method != "POST":
+                raise RequestError(405, f"method {method} not allowed on {path}")
+            if not isinstance(body, dict):
+                raise RequestError(400, body_error or "request body must be a JSON object")
+            _validate(b, body)
+            model_name = model if isinstance(model, str) else (resolved.path_model or "unknown")
+            prompt = cache.analyze(body, b.shape, model_name)
+            if b.cache == "markers":
+                try:
+                    cache.check_markers(prompt)
+                except ValueError as e:
+                    raise RequestError(400, str(e)) from None
+            with self._lock:
+                replica = self._route(b, b.shape, headers, body)
+                counts = self._serve(provider, replica, b, prompt, model_name, now)
+        except RequestError as e:
+            logger.debug("%s %s on %s rejected: %s %s", method, path, provider, e.status, e)
+            rid = self.request_id()
+            payload = wire.ERROR_STYLES[errors](e.status, str(e), rid)
+            reply = Reply(e.status, "application/json", wire.dumps(payload))
+            return Outcome(provider, path, -1, None, reply, now)
+
+        usage = wire.USAGE_STYLES[b.usage](counts)
+        ids = self._ids(b.shape)
+        if reply_text is not None:
+            ids = replace(ids, text=reply_text)
+        stream = b.stream if b.stream is not None else body.get("stream") is True
+        if b.shape == GEMINI and stream and "alt=sse" not in query.split("&"):
+            # Gemini without alt=sse streams a JSON array of the same chunks.
+            data = wire.json_body(b.shape, model_name, usage, ids, body, stream=True)
+            reply = Reply(200, "application/json", wire.dumps(data))
+        elif stream:
+            events = wire.sse_events(b.shape, model_name, usage, ids, body, b.stream_usage)
+            reply = Reply(200, "text/event-stream", events=tuple(events))
+        else:
+            data = wire.json_body(b.shape, model_name, usage, ids, body)
+            reply = Reply(200, "application/json", wire.dumps(data))
+        return Outcome(provider, path, replica, usage, reply, now)
+
+    def _serve(self, provider: str, replica: int, b: Behaviour, prompt: cache.Prompt,
+               model: str, now: float) -> wire.Counts:
+        if b.cache == "markers":
+            mc = self._marker.setdefault((provider, replica), cache.MarkerCache())
+            got = mc.serve(prompt, cache.anthropic_minimum(model), now)
+            return wire.Counts(prompt.tokens, got.read, got.write_5m, got.write_1h)
+        ac = self._auto.get((provider, replica))
+        if ac is None:
+            ac = self._auto[(provider, replica)] = cache.AutoCache(
+                self.auto_ttl if self.auto_ttl is not None else b.ttl)
+        return wire.Counts(prompt.tokens, ac.serve(prompt, now))

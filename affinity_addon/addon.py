@@ -1,7 +1,7 @@
 """mitmproxy entry script: `mitmdump -s affinity_addon/addon.py` (or `mitmweb -s ...`).
 
 mitmproxy runs this file outside any package, so the checkout root goes on sys.path and the
-real addon is imported from the package; this file stays a thin shim (hot reload watches it).
+addons are imported from the package; this file stays a thin list (hot reload watches it).
 """
 
 import sys
@@ -11,6 +11,14 @@ _root = str(Path(__file__).resolve().parent.parent)
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-from affinity_addon.mitm.cache_affinity import CacheAffinity  # noqa: E402
+from affinity_addon.mitm import Commands, Config, Recorder, Rewriter, Scope, State  # noqa: E402
 
-addons = [CacheAffinity()]
+state = State()
+config = Config(state)  # options, the rules file (hot reload) and the JSONL log
+addons = [
+    config,
+    Scope(state),  # decrypt only the LLM hosts the rules name
+    Rewriter(state),  # request: affinity ID, headers, body fields, cache breakpoints
+    Recorder(state),  # response: usage from JSON/SSE/WebSocket, verdict, record
+    Commands(state, config),  # affinity.stats/why/reset/reload, the shutdown summary
+]

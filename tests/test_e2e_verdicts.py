@@ -5,7 +5,7 @@ One proxy and one simulator serve the whole module; each scenario is a separate 
 are selected, and keeps the records it produced. The last test feeds the JSONL the module wrote
 to `python -m affinity_addon report --json`.
 
-`ttl-expired` is driven in-process (the `CacheAffinity` class under `mitmproxy.test.taddons`,
+`ttl-expired` is driven in-process (the addons of `addon.py` under `mitmproxy.test.taddons`,
 with the simulator's real responses attached to the flows): the simulator's clock can be moved,
 but the addon measures the gap from `flow.request.timestamp_start` to wall time, and a real gap
 above the TTL (5 minutes for Anthropic markers) is too long for a test; in-process, turn 1's
@@ -37,8 +37,9 @@ import yaml
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from affinity_addon.mitm.cache_affinity import DEFAULT_RULES, CacheAffinity
+from affinity_addon.mitm.config import DEFAULT_RULES
 from tests.conversations import CHAT_TOOLS, big_prompt
+from tests.driver import Affinity
 from tests.harness import ROOT, Proxy, start_proxy
 from tests.sim import SimClock, Simulator
 
@@ -281,11 +282,11 @@ def in_process(lab: Lab, sim: Simulator, host: str, path: str,
                bodies: list[tuple[dict[str, Any], float]],
                respond: Callable[[int, httpx2.Response], http.Response] | None = None,
                between: Callable[[int], None] | None = None) -> int:
-    """Send each (body, request start time) through a `CacheAffinity` in-process and then to
+    """Send each (body, request start time) through the addons in-process and then to
     `sim`, attaching the simulator's reply (or `respond(i, reply)`) to the flow."""
-    addon = CacheAffinity()
-    with taddons.context(addon) as tctx, httpx2.Client(timeout=30) as h:
-        tctx.configure(addon, affinity_rules=str(DEFAULT_RULES), affinity_log=str(lab.log),
+    addon = Affinity()
+    with taddons.context(*addon.addons) as tctx, httpx2.Client(timeout=30) as h:
+        tctx.configure(addon.config, affinity_rules=str(DEFAULT_RULES), affinity_log=str(lab.log),
                        affinity_summary=False)
         for i, (body, started) in enumerate(bodies):
             if between:
@@ -306,7 +307,7 @@ def in_process(lab: Lab, sim: Simulator, host: str, path: str,
                 headers=http.Headers(content_type=r.headers["content-type"]), content=r.content)
             addon.responseheaders(f)
             addon.response(f)
-        tctx.configure(addon, affinity_log="")  # close the file before the report reads it
+        tctx.configure(addon.config, affinity_log="")  # close the file before the report reads it
     return len(bodies)
 
 

@@ -45,9 +45,10 @@ from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 from wsproto.frame_protocol import Opcode
 
-from affinity_addon.mitm.cache_affinity import META, CacheAffinity
+from affinity_addon.record.schema import META
 from affinity_addon.request import breakpoints
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.driver import Affinity
 from tests.sim import wire
 
 HOST = "api.fuzz.test"
@@ -113,7 +114,7 @@ class _Capture(logging.Handler):
 
 
 class Rig:
-    def __init__(self, addon: CacheAffinity, tctx: Any, log: Path, capture: _Capture) -> None:
+    def __init__(self, addon: Affinity, tctx: Any, log: Path, capture: _Capture) -> None:
         self.addon, self.tctx, self.log, self.capture = addon, tctx, log, capture
         self._lines = 0
 
@@ -157,10 +158,10 @@ def rig(tmp: Path, **options: Any) -> Iterator[Rig]:
     capture = _Capture()
     logger = logging.getLogger("affinity_addon")
     logger.addHandler(capture)
-    addon = CacheAffinity()
+    addon = Affinity()
     try:
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, affinity_rules=str(rules), affinity_log=str(log), **options)
+        with taddons.context(*addon.addons) as tctx:
+            tctx.configure(addon.config, affinity_rules=str(rules), affinity_log=str(log), **options)
             capture.take()
             yield Rig(addon, tctx, log, capture)
     finally:
@@ -424,7 +425,7 @@ def test_request_rewrite_is_valid_or_identical(tmp_path, dry):
             r.still_works()
 
         run()
-        assert not r.addon._pending and not r.addon._live
+        assert not r.addon.state.pending and not r.addon.state.live
 
 
 def test_empty_body_with_json_type_passes_with_header_rules_only(tmp_path):
@@ -752,7 +753,7 @@ def test_stream_tap_passes_every_byte_and_records_once(tmp_path):
             r.still_works()
 
         run()
-        assert not r.addon._pending and not r.addon._live
+        assert not r.addon.state.pending and not r.addon.state.live
 
 
 @st.composite
@@ -869,7 +870,7 @@ def test_websocket_frames_with_bad_usage(tmp_path):
             for rec in recs:
                 check_record(rec, f)
                 assert rec["transport"] == "websocket"
-            r.addon._pending.clear()  # the request flows above never got a response
+            r.addon.state.pending.clear()  # the request flows above never got a response
 
         run()
 

@@ -10,7 +10,8 @@ from mitmproxy.http import Headers
 from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
-from affinity_addon.mitm.cache_affinity import META, CacheAffinity
+from affinity_addon.record.schema import META
+from tests.driver import Affinity
 
 RULES = """
 version: 1
@@ -51,9 +52,9 @@ def req(body: bytes | dict | None, host="api.example.com", path="/v1/chat/comple
 def addon(tmp_path):
     p = tmp_path / "rules.yaml"
     p.write_text(RULES)
-    a = CacheAffinity()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, affinity_rules=str(p))
+    a = Affinity()
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.config, affinity_rules=str(p))
         yield a, tctx
 
 
@@ -104,9 +105,9 @@ def test_top_level_addition_splices_and_keeps_every_other_byte(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("rules:\n  - name: k\n    match: {host: api.example.com}\n"
                  "    set_fields: {prompt_cache_key: '{affinity_id}'}\n")
-    a = CacheAffinity()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, affinity_rules=str(p))
+    a = Affinity()
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.config, affinity_rules=str(p))
         raw = b'  {"model" : "gpt-5",\n "messages":[{"role":"user","content":"caf\\u00e9 1.0e5"}], "n": 1.50}'
         f = req(raw)
         a.request(f)
@@ -183,7 +184,7 @@ def test_guard_skips_answered_dead_and_replayed_flows(addon):
 
 def test_dry_run_changes_nothing_but_records_everything(addon):
     a, tctx = addon
-    tctx.configure(a, affinity_dry_run=True)
+    tctx.configure(a.config, affinity_dry_run=True)
     f = req(CHAT)
     before_raw, before_headers = f.request.raw_content, f.request.headers.copy()
     a.request(f)
@@ -207,12 +208,12 @@ def test_metadata_is_plain_data_and_flows_still_save(addon):
 def test_bad_rules_and_options_are_options_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - name: a\n    match: {host: x}\n    set_headers: {'a b': c}\n")
-    a = CacheAffinity()
-    with taddons.context(a) as tctx:
+    a = Affinity()
+    with taddons.context(*a.addons) as tctx:
         with pytest.raises(exceptions.OptionsError, match=rf"{bad}:4: rule 'a'"):
-            tctx.configure(a, affinity_rules=str(bad))
+            tctx.configure(a.config, affinity_rules=str(bad))
         with pytest.raises(exceptions.OptionsError, match="key must not be empty"):
-            tctx.configure(a, affinity_key="")
+            tctx.configure(a.config, affinity_key="")
 
 
 DEFAULT = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
@@ -220,9 +221,9 @@ DEFAULT = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
 
 @pytest.fixture
 def default_addon():
-    a = CacheAffinity()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, affinity_rules=str(DEFAULT))
+    a = Affinity()
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.config, affinity_rules=str(DEFAULT))
         yield a
 
 
@@ -286,7 +287,7 @@ def test_commands_why_stats_reset_reload(addon):
         headers=Headers(content_type="application/json"))
     a.responseheaders(f)
     a.response(f)
-    assert f.comment.startswith("cache 1.5k read / 0 write of 2.0k · 77%")
+    assert f.comment.startswith("cache 1.54k read / 0 write of 2.00k · 77%")
     why = tctx.master.commands.call("affinity.why", [f])
     assert "rule=first" in why and "read=1536/2000" in why and "verdict=" in why
     assert "1 requests" in tctx.master.commands.call("affinity.stats")
@@ -300,9 +301,9 @@ def test_codex_websocket_frames_become_records(tmp_path):
     from wsproto.frame_protocol import Opcode
 
     log = tmp_path / "ws.jsonl"
-    a = CacheAffinity()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, affinity_rules=str(DEFAULT), affinity_log=str(log))
+    a = Affinity()
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.config, affinity_rules=str(DEFAULT), affinity_log=str(log))
         f = tflow.twebsocketflow(messages=False)
         f.request.host, f.request.port, f.request.scheme = "chatgpt.com", 443, "https"
         f.request.path = "/backend-api/codex/responses"
@@ -345,10 +346,10 @@ def test_summary_prints_on_shutdown_only_not_on_script_reload(addon, capsys):
 def test_diagnosis_can_be_turned_off(addon, tmp_path):
     a, tctx = addon
     log = tmp_path / "d.jsonl"
-    tctx.configure(a, affinity_diagnose=False, affinity_log=str(log))
+    tctx.configure(a.config, affinity_diagnose=False, affinity_log=str(log))
     f = req(CHAT)
     a.request(f)
-    assert f.id not in a._pending and "x-conv" in f.request.headers  # still rewritten
+    assert f.id not in a.state.pending and "x-conv" in f.request.headers  # still rewritten
     f.response = tutils.tresp(content=json.dumps({"usage": {"prompt_tokens": 10}}).encode(),
                               headers=Headers(content_type="application/json"))
     a.responseheaders(f)

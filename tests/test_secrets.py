@@ -27,7 +27,7 @@ import httpx2
 import pytest
 from mitmproxy import io as mio
 
-from affinity_addon.mitm.cache_affinity import META
+from affinity_addon.record.schema import META
 from tests.harness import ROOT, Proxy
 
 TOKEN = secrets.token_hex(6).upper()

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from affinity_addon.views import pricing
-from affinity_addon.views.aggregate import Aggregator, Bucket, render_summary
+from affinity_addon.views.aggregate import Aggregator, Bucket
+from affinity_addon.views.console import render_summary
 from affinity_addon.views.pricing import (
     TOKEN_EQUIVALENTS,
     USD,

@@ -8,13 +8,13 @@ normalized usage, by an ordered table of checks where the first that applies win
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.diagnosis.fingerprint import BlockPrint, Fingerprint, PrefixDiff, compare
 from affinity_addon.record.schema import Usage
-from affinity_addon.shapes import ANTHROPIC
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ REASONS = ("hit", "first-write", "prefix-changed", "ttl-expired", "routed-away",
 
 # How many blocks back from a breakpoint the provider looks for an earlier cache entry.
 # Shapes not listed match any earlier entry (OpenAI breakpoints, automatic prefix caching).
-LOOKBACK_BLOCKS: dict[str, int] = {ANTHROPIC: 20}
+LOOKBACK_BLOCKS: Mapping[str, int] = PROVIDER_FACTS.lookback_blocks
 
 # Reads below this share of the expected tokens are reported as a partial hit. Expectations are
 # character estimates, so only a clear shortfall is worth a mention.

@@ -8,7 +8,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from affinity_addon.record.schema import Usage
+from affinity_addon.record.schema import Record, Usage
+from affinity_addon.tokens import format_tokens
 
 # Marker for flows that missed the cache, so `~marked` (or `~marker`) finds them in mitmweb.
 MISS_MARKER = ":red_circle:"
@@ -23,9 +24,6 @@ def build(
     *,
     meta: dict[str, Any],
     flow_id: str,
-    host: str,
-    path: str,
-    method: str,
     status: int | None,
     usage: Usage | None,
     usage_raw: dict[str, Any] | None,
@@ -37,87 +35,74 @@ def build(
     response_cache: bool,
     extras: dict[str, Any] | None = None,
     now: float | None = None,
-) -> dict[str, Any]:
+) -> Record:
+    """The record of one response, from the request's plain-data facts in `flow.metadata`."""
     now = time.time() if now is None else now
     extras = extras or {}
-    return {
-        "v": 1,
-        "ts": iso(now),
-        "flow_id": flow_id,
-        "rule": meta.get("rule"),
-        "rules": meta.get("rules", []),
-        "provider": meta.get("shape"),
-        "host": host,
-        "path": path,
-        "method": method,
-        "model": meta.get("model") or extras.get("model"),
-        "affinity_id": meta.get("affinity_id"),
-        "affinity_source": meta.get("affinity_source"),
-        "stream": stream,
-        "transport": transport,
-        "status": status,
-        "complete": complete,
-        "error": error,
-        "duration_ms": round((now - started) * 1000, 1) if started else None,
-        "usage": usage.to_dict() if usage else None,
-        "usage_raw": usage_raw,
-        "hit_ratio": round(usage.hit_ratio, 4) if usage and usage.hit_ratio is not None else None,
-        "response_cache": response_cache,
-        "added": meta.get("added", {"headers": {}, "fields": {}, "markers": []}),
-        "dry_run": bool(meta.get("dry_run")),
-        "miss_reason": None,
-        "miss_detail": None,
-        "expected_cacheable_tokens": None,
-        "predicted_hit_ratio": None,
-        "provider_miss_reason": extras.get("provider_miss_reason"),
-    }
+    return Record(
+        ts=iso(now),
+        flow_id=flow_id,
+        rule=meta.get("rule"),
+        rules=list(meta.get("rules", [])),
+        provider=meta.get("shape"),
+        host=meta.get("host", ""),
+        path=meta.get("path", ""),
+        method=meta.get("method", ""),
+        model=meta.get("model") or extras.get("model"),
+        affinity_id=meta.get("affinity_id"),
+        affinity_source=meta.get("affinity_source"),
+        stream=stream,
+        transport=transport,
+        status=status,
+        complete=complete,
+        error=error,
+        duration_ms=round((now - started) * 1000, 1) if started else None,
+        usage=usage,
+        usage_raw=usage_raw,
+        hit_ratio=round(usage.hit_ratio, 4) if usage and usage.hit_ratio is not None else None,
+        response_cache=response_cache,
+        added=meta.get("added", {"headers": {}, "fields": {}, "markers": []}),
+        dry_run=bool(meta.get("dry_run")),
+        provider_miss_reason=extras.get("provider_miss_reason"),
+    )
 
 
-def human(n: int) -> str:
-    if n >= 1_000_000:
-        return f"{n / 1_000_000:.1f}M"
-    if n >= 1000:
-        return f"{n / 1000:.1f}k"
-    return str(n)
-
-
-def comment(record: dict[str, Any]) -> str:
-    """e.g. `cache 45.1k read / 1.2k write · 97% · aff 3f2a… · miss: prefix-changed (...)`"""
+def comment(record: Record) -> str:
+    """e.g. `cache 45.1k read / 1.20k write · 97% · aff 3f2a… · miss: prefix-changed (...)`"""
     parts: list[str] = []
-    u = record.get("usage")
-    if record.get("response_cache"):
+    u = record.usage
+    if record.response_cache:
         parts.append("response cache HIT")
     elif u:
-        parts.append(f"cache {human(u['cache_read_tokens'])} read / "
-                     f"{human(u['cache_write_tokens'])} write of {human(u['input_tokens'])}")
-        if record.get("hit_ratio") is not None:
-            parts.append(f"{record['hit_ratio'] * 100:.0f}%")
+        parts.append(f"cache {format_tokens(u.cache_read_tokens)} read / "
+                     f"{format_tokens(u.cache_write_tokens)} write of {format_tokens(u.input_tokens)}")
+        if record.hit_ratio is not None:
+            parts.append(f"{record.hit_ratio * 100:.0f}%")
     else:
         parts.append("no usage")
-    aff = record.get("affinity_id")
-    if aff:
-        parts.append(f"aff {aff[:8]}…")
-    added = record.get("added") or {}
+    if record.affinity_id:
+        parts.append(f"aff {record.affinity_id[:8]}…")
+    added = record.added
     n_added = len(added.get("headers", {})) + len(added.get("fields", {}))
     if n_added or added.get("markers"):
         what = f"+{n_added} ids" + (f" +{len(added['markers'])} bp" if added.get("markers") else "")
-        parts.append(("dry " if record.get("dry_run") else "") + what)
-    reason = record.get("miss_reason")
+        parts.append(("dry " if record.dry_run else "") + what)
+    reason = record.miss_reason
     if reason and reason != "hit":
-        detail = record.get("miss_detail")
+        detail = record.miss_detail
         parts.append(f"miss: {reason}" + (f" ({detail})" if detail else ""))
-    if not record.get("complete", True):
+    if not record.complete:
         parts.append("incomplete")
     return " · ".join(parts)
 
 
-def marker(record: dict[str, Any]) -> str:
-    if not record.get("complete", True):
+def marker(record: Record) -> str:
+    if not record.complete:
         return PARTIAL_MARKER
-    reason = record.get("miss_reason")
+    reason = record.miss_reason
     if reason is not None:
         return "" if reason in ("hit", "response-cache") else MISS_MARKER
-    u = record.get("usage")
-    if u and not record.get("response_cache") and u["input_tokens"] > 0 and u["cache_read_tokens"] == 0:
+    u = record.usage
+    if u and not record.response_cache and u.input_tokens > 0 and u.cache_read_tokens == 0:
         return MISS_MARKER
     return ""

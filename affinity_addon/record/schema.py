@@ -50,3 +50,61 @@ class Usage:
         if self.cost is not None:
             d["cost"] = self.cost
         return d
+
+
+# flow.metadata key of a matched flow: plain data only (mitmproxy must be able to save flows).
+META = "affinity"
+
+FORMAT_VERSION = 1
+
+
+@dataclass(slots=True)
+class Record:
+    """One line of the JSONL log (docs/log-format.md): one completed or failed matched response.
+
+    Built once per response by `record.build`, written by the JSONL writer, shown as the flow
+    comment, aggregated by the views. Only names, numbers and IDs: never prompt text, never a
+    header value other than the ones the rules added.
+    """
+
+    ts: str
+    flow_id: str
+    rule: str | None
+    rules: list[str]
+    provider: str | None
+    host: str
+    path: str
+    method: str
+    model: str | None
+    affinity_id: str | None
+    affinity_source: str | None
+    stream: bool
+    transport: str
+    status: int | None
+    complete: bool
+    error: str | None
+    duration_ms: float | None
+    usage: Usage | None
+    usage_raw: dict[str, Any] | None
+    hit_ratio: float | None
+    response_cache: bool
+    added: dict[str, Any]
+    dry_run: bool
+    miss_reason: str | None = None
+    miss_detail: str | None = None
+    expected_cacheable_tokens: int | None = None
+    predicted_hit_ratio: float | None = None
+    provider_miss_reason: str | None = None
+    v: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSONL object, fields in the documented order."""
+        d: dict[str, Any] = {"v": self.v}
+        for name in RECORD_FIELDS[1:]:
+            value = getattr(self, name)
+            d[name] = value.to_dict() if isinstance(value, Usage) else value
+        return d
+
+
+# Field order of a JSONL line: `v` first, then as declared.
+RECORD_FIELDS: tuple[str, ...] = ("v", *(f for f in Record.__dataclass_fields__ if f != "v"))

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from affinity_addon.catalog import catalog_file
+from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.request.prompt import (
     MARKER_KEYS,
     SYSTEM_ROLES,
@@ -40,7 +41,8 @@ from affinity_addon.tokens import estimate_tokens
 logger = logging.getLogger(__name__)
 
 MAX_MARKERS = 4
-DEFAULT_LOOKBACK = 20  # blocks a breakpoint looks back for an earlier cache entry
+# Blocks a breakpoint looks back for an earlier cache entry (catalog/providers.yaml).
+DEFAULT_LOOKBACK = PROVIDER_FACTS.lookback_blocks.get(ANTHROPIC, 20)
 DEFAULT_MIN_TOKENS = 1024
 
 AGENT = "agent"
@@ -55,7 +57,7 @@ MINIMUMS_FILE = catalog_file("cache_minimums.yaml")
 
 # Models that honour only the last breakpoint of a request (OpenRouter's Gemini route), matched
 # against normalized names: one marker is all they can use.
-LAST_MARKER_ONLY_MODELS = ("gemini-*",)
+LAST_MARKER_ONLY_MODELS = PROVIDER_FACTS.last_marker_only_models
 
 _NEVER_MARKED = frozenset({"thinking", "redacted_thinking"})
 

@@ -126,7 +126,7 @@ def splice_top_level(text: bytes, items: Mapping[str, Any], empty: bool) -> byte
 
 @dataclass
 class Outcome:
-    """What the rules did to one request; `record()` is the plain-data form for flow.metadata."""
+    """What the rules did to one request; `to_meta()` is its plain-data form for flow.metadata."""
 
     rules: list[str]
     shape: str | None
@@ -142,7 +142,8 @@ class Outcome:
     problems: list[str] = field(default_factory=list)  # logged as one warning per request
     signal: str | None = None  # the routing value the provider will see (None: none at all)
 
-    def record(self) -> dict[str, Any]:
+    def to_meta(self, *, host: str, path: str, method: str) -> dict[str, Any]:
+        """The request's facts as plain data for `flow.metadata` (the record is built from it)."""
         return {
             "rule": self.rules[0],
             "rules": list(self.rules),
@@ -156,6 +157,9 @@ class Outcome:
             "kept": list(self.kept),
             "body_write": self.body_write,
             "warning": "; ".join(self.problems) or None,
+            "host": host,
+            "path": path,
+            "method": method,
         }
 
 

@@ -10,9 +10,8 @@ from typing import Any
 
 from mitmproxy import contentviews
 
+from affinity_addon.record.schema import META
 from affinity_addon.request.prompt import MARKER_KEYS, iter_segments, text_of
-
-META = "affinity"
 
 
 def _marker(value: Any) -> str:

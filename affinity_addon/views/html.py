@@ -14,15 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from affinity_addon.views.aggregate import (
-    NONE_KEY,
-    Bucket,
-    fmt_cost,
-    fmt_ratio,
-    fmt_tokens,
-    short_id,
-    top_buckets,
-)
+from affinity_addon.views.aggregate import NONE_KEY, Bucket
+from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
 from affinity_addon.views.report import Report, dry_run_rows
 
 logger = logging.getLogger(__name__)

@@ -23,17 +23,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from affinity_addon.views.aggregate import (
-    Aggregator,
-    Bucket,
-    bucket_table,
-    fmt_cost,
-    fmt_ratio,
-    fmt_tokens,
-    reasons_table,
-    top_buckets,
-    totals_line,
-)
+from affinity_addon.views.aggregate import Aggregator, Bucket
+from affinity_addon.views.console import bucket_table, reasons_table, totals_line
+from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, top_buckets
 from affinity_addon.views.pricing import TOKEN_EQUIVALENTS, PriceTable
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,155 @@
+"""The response side as an addon: usage from JSON, SSE (streamed through a tap) and WebSocket
+frames, the miss verdict, and one record per response (JSONL, flow comment, live summary).
+"""
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from mitmproxy import ctx, hooks, http
+
+from affinity_addon.catalog.providers import PROVIDER_FACTS
+from affinity_addon.diagnosis.tracker import Pending
+from affinity_addon.mitm.state import Live, State
+from affinity_addon.record import build
+from affinity_addon.record.schema import META, Record, Usage
+from affinity_addon.response.stream_tap import StreamTap
+from affinity_addon.response.usage import UsageReader
+from affinity_addon.shapes import OPENAI_RESPONSES
+
+logger = logging.getLogger(__name__)
+
+
+class Recorder:
+    name = "affinity-recorder"
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if meta is None or flow.response is None or not meta.get("shape"):
+            return
+        try:
+            reader = UsageReader(meta["shape"])
+            tap = None
+            ctype = flow.response.headers.get("content-type", "")
+            if ctype.startswith("text/event-stream") and not flow.response.stream:
+                # Stream it: mitmproxy would otherwise hold the whole answer back (G2).
+                tap = StreamTap(flow.response.headers.get("content-encoding"),
+                                reader.feed_event, keep_limit=ctx.options.affinity_keep_bodies)
+                flow.response.stream = tap
+            self.state.live[flow.id] = Live(reader, tap)
+        except Exception:
+            logger.exception("affinity: cannot watch this response; it passes unobserved")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        live = self.state.live.pop(flow.id, None)
+        meta = flow.metadata.get(META)
+        if meta is None or flow.response is None:
+            return
+        if flow.websocket is not None:  # the upgrade: records come per completed frame
+            self.state.pending.pop(flow.id, None)
+            return
+        try:
+            tap = live.tap if live is not None else None
+            if live is not None and tap is None and flow.response.raw_content:
+                try:
+                    live.reader.feed_json(json.loads(flow.response.get_content(strict=True) or b""))
+                except (ValueError, RecursionError):
+                    pass  # an error page or a body we do not understand: no usage
+            if tap is not None and flow.response.raw_content is None and tap.kept is not None:
+                flow.response.raw_content = tap.kept  # visible in mitmweb; already sent
+            # A stream that ended without its terminal event was cut short upstream.
+            complete = tap is None or (tap.ended and live is not None and live.reader.terminal)
+            self._finish(flow, meta, live, stream=tap is not None, complete=complete, error=None)
+        except Exception:
+            logger.exception("affinity: could not record this response")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        live = self.state.live.pop(flow.id, None)
+        meta = flow.metadata.get(META)
+        if meta is None or flow.websocket is not None:
+            self.state.pending.pop(flow.id, None)
+            return
+        try:
+            stream = live is not None and live.tap is not None
+            msg = flow.error.msg if flow.error else "error"
+            self._finish(flow, meta, live, stream=stream, complete=False, error=msg)
+        except Exception:
+            logger.exception("affinity: could not record this failed response")
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        # Codex in ChatGPT mode streams over a WebSocket: every terminal frame from the server
+        # ends one model response, with usage like the Responses API.
+        meta = flow.metadata.get(META)
+        if meta is None or flow.websocket is None or not flow.websocket.messages:
+            return
+        msg = flow.websocket.messages[-1]
+        if msg.from_client or not msg.is_text:
+            return
+        try:
+            content = msg.content
+            if not any(t in content for t in PROVIDER_FACTS.websocket_terminal_events):
+                return
+            reader = UsageReader(meta.get("shape") or OPENAI_RESPONSES)
+            reader.feed_event(None, content)
+            if reader.terminal:
+                self._finish(flow, meta, Live(reader, None), stream=True, complete=True,
+                             error=None, transport="websocket")
+        except Exception:
+            logger.exception("affinity: could not read a WebSocket message")
+
+    def _finish(self, flow: http.HTTPFlow, meta: dict[str, Any], live: Live | None, *,
+                stream: bool, complete: bool, error: str | None, transport: str = "http") -> None:
+        reader = live.reader if live else None
+        resp = flow.response
+        usage = reader.usage() if reader else None
+        record = build.build(
+            meta=meta, flow_id=flow.id, status=resp.status_code if resp else None,
+            usage=usage, usage_raw=reader.raw if reader else None,
+            stream=stream, transport=transport, complete=complete, error=error,
+            started=flow.request.timestamp_start,
+            response_cache=resp is not None and PROVIDER_FACTS.is_response_cache_hit(resp.headers),
+            extras=reader.extras if reader else None,
+        )
+        pending = self.state.pending.pop(flow.id, None) if transport == "http" else None
+        if isinstance(pending, asyncio.Future | Future):
+            if not pending.done():
+                pending.add_done_callback(lambda f: self._completed(flow, meta, record, usage, f))
+                return
+            pending = pending.result() if not pending.exception() else None
+        self._record(flow, meta, record, usage, pending)
+
+    def _completed(self, flow: http.HTTPFlow, meta: dict[str, Any], record: Record,
+                   usage: Usage | None, fut: Any) -> None:
+        try:
+            pending = fut.result() if not fut.cancelled() and not fut.exception() else None
+            self._record(flow, meta, record, usage, pending)
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))  # changed outside a hook
+        except Exception:
+            logger.exception("affinity: could not record this response")
+
+    def _record(self, flow: http.HTTPFlow, meta: dict[str, Any], record: Record,
+                usage: Usage | None, pending: Pending | None) -> None:
+        state = self.state
+        if pending is not None:
+            verdict, predicted = state.tracker.verdict(
+                pending, usage, time.time(), response_cache=record.response_cache,
+                provider_reason=record.provider_miss_reason, dry_run=record.dry_run)
+            record.miss_reason, record.miss_detail = verdict.reason, verdict.detail
+            record.expected_cacheable_tokens = verdict.expected_cacheable_tokens
+            record.provider_miss_reason = verdict.provider_reason
+            record.predicted_hit_ratio = predicted
+            meta["miss_reason"], meta["miss_detail"] = verdict.reason, verdict.detail
+        data = record.to_json()
+        if state.writer:
+            state.writer.write(data)
+        state.stats.add(data)
+        flow.comment = build.comment(record)
+        flow.marked = build.marker(record)
+        meta["usage"] = data["usage"]
+        meta["hit_ratio"] = record.hit_ratio

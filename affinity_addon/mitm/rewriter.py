@@ -1,0 +1,88 @@
+"""The request side as an addon: rules -> affinity ID -> rewrite, then a prefix fingerprint.
+
+The fingerprint (for the miss verdict) is computed in a worker thread while the request travels
+upstream; the recorder waits for it at response time.
+"""
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from affinity_addon.mitm.state import State
+from affinity_addon.record.schema import META
+from affinity_addon.request import affinity_id
+from affinity_addon.request.rewrite import Outcome, apply_rules
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING = 50_000  # flows that never finished; should not happen
+
+
+class Rewriter:
+    name = "affinity-rewriter"
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.state.ruleset is None:
+            return
+        try:
+            result = apply_rules(
+                self.state.ruleset, flow.request, key=ctx.options.affinity_key,
+                dry_run=ctx.options.affinity_dry_run,
+            )
+        except RecursionError:
+            logger.warning("affinity: request body nested too deeply to inspect; sent unchanged")
+            return
+        except Exception:  # fail open: an addon bug must never break the request
+            logger.exception("affinity: rewrite failed; request sent unchanged")
+            return
+        if result is None:
+            return
+        outcome, parsed = result
+        if outcome.problems:  # one line per request, whatever went wrong
+            logger.warning("affinity: %s %s: %s", flow.request.method, flow.request.pretty_host,
+                           "; ".join(outcome.problems))
+        # As the client sent them: map-remote and other addons may rewrite the URL later.
+        flow.metadata[META] = outcome.to_meta(
+            host=flow.request.pretty_host, path=flow.request.path.split("?", 1)[0],
+            method=flow.request.method)
+        if outcome.shape and parsed.obj is not None and ctx.options.affinity_diagnose:
+            try:
+                self._observe(flow, outcome, parsed.obj)
+            except RecursionError:
+                pass  # too deeply nested to fingerprint: no verdict for this one
+            except Exception:
+                logger.exception("affinity: cannot fingerprint this request; no verdict for it")
+
+    def _observe(self, flow: http.HTTPFlow, outcome: Outcome, body: dict[str, Any]) -> None:
+        state = self.state
+        assert state.ruleset is not None and outcome.shape is not None
+        if outcome.affinity_source == "root":  # derived already
+            root, client = outcome.affinity_id, None
+        else:
+            root = affinity_id.root_id(body, outcome.shape, state.ruleset.affinity,
+                                       ctx.options.affinity_key)
+            client = outcome.affinity_id
+        keys = tuple(k for k in (client, root) if k)
+        if not keys:
+            return
+        if len(state.pending) > MAX_PENDING:
+            state.pending.clear()
+        work = partial(state.tracker.observe, body, shape=outcome.shape, model=outcome.model,
+                       host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
+                       ts=flow.request.timestamp_start or time.time())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside mitmproxy's loop (unit tests): compute inline
+            state.pending[flow.id] = work()
+            return
+        if state.pool is None:
+            state.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="affinity-fp")
+        state.pending[flow.id] = loop.run_in_executor(state.pool, work)

@@ -1,0 +1,58 @@
+"""What the affinity addons share: the rules, the log, the tracker, the live summary, in-flight work.
+
+mitmproxy's addons are single-concern classes (config, scope, rewrite, record, commands); they
+see one `State` instead of reaching into each other.
+"""
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from affinity_addon.diagnosis.tracker import MissTracker, Pending
+from affinity_addon.record.jsonl import JsonlWriter
+from affinity_addon.request.rules import RuleSet
+from affinity_addon.response.stream_tap import StreamTap
+from affinity_addon.response.usage import UsageReader
+from affinity_addon.views.aggregate import Aggregator
+
+logger = logging.getLogger(__name__)
+
+STATS_CONVERSATIONS = 2000  # live summary: conversations tracked one by one (memory bound)
+
+
+def new_stats() -> Aggregator:
+    return Aggregator(keep_series=False, max_conversations=STATS_CONVERSATIONS)
+
+
+class Live:
+    """Per-flow response state; lives here, never in flow.metadata (which must pickle)."""
+
+    __slots__ = ("reader", "tap")
+
+    def __init__(self, reader: UsageReader, tap: StreamTap | None) -> None:
+        self.reader = reader
+        self.tap = tap
+
+
+@dataclass
+class State:
+    ruleset: RuleSet | None = None
+    writer: JsonlWriter | None = None
+    stats: Aggregator = field(default_factory=new_stats)
+    tracker: MissTracker = field(default_factory=MissTracker)
+    live: dict[str, Live] = field(default_factory=dict)
+    # Fingerprints computed while the request travels upstream; the verdict waits for them.
+    pending: dict[str, Pending | asyncio.Future[Pending]] = field(default_factory=dict)
+    pool: ThreadPoolExecutor | None = None
+    warned: set[str] = field(default_factory=set)
+
+    def in_scope(self, host: str) -> bool:
+        rs = self.ruleset
+        return rs is not None and any(r.host.matches(host) for r in rs.rules)
+
+    def warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            logger.warning(msg, *args)

@@ -6,12 +6,25 @@ Each subcommand module exposes `add_parser(subparsers)`, which registers its arg
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from affinity_addon.views import report
 
-SUBCOMMANDS: tuple[Callable[[Any], argparse.ArgumentParser], ...] = (report.add_parser,)
+ADDON_SCRIPT = Path(__file__).resolve().parent / "addon.py"
+
+
+def _addon_path_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "addon-path", help="print the path of the mitmproxy script",
+        description='Print the addon script\'s path, for `mitmdump -s "$(affinity addon-path)"`.')
+    p.set_defaults(run=lambda _args: print(ADDON_SCRIPT) or 0)
+    return p
+
+
+SUBCOMMANDS: tuple[Callable[[Any], argparse.ArgumentParser], ...] = (
+    report.add_parser, _addon_path_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

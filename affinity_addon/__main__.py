@@ -6,8 +6,8 @@ Each subcommand module exposes `add_parser(subparsers)`, which registers its arg
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from affinity_addon.views import report

@@ -16,8 +16,8 @@ from affinity_addon.views.pricing import (
     TOKEN_EQUIVALENTS,
     USD,
     Price,
+    PriceRule,
     PriceTable,
-    estimate_cost,
     parse_prices,
     parse_rule,
     price_for,
@@ -133,10 +133,17 @@ ANTHROPIC_USD = Price("t", read=0.1, write_5m=1.25, write_1h=2.0, input_usd_per_
 PLAIN = Price("p", read=0.25, write_5m=1.0, write_1h=1.0)
 
 
-def test_estimate_cost_in_usd_with_ttl_split():
+def cost_of(usage, price: Price):
+    """The cost the aggregator computes for one record with `usage`, under one price."""
+    agg = Aggregator(PriceTable([PriceRule((), ("*",), (), price)]))
+    agg.add({"model": "m", "usage": usage, "ts": "2026-11-23T10:00:00.000Z"})
+    return agg.total.cost()
+
+
+def test_cost_in_usd_with_ttl_split():
     usage = {"input_tokens": 10_000, "cache_read_tokens": 6_000, "cache_write_tokens": 3_000,
              "cache_write_1h_tokens": 1_000, "output_tokens": 500}
-    cost = estimate_cost(usage, ANTHROPIC_USD)
+    cost = cost_of(usage, ANTHROPIC_USD)
     # 1000 uncached + 6000*0.1 + 2000*1.25 + 1000*2.0 = 6100 equivalents at $3/Mtok.
     assert cost.unit == USD
     assert cost.with_cache == pytest.approx(6100 * 3e-6)
@@ -144,9 +151,9 @@ def test_estimate_cost_in_usd_with_ttl_split():
     assert cost.saved == pytest.approx(3900 * 3e-6)
 
 
-def test_estimate_cost_token_equivalents_and_negative_saving_on_a_first_write():
-    cost = estimate_cost({"input_tokens": 4000, "cache_read_tokens": 0,
-                          "cache_write_tokens": 4000}, Price("t", 0.1, 1.25, 2.0))
+def test_cost_token_equivalents_and_negative_saving_on_a_first_write():
+    cost = cost_of({"input_tokens": 4000, "cache_read_tokens": 0,
+                    "cache_write_tokens": 4000}, Price("t", 0.1, 1.25, 2.0))
     assert cost.unit == TOKEN_EQUIVALENTS
     assert (cost.with_cache, cost.without_cache) == (5000.0, 4000.0)
     assert cost.saved == -1000.0
@@ -154,13 +161,13 @@ def test_estimate_cost_token_equivalents_and_negative_saving_on_a_first_write():
 
 @pytest.mark.parametrize("usage", [None, {}, {"input_tokens": "12"}, {"input_tokens": -5},
                                    {"cache_read_tokens": 100}, "usage"])
-def test_estimate_cost_tolerates_junk(usage):
-    cost = estimate_cost(usage, PLAIN)
+def test_cost_tolerates_junk(usage):
+    cost = cost_of(usage, PLAIN)
     assert (cost.with_cache, cost.without_cache, cost.saved) == (0.0, 0.0, 0.0)
 
 
-def test_estimate_cost_clamps_counters_to_the_prompt():
-    cost = estimate_cost({"input_tokens": 100, "cache_read_tokens": 150}, PLAIN)
+def test_cost_clamps_counters_to_the_prompt():
+    cost = cost_of({"input_tokens": 100, "cache_read_tokens": 150}, PLAIN)
     assert cost.with_cache == pytest.approx(25.0)
     assert cost.without_cache == 100.0
 

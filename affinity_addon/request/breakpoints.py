@@ -105,9 +105,6 @@ class AddedMarker:
     ttl: str  # "5m" | "1h"
     converted: bool = False  # string content was turned into a one-part list to carry it
 
-    def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "ttl": self.ttl}
-
 
 _SPEC_KEYS = ("strategy", "placements", "ttl", "client_markers", "lookback", "min_tokens",
               "last_marker_only")

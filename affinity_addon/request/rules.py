@@ -183,14 +183,6 @@ class RuleSet:
             self._cache[key] = hit
         return hit
 
-    @property
-    def host_patterns(self) -> tuple[str, ...]:
-        seen: dict[str, None] = {}
-        for r in self.rules:
-            for p in r.host.patterns:
-                seen.setdefault(p, None)
-        return tuple(seen)
-
 
 def shape_for(path: str, api: str | None = None) -> str | None:
     if api:

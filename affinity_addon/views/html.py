@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Iterable
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,18 @@ from affinity_addon.views.report import Report, dry_run_rows
 
 logger = logging.getLogger(__name__)
 
+# The page: inline CSS and script, with __SLOT__ placeholders filled by render_html.
+TEMPLATE_FILE = Path(__file__).resolve().parent / "report.html"
+
 MAX_SERIES = 8  # conversations drawn in the hit-ratio chart
 MAX_POINTS = 400  # per line: enough for the eye, small enough for a big log's page
 OVERALL_BINS = 60
 _SLOT = re.compile(r"__(SPAN|META|KPIS|DRY_CHART|TABLES|EXPECTED|DATA)__")
+
+
+@cache
+def _template() -> str:
+    return TEMPLATE_FILE.read_text(encoding="utf-8")
 
 
 def _ms(ts: str) -> int | None:
@@ -256,325 +265,10 @@ def render_html(report: Report, *, top: int = 10) -> str:
         "DATA": _json_for_script(chart_data(report)),
     }
     # One pass, so a slot name inside log-derived text is never substituted again.
-    return _SLOT.sub(lambda m: slots[m.group(1)], _TEMPLATE)
+    return _SLOT.sub(lambda m: slots[m.group(1)], _template())
 
 
 def write_html(report: Report, path: str | Path, *, top: int = 10) -> Path:
     path = Path(path)
     path.write_text(render_html(report, top=top), encoding="utf-8")
     return path
-
-
-_TEMPLATE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>affinity · prompt-cache report</title>
-<style>
-:root {
-  --bg: #f4f6fb; --card: #ffffff; --ink: #1b2232; --muted: #6a7386; --line: #e3e7f0;
-  --grid: #edf0f6; --accent: #5563f5; --good: #1f9d6c; --warn: #d9822b;
-  --read: #2bb47f; --write: #f2a93b; --uncached: #e4606d; --shadow: 0 1px 2px rgba(20,30,60,.06), 0 4px 18px rgba(20,30,60,.06);
-}
-@media (prefers-color-scheme: dark) {
-  :root { --bg: #0f131c; --card: #171c28; --ink: #e6e9f2; --muted: #8d96aa; --line: #262d3d;
-          --grid: #1f2533; --shadow: none; }
-}
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-       font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", sans-serif; }
-main { max-width: 1240px; margin: 0 auto; padding: 28px 24px 60px; }
-header h1 { margin: 0; font-size: 24px; letter-spacing: -.01em; }
-header h1 span { color: var(--accent); }
-header .meta { color: var(--muted); margin-top: 4px; }
-.kpis { display: grid; grid-template-columns: repeat(auto-fit, minmax(200px, 1fr)); gap: 14px; margin: 22px 0; }
-.kpi { background: var(--card); border-radius: 14px; padding: 16px 18px; box-shadow: var(--shadow);
-       border-top: 3px solid var(--line); }
-.kpi.accent { border-top-color: var(--accent); } .kpi.good { border-top-color: var(--good); }
-.kpi.warn { border-top-color: var(--warn); }
-.kpi .k { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .06em; }
-.kpi .v { font-size: 28px; font-weight: 650; margin: 4px 0 2px; font-variant-numeric: tabular-nums; }
-.kpi.accent .v { color: var(--accent); } .kpi.good .v { color: var(--good); }
-.kpi.warn .v { color: var(--warn); font-size: 22px; }
-.sub { color: var(--muted); font-size: 12px; }
-.grid2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 16px; }
-.card { background: var(--card); border-radius: 14px; padding: 18px 20px; box-shadow: var(--shadow); margin-bottom: 16px; }
-.card h2 { font-size: 15px; margin: 0 0 12px; font-weight: 620; }
-.chart { position: relative; width: 100%; }
-.chart svg { display: block; width: 100%; height: auto; overflow: visible; }
-svg text { fill: var(--muted); font-size: 11px; font-family: inherit; }
-svg .gridline { stroke: var(--grid); stroke-width: 1; }
-svg .axis { stroke: var(--line); }
-svg .label-strong { fill: var(--ink); font-size: 12px; }
-svg .series-line { fill: none; stroke-width: 2; stroke-linejoin: round; stroke-linecap: round; opacity: .9; transition: opacity .15s; }
-svg .series-line.overall { stroke-width: 3.5; stroke-dasharray: 6 4; opacity: 1; }
-svg .muted-series { opacity: .12; }
-svg .hidden { display: none; }
-svg rect.bar-seg, svg rect.bar { transition: opacity .15s; }
-svg rect.bar-seg:hover, svg rect.bar:hover { opacity: .8; }
-.legend { display: flex; flex-wrap: wrap; gap: 6px 8px; margin-top: 10px; }
-.legend button { border: 1px solid var(--line); background: transparent; color: var(--ink); border-radius: 999px;
-                 padding: 3px 10px 3px 8px; font: inherit; font-size: 12px; cursor: pointer; display: inline-flex; align-items: center; gap: 6px; }
-.legend button.off { opacity: .4; }
-.legend i { width: 10px; height: 10px; border-radius: 50%; display: inline-block; }
-#tip { position: fixed; pointer-events: none; z-index: 10; background: rgba(20,24,36,.94); color: #fff;
-       padding: 7px 10px; border-radius: 8px; font-size: 12px; line-height: 1.4; opacity: 0; transition: opacity .1s;
-       max-width: 340px; white-space: pre-line; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; font-size: 13px; font-variant-numeric: tabular-nums; }
-td:first-child code { white-space: nowrap; } td:first-child .sub { max-width: 260px; }
-th, td { padding: 6px 8px; text-align: left; border-bottom: 1px solid var(--line); vertical-align: top; }
-th { font-size: 11px; text-transform: uppercase; letter-spacing: .05em; color: var(--muted); font-weight: 600;
-     cursor: pointer; user-select: none; white-space: nowrap; }
-th.sorted-asc::after { content: " ▲"; } th.sorted-desc::after { content: " ▼"; }
-td.num, th.num { text-align: right; white-space: nowrap; }
-td.good { color: var(--good); font-weight: 600; }
-tbody tr:hover { background: color-mix(in srgb, var(--accent) 5%, transparent); }
-code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; }
-.meter { display: block; height: 4px; background: var(--grid); border-radius: 2px; margin-top: 3px; min-width: 40px; }
-.meter i { display: block; height: 100%; background: var(--read); border-radius: 2px; }
-.tag { display: inline-block; white-space: nowrap; padding: 1px 8px; border-radius: 999px; font-size: 12px; font-weight: 600;
-       background: color-mix(in srgb, var(--warn) 18%, transparent); color: var(--warn); }
-ul.examples { margin: 0; padding: 0; list-style: none; font-size: 12px; }
-ul.examples li { margin-bottom: 6px; } ul.examples time { color: var(--muted); }
-.note { color: var(--muted); font-size: 12px; margin-top: 18px; }
-.empty { color: var(--muted); padding: 30px 0; text-align: center; }
-</style>
-</head>
-<body>
-<main>
-<header>
-  <h1><span>affinity</span> · prompt-cache report</h1>
-  <div class="meta">__SPAN__ · __META__</div>
-</header>
-<noscript><p class="note">Charts need JavaScript; the tables below do not.</p></noscript>
-<div class="kpis">__KPIS__</div>
-<section class="card">
-  <h2>Hit ratio over time, per conversation (dashed: all conversations, token-weighted)</h2>
-  <div class="chart" id="chart-timeline"></div>
-  <div class="legend" id="legend-timeline"></div>
-</section>
-<div class="grid2">
-  <section class="card"><h2>Prompt tokens by category, per model</h2><div class="chart" id="chart-tokens"></div>
-    <div class="legend" id="legend-tokens"></div></section>
-  <section class="card"><h2>Miss reasons, by tokens lost (uncached + written)</h2><div class="chart" id="chart-reasons"></div></section>
-</div>
-__DRY_CHART__
-__TABLES__
-<p class="note">Costs cover prompt tokens only: USD where the model's base input price is known,
-otherwise input-token equivalents (teq: tokens weighted by the provider's cache multipliers).
-Response-cache hits and requests without usage are not counted as misses.</p>
-</main>
-<div id="tip"></div>
-<script id="report-data" type="application/json">__DATA__</script>
-<script>
-(function () {
-  "use strict";
-  var NS = "http://www.w3.org/2000/svg";
-  var PALETTE = ["#5563f5", "#2bb47f", "#f2a93b", "#e4606d", "#9b5de5", "#00a6c7", "#f15bb5", "#7d8597"];
-  var REASON_COLORS = {"first-write": "#7d8597", "prefix-changed": "#e4606d", "ttl-expired": "#f2a93b",
-    "routed-away": "#9b5de5", "below-minimum": "#00a6c7", "lookback-exceeded": "#f15bb5", "unknown": "#5c677d"};
-  var data = JSON.parse(document.getElementById("report-data").textContent);
-  var tip = document.getElementById("tip");
-
-  function el(tag, attrs, parent) {
-    var n = document.createElementNS(NS, tag);
-    for (var k in attrs) if (attrs[k] !== undefined && attrs[k] !== null) n.setAttribute(k, attrs[k]);
-    if (parent) parent.appendChild(n);
-    return n;
-  }
-  function text(parent, x, y, s, attrs) {
-    var t = el("text", Object.assign({x: x, y: y}, attrs || {}), parent);
-    t.textContent = s;
-    return t;
-  }
-  function fmtTok(n) {
-    var a = Math.abs(n);
-    if (a >= 1e9) return (n / 1e9).toFixed(a >= 1e10 ? 1 : 2) + "G";
-    if (a >= 1e6) return (n / 1e6).toFixed(a >= 1e7 ? 1 : 2) + "M";
-    if (a >= 1e3) return (n / 1e3).toFixed(a >= 1e4 ? 1 : 2) + "k";
-    return String(Math.round(n));
-  }
-  function pct(r) { return r === null || r === undefined ? "–" : (r * 100).toFixed(1) + "%"; }
-  function svgFor(id, w, h) {
-    var box = document.getElementById(id);
-    var svg = el("svg", {viewBox: "0 0 " + w + " " + h, "class": "chart", role: "img"}, box);
-    return svg;
-  }
-  function tipOn(node, s) { node.setAttribute("data-tip", s); }
-  document.addEventListener("mousemove", function (ev) {
-    var t = ev.target && ev.target.closest ? ev.target.closest("[data-tip]") : null;
-    if (!t) { tip.style.opacity = 0; return; }
-    tip.textContent = t.getAttribute("data-tip");
-    var x = ev.clientX + 14, y = ev.clientY + 14;
-    if (x + 340 > window.innerWidth) x = ev.clientX - 14 - tip.offsetWidth;
-    tip.style.left = x + "px"; tip.style.top = y + "px"; tip.style.opacity = 1;
-  });
-  function empty(id, msg) {
-    var d = document.createElement("div"); d.className = "empty"; d.textContent = msg;
-    document.getElementById(id).appendChild(d);
-  }
-
-  function timeline() {
-    var W = 1160, H = 340, L = 48, R = 16, T = 12, B = 34;
-    var svg = svgFor("chart-timeline", W, H);
-    var lines = data.series.slice();
-    var all = [];
-    lines.forEach(function (s) { s.points.forEach(function (p) { all.push(p[0]); }); });
-    data.overall.forEach(function (p) { all.push(p[0]); });
-    var lo = Math.min.apply(null, all), hi = Math.max.apply(null, all);
-    if (!all.length) { lo = Date.now() - 3600e3; hi = Date.now(); }
-    if (hi <= lo) { hi = lo + 60e3; }
-    function x(t) { return L + (t - lo) / (hi - lo) * (W - L - R); }
-    function y(r) { return T + (1 - r) * (H - T - B); }
-    [0, .25, .5, .75, 1].forEach(function (r) {
-      el("line", {x1: L, x2: W - R, y1: y(r), y2: y(r), "class": "gridline"}, svg);
-      text(svg, L - 8, y(r) + 4, (r * 100) + "%", {"text-anchor": "end"});
-    });
-    var span = hi - lo, multiDay = span > 36 * 3600e3;
-    for (var i = 0; i <= 6; i++) {
-      var t = lo + span * i / 6, d = new Date(t);
-      var lab = multiDay ? d.toISOString().slice(5, 10) + " " + d.toISOString().slice(11, 16)
-                         : d.toISOString().slice(11, 16);
-      text(svg, x(t), H - 10, lab, {"text-anchor": i === 0 ? "start" : i === 6 ? "end" : "middle"});
-    }
-    el("line", {x1: L, x2: W - R, y1: y(0), y2: y(0), "class": "axis"}, svg);
-    var legend = document.getElementById("legend-timeline");
-    var groups = [];
-    function addLine(points, color, cls, name, detail) {
-      var g = el("g", {"class": "series"}, svg);
-      // A long pause is a gap in the line, not a slope across it.
-      var d = points.map(function (p, i) {
-        var gap = i && (p[0] - points[i - 1][0]) > span / 10;
-        return (i && !gap ? "L" : "M") + x(p[0]).toFixed(1) + " " + y(p[1]).toFixed(1);
-      }).join("");
-      el("path", {d: d, style: "stroke:" + color, "class": "series-line " + cls}, g);
-      if (points.length < 80) {
-        points.forEach(function (p) {
-          var c = el("circle", {cx: x(p[0]).toFixed(1), cy: y(p[1]).toFixed(1), r: 3.2, style: "fill:" + color, "class": "pt"}, g);
-          tipOn(c, name + (detail ? " · " + detail : "") + "\n" + new Date(p[0]).toISOString().replace("T", " ").slice(0, 19)
-                + "\nhit " + pct(p[1]) + " of " + fmtTok(p[2]) + " prompt tokens");
-        });
-      } else {
-        tipOn(g, name + (detail ? " · " + detail : "") + "\n" + points.length + " requests");
-      }
-      var b = document.createElement("button");
-      b.innerHTML = "<i></i>"; b.firstChild.style.background = color;
-      b.appendChild(document.createTextNode(name + (detail ? " · " + detail : "")));
-      b.addEventListener("click", function () { b.classList.toggle("off"); g.classList.toggle("hidden"); });
-      b.addEventListener("mouseenter", function () { groups.forEach(function (o) { if (o !== g) o.classList.add("muted-series"); }); });
-      b.addEventListener("mouseleave", function () { groups.forEach(function (o) { o.classList.remove("muted-series"); }); });
-      legend.appendChild(b);
-      groups.push(g);
-    }
-    lines.forEach(function (s, i) { addLine(s.points, PALETTE[i % PALETTE.length], "", s.label, s.model); });
-    if (data.overall.length) addLine(data.overall, "var(--ink)", "overall", "all conversations", "");
-    if (!lines.length && !data.overall.length) text(svg, W / 2, H / 2, "no requests with a prompt", {"text-anchor": "middle"});
-  }
-
-  function tokens() {
-    var models = data.models;
-    var rowH = 30, L = 190, R = 92, T = 6, W = 560, H = T + Math.max(models.length, 1) * rowH + 10;
-    var svg = svgFor("chart-tokens", W, H);
-    var cats = [["read", "var(--read)", "read from cache"], ["write", "var(--write)", "written to cache"],
-                ["uncached", "var(--uncached)", "uncached"]];
-    var max = 1;
-    models.forEach(function (m) { max = Math.max(max, m.read + m.write + m.uncached); });
-    models.forEach(function (m, i) {
-      var y0 = T + i * rowH, x0 = L, total = m.read + m.write + m.uncached;
-      var name = m.key.length > 28 ? m.key.slice(0, 27) + "…" : m.key;
-      text(svg, L - 10, y0 + rowH / 2 + 4, name, {"text-anchor": "end", "class": "label-strong"});
-      cats.forEach(function (c) {
-        var w = m[c[0]] / max * (W - L - R);
-        if (w <= 0) return;
-        var r = el("rect", {x: x0.toFixed(1), y: y0 + 5, width: Math.max(w, 0.5).toFixed(1), height: rowH - 10,
-                            style: "fill:" + c[1], "class": "bar-seg", "data-cat": c[0], rx: 2}, svg);
-        tipOn(r, m.key + "\n" + c[2] + ": " + fmtTok(m[c[0]]) + " tokens (" + pct(total ? m[c[0]] / total : null) + ")");
-        x0 += w;
-      });
-      text(svg, x0 + 8, y0 + rowH / 2 + 4, fmtTok(total) + " · " + pct(m.hit));
-    });
-    if (!models.length) text(svg, W / 2, 24, "no models", {"text-anchor": "middle"});
-    var lg = document.getElementById("legend-tokens");
-    cats.forEach(function (c) {
-      var b = document.createElement("button"); b.innerHTML = "<i></i>"; b.firstChild.style.background = c[1];
-      b.appendChild(document.createTextNode(c[2]));
-      b.addEventListener("click", function () {
-        b.classList.toggle("off");
-        svg.querySelectorAll('[data-cat="' + c[0] + '"]').forEach(function (n) { n.classList.toggle("hidden"); });
-      });
-      lg.appendChild(b);
-    });
-  }
-
-  function reasons() {
-    var rs = data.reasons;
-    var rowH = 32, L = 140, R = 150, T = 6, W = 560, H = T + Math.max(rs.length, 1) * rowH + 10;
-    var svg = svgFor("chart-reasons", W, H);
-    var max = 1;
-    rs.forEach(function (r) { max = Math.max(max, r.tokens_lost); });
-    rs.forEach(function (r, i) {
-      var y0 = T + i * rowH, w = r.tokens_lost / max * (W - L - R);
-      text(svg, L - 10, y0 + rowH / 2 + 4, r.reason, {"text-anchor": "end", "class": "label-strong"});
-      var bar = el("rect", {x: L, y: y0 + 5, width: Math.max(w, 1).toFixed(1), height: rowH - 10, rx: 3,
-                            fill: REASON_COLORS[r.reason] || "#7d8597", "class": "bar"}, svg);
-      tipOn(bar, r.reason + "\n" + r.requests + " requests\n" + fmtTok(r.tokens_lost) + " tokens lost");
-      text(svg, L + w + 8, y0 + rowH / 2 + 4, fmtTok(r.tokens_lost) + " lost · " + r.requests + " req");
-    });
-    if (!rs.length) text(svg, W / 2, 24, "no misses: every request with a prompt read from cache", {"text-anchor": "middle"});
-  }
-
-  function dry() {
-    if (!document.getElementById("chart-dry")) return false;
-    var rows = data.dry, groupH = 52, L = 150, R = 190, T = 6, W = 1160, H = T + Math.max(rows.length, 1) * groupH + 10;
-    var svg = svgFor("chart-dry", W, H);
-    rows.forEach(function (d, i) {
-      var y0 = T + i * groupH, span = W - L - R;
-      text(svg, L - 10, y0 + groupH / 2 + 2, d.rule, {"text-anchor": "end", "class": "label-strong"});
-      [["observed", "#7d8597", d.observed], ["predicted", "var(--accent)", d.predicted]].forEach(function (b, j) {
-        var w = (b[2] || 0) * span;
-        var r = el("rect", {x: L, y: y0 + 6 + j * 20, width: Math.max(w, 1).toFixed(1), height: 16, rx: 3, style: "fill:" + b[1], "class": "bar"}, svg);
-        tipOn(r, d.rule + "\n" + b[0] + " hit ratio " + pct(b[2]));
-        text(svg, L + w + 8, y0 + 18 + j * 20, b[0] + " " + pct(b[2]));
-      });
-      text(svg, W - R + 40, y0 + groupH / 2 + 2, "saves ~" + fmtTok(d.saved_teq) + " teq" + (d.saved_usd ? " ($" + d.saved_usd.toFixed(2) + ")" : ""), {"class": "label-strong"});
-    });
-    return true;
-  }
-
-  function sortable() {
-    document.querySelectorAll("table.sortable").forEach(function (table) {
-      table.querySelectorAll("th").forEach(function (th, col) {
-        th.addEventListener("click", function () {
-          var asc = !th.classList.contains("sorted-desc");
-          table.querySelectorAll("th").forEach(function (o) { o.classList.remove("sorted-asc", "sorted-desc"); });
-          th.classList.add(asc ? "sorted-desc" : "sorted-asc");
-          var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
-          rows.sort(function (a, b) {
-            var va = a.cells[col].getAttribute("data-v"), vb = b.cells[col].getAttribute("data-v");
-            var na = parseFloat(va), nb = parseFloat(vb), c;
-            c = (!isNaN(na) && !isNaN(nb)) ? na - nb : String(va).localeCompare(String(vb));
-            return asc ? -c : c;
-          });
-          rows.forEach(function (r) { body.appendChild(r); });
-        });
-      });
-    });
-  }
-
-  try {
-    timeline(); tokens(); reasons();
-    var n = 3 + (dry() ? 1 : 0);
-    sortable();
-    document.body.setAttribute("data-rendered", String(n));
-    document.body.setAttribute("data-expected", "__EXPECTED__");
-  } catch (e) {
-    document.body.setAttribute("data-render-error", String(e && e.stack || e));
-    throw e;
-  }
-})();
-</script>
-</body>
-</html>
-"""

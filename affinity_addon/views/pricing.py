@@ -188,17 +188,3 @@ def weighted_prompt(total: int, read: int, write: int, write_1h: int, price: Pri
     # Providers that do not split writes by TTL write at their short/default TTL.
     return (total - read - write + read * price.read + (write - write_1h) * price.write_5m
             + write_1h * price.write_1h)
-
-
-def estimate_cost(usage: Mapping[str, Any] | None, price: Price) -> CostEstimate:
-    """Prompt cost of one response (usage as in the JSONL log) with caching, and had every prompt
-    token been billed at the base rate. Output tokens are left out: caching does not change them.
-    """
-    if not isinstance(usage, Mapping):
-        return CostEstimate.of(0.0, 0.0, price.unit)
-    total, read, write, write_1h = prompt_counts(usage)
-    with_cache = weighted_prompt(total, read, write, write_1h, price)
-    if price.input_usd_per_mtok is not None:
-        scale = price.input_usd_per_mtok / 1_000_000
-        return CostEstimate.of(with_cache * scale, total * scale, USD)
-    return CostEstimate.of(with_cache, float(total), TOKEN_EQUIVALENTS)

@@ -91,7 +91,7 @@ class Run:
 
     def __init__(self, name: str, encoding: str | None, keep_limit: int = 0, **kw: Any) -> None:
         case = EXPECTED[name]
-        self.reader = UsageReader(case["shape"], case.get("flavor"))
+        self.reader = UsageReader(case["shape"])
         self.tap = StreamTap(encoding, self.reader.feed_event, keep_limit=keep_limit, **kw)
         self.out: list[bytes] = []
 

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from affinity_addon import shapes
 from affinity_addon.response.usage import (
     UsageReader,
-    fields_for,
     get_path,
     normalize,
     parse_path,
@@ -38,7 +37,7 @@ def sse_events(text: bytes) -> list[tuple[str | None, bytes]]:
 
 def read_fixture(name: str) -> UsageReader:
     case = EXPECTED[name]
-    reader = UsageReader(case["shape"], case.get("flavor"))
+    reader = UsageReader(case["shape"])
     raw = (FIXTURES / name).read_bytes()
     if name.endswith(".json"):
         reader.feed_json(json.loads(raw))
@@ -292,15 +291,6 @@ def test_text_mentioning_usage_is_harmless() -> None:
     assert r.messages == 1
 
 
-def test_flavor_changes_preference_only() -> None:
-    raw = {"prompt_tokens": 1000, "prompt_cache_hit_tokens": 800,
-           "prompt_tokens_details": {"cached_tokens": 700}}
-    assert normalize(shapes.OPENAI_CHAT, raw).cache_read_tokens == 700
-    assert normalize(shapes.OPENAI_CHAT, raw, flavor="deepseek").cache_read_tokens == 800
-    assert UsageReader(shapes.OPENAI_CHAT, "unknown-host").usage() is None
-    assert fields_for(shapes.OPENAI_CHAT, "unknown-host") is fields_for(shapes.OPENAI_CHAT)
-
-
 def test_paths() -> None:
     assert parse_path("choices[0].usage") == ("choices", 0, "usage")
     assert parse_path("candidates[*].finishReason") == ("candidates", "*", "finishReason")
@@ -323,7 +313,6 @@ def test_paths() -> None:
     ({"shapes": {"a": {"terminal": [{}]}}}, "non-empty"),
     ({"shapes": {"a": {"terminal": [{"type": "x"}]}}}, "list or null"),
     ({"shapes": {"a": {"needles": [""]}}}, "needles"),
-    ({"shapes": {"a": {}}, "flavors": {"f": {"b": {}}}}, "unknown shape"),
 ])
 def test_table_errors(doc: Any, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):

@@ -151,39 +151,26 @@ def parse_shape_fields(spec: Any, where: str) -> ShapeFields:
     )
 
 
-def parse_table(doc: Any) -> tuple[dict[str, ShapeFields], dict[tuple[str, str], ShapeFields]]:
-    """The YAML document -> ({shape: fields}, {(flavor, shape): fields})."""
+def parse_table(doc: Any) -> dict[str, ShapeFields]:
+    """The YAML document -> {shape: fields}."""
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), dict):
         raise ValueError("usage fields table needs a `shapes` mapping")
-    raw_shapes: dict[str, Any] = doc["shapes"]
-    shapes = {name: parse_shape_fields(spec, f"shapes.{name}") for name, spec in raw_shapes.items()}
-    flavors: dict[tuple[str, str], ShapeFields] = {}
-    for flavor, per_shape in (doc.get("flavors") or {}).items():
-        if not isinstance(per_shape, dict):
-            raise ValueError(f"flavors.{flavor} must be a mapping of shape -> fields")
-        for shape, override in per_shape.items():
-            if shape not in raw_shapes or not isinstance(override, dict):
-                raise ValueError(f"flavors.{flavor}.{shape}: unknown shape or not a mapping")
-            merged = {**raw_shapes[shape], **override}
-            flavors[(flavor, shape)] = parse_shape_fields(merged, f"flavors.{flavor}.{shape}")
-    return shapes, flavors
+    return {name: parse_shape_fields(spec, f"shapes.{name}") for name, spec in doc["shapes"].items()}
 
 
-def _load() -> tuple[dict[str, ShapeFields], dict[tuple[str, str], ShapeFields]]:
+def _load() -> dict[str, ShapeFields]:
     with FIELDS_FILE.open(encoding="utf-8") as f:
-        shapes, flavors = parse_table(yaml.safe_load(f))
+        shapes = parse_table(yaml.safe_load(f))
     missing = set(SHAPES) - set(shapes)
     if missing:
         raise ValueError(f"{FIELDS_FILE}: no usage fields for shapes {sorted(missing)}")
-    return shapes, flavors
+    return shapes
 
 
-_SHAPES, _FLAVORS = _load()
+_SHAPES = _load()
 
 
-def fields_for(shape: str, flavor: str | None = None) -> ShapeFields:
-    if flavor is not None and (flavor, shape) in _FLAVORS:
-        return _FLAVORS[(flavor, shape)]
+def fields_for(shape: str) -> ShapeFields:
     try:
         return _SHAPES[shape]
     except KeyError:
@@ -263,9 +250,9 @@ def normalize_with(fields: ShapeFields, raw_usage: dict[str, Any]) -> Usage:
     )
 
 
-def normalize(shape: str, raw_usage: dict[str, Any], flavor: str | None = None) -> Usage:
+def normalize(shape: str, raw_usage: dict[str, Any]) -> Usage:
     """One provider usage object -> Usage. Raises ValueError only for an unknown shape."""
-    return normalize_with(fields_for(shape, flavor), raw_usage)
+    return normalize_with(fields_for(shape), raw_usage)
 
 
 def _matches(obj: dict[str, Any], rule: tuple[tuple[FieldPath, frozenset[str] | None], ...]) -> bool:
@@ -286,10 +273,9 @@ class UsageReader:
     Feed it a whole JSON body, each SSE event, or each WebSocket message; it never raises.
     """
 
-    def __init__(self, shape: str, flavor: str | None = None) -> None:
+    def __init__(self, shape: str) -> None:
         self.shape = shape
-        self.flavor = flavor
-        self._fields = fields_for(shape, flavor)
+        self._fields = fields_for(shape)
         self._raw: dict[str, Any] | None = None
         self.extras: dict[str, Any] = {}
         self.terminal = False

@@ -7,11 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from affinity_addon import shapes
+from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.response.usage import (
     UsageReader,
-    get_path,
     normalize,
-    parse_path,
     parse_table,
     plain,
 )

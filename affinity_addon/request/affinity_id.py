@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.request.prompt import canonical, root_segments, text_of
 
 DEFAULT_KEY = "affinity-default-key-v1"
@@ -126,15 +127,6 @@ def parse_affinity_config(raw: Any) -> AffinityConfig:
     return AffinityConfig(sources, ignore)
 
 
-def get_path(body: Mapping[str, Any], path: str) -> Any:
-    cur: Any = body
-    for part in path.split("."):
-        if not isinstance(cur, Mapping):
-            return None
-        cur = cur.get(part)
-    return cur
-
-
 def keyed_hash(data: bytes, key: str) -> str:
     return hashlib.blake2b(data, key=key.encode()[:64], digest_size=16).hexdigest()
 
@@ -145,7 +137,7 @@ def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, An
         return v.strip() if isinstance(v, str) and v.strip() else None
     if body is None:
         return None
-    v = get_path(body, src.name)
+    v = get_path(body, parse_path(src.name))
     if src.json_key is not None:
         if not isinstance(v, str):
             return None

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from mitmproxy import http
 
+from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.request import affinity_id
 from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
 
@@ -95,20 +96,6 @@ def parse_body(request: http.Request) -> ParsedBody:
     return ParsedBody(obj, text, exotic=exotic)
 
 
-def _set_path(body: dict[str, Any], path: str, value: Any) -> bool:
-    parts = path.split(".")
-    cur: Any = body
-    for part in parts[:-1]:
-        nxt = cur.get(part)
-        if nxt is None:
-            nxt = cur[part] = {}
-        if not isinstance(nxt, dict):
-            return False
-        cur = nxt
-    cur[parts[-1]] = value
-    return True
-
-
 def dumps(obj: Any) -> bytes:
     # Compact and UTF-8 like the clients' own encoders; keeps key order.
     try:
@@ -179,7 +166,7 @@ def _routing_signal(matched: list[Rule], request: http.Request, body: dict[str, 
         for a in rule.set_fields:
             if dry_run and a.target in out.fields:
                 continue  # computed but not sent
-            v = affinity_id.get_path(body, a.target)
+            v = get_path(body, parse_path(a.target))
             if isinstance(v, str) and v:
                 return v
     return None
@@ -246,7 +233,7 @@ def apply_rules(
         for a in rule.set_fields:
             if a.needs_affinity and aff is None:
                 continue
-            current = affinity_id.get_path(body, a.target)
+            current = get_path(body, parse_path(a.target))
             present_as_null = current is None and "." not in a.target and a.target in body
             if current is not None and a.on_conflict == KEEP:
                 if a.target not in out.fields:
@@ -255,7 +242,7 @@ def apply_rules(
             value = _render(a, facts)
             if current == value:
                 continue
-            if not _set_path(body, a.target, value):
+            if not set_path(body, parse_path(a.target), value):
                 out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
                 continue
             out.fields[a.target] = value

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from affinity_addon.catalog import catalog_file
+from affinity_addon.jsonpath import FieldPath, get_path, parse_path
 from affinity_addon.record.schema import Usage
 from affinity_addon.shapes import SHAPES
 
@@ -27,57 +28,6 @@ _MAX_EXTRA_LEN = 200
 _RAW_MAX_STR = 64  # usage objects hold numbers and short enums, never prompt text
 _RAW_MAX_DEPTH = 4
 _RAW_MAX_ITEMS = 32
-
-Key = str | int  # a dict key, a list index, or "*" (first list item that has the rest)
-FieldPath = tuple[Key, ...]
-
-_SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
-
-
-def parse_path(text: str) -> FieldPath:
-    """`choices[0].usage` -> ("choices", 0, "usage")."""
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"field path must be a non-empty string, got {text!r}")
-    keys: list[Key] = []
-    pos = 0
-    while pos < len(text):
-        if text[pos] == "." and keys and pos + 1 < len(text):
-            pos += 1
-        m = _SEGMENT.match(text, pos)
-        if m is None:
-            raise ValueError(f"bad field path {text!r} at character {pos}")
-        name, index = m.groups()
-        if name is not None:
-            keys.append(name)
-        else:
-            keys.append("*" if index == "*" else int(index))
-        pos = m.end()
-    return tuple(keys)
-
-
-def get_path(obj: Any, path: FieldPath) -> Any:
-    """The value at `path`, or None; `*` takes the first list item where the rest resolves."""
-    for i, key in enumerate(path):
-        if key == "*":
-            if not isinstance(obj, list):
-                return None
-            for item in obj:
-                found = get_path(item, path[i + 1:])
-                if found is not None:
-                    return found
-            return None
-        if isinstance(key, int):
-            if not isinstance(obj, list) or key >= len(obj):
-                return None
-            obj = obj[key]
-        else:
-            if not isinstance(obj, dict):
-                return None
-            obj = obj.get(key)
-        if obj is None:
-            return None
-    return obj
-
 
 @dataclass(frozen=True, slots=True)
 class ShapeFields:

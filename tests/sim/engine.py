@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from affinity_addon.request.affinity_id import get_path
+from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.request.prompt import canonical, root_segments
 from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.sim import cache, wire
@@ -72,7 +72,7 @@ def _validate(b: Behaviour, body: dict[str, Any]) -> None:
         if key:
             raise RequestError(400, f"Unsupported parameter: {key}")
     for first, second in b.conflicts:
-        if get_path(body, first) is not None and get_path(body, second) is not None:
+        if get_path(body, parse_path(first)) is not None and get_path(body, parse_path(second)) is not None:
             raise RequestError(400, f"Only one of '{first}' and '{second}' may be set.")
 
 

@@ -103,7 +103,7 @@ def test_parse_ttl():
     assert parse_ttl("5m") == 300 and parse_ttl("1h") == 3600 and parse_ttl("30s") == 30
     assert parse_ttl("24h") == 86400
     for bad in ("", "5", "m5", "5 minutes", None):
-        with pytest.raises(ValueError, match="bad TTL"):
+        with pytest.raises(ValueError, match="bad duration"):
             parse_ttl(bad)
 
 

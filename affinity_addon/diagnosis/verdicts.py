@@ -6,7 +6,6 @@ normalized usage, by an ordered table of checks where the first that applies win
 """
 
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -14,6 +13,7 @@ from typing import Any
 
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.diagnosis.fingerprint import BlockPrint, Fingerprint, PrefixDiff, compare
+from affinity_addon.durations import parse_duration
 from affinity_addon.record.schema import Usage
 
 logger = logging.getLogger(__name__)
@@ -29,16 +29,9 @@ LOOKBACK_BLOCKS: Mapping[str, int] = PROVIDER_FACTS.lookback_blocks
 # character estimates, so only a clear shortfall is worth a mention.
 PARTIAL_BELOW = 0.5
 
-_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_TTL_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-
-
 def parse_ttl(text: str) -> float:
     """Seconds in a provider TTL string: "5m" -> 300.0, "1h", "30m", "24h"."""
-    m = _TTL_RE.match(text) if isinstance(text, str) else None
-    if m is None:
-        raise ValueError(f"bad TTL {text!r}: expected a number and a unit s/m/h/d, like '5m'")
-    return float(m.group(1)) * _TTL_UNITS[m.group(2)]
+    return parse_duration(text)
 
 
 @dataclass(frozen=True, slots=True)

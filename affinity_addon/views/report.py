@@ -10,7 +10,6 @@ import fnmatch
 import gzip
 import json
 import logging
-import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from affinity_addon.durations import parse_duration
 from affinity_addon.views.aggregate import Aggregator, Bucket
 from affinity_addon.views.console import bucket_table, reasons_table, totals_line
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, top_buckets
@@ -30,8 +30,6 @@ from affinity_addon.views.pricing import TOKEN_EQUIVALENTS, PriceTable
 
 logger = logging.getLogger(__name__)
 
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_time(text: str) -> datetime:
@@ -45,10 +43,12 @@ def parse_time(text: str) -> datetime:
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """`--since`: an ISO time, or an age such as `30m`, `2h`, `7d`, `1w` before now."""
-    m = _RELATIVE.match(text)
-    if m:
-        now = now or datetime.now(UTC)
-        return now - timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()])
+    try:
+        age = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return (now or datetime.now(UTC)) - timedelta(seconds=age)
     try:
         return parse_time(text)
     except ValueError:

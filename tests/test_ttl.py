@@ -1,0 +1,74 @@
+"""The TTL policy and the advisor, against hand computations."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from affinity_addon.ttl_policy import FIVE_MINUTES, ONE_HOUR, Multipliers, Rhythm
+from affinity_addon.views.ttl import AUTO, Turn, advise, replay, summary_line
+
+T0 = datetime(2026, 11, 30, 10, 0, tzinfo=UTC).timestamp()
+
+
+def rec(conv: str, start: float, prompt: int, read: int, write: int,
+        model: str = "claude-sonnet-4-5", duration_ms: float = 1000.0) -> dict:
+    end = datetime.fromtimestamp(T0 + start + duration_ms / 1000, UTC)
+    return {"ts": end.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z", "duration_ms": duration_ms,
+            "affinity_id": conv, "model": model, "provider": "anthropic",
+            "host": "api.anthropic.com",
+            "usage": {"input_tokens": prompt, "cache_read_tokens": read,
+                      "cache_write_tokens": write, "output_tokens": 10}}
+
+
+# Three turns: 60 s apart, then a 10-minute pause. Prefix 10000 -> 10500 -> 11000.
+TURNS = [Turn(0, 10_000, 10_000), Turn(60, 10_500, 10_500), Turn(660, 11_000, 11_000)]
+
+
+def test_replay_by_hand() -> None:
+    m = Multipliers()
+    # 5m: write 10000*1.25; read 10000*0.1 + write 500*1.25; expired: write 11000*1.25
+    assert replay(TURNS, m, FIVE_MINUTES) == pytest.approx(12_500 + 1_625 + 13_750)
+    # 1h: write 10000*2; read 1000 + write 500*2; read 10500*0.1 + write 500*2
+    assert replay(TURNS, m, ONE_HOUR) == pytest.approx(20_000 + 2_000 + 2_050)
+    # auto: 5m, 5m (no long gap yet), then 1h after the 10-minute gap, too late for that turn:
+    # the 5m entry has expired, so turn 3 writes 11000 at 2.0.
+    assert replay(TURNS, m, AUTO) == pytest.approx(12_500 + 1_625 + 22_000)
+
+
+def test_advisor_figures_equal_the_hand_computation_in_dollars() -> None:
+    records = [rec("c1", 0, 10_000, 0, 10_000), rec("c1", 60, 10_500, 10_000, 500),
+               rec("c1", 660, 11_000, 0, 11_000),
+               rec("fast", 0, 4_000, 0, 4_000), rec("fast", 30, 4_100, 4_000, 100),
+               {"affinity_id": "x", "usage": None}, {"ts": "junk", "usage": {}}]
+    advice = advise(records)
+    totals = advice.total("usd")
+    usd = 3.0 / 1e6  # Sonnet 4.5 base input price in the shipped table
+    fast_5m = 4_000 * 1.25 + 4_000 * 0.1 + 100 * 1.25
+    fast_1h = 4_000 * 2.0 + 4_000 * 0.1 + 100 * 2.0
+    assert totals[FIVE_MINUTES] == pytest.approx((27_875 + fast_5m) * usd)
+    assert totals[ONE_HOUR] == pytest.approx((24_050 + fast_1h) * usd)
+    assert totals[AUTO] == pytest.approx((36_125 + fast_5m) * usd)
+    assert advice.to_dict()["cheaper_on_1h"] == ["c1"]
+    line = summary_line(advice)
+    assert line is not None and line.startswith("TTL: all-5m $0.") and "1 of 2" in line
+
+
+def test_models_without_a_1h_tier_are_left_out() -> None:
+    assert advise([rec("o", 0, 5000, 0, 0, model="gpt-5")]).conversations == []
+
+
+def test_rhythm_switches_to_1h_on_slow_turns_and_back() -> None:
+    r = Rhythm()
+    r.observe(None, 10_000)
+    assert r.choose() == FIVE_MINUTES  # nothing known yet
+    r.observe(30, 10_400)
+    assert r.choose() == FIVE_MINUTES  # fast turns: 1h would only cost more
+    r.observe(600, 10_800)
+    assert r.choose() == ONE_HOUR  # one 10-minute pause pays for many 1h writes
+    for i in range(8):
+        r.observe(20, 11_000 + 500 * i)
+    assert r.choose() == FIVE_MINUTES  # the rhythm changed: the window forgot the pause
+    r2 = Rhythm()
+    for gap in (7200, 7200, 7200):
+        r2.observe(gap, 10_000)
+    assert r2.choose() == FIVE_MINUTES  # gaps over an hour expire both: 1h only costs more

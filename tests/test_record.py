@@ -37,3 +37,34 @@ def test_record_json_has_the_documented_fields_and_is_plain_json() -> None:
     assert data["duration_ms"] == 1000.0 and data["provider"] == "openai-chat"
     assert json.loads(json.dumps(data)) == data
     assert build.comment(rec).startswith("cache 1.54k read / 0 write of 2.00k · 77%")
+
+
+def test_a_stream_the_tap_cannot_read_says_why_in_the_record(tmp_path) -> None:
+    from mitmproxy.http import Headers
+    from mitmproxy.test import taddons, tflow, tutils
+
+    from tests.driver import Affinity
+
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n  - name: k\n    match: {host: api.example.com}\n"
+                     "    set_fields: {prompt_cache_key: '{affinity_id}'}\n")
+    log = tmp_path / "log.jsonl"
+    a = Affinity()
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.config, affinity_rules=str(rules), affinity_log=str(log))
+        body = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}
+        f = tflow.tflow(req=tutils.treq(
+            method=b"POST", host="api.example.com", port=443, scheme=b"https", authority=b"",
+            path=b"/v1/chat/completions", headers=Headers(content_type="application/json"),
+            content=json.dumps(body).encode()))
+        a.request(f)
+        f.response = tutils.tresp(headers=Headers(content_type="text/event-stream",
+                                                  content_encoding="xz"), content=None)
+        a.responseheaders(f)
+        f.response.stream(b"\xfd7zXZ garbage")
+        f.response.stream(b"")
+        a.response(f)
+    (line,) = log.read_text().splitlines()
+    record = json.loads(line)
+    assert record["usage"] is None
+    assert record["usage_problem"] == "stream not read: unsupported content-encoding 'xz'"

@@ -23,6 +23,15 @@ from affinity_addon.shapes import OPENAI_RESPONSES
 logger = logging.getLogger(__name__)
 
 
+def tap_problem(tap: StreamTap) -> str | None:
+    """Why a stream's usage may be missing: the record says so instead of a silent `no usage`."""
+    if tap.failed is not None:
+        return f"stream not read: {tap.failed}"
+    if tap.skipped:
+        return f"{tap.skipped} oversized SSE event(s) skipped"
+    return None
+
+
 class Recorder:
     name = "affinity-recorder"
 
@@ -56,16 +65,20 @@ class Recorder:
             return
         try:
             tap = live.tap if live is not None else None
+            problem = None
             if live is not None and tap is None and flow.response.raw_content:
                 try:
                     live.reader.feed_json(json.loads(flow.response.get_content(strict=True) or b""))
                 except (ValueError, RecursionError):
-                    pass  # an error page or a body we do not understand: no usage
+                    problem = "JSON body not readable"  # an error page, or a body we don't know
             if tap is not None and flow.response.raw_content is None and tap.kept is not None:
                 flow.response.raw_content = tap.kept  # visible in mitmweb; already sent
             # A stream that ended without its terminal event was cut short upstream.
             complete = tap is None or (tap.ended and live is not None and live.reader.terminal)
-            self._finish(flow, meta, live, stream=tap is not None, complete=complete, error=None)
+            if tap is not None:
+                problem = tap_problem(tap)
+            self._finish(flow, meta, live, stream=tap is not None, complete=complete, error=None,
+                         usage_problem=problem)
         except Exception:
             logger.exception("affinity: could not record this response")
 
@@ -104,7 +117,8 @@ class Recorder:
             logger.exception("affinity: could not read a WebSocket message")
 
     def _finish(self, flow: http.HTTPFlow, meta: dict[str, Any], live: Live | None, *,
-                stream: bool, complete: bool, error: str | None, transport: str = "http") -> None:
+                stream: bool, complete: bool, error: str | None, transport: str = "http",
+                usage_problem: str | None = None) -> None:
         reader = live.reader if live else None
         resp = flow.response
         usage = reader.usage() if reader else None
@@ -116,6 +130,7 @@ class Recorder:
             response_cache=resp is not None and PROVIDER_FACTS.is_response_cache_hit(resp.headers),
             extras=reader.extras if reader else None,
         )
+        record.usage_problem = usage_problem
         pending = self.state.pending.pop(flow.id, None) if transport == "http" else None
         if isinstance(pending, asyncio.Future | Future):
             if not pending.done():

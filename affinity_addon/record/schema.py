@@ -95,6 +95,7 @@ class Record:
     expected_cacheable_tokens: int | None = None
     predicted_hit_ratio: float | None = None
     provider_miss_reason: str | None = None
+    usage_problem: str | None = None  # why usage could not be read, when it could not
     v: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -43,9 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.procs import clean_env, free_port, listening_port, wait_port
-
 ROOT = Path(__file__).resolve().parent.parent
+# The simulator and the process helpers are dev tools in tests/, not part of the wheel.
+sys.path.insert(0, str(ROOT))
+
+from tests.procs import clean_env, free_port, listening_port, wait_port  # noqa: E402
+
 ADDON = ROOT / "affinity_addon" / "addon.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 

@@ -39,9 +39,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tests.procs import free_port, listening_port
-
 ROOT = Path(__file__).resolve().parent.parent
+# The simulator and the process helpers are dev tools in tests/, not part of the wheel.
+sys.path.insert(0, str(ROOT))
+
+from tests.procs import free_port, listening_port  # noqa: E402
+
 ADDON = ROOT / "affinity_addon" / "addon.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 EVENT_DELAY = 0.05  # seconds between SSE events: a short stream, long enough to see buffering

@@ -5,6 +5,14 @@ system prompt, which must read as `prefix-changed`, not as a new conversation), 
 keyed hash of its root (which survives an affinity header that a client or relay dropped: the
 `routed-away` case). Entries are stored under both. Each remembers the routing signal that
 reached the provider (the affinity value the rules sent, or the client's own).
+
+Real agents send side requests under the same ID (memory extraction, titles, compaction,
+subagents) with their own tools and system prompt: each (tools, system) pair is a thread of its
+own, compared only with its own previous request. A request whose tools or system alone changed
+still continues its thread (that is a prefix change to report). A conversation new to the
+tracker is matched against recent ones by what lies outside its root (same tools, same first
+message, its history continued), so a system prompt whose date rolled over reads as
+`prefix-changed` against the conversation it continues, not as a new one.
 """
 
 import fnmatch
@@ -16,7 +24,7 @@ from typing import Any
 import yaml
 
 from affinity_addon.catalog import catalog_file
-from affinity_addon.diagnosis.fingerprint import Fingerprint, fingerprint
+from affinity_addon.diagnosis.fingerprint import Fingerprint, PromptParts, fingerprint
 from affinity_addon.diagnosis.verdicts import (
     ConversationStore,
     Entry,
@@ -27,7 +35,7 @@ from affinity_addon.diagnosis.verdicts import (
     predict_hit_ratio,
 )
 from affinity_addon.record.schema import Usage
-from affinity_addon.request.breakpoints import min_tokens_for
+from affinity_addon.request.breakpoints import PlanHint, min_tokens_for
 
 PROFILES = catalog_file("cache_profiles.yaml")
 
@@ -96,15 +104,59 @@ class Pending:
     shape: str
 
 
+THREADS = 8  # threads kept per conversation ID (main, memory, title, compaction, subagents)
+LINEAGE = 4096  # recent threads indexed by (tools, first message), to find what a new ID continues
+LINEAGE_SECONDS = 86_400.0  # a date rollover is at most a day after the previous request
+TRAILER = 2  # blocks an agent may drop from the end of its history (per-turn context)
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
     entry: Entry
     signal: str | None
+    parts: PromptParts | None = None
+    plan: bytes = b""  # the request's block digests, for the breakpoint planner's hint
+    history: tuple[bytes, ...] = ()  # its message digests after the system prompt
+
+
+def _continues(prev: Stored, history: list[bytes]) -> bool:
+    """Does a request with this message history continue `prev`'s conversation?"""
+    old = prev.history
+    keep = max(1, len(old) - TRAILER) if len(old) > TRAILER else len(old)
+    return bool(old) and len(history) > keep and list(old[:keep]) == history[:keep]
 
 
 class MissTracker:
     def __init__(self, capacity: int = 10_000) -> None:
-        self.store: ConversationStore[Stored] = ConversationStore(capacity)
+        # Conversation ID -> its threads, most recent first.
+        self.store: ConversationStore[tuple[Stored, ...]] = ConversationStore(capacity)
+        self.lineage: ConversationStore[Stored] = ConversationStore(min(capacity, LINEAGE))
+
+    def hint(self, key: str | None) -> PlanHint | None:
+        """The planner's view of this conversation's previous requests (one per thread)."""
+        threads = self.store.get(key) if key else None
+        if not threads:
+            return None
+        return PlanHint(tuple(t.plan for t in threads if t.plan))
+
+    def _previous(self, p: "Pending", parts: PromptParts, now: float) -> Stored | None:
+        threads = next((t for t in map(self.store.get, p.keys) if t), ())
+        same = next((t for t in threads if t.parts is None or t.parts.family == parts.family), None)
+        if same is not None:
+            return same
+        # One of tools/system changed: the same thread with a changed prefix. Both changed:
+        # a side request (or a new thread), unless its history says otherwise.
+        history = p.fingerprint.history()
+        for t in threads:
+            if t.parts is not None and (t.parts.tools == parts.tools or t.parts.system
+                                        == parts.system) and t.parts.opening == parts.opening:
+                return t
+        if threads:
+            return None
+        old = self.lineage.get(_lineage_key(parts))
+        if old is not None and now - old.entry.ts <= LINEAGE_SECONDS and _continues(old, history):
+            return old
+        return None
 
     def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
                 keys: tuple[str, ...], signal: str | None, ts: float) -> Pending:
@@ -121,7 +173,8 @@ class MissTracker:
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool) -> tuple[Verdict, float | None]:
-        prev = next((e for e in map(self.store.get, p.keys) if e is not None), None)
+        parts = p.fingerprint.parts()
+        prev = self._previous(p, parts, now)
         changed = prev is not None and prev.signal != p.signal
         v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
@@ -134,9 +187,18 @@ class MissTracker:
                                           shape=p.shape)
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
+            stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(),
+                            tuple(p.fingerprint.history()))
             for key in p.keys:
-                self.store.put(key, Stored(entry, p.signal))
+                threads = self.store.get(key) or ()
+                rest = tuple(t for t in threads if t is not prev and t.parts != parts)
+                self.store.put(key, (stored, *rest)[:THREADS])
+            self.lineage.put(_lineage_key(parts), stored)
         p.fingerprint.release()  # stored packed: a few KB per conversation, not the unpacked blocks
         if prev is not None:
             prev.entry.fingerprint.release()
         return v, predicted
+
+
+def _lineage_key(parts: PromptParts) -> str:
+    return (parts.tools + parts.opening).hex()

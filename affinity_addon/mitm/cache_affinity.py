@@ -24,7 +24,7 @@ from affinity_addon.request.rules import RuleSet, default_rules_file, load_rules
 from affinity_addon.response.stream_tap import StreamTap
 from affinity_addon.response.usage import UsageReader
 from affinity_addon.views import contentview
-from affinity_addon.views.aggregate import Aggregator, render_summary
+from affinity_addon.views.aggregate import Aggregator, output_console, render_summary
 
 logger = logging.getLogger(__name__)
 
@@ -476,9 +476,7 @@ class CacheAffinity:
         # done() also runs on every hot reload of the script: summarize only on a real shutdown.
         shutting_down = getattr(getattr(ctx.master, "should_exit", None), "is_set", lambda: False)()
         if shutting_down and ctx.options.affinity_summary and self.stats.total.requests:
-            from rich.console import Console
-
-            render_summary(self.stats, Console(file=sys.stderr))
+            render_summary(self.stats, output_console(sys.stderr))
         if self.writer:
             self.writer.close()
             self.writer = None

@@ -629,7 +629,7 @@ def output_console(file: Any = None, *, width: int | None = None, plain: bool = 
     elif not _isatty(file if file is not None else sys.stdout):
         kw["width"] = UNLIMITED_WIDTH
     if plain:
-        kw.update(no_color=True, highlight=False, emoji=False, force_terminal=False)
+        kw.update(color_system=None, no_color=True, highlight=False, emoji=False)
     return Console(**kw)
 
 

@@ -131,3 +131,34 @@ def test_plain_sdk_system_date_change_is_prefix_changed(proxy_factory, sim):
     assert recs[0]["affinity_id"] != recs[1]["affinity_id"]  # the root changed with the date
     assert recs[1]["miss_reason"] in ("prefix-changed", "partial"), recs[1]
     assert "messages[0].content changed at ~char" in recs[1]["miss_detail"], recs[1]
+
+
+def _long_turns(turns: int, calls: int) -> list[dict[str, Any]]:
+    """OpenClaw's first captured request grown by tool loops of `calls` calls per request (more
+    blocks than Anthropic's 20-block lookback), the internal context always at the end."""
+    first = capture("openclaw")[0]
+    head, trailer = first["body"]["messages"][:-1], first["body"]["messages"][-1]
+    out, history = [], list(head)
+    for t in range(turns):
+        body = {**first["body"], "messages": [*history, trailer]}
+        out.append({**first, "body": json.loads(json.dumps(body))})
+        for c in range(calls):
+            call = f"call_{t}_{c}"
+            history += [
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call, "type": "function",
+                     "function": {"name": "exec", "arguments": json.dumps({"cmd": f"ls {c}"})}}]},
+                {"role": "tool", "tool_call_id": call, "content": f"file-{t}-{c}.txt\n" * 40}]
+    return out
+
+
+def test_openclaw_long_tool_turns_read_back_and_pay_only_the_new_part(proxy_factory, sim):
+    recs = replay(proxy_factory("openclaw-long"), _long_turns(4, 25))
+    _show("openclaw-long", recs)
+    _no_contradiction(recs)
+    for prev, cur in zip(recs, recs[1:], strict=False):
+        p, c = prev["usage"], cur["usage"]
+        assert c["cache_read_tokens"] >= 0.95 * p["input_tokens"], (p, c)
+        added = c["input_tokens"] - p["input_tokens"]
+        paid = c["input_tokens"] - c["cache_read_tokens"]
+        assert paid <= added + 300, (p, c)

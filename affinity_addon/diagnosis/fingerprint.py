@@ -213,15 +213,16 @@ class Fingerprint:
                     opening.update(b.digest)
         return PromptParts(tools.digest(), system.digest(), opening.digest())
 
-    def history(self) -> list[bytes]:
-        """Digests of the conversation's messages after the leading system ones, in order."""
+    def history(self) -> bytes:
+        """Digests of the conversation's message blocks after the leading system ones, in
+        order, concatenated (DIGEST_SIZE bytes each)."""
         out, leading = [], True
         for b in self.comparable:
             if b.message_index is None or (leading and b.system):
                 continue
             leading = False
             out.append(b.digest)
-        return out
+        return b"".join(out)
 
     @property
     def last_ttl(self) -> str | None:

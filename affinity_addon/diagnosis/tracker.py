@@ -24,7 +24,12 @@ from typing import Any
 import yaml
 
 from affinity_addon.catalog import catalog_file
-from affinity_addon.diagnosis.fingerprint import Fingerprint, PromptParts, fingerprint
+from affinity_addon.diagnosis.fingerprint import (
+    DIGEST_SIZE,
+    Fingerprint,
+    PromptParts,
+    fingerprint,
+)
 from affinity_addon.diagnosis.verdicts import (
     ConversationStore,
     Entry,
@@ -116,14 +121,16 @@ class Stored:
     signal: str | None
     parts: PromptParts | None = None
     plan: bytes = b""  # the request's block digests, for the breakpoint planner's hint
-    history: tuple[bytes, ...] = ()  # its message digests after the system prompt
+    history: bytes = b""  # its message block digests after the system prompt, concatenated
 
 
-def _continues(prev: Stored, history: list[bytes]) -> bool:
-    """Does a request with this message history continue `prev`'s conversation?"""
-    old = prev.history
-    keep = max(1, len(old) - TRAILER) if len(old) > TRAILER else len(old)
-    return bool(old) and len(history) > keep and list(old[:keep]) == history[:keep]
+def _continues(prev: Stored, history: bytes) -> bool:
+    """Does a request with this message history continue `prev`'s conversation? All of the
+    previous history (but a per-turn trailer) comes first, and more follows."""
+    old = len(prev.history) // DIGEST_SIZE
+    keep = max(1, old - TRAILER) if old > TRAILER else old
+    size = keep * DIGEST_SIZE
+    return old > 0 and len(history) > size and prev.history[:size] == history[:size]
 
 
 class MissTracker:
@@ -145,8 +152,7 @@ class MissTracker:
         if same is not None:
             return same
         # One of tools/system changed: the same thread with a changed prefix. Both changed:
-        # a side request (or a new thread), unless its history says otherwise.
-        history = p.fingerprint.history()
+        # a side request, a thread of its own.
         for t in threads:
             if t.parts is not None and (t.parts.tools == parts.tools or t.parts.system
                                         == parts.system) and t.parts.opening == parts.opening:
@@ -154,7 +160,8 @@ class MissTracker:
         if threads:
             return None
         old = self.lineage.get(_lineage_key(parts))
-        if old is not None and now - old.entry.ts <= LINEAGE_SECONDS and _continues(old, history):
+        if (old is not None and now - old.entry.ts <= LINEAGE_SECONDS
+                and _continues(old, p.fingerprint.history())):
             return old
         return None
 
@@ -188,7 +195,7 @@ class MissTracker:
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
             stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(),
-                            tuple(p.fingerprint.history()))
+                            p.fingerprint.history())
             for key in p.keys:
                 threads = self.store.get(key) or ()
                 rest = tuple(t for t in threads if t is not prev and t.parts != parts)

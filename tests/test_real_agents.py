@@ -189,3 +189,13 @@ def test_a_new_id_that_continues_a_known_conversation_is_prefix_changed() -> Non
     tracker2 = MissTracker()
     observe(tracker2, t1, ("a",), 0)
     assert observe(tracker2, again, ("b",), 10).reason == "first-write"
+
+
+def test_last_marker_only_models_get_the_newest_stable_block() -> None:
+    turns = capture("openclaw")
+    sent = copy.deepcopy(turns[0])
+    plan_breakpoints(sent, OPENAI_CHAT, "google/gemini-2.5-pro", AGENT)
+    body = copy.deepcopy(turns[1])
+    paths = marked(plan_breakpoints(body, OPENAI_CHAT, "google/gemini-2.5-pro", AGENT,
+                                    hint_from(sent)))
+    assert paths == [f"messages[{len(body['messages']) - 2}].content[0]"]

@@ -499,6 +499,21 @@ class _Planner:
         found = [s for s in self.p.slots[:common] if s.eligible]
         return found[-1] if found else None
 
+    def stable_read(self, seen: tuple[int, int, bool] | None, rolling: _Slot | None) -> _Slot | None:
+        """Where this request reads what the previous one wrote when that is not simply the
+        newest block: the last block that stayed identical since (with history), or on turn 1
+        the last block before one that the next turn may move."""
+        if self.last_only or rolling is None:
+            return None  # only one marker counts: it must be the newest, or nothing new is cached
+        if seen is None:
+            stable = self.before_volatile()
+            return stable if stable and stable.index < rolling.index else None
+        common, count, _ = seen
+        stable = self.last_identical(common)
+        if stable and (common < count or rolling.index - stable.index > self.spec.lookback):
+            return stable
+        return None
+
     def previous_tail(self) -> _Slot | None:
         """Where the previous request's rolling marker was: the end of the messages before the
         last assistant reply (that reply is the previous request's answer)."""
@@ -559,18 +574,8 @@ class _Planner:
         # when the new turn is too long to reach it, then the stable system and tool prefixes
         # (they survive conversation edits), then lookback bridges.
         seen = self.history()
-        moved = seen is not None and seen[2]
-        rolling = self.newest_stable(moved) or self.last_in_messages()
-        if seen is not None:
-            common, count, _ = seen
-            stable = self.last_identical(common)
-            if stable and rolling and (common < count
-                                       or rolling.index - stable.index > self.spec.lookback):
-                self.offer(stable)
-        else:
-            stable = self.before_volatile()
-            if stable and rolling and stable.index < rolling.index:
-                self.offer(stable)
+        rolling = self.newest_stable(seen is not None and seen[2]) or self.last_in_messages()
+        self.offer(self.stable_read(seen, rolling))
         self.offer(rolling)
         tail = self.previous_tail()
         if seen is None and rolling and tail and rolling.index - tail.index > self.spec.lookback:

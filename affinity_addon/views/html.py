@@ -380,7 +380,7 @@ Response-cache hits and requests without usage are not counted as misses.</p>
   "use strict";
   var NS = "http://www.w3.org/2000/svg";
   var PALETTE = ["#5563f5", "#2bb47f", "#f2a93b", "#e4606d", "#9b5de5", "#00a6c7", "#f15bb5", "#7d8597"];
-  var REASON_COLORS = {"first-write": "#7d8597", "prefix-changed": "#e4606d", "ttl-expired": "#f2a93b",
+  var REASON_COLORS = {"first-write": "#7d8597", "prefix-changed": "#e4606d", "partial": "#f4845f", "ttl-expired": "#f2a93b",
     "routed-away": "#9b5de5", "below-minimum": "#00a6c7", "lookback-exceeded": "#f15bb5", "unknown": "#5c677d"};
   var data = JSON.parse(document.getElementById("report-data").textContent);
   var tip = document.getElementById("tip");

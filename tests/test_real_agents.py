@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.diagnosis.tracker import MissTracker
@@ -199,3 +201,29 @@ def test_last_marker_only_models_get_the_newest_stable_block() -> None:
     paths = marked(plan_breakpoints(body, OPENAI_CHAT, "google/gemini-2.5-pro", AGENT,
                                     hint_from(sent)))
     assert paths == [f"messages[{len(body['messages']) - 2}].content[0]"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(turns=st.integers(2, 6), change=st.integers(-1, 12), share=st.floats(0.0, 1.2))
+def test_verdicts_agree_with_the_reads(turns: int, change: int, share: float) -> None:
+    """Whatever the edit and whatever was read: a `hit` never names a prefix change, a read
+    after a prefix change is never a plain hit with a detail, and nothing read is never a hit."""
+    def body(n: int, edited: int | None) -> dict[str, Any]:
+        msgs = [{"role": "system", "content": "rules " * 1500}]
+        for i in range(n):
+            msgs.append({"role": "user", "content": f"q{i} " * 200 + ("edited" if i == edited else "")})
+            msgs.append({"role": "assistant", "content": f"a{i} " * 200})
+        msgs.append({"role": "user", "content": "now"})
+        return {"model": "gpt-4.1", "messages": msgs}
+
+    tracker = MissTracker()
+    observe(tracker, body(turns, None), ("k",), 0)
+    cur = body(turns + 1, change if change >= 0 else None)
+    total = fingerprint(cur, OPENAI_CHAT, "gpt-4.1").total_tokens
+    v = observe(tracker, cur, ("k",), 10, read=int(total * min(share, 1.0)))
+    if v.reason == "hit":
+        assert v.reported_read_tokens and "prefix changed" not in (v.detail or "")
+    if v.reported_read_tokens == 0:
+        assert v.reason not in ("hit", "partial")
+    if v.reason == "partial":
+        assert "lost" in v.detail

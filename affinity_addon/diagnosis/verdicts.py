@@ -208,7 +208,9 @@ def _hit(case: _Case) -> Verdict | None:
         # The previous request's cache point is gone: whatever it made cacheable past the
         # change is written again.
         cached = case.tokens(case.prev.cacheable_tokens)
-        lost = max(cached - reads, 0)
+        lost = cached - reads
+        if lost <= 0:  # by the numbers nothing was lost (estimates are approximate)
+            return Verdict("hit", None, cached)
         return Verdict("partial", f"read {reads} of ~{cached} tokens the previous request "
                        f"cached, ~{lost} lost: prefix changed ({case.diff.kind}): "
                        f"{case.diff.detail}", cached)

@@ -155,7 +155,7 @@ def test_side_requests_are_threads_of_their_own() -> None:
     key = ("qwen-code:session",)
     assert observe(tracker, main1, key, 0).reason == "first-write"
     side = observe(tracker, side1, key, 10)
-    assert side.reason == "first-write" and "tools" not in (side.detail or "")
+    assert side.reason == "first-write" and side.detail.startswith("new thread")
     v = observe(tracker, main2, key, 20, read=14000)
     assert v.reason == "partial" and "messages[1].content[3]" in v.detail  # vs main 1
     v = observe(tracker, side2, key, 30, read=10000)
@@ -184,6 +184,7 @@ def test_a_new_id_that_continues_a_known_conversation_is_prefix_changed() -> Non
     v = observe(tracker, t2, ("aff-day2",), 60)
     assert v.reason == "prefix-changed"
     assert v.detail.startswith("system-changed: messages[0].content changed at ~char")
+    assert "continues conversation aff-day1 from 61 s earlier" in v.detail
     # A new conversation that merely starts the same way is new.
     fresh = observe(MissTracker(), t1, ("x",), 0)
     assert fresh.reason == "first-write"

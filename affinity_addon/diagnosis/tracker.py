@@ -17,7 +17,7 @@ message, its history continued), so a system prompt whose date rolled over reads
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -122,6 +122,7 @@ class Stored:
     parts: PromptParts | None = None
     plan: bytes = b""  # the request's block digests, for the breakpoint planner's hint
     history: bytes = b""  # its message block digests after the system prompt, concatenated
+    key: str = ""  # the conversation ID it was stored under (the client's, else the root's)
 
 
 def _continues(prev: Stored, history: bytes) -> bool:
@@ -146,24 +147,26 @@ class MissTracker:
             return None
         return PlanHint(tuple(t.plan for t in threads if t.plan))
 
-    def _previous(self, p: "Pending", parts: PromptParts, now: float) -> Stored | None:
+    def _previous(self, p: "Pending", parts: PromptParts, now: float) -> tuple[Stored | None, str]:
+        """(the request this one is compared with, how it was found: same, changed, lineage,
+        new-thread or new)."""
         threads = next((t for t in map(self.store.get, p.keys) if t), ())
         same = next((t for t in threads if t.parts is None or t.parts.family == parts.family), None)
         if same is not None:
-            return same
+            return same, "same"
         # One of tools/system changed: the same thread with a changed prefix. Both changed:
         # a side request, a thread of its own.
         for t in threads:
             if t.parts is not None and (t.parts.tools == parts.tools or t.parts.system
                                         == parts.system) and t.parts.opening == parts.opening:
-                return t
+                return t, "changed"
         if threads:
-            return None
+            return None, "new-thread"
         old = self.lineage.get(_lineage_key(parts))
         if (old is not None and now - old.entry.ts <= LINEAGE_SECONDS
                 and _continues(old, p.fingerprint.history())):
-            return old
-        return None
+            return old, "lineage"
+        return None, "new"
 
     def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
                 keys: tuple[str, ...], signal: str | None, ts: float) -> Pending:
@@ -181,12 +184,13 @@ class MissTracker:
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool) -> tuple[Verdict, float | None]:
         parts = p.fingerprint.parts()
-        prev = self._previous(p, parts, now)
+        prev, how = self._previous(p, parts, now)
         changed = prev is not None and prev.signal != p.signal
         v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
                      response_cache=response_cache, affinity_changed=changed,
                      affinity_missing=p.signal is None, provider_miss_reason=provider_reason)
+        v = _explain(v, how, prev, now)
         predicted = None
         if dry_run:
             predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
@@ -195,7 +199,7 @@ class MissTracker:
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
             stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(),
-                            p.fingerprint.history())
+                            p.fingerprint.history(), p.keys[0] if p.keys else "")
             for key in p.keys:
                 threads = self.store.get(key) or ()
                 rest = tuple(t for t in threads if t is not prev and t.parts != parts)
@@ -209,3 +213,21 @@ class MissTracker:
 
 def _lineage_key(parts: PromptParts) -> str:
     return (parts.tools + parts.opening).hex()
+
+
+_NEW = "new conversation"
+
+
+def _explain(v: Verdict, how: str, prev: Stored | None, now: float) -> Verdict:
+    """Say which earlier request a verdict is about when it is not simply the previous one."""
+    detail = v.detail or ""
+    if how == "new-thread" and detail.startswith(_NEW):
+        return replace(v, detail="new thread in a known conversation (other tools and system "
+                       "prompt: a side request such as memory extraction, a title or a "
+                       "subagent)" + detail[len(_NEW):])
+    if how == "lineage" and prev is not None and v.reason not in ("hit", "first-write"):
+        short = prev.key if len(prev.key) <= 16 else prev.key[:16] + "…"
+        return replace(v, detail=f"{detail}; continues conversation {short} from "
+                       f"{now - prev.entry.ts:.0f} s earlier, whose affinity ID was different "
+                       "(its root changed)")
+    return v

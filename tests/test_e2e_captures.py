@@ -63,6 +63,8 @@ def test_openclaw_without_markers_reads_the_history_back(proxy_factory, sim):
     recs = replay(proxy_factory("openclaw"), capture("openclaw"))
     _show("openclaw", recs)
     _no_contradiction(recs)
+    assert len({r["affinity_id"] for r in recs}) == 1
+    assert {r.body["session_id"] for r in sim.requests} == {recs[0]["affinity_id"]}
     for prev, cur in zip(recs, recs[1:], strict=False):
         p, c = prev["usage"], cur["usage"]
         # Reads back (nearly) everything the previous turn sent...

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from affinity_addon.request.breakpoints import DIGEST_SIZE, block_digest
 from affinity_addon.request.prompt import (
     MARKER_KEYS,
     SYSTEM_ROLES,
@@ -24,7 +25,7 @@ from affinity_addon.request.prompt import (
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.tokens import estimate_tokens
 
-DIGEST_SIZE = 8  # 64 bits: a collision only misreports one diagnosis
+# Block digests are DIGEST_SIZE (8) bytes: a collision only misreports one diagnosis.
 CHUNK_CHARS = 256
 IGNORED = "ignored"  # the kind of a block that matched a volatile pattern
 
@@ -357,11 +358,7 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
             chars = len(text)
         else:
             canon = canonical(seg.value)
-            h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-            h.update((seg.role or "").encode())
-            h.update(b"\0")
-            h.update(canon)
-            digest = h.digest()
+            digest = block_digest(seg.role, canon)  # the planner's digest: its hint compares them
             chars = len(text) if field is not None else len(canon)
         tokens = FIXED_TOKENS.get(kind, estimate_tokens(chars)) + extra
         total += tokens

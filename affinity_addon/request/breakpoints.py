@@ -356,7 +356,7 @@ class _Prompt:
             total += estimate_tokens(len(canon))
             path = f"{seg.path}[0]" if isinstance(seg.value, str) else seg.path
             moving = (volatile is not None and seg.section == "messages"
-                      and volatile.block(text_of(seg.value)[:_VOLATILE_HEAD]))
+                      and volatile.block(text_of(seg.value)))
             self.slots.append(_Slot(index, seg, path, ok, convert, total, moving,
                                     block_digest(seg.role, canon) if digests else b""))
         self.end = len(self.slots)
@@ -383,9 +383,6 @@ class _Prompt:
 
     def messages_in(self, predicate: Callable[[_Slot], bool]) -> list[_Slot]:
         return [s for s in self.slots if s.seg.section == "messages" and predicate(s)]
-
-
-_VOLATILE_HEAD = 4096  # volatile patterns look at the start of a block (bounded regex cost)
 
 
 def _lookup(where: dict[str, int], holder: str) -> int:

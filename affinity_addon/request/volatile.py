@@ -6,7 +6,7 @@ out (blocks) or masks them (dates), so neither depends on text that moves betwee
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -17,13 +17,24 @@ from affinity_addon.catalog import catalog_file
 VOLATILE_FILE = catalog_file("volatile.yaml")
 
 
+HEAD = 4096  # block patterns look at the start of a block: bounded regex cost per block
+
+
 @dataclass(frozen=True, slots=True)
 class Volatile:
     blocks: tuple[re.Pattern[str], ...] = ()
     root_masks: tuple[re.Pattern[str], ...] = ()
+    _any: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # One alternation, one scan per block (the planner checks every message block).
+        if self.blocks:
+            joined = "|".join(f"(?:{p.pattern})" for p in self.blocks)
+            object.__setattr__(self, "_any", re.compile(joined))
 
     def block(self, text: str) -> bool:
-        return bool(text) and any(p.search(text) for p in self.blocks)
+        """Does a block starting with `text` match a volatile pattern (first HEAD chars)?"""
+        return bool(text) and self._any is not None and self._any.search(text, 0, HEAD) is not None
 
 
 def compile_patterns(raw: Any, what: str) -> tuple[re.Pattern[str], ...]:

@@ -228,3 +228,15 @@ def test_verdicts_agree_with_the_reads(turns: int, change: int, share: float) ->
         assert v.reason not in ("hit", "partial")
     if v.reason == "partial":
         assert "lost" in v.detail
+
+
+def test_volatile_catalog_parses_and_rejects_bad_data() -> None:
+    from affinity_addon.request.volatile import default_volatile
+
+    shipped = default_volatile()
+    assert shipped.block("<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nConversation data")
+    assert shipped.block("<system-reminder>\nThe current date is: Tuesday")
+    assert not shipped.block("hi")
+    for bad in ({"blocks": ["("]}, {"blocks": "x"}, {"other": []}, []):
+        with pytest.raises(ValueError):
+            parse_volatile(bad)

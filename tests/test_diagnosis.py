@@ -137,8 +137,9 @@ def test_first_write_then_hit():
 def test_partial_hit_gives_both_numbers():
     prev = entry(anthropic_body(1))
     v = verdict(prev, anthropic_body(2), read=300)
-    assert v.reason == "hit"
-    assert v.detail.startswith(f"partial: read 300 of ~{prev.cacheable_tokens} expected")
+    assert v.reason == "partial"
+    lost = prev.cacheable_tokens - 300
+    assert v.detail == f"read 300 of ~{prev.cacheable_tokens} expected tokens, ~{lost} lost"
 
 
 def test_date_change_in_system_prompt_is_prefix_changed():
@@ -233,7 +234,7 @@ def test_long_tool_loop_is_lookback_exceeded():
 
 def test_partial_hit_mentions_lookback():
     v = verdict(entry(_tool_loop(2)), _tool_loop(15), read=200)
-    assert v.reason == "hit" and "partial" in v.detail and "looks back only 20" in v.detail
+    assert v.reason == "partial" and "looks back only 20" in v.detail
 
 
 def test_request_without_markers_is_unknown():

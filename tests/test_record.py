@@ -12,7 +12,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "log-format.md"
 
 def documented_fields() -> list[str]:
     names: list[str] = []
-    for line in DOC.read_text().splitlines():
+    for line in DOC.read_text().split("\n## ")[0].splitlines():  # the field table only
         m = re.match(r"^\| (`[^|]+`) \|", line)
         if m:
             names += re.findall(r"`([a-z_0-9]+)`", m.group(1))

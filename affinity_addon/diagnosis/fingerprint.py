@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from affinity_addon.request.breakpoints import DIGEST_SIZE, block_digest
 from affinity_addon.request.prompt import (
     MARKER_KEYS,
     SYSTEM_ROLES,
@@ -24,7 +25,7 @@ from affinity_addon.request.prompt import (
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.tokens import estimate_tokens
 
-DIGEST_SIZE = 8  # 64 bits: a collision only misreports one diagnosis
+# Block digests are DIGEST_SIZE (8) bytes: a collision only misreports one diagnosis.
 CHUNK_CHARS = 256
 IGNORED = "ignored"  # the kind of a block that matched a volatile pattern
 
@@ -61,7 +62,7 @@ _CONTENT_KEYS = frozenset({"content", "parts"})
 # A block's chunk hashes follow those of the blocks before it: ceil(chars / CHUNK_CHARS) of them.
 _ROW = struct.Struct(f"<{DIGEST_SIZE}sIIiIHHHHHB")
 _CHUNK = struct.Struct("<I")
-_MARKED, _SYSTEM, _FIRST, _REASONING, _REL_PATH, _CHUNKED = 1, 2, 4, 8, 16, 32
+_MARKED, _SYSTEM, _FIRST, _REASONING, _REL_PATH, _CHUNKED, _CARRIER = 1, 2, 4, 8, 16, 32, 64
 # Chunk hashes (for "changed at ~char N") are kept for the blocks where volatile text lives —
 # tools, system prompts and the first messages (dates, cwd) — not for every turn of a long
 # conversation, where they would cost most of the fingerprint's time.
@@ -107,6 +108,7 @@ class BlockPrint:
     envelope: int = 0  # hash of the message's other fields (role, tool_calls, ...)
     reasoning: bool = False  # the message carries reasoning fields
     chunks: bytes = b""  # 4-byte hash per CHUNK_CHARS characters of the text
+    carrier: bool = False  # a message without content blocks (tool_calls only): not a prompt segment
 
     @property
     def ignored(self) -> bool:
@@ -178,6 +180,7 @@ class Fingerprint:
                 first=bool(flags & _FIRST),
                 envelope=env,
                 reasoning=bool(flags & _REASONING),
+                carrier=bool(flags & _CARRIER),
                 chunks=self.chunks[chunk0 * _CHUNK.size:(chunk0 + n_chunks) * _CHUNK.size],
             ))
             chunk0 += n_chunks
@@ -188,6 +191,40 @@ class Fingerprint:
         """The blocks that count for the prefix: volatile (ignored) ones left out."""
         return self._unpack()[1]
 
+    def plan_digests(self) -> bytes:
+        """Digests of the prompt segments in order, as the breakpoint planner computes them
+        (a volatile block's is zero: it matches anything). For `breakpoints.PlanHint`."""
+        return b"".join(b.digest for b in self.blocks if not b.carrier)
+
+    def parts(self) -> "PromptParts":
+        """Digests of the parts that tell conversations and their side requests apart."""
+        tools, system, opening = (hashlib.blake2b(digest_size=DIGEST_SIZE) for _ in range(3))
+        opening_msg: int | None = None
+        leading = True
+        for b in self.comparable:
+            if b.section == "tools":
+                tools.update(b.digest)
+            elif b.system and (b.message_index is None or leading):
+                system.update(b.digest)
+            elif b.message_index is not None:
+                leading = False
+                if opening_msg is None:
+                    opening_msg = b.message_index
+                if b.message_index == opening_msg:
+                    opening.update(b.digest)
+        return PromptParts(tools.digest(), system.digest(), opening.digest())
+
+    def history(self) -> bytes:
+        """Digests of the conversation's message blocks after the leading system ones, in
+        order, concatenated (DIGEST_SIZE bytes each)."""
+        out, leading = [], True
+        for b in self.comparable:
+            if b.message_index is None or (leading and b.system):
+                continue
+            leading = False
+            out.append(b.digest)
+        return b"".join(out)
+
     @property
     def last_ttl(self) -> str | None:
         """The `ttl` of the last marked block, the one the next request reads from."""
@@ -195,7 +232,23 @@ class Fingerprint:
         return marked[-1].ttl if marked else None
 
 
+@dataclass(frozen=True, slots=True)
+class PromptParts:
+    """A request's tools, leading system prompt and first conversation message, as digests."""
+
+    tools: bytes
+    system: bytes
+    opening: bytes
+
+    @property
+    def family(self) -> tuple[bytes, bytes]:
+        return self.tools, self.system
+
+
 _Unit = tuple[Segment, bool, dict[str, Any] | None]
+
+
+_CARRIES: dict[str, Any] = {}  # the envelope marker of a message iter_segments skips
 
 
 def _walk(body: dict[str, Any], shape: str) -> Iterator[_Unit]:
@@ -216,7 +269,7 @@ def _walk(body: dict[str, Any], shape: str) -> Iterator[_Unit]:
             if isinstance(msg, dict):
                 kind = "tool_calls" if "tool_calls" in msg else "message"
                 role = msg.get("role") if isinstance(msg.get("role"), str) else None
-                yield Segment(f"{section}[{i}]", section, kind, role, i, msg), True, None
+                yield Segment(f"{section}[{i}]", section, kind, role, i, msg), True, _CARRIES
 
     for seg in iter_segments(body, shape):
         mi = seg.message_index
@@ -279,6 +332,9 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
     total = 0
     envelope_hash, reasoning = 0, False
     for seg, first, envelope in _walk(body, shape):
+        carrier = envelope is _CARRIES
+        if carrier:
+            envelope = None
         field, text = _text(seg.value)
         marked, ttl = _marker(seg.value)
         mi = seg.message_index
@@ -293,7 +349,7 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
                 envelope_hash = zlib.crc32(env)
                 extra = estimate_tokens(len(env))
                 reasoning = not REASONING_FIELDS.isdisjoint(envelope)
-        flags = ((_MARKED if marked else 0) | (_FIRST if first else 0)
+        flags = ((_MARKED if marked else 0) | (_FIRST if first else 0) | (_CARRIER if carrier else 0)
                  | (_REASONING if reasoning else 0)
                  | (_SYSTEM if seg.role in SYSTEM_ROLES or seg.section == "system" else 0))
         kind = seg.kind
@@ -302,11 +358,7 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
             chars = len(text)
         else:
             canon = canonical(seg.value)
-            h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-            h.update((seg.role or "").encode())
-            h.update(b"\0")
-            h.update(canon)
-            digest = h.digest()
+            digest = block_digest(seg.role, canon)  # the planner's digest: its hint compares them
             chars = len(text) if field is not None else len(canon)
         tokens = FIXED_TOKENS.get(kind, estimate_tokens(chars)) + extra
         total += tokens

@@ -5,18 +5,31 @@ system prompt, which must read as `prefix-changed`, not as a new conversation), 
 keyed hash of its root (which survives an affinity header that a client or relay dropped: the
 `routed-away` case). Entries are stored under both. Each remembers the routing signal that
 reached the provider (the affinity value the rules sent, or the client's own).
+
+Real agents send side requests under the same ID (memory extraction, titles, compaction,
+subagents) with their own tools and system prompt: each (tools, system) pair is a thread of its
+own, compared only with its own previous request. A request whose tools or system alone changed
+still continues its thread (that is a prefix change to report). A conversation new to the
+tracker is matched against recent ones by what lies outside its root (same tools, same first
+message, its history continued), so a system prompt whose date rolled over reads as
+`prefix-changed` against the conversation it continues, not as a new one.
 """
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
 import yaml
 
 from affinity_addon.catalog import catalog_file
-from affinity_addon.diagnosis.fingerprint import Fingerprint, fingerprint
+from affinity_addon.diagnosis.fingerprint import (
+    DIGEST_SIZE,
+    Fingerprint,
+    PromptParts,
+    fingerprint,
+)
 from affinity_addon.diagnosis.verdicts import (
     ConversationStore,
     Entry,
@@ -27,7 +40,7 @@ from affinity_addon.diagnosis.verdicts import (
     predict_hit_ratio,
 )
 from affinity_addon.record.schema import Usage
-from affinity_addon.request.breakpoints import min_tokens_for
+from affinity_addon.request.breakpoints import PlanHint, min_tokens_for
 
 PROFILES = catalog_file("cache_profiles.yaml")
 
@@ -96,15 +109,64 @@ class Pending:
     shape: str
 
 
+THREADS = 8  # threads kept per conversation ID (main, memory, title, compaction, subagents)
+LINEAGE = 4096  # recent threads indexed by (tools, first message), to find what a new ID continues
+LINEAGE_SECONDS = 86_400.0  # a date rollover is at most a day after the previous request
+TRAILER = 2  # blocks an agent may drop from the end of its history (per-turn context)
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
     entry: Entry
     signal: str | None
+    parts: PromptParts | None = None
+    plan: bytes = b""  # the request's block digests, for the breakpoint planner's hint
+    history: bytes = b""  # its message block digests after the system prompt, concatenated
+    key: str = ""  # the conversation ID it was stored under (the client's, else the root's)
+
+
+def _continues(prev: Stored, history: bytes) -> bool:
+    """Does a request with this message history continue `prev`'s conversation? All of the
+    previous history (but a per-turn trailer) comes first, and more follows."""
+    old = len(prev.history) // DIGEST_SIZE
+    keep = max(1, old - TRAILER) if old > TRAILER else old
+    size = keep * DIGEST_SIZE
+    return old > 0 and len(history) > size and prev.history[:size] == history[:size]
 
 
 class MissTracker:
     def __init__(self, capacity: int = 10_000) -> None:
-        self.store: ConversationStore[Stored] = ConversationStore(capacity)
+        # Conversation ID -> its threads, most recent first.
+        self.store: ConversationStore[tuple[Stored, ...]] = ConversationStore(capacity)
+        self.lineage: ConversationStore[Stored] = ConversationStore(min(capacity, LINEAGE))
+
+    def hint(self, key: str | None) -> PlanHint | None:
+        """The planner's view of this conversation's previous requests (one per thread)."""
+        threads = self.store.get(key) if key else None
+        if not threads:
+            return None
+        return PlanHint(tuple(t.plan for t in threads if t.plan))
+
+    def _previous(self, p: "Pending", parts: PromptParts, now: float) -> tuple[Stored | None, str]:
+        """(the request this one is compared with, how it was found: same, changed, lineage,
+        new-thread or new)."""
+        threads = next((t for t in map(self.store.get, p.keys) if t), ())
+        same = next((t for t in threads if t.parts is None or t.parts.family == parts.family), None)
+        if same is not None:
+            return same, "same"
+        # One of tools/system changed: the same thread with a changed prefix. Both changed:
+        # a side request, a thread of its own.
+        for t in threads:
+            if t.parts is not None and (t.parts.tools == parts.tools or t.parts.system
+                                        == parts.system) and t.parts.opening == parts.opening:
+                return t, "changed"
+        if threads:
+            return None, "new-thread"
+        old = self.lineage.get(_lineage_key(parts))
+        if (old is not None and now - old.entry.ts <= LINEAGE_SECONDS
+                and _continues(old, p.fingerprint.history())):
+            return old, "lineage"
+        return None, "new"
 
     def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
                 keys: tuple[str, ...], signal: str | None, ts: float) -> Pending:
@@ -121,12 +183,14 @@ class MissTracker:
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool) -> tuple[Verdict, float | None]:
-        prev = next((e for e in map(self.store.get, p.keys) if e is not None), None)
+        parts = p.fingerprint.parts()
+        prev, how = self._previous(p, parts, now)
         changed = prev is not None and prev.signal != p.signal
         v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
                      response_cache=response_cache, affinity_changed=changed,
                      affinity_missing=p.signal is None, provider_miss_reason=provider_reason)
+        v = _explain(v, how, prev, now)
         predicted = None
         if dry_run:
             predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
@@ -134,9 +198,36 @@ class MissTracker:
                                           shape=p.shape)
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
+            stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(),
+                            p.fingerprint.history(), p.keys[0] if p.keys else "")
             for key in p.keys:
-                self.store.put(key, Stored(entry, p.signal))
+                threads = self.store.get(key) or ()
+                rest = tuple(t for t in threads if t is not prev and t.parts != parts)
+                self.store.put(key, (stored, *rest)[:THREADS])
+            self.lineage.put(_lineage_key(parts), stored)
         p.fingerprint.release()  # stored packed: a few KB per conversation, not the unpacked blocks
         if prev is not None:
             prev.entry.fingerprint.release()
         return v, predicted
+
+
+def _lineage_key(parts: PromptParts) -> str:
+    return (parts.tools + parts.opening).hex()
+
+
+_NEW = "new conversation"
+
+
+def _explain(v: Verdict, how: str, prev: Stored | None, now: float) -> Verdict:
+    """Say which earlier request a verdict is about when it is not simply the previous one."""
+    detail = v.detail or ""
+    if how == "new-thread" and detail.startswith(_NEW):
+        return replace(v, detail="new thread in a known conversation (other tools and system "
+                       "prompt: a side request such as memory extraction, a title or a "
+                       "subagent)" + detail[len(_NEW):])
+    if how == "lineage" and prev is not None and v.reason not in ("hit", "first-write"):
+        short = prev.key if len(prev.key) <= 16 else prev.key[:16] + "…"
+        return replace(v, detail=f"{detail}; continues conversation {short} from "
+                       f"{now - prev.entry.ts:.0f} s earlier, whose affinity ID was different "
+                       "(its root changed)")
+    return v

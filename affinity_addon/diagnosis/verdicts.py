@@ -18,16 +18,16 @@ from affinity_addon.record.schema import Usage
 
 logger = logging.getLogger(__name__)
 
-REASONS = ("hit", "first-write", "prefix-changed", "ttl-expired", "routed-away", "below-minimum",
+REASONS = ("hit", "partial", "first-write", "prefix-changed", "ttl-expired", "routed-away", "below-minimum",
            "lookback-exceeded", "response-cache", "unknown")
 
 # How many blocks back from a breakpoint the provider looks for an earlier cache entry.
 # Shapes not listed match any earlier entry (OpenAI breakpoints, automatic prefix caching).
 LOOKBACK_BLOCKS: Mapping[str, int] = PROVIDER_FACTS.lookback_blocks
 
-# Reads below this share of the expected tokens are reported as a partial hit. Expectations are
-# character estimates, so only a clear shortfall is worth a mention.
-PARTIAL_BELOW = 0.5
+# A read below this share of the expected tokens is `partial`, not a `hit`. Expectations are
+# character estimates calibrated by the reported prompt size, so a few percent is noise.
+PARTIAL_BELOW = 0.9
 
 def parse_ttl(text: str) -> float:
     """Seconds in a provider TTL string: "5m" -> 300.0, "1h", "30m", "24h"."""
@@ -191,21 +191,32 @@ def _no_usage(case: _Case) -> Verdict | None:
 
 
 def _hit(case: _Case) -> Verdict | None:
+    """`hit`: (nearly) everything expected was read; `partial`: a read that stopped short,
+    with the tokens lost and where the prefix broke."""
     reads = case.reads
     if reads <= 0:
         return None
-    notes = []
     expected = case.expected
+    if case.prefix_changed and case.diff is not None and case.prev is not None:
+        # The previous request's cache point is gone: whatever it made cacheable past the
+        # change is written again.
+        cached = case.tokens(case.prev.cacheable_tokens)
+        lost = cached - reads
+        if lost <= 0:  # by the numbers nothing was lost (estimates are approximate)
+            return Verdict("hit", None, cached)
+        return Verdict("partial", f"read {reads} of ~{cached} tokens the previous request "
+                       f"cached, ~{lost} lost: prefix changed ({case.diff.kind}): "
+                       f"{case.diff.detail}", cached)
     if expected and reads < PARTIAL_BELOW * expected:
-        notes.append(f"partial: read {reads} of ~{expected} expected tokens")
+        notes = [f"read {reads} of ~{expected} expected tokens, ~{expected - reads} lost"]
         gap = _lookback_gap(case)
         if gap is not None:
             notes.append(_lookback_text(case, gap))
-    if case.prefix_changed and case.diff is not None:
-        notes.append(f"prefix changed: {case.diff.detail}")
+        return Verdict("partial", "; ".join(notes), expected)
     if case.prev is None:
-        notes.append("first request seen for this conversation; its prefix was already cached")
-    return Verdict("hit", "; ".join(notes) or None, expected)
+        return Verdict("hit", "first request seen for this conversation; its prefix was "
+                       "already cached", expected)
+    return Verdict("hit", None, expected)
 
 
 def _not_requested(case: _Case) -> Verdict | None:

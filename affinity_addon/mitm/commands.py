@@ -10,7 +10,7 @@ from mitmproxy import command, ctx, exceptions, flow, http
 from affinity_addon.mitm.config import Config
 from affinity_addon.mitm.state import State, new_stats
 from affinity_addon.record.schema import META
-from affinity_addon.views.console import render_summary
+from affinity_addon.views.console import output_console, render_summary
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,4 @@ class Commands:
         # done() also runs on every hot reload of the script: summarize only on a real shutdown.
         shutting_down = getattr(getattr(ctx.master, "should_exit", None), "is_set", lambda: False)()
         if shutting_down and ctx.options.affinity_summary and self.state.stats.total.requests:
-            from rich.console import Console
-
-            render_summary(self.state.stats, Console(file=sys.stderr))
+            render_summary(self.state.stats, output_console(sys.stderr))

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from affinity_addon.jsonpath import get_path, parse_path
-from affinity_addon.request.prompt import canonical, root_segments, text_of
+from affinity_addon.request.prompt import Segment, canonical, root_segments, text_of
+from affinity_addon.request.volatile import compile_patterns, default_volatile, mask
 
 DEFAULT_KEY = "affinity-default-key-v1"
 MAX_LEN = 64
@@ -58,15 +59,18 @@ DEFAULT_SOURCES: tuple[Source, ...] = (
     Source("root"),
 )
 
-# System blocks that change on every request and are not part of the cached prefix
-# (Claude Code's billing header, clients.md), so they must not split a conversation.
-DEFAULT_ROOT_IGNORE: tuple[re.Pattern[str], ...] = (re.compile(r"^x-anthropic-billing-header:"),)
+# Root blocks that change on every request or move on resume (Claude Code's billing header,
+# OpenClaw's internal context, Qwen Code's date reminder), and text inside root blocks that is
+# rebuilt (dates): none of it may split a conversation. Data: catalog/volatile.yaml.
+DEFAULT_ROOT_IGNORE: tuple[re.Pattern[str], ...] = default_volatile().blocks
+DEFAULT_ROOT_MASK: tuple[re.Pattern[str], ...] = default_volatile().root_masks
 
 
 @dataclass(frozen=True, slots=True)
 class AffinityConfig:
     sources: tuple[Source, ...] = DEFAULT_SOURCES
     root_ignore: tuple[re.Pattern[str], ...] = DEFAULT_ROOT_IGNORE
+    root_mask: tuple[re.Pattern[str], ...] = DEFAULT_ROOT_MASK
 
 
 def _parse_source(raw: Any) -> Source:
@@ -107,8 +111,8 @@ def parse_affinity_config(raw: Any) -> AffinityConfig:
     if raw is None:
         return AffinityConfig()
     if not isinstance(raw, Mapping):
-        raise ValueError("must be a mapping with 'sources' and/or 'root_ignore'")
-    extra = set(raw) - {"sources", "root_ignore"}
+        raise ValueError("must be a mapping with 'sources', 'root_ignore' and/or 'root_mask'")
+    extra = set(raw) - {"sources", "root_ignore", "root_mask"}
     if extra:
         raise ValueError(f"unknown key {sorted(extra)[0]!r}")
     sources = DEFAULT_SOURCES
@@ -118,13 +122,11 @@ def parse_affinity_config(raw: Any) -> AffinityConfig:
         sources = tuple(_parse_source(s) for s in raw["sources"])
     ignore = DEFAULT_ROOT_IGNORE
     if "root_ignore" in raw:
-        if not isinstance(raw["root_ignore"], list):
-            raise ValueError("root_ignore must be a list of regexes")
-        try:
-            ignore = tuple(re.compile(str(p)) for p in raw["root_ignore"])
-        except re.error as e:
-            raise ValueError(f"root_ignore: invalid regex: {e}") from None
-    return AffinityConfig(sources, ignore)
+        ignore = compile_patterns(raw["root_ignore"], "root_ignore")
+    masks = DEFAULT_ROOT_MASK
+    if "root_mask" in raw:
+        masks = compile_patterns(raw["root_mask"], "root_mask")
+    return AffinityConfig(sources, ignore, masks)
 
 
 def keyed_hash(data: bytes, key: str) -> str:
@@ -167,19 +169,39 @@ def model_family(model: Any) -> str:
         m = stripped
 
 
+def _stable(segments: list[Segment], config: AffinityConfig) -> list[Segment]:
+    return [s for s in segments if not any(p.search(text_of(s.value)) for p in config.root_ignore)]
+
+
+def _root_bytes(value: Any, config: AffinityConfig) -> bytes:
+    """The segment as hashed for the root: volatile text (dates) masked out."""
+    text = text_of(value)
+    if not text or not config.root_mask:
+        return canonical(value)
+    masked = mask(text, config.root_mask)
+    if masked == text:
+        return canonical(value)
+    if isinstance(value, str):
+        return canonical(masked)
+    key = "text" if isinstance(value.get("text"), str) else "content"
+    return canonical({**value, key: masked})
+
+
 def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str) -> str | None:
+    """Keyed hash of the conversation's stable root: blocks an agent rebuilds on every turn or
+    resume are left out, and dates masked, so `-c`/resume and a day rollover keep the ID."""
     system, user = root_segments(dict(body), shape)
-    system = [s for s in system if not any(p.search(text_of(s.value)) for p in config.root_ignore)]
+    system, user = _stable(system, config), _stable(user, config)
     if not system and not user:
         return None
     h = hashlib.blake2b(key=key.encode()[:64], digest_size=16)
     h.update(model_family(body.get("model")).encode())
     for seg in system:
         h.update(b"\x00s")
-        h.update(canonical(seg.value))
+        h.update(_root_bytes(seg.value, config))
     for seg in user:
         h.update(b"\x00u")
-        h.update(canonical(seg.value))
+        h.update(_root_bytes(seg.value, config))
     return "aff-" + h.hexdigest()
 
 

@@ -7,15 +7,20 @@ The planner adds markers without breaking what already works:
 - at most 4 markers in a request, counting the client's own, which are never moved or removed
   (moving a breakpoint turn to turn is the classic way to lose every hit);
 - deterministic positions, so turn N+1 reads what turn N wrote: the rolling marker goes on the
-  last block, and when the new turn appended more than `lookback` blocks, a second one goes
-  exactly where the previous turn's rolling marker was (the end of the messages before the last
-  assistant reply, which the previous request did not have yet);
+  newest block that is likely to stay, and when the new turn appended more than `lookback`
+  blocks, a second one goes exactly where the previous turn's rolling marker was (the end of the
+  messages before the last assistant reply, which the previous request did not have yet);
+- real agents are not append-only: blocks they rebuild every turn (OpenClaw's trailing internal
+  context, Qwen Code's date reminder; catalog/volatile.yaml) never carry the rolling marker, and
+  with a `PlanHint` (the previous request of the conversation, from the tracker) a marker goes on
+  the last block that stayed identical, so the next request reads what this one wrote;
 - 1h markers before 5m ones; no marker on thinking blocks or empty text; no marker whose prefix
   is below the model's minimum cacheable length (it would cache nothing and use a slot);
 - idempotent, and `strip_added` undoes a plan exactly (dry runs, reports).
 """
 
 import fnmatch
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -34,7 +39,9 @@ from affinity_addon.request.prompt import (
     Segment,
     canonical,
     iter_segments,
+    text_of,
 )
+from affinity_addon.request.volatile import Volatile, default_volatile
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT
 from affinity_addon.tokens import estimate_tokens
 
@@ -81,6 +88,27 @@ _SHAPES: dict[str, _ShapeRules] = {
 
 # ---------------------------------------------------------------------------------------------
 # Spec
+
+
+DIGEST_SIZE = 8  # the block digest of diagnosis/fingerprint.py: role, NUL, canonical bytes
+_ANY = bytes(DIGEST_SIZE)  # a block the fingerprint left out as volatile: matches anything
+
+
+def block_digest(role: str | None, canon: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    h.update((role or "").encode())
+    h.update(b"\0")
+    h.update(canon)
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class PlanHint:
+    """What the tracker knows of this conversation: for each recent request of it (one per
+    thread: main conversation, side requests), its blocks' digests in prompt order, concatenated
+    (DIGEST_SIZE bytes each). Plain bytes, so the planner stays a pure function of its input."""
+
+    previous: tuple[bytes, ...] = ()
 
 
 class Placement(NamedTuple):
@@ -232,6 +260,8 @@ class _Slot:
     eligible: bool
     convert: bool
     prefix_tokens: int  # estimated tokens up to and including this block
+    volatile: bool = False  # rebuilt every turn (catalog/volatile.yaml): never a rolling spot
+    digest: bytes = b""  # block_digest, only when planning with a hint
 
 
 class _Marker(NamedTuple):
@@ -312,7 +342,8 @@ def _text_part(text: str) -> dict[str, Any]:
 class _Prompt:
     """The body's blocks in hash order, with the markers already on them."""
 
-    def __init__(self, body: dict[str, Any], shape: str, rules: _ShapeRules) -> None:
+    def __init__(self, body: dict[str, Any], shape: str, rules: _ShapeRules,
+                 volatile: Volatile | None = None, digests: bool = False) -> None:
         self.body = body
         self.slots: list[_Slot] = []
         total = 0
@@ -320,9 +351,13 @@ class _Prompt:
             ok, convert = _eligible(seg, rules)
             # Measure a string as the block it becomes, so planning twice sees the same sizes.
             value = _text_part(seg.value) if isinstance(seg.value, str) else seg.value
-            total += estimate_tokens(len(canonical(value)))
+            canon = canonical(value)
+            total += estimate_tokens(len(canon))
             path = f"{seg.path}[0]" if isinstance(seg.value, str) else seg.path
-            self.slots.append(_Slot(index, seg, path, ok, convert, total))
+            moving = (volatile is not None and seg.section == "messages"
+                      and volatile.block(text_of(seg.value)))
+            self.slots.append(_Slot(index, seg, path, ok, convert, total, moving,
+                                    block_digest(seg.role, canon) if digests else b""))
         self.end = len(self.slots)
         eligible = [s for s in self.slots if s.eligible]
         self.last_eligible = eligible[-1] if eligible else None
@@ -364,8 +399,9 @@ def _lookup(where: dict[str, int], holder: str) -> int:
 
 class _Planner:
     def __init__(self, prompt: _Prompt, spec: CacheControlSpec, minimum: int, free: int,
-                 last_only: bool) -> None:
+                 last_only: bool, hint: PlanHint | None = None) -> None:
         self.p = prompt
+        self.hint = hint
         self.spec = spec
         self.minimum = minimum
         self.free = free
@@ -418,6 +454,61 @@ class _Planner:
     def last_in_messages(self) -> _Slot | None:
         found = self.p.messages_in(lambda s: s.eligible)
         return found[-1] if found else None
+
+    def history(self) -> tuple[int, int, bool] | None:
+        """Against the best-matching previous request of this conversation: (blocks that stayed
+        identical, blocks that request had, did its last block move to our end)."""
+        if self.hint is None or not self.hint.previous:
+            return None
+        best: tuple[int, int, bool] | None = None
+        cur = self.p.slots
+        for prev in self.hint.previous:
+            count = len(prev) // DIGEST_SIZE
+            n = 0
+            while n < min(count, len(cur)):
+                d = prev[n * DIGEST_SIZE:(n + 1) * DIGEST_SIZE]
+                if d != cur[n].digest and d != _ANY:
+                    break
+                n += 1
+            last = prev[(count - 1) * DIGEST_SIZE:count * DIGEST_SIZE] if count else b""
+            moved = 0 < n < count and bool(cur) and cur[-1].digest == last and len(cur) > count
+            if best is None or n > best[0]:
+                best = (n, count, moved)
+        return best
+
+    def newest_stable(self, moved_trailer: bool) -> _Slot | None:
+        """The newest block likely to be in the next request at the same place: not a known
+        volatile block, nor a trailer the previous request also had at its end."""
+        end = self.p.end - 1 if moved_trailer else self.p.end
+        found = self.p.messages_in(lambda s: s.eligible and not s.volatile and s.index < end)
+        return found[-1] if found else None
+
+    def before_volatile(self) -> _Slot | None:
+        """Turn 1: the last block before the first volatile one, which the next turn may move."""
+        first = next((s.index for s in self.p.slots if s.volatile), None)
+        if first is None:
+            return None
+        found = [s for s in self.p.slots[:first] if s.eligible]
+        return found[-1] if found else None
+
+    def last_identical(self, common: int) -> _Slot | None:
+        found = [s for s in self.p.slots[:common] if s.eligible]
+        return found[-1] if found else None
+
+    def stable_read(self, seen: tuple[int, int, bool] | None, rolling: _Slot | None) -> _Slot | None:
+        """Where this request reads what the previous one wrote when that is not simply the
+        newest block: the last block that stayed identical since (with history), or on turn 1
+        the last block before one that the next turn may move."""
+        if self.last_only or rolling is None:
+            return None  # only one marker counts: it must be the newest, or nothing new is cached
+        if seen is None:
+            stable = self.before_volatile()
+            return stable if stable and stable.index < rolling.index else None
+        common, count, _ = seen
+        stable = self.last_identical(common)
+        if stable and (common < count or rolling.index - stable.index > self.spec.lookback):
+            return stable
+        return None
 
     def previous_tail(self) -> _Slot | None:
         """Where the previous request's rolling marker was: the end of the messages before the
@@ -473,13 +564,17 @@ class _Planner:
     # -- strategies -------------------------------------------------------------------------
 
     def agent(self) -> None:
-        # Priority when slots are short: the rolling marker (next turn reads it), the previous
-        # turn's one when the new turn is too long to reach it, then the stable system and tool
-        # prefixes (they survive conversation edits), then lookback bridges.
-        rolling = self.last_in_messages()
+        # Priority when slots are short: the read (the last block that stayed identical since
+        # the previous request, when that request's rolling marker is no longer at our end of
+        # the shared prefix), the rolling marker (next turn reads it), the previous turn's one
+        # when the new turn is too long to reach it, then the stable system and tool prefixes
+        # (they survive conversation edits), then lookback bridges.
+        seen = self.history()
+        rolling = self.newest_stable(seen is not None and seen[2]) or self.last_in_messages()
+        self.offer(self.stable_read(seen, rolling))
         self.offer(rolling)
         tail = self.previous_tail()
-        if rolling and tail and rolling.index - tail.index > self.spec.lookback:
+        if seen is None and rolling and tail and rolling.index - tail.index > self.spec.lookback:
             self.offer(tail)
         self.offer(self.system_end())
         self.offer(self.last_tool())
@@ -525,14 +620,20 @@ class _Planner:
 
 
 def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
-                     spec: CacheControlSpec) -> list[AddedMarker]:
-    """Adds cache_control markers to `body` in place; returns what was added, in prompt order."""
+                     spec: CacheControlSpec, hint: PlanHint | None = None,
+                     volatile: Volatile | None = None) -> list[AddedMarker]:
+    """Adds cache_control markers to `body` in place; returns what was added, in prompt order.
+
+    `hint`: the previous requests of this conversation (tracker), for the agent strategy."""
     rules = _SHAPES.get(shape)
     if rules is None or not isinstance(body, dict):
         return []
     if spec.client_markers == SKIP and next(_marker_sites(body), None) is not None:
         return []  # before measuring the prompt: most agent traffic stops here
-    prompt = _Prompt(body, shape, rules)
+    agent = spec.strategy == AGENT
+    with_hint = agent and hint is not None and bool(hint.previous)
+    prompt = _Prompt(body, shape, rules, (volatile or default_volatile()) if agent else None,
+                     digests=with_hint)
     free = MAX_MARKERS - len(prompt.markers)
     last_only = spec.last_marker_only if spec.last_marker_only is not None \
         else _last_marker_only(model)
@@ -541,7 +642,7 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
     if free <= 0:
         return []
     minimum = spec.min_tokens if spec.min_tokens is not None else min_tokens_for(model)
-    planner = _Planner(prompt, spec, minimum, free, last_only)
+    planner = _Planner(prompt, spec, minimum, free, last_only, hint if with_hint else None)
     if spec.strategy == AGENT:
         planner.agent()
     else:

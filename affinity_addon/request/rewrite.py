@@ -9,7 +9,7 @@ and every other byte of the body stays exactly as the client sent it.
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,8 +179,12 @@ def apply_rules(
     key: str = affinity_id.DEFAULT_KEY,
     dry_run: bool = False,
     parsed: ParsedBody | None = None,
+    hint_for: Callable[[str | None], Any] | None = None,
 ) -> tuple[Outcome, ParsedBody] | None:
-    """Rewrite `request` in place (unless dry_run). None when no rule matches."""
+    """Rewrite `request` in place (unless dry_run). None when no rule matches.
+
+    `hint_for(affinity_id)`: what the tracker knows of the conversation's previous requests
+    (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable."""
     host, method = request.pretty_host, request.method
     path = request.path.split("?", 1)[0]
     candidates = ruleset.candidates(host, path, method)
@@ -254,7 +258,8 @@ def apply_rules(
         if rule.cache_control is not None and shape is not None:
             from affinity_addon.request.breakpoints import plan_breakpoints
 
-            added = plan_breakpoints(body, shape, model, rule.cache_control)
+            hint = hint_for(aff) if hint_for is not None else None
+            added = plan_breakpoints(body, shape, model, rule.cache_control, hint)
             if added:
                 out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
                 body_changed = must_reserialize = True

@@ -111,6 +111,9 @@ def observe(record: Mapping[str, Any], price_of: Callable[[str | None, str | Non
         obs.verdict = "hit" if read > 0 else "unknown"
     if obs.verdict not in NOT_MISSED:
         obs.tokens_lost = total - read
+        expected = get("expected_cacheable_tokens")
+        if obs.verdict == "partial" and type(expected) is int and expected >= 0:
+            obs.tokens_lost = min(max(expected - read, 0), total)  # only what was cached before
 
     price = price_of(_str(get("model")), _str(get("provider")), _str(get("host")))
     obs.eq_with = weighted_prompt(total, read, write, write_1h, price)

@@ -3,7 +3,9 @@
 Aggregation (counting, cost) lives in `aggregate.py`; this module only formats.
 """
 
+import sys
 from collections.abc import Iterable
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -55,7 +57,7 @@ def bucket_table(title: str, buckets: Iterable[Bucket], label: str, *, id_like: 
         return width is None or sum(map(natural, cols)) + 2 <= width  # + edge padding
 
     if not fits():
-        label_cap = 24  # long names give way first, then whole columns
+        label_cap = 24  # long names give way first (wrapped, never cut), then whole columns
         for name in _DROP_ORDER:
             if fits():
                 break
@@ -63,11 +65,12 @@ def bucket_table(title: str, buckets: Iterable[Bucket], label: str, *, id_like: 
 
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
     for name in cols:
+        # Names and reasons wrap onto a second line rather than lose their end: "x-ai/grok…"
+        # or "first-writ" in a CI log says nothing.
         if name == label:
-            table.add_column(name, no_wrap=True, overflow="ellipsis", min_width=10,
-                             max_width=natural(name) - 2)
+            table.add_column(name, overflow="fold", min_width=10, max_width=natural(name) - 2)
         elif name in ("top miss", "not counted"):
-            table.add_column(name, no_wrap=True, overflow="ellipsis",
+            table.add_column(name, overflow="fold",
                              style="dim" if name == "not counted" else None)
         else:
             table.add_column(name, justify="right", no_wrap=True, min_width=natural(name) - 2,
@@ -117,6 +120,31 @@ def totals_line(b: Bucket) -> str:
     if b.no_usage:
         parts.append(f"{b.no_usage} without usage")
     return " · ".join(parts)
+
+
+# Width for output that is not a terminal (a file, a pipe, a CI log): wide enough that no table
+# needs to wrap or drop anything; tables still take only the width they need.
+UNLIMITED_WIDTH = 1000
+
+
+def output_console(file: Any = None, *, width: int | None = None, plain: bool = False) -> Console:
+    """A console for `file` (stdout by default): the terminal's width on a terminal, else as wide
+    as the tables need; `width` (>0) forces one; `plain`: no colours or styles (logs)."""
+    kw: dict[str, Any] = {"file": file}
+    if width:
+        kw["width"] = width
+    elif not _isatty(file if file is not None else sys.stdout):
+        kw["width"] = UNLIMITED_WIDTH
+    if plain:
+        kw.update(color_system=None, no_color=True, highlight=False, emoji=False)
+    return Console(**kw)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def render_summary(agg: Aggregator, console: Console, *, top: int = 10) -> None:

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from affinity_addon.durations import parse_duration
 from affinity_addon.views.aggregate import Aggregator, Bucket
-from affinity_addon.views.console import bucket_table, reasons_table, totals_line
+from affinity_addon.views.console import bucket_table, output_console, reasons_table, totals_line
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, top_buckets
 from affinity_addon.views.pricing import TOKEN_EQUIVALENTS, PriceTable
 
@@ -270,6 +270,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document, no tables")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
     p.add_argument("--prices", metavar="YAML", help="price table to use instead of the built-in")
+    p.add_argument("--width", type=_count, default=None, metavar="COLUMNS",
+                   help="table width (default: the terminal's; as wide as needed when the "
+                        "output is a file or a pipe)")
+    p.add_argument("--plain", action="store_true",
+                   help="no colours or styles, for logs and CI output")
     p.set_defaults(run=run)
     return p
 
@@ -300,9 +305,11 @@ def run(args: argparse.Namespace, *, console: Console | None = None,
         json.dump(report_document(report, top=args.top), out, indent=2)
         out.write("\n")
     else:
-        render_report(report, console or Console(), top=args.top)
+        console = console or output_console(width=getattr(args, "width", None),
+                                            plain=getattr(args, "plain", False))
+        render_report(report, console, top=args.top)
         if args.html:
-            (console or Console()).print(f"HTML report written to {args.html}")
+            console.print(f"HTML report written to {args.html}")
     if report.stats.malformed:
         err(f"skipped {report.stats.malformed} malformed line(s), first at "
             f"{report.stats.malformed_at[0]}")

@@ -149,6 +149,12 @@ class Recorder:
         if state.writer:
             state.writer.write(data)
         state.stats.add(data)
+        for sink in state.sinks:  # exporters (metrics, traces): a failing one never stops a record
+            try:
+                sink(record, data)
+            except Exception:
+                state.warn_once(f"sink:{sink!r}", "affinity: exporter %r failed; records go on",
+                                sink)
         flow.comment = build.comment(record)
         flow.marked = build.marker(record)
         meta["usage"] = data["usage"]

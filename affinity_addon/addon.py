@@ -11,7 +11,7 @@ _root = str(Path(__file__).resolve().parent.parent)
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-from affinity_addon.mitm import Commands, Config, Metrics, Recorder, Rewriter, Scope, State  # noqa: E402
+from affinity_addon.mitm import Commands, Config, Metrics, OTel, Recorder, Rewriter, Scope, State  # noqa: E402
 
 state = State()
 config = Config(state)  # options, the rules file (hot reload) and the JSONL log
@@ -21,5 +21,6 @@ addons = [
     Rewriter(state),  # request: affinity ID, headers, body fields, cache breakpoints
     Recorder(state),  # response: usage from JSON/SSE/WebSocket, verdict, record
     Metrics(state),  # Prometheus /metrics, /healthz, /readyz (affinity_metrics=HOST:PORT)
+    OTel(state),  # one OpenTelemetry span per LLM response (affinity_otel=true)
     Commands(state, config),  # affinity.stats/why/reset/reload, the shutdown summary
 ]

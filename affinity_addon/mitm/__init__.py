@@ -7,13 +7,14 @@ and embedders.
 from affinity_addon.mitm.commands import Commands
 from affinity_addon.mitm.config import Config
 from affinity_addon.mitm.metrics import Metrics
+from affinity_addon.mitm.otel import OTel
 from affinity_addon.mitm.recorder import Recorder
 from affinity_addon.mitm.rewriter import Rewriter
 from affinity_addon.mitm.scope import Scope
 from affinity_addon.mitm.state import State
 from affinity_addon.views import contentview  # noqa: F401  (registers the mitmweb contentview)
 
-__all__ = ["Commands", "Config", "Metrics", "Recorder", "Rewriter", "Scope", "State", "make_addons"]
+__all__ = ["Commands", "Config", "Metrics", "OTel", "Recorder", "Rewriter", "Scope", "State", "make_addons"]
 
 
 def make_addons(state: State | None = None) -> list[object]:
@@ -21,4 +22,4 @@ def make_addons(state: State | None = None) -> list[object]:
     state = state or State()
     config = Config(state)
     return [config, Scope(state), Rewriter(state), Recorder(state), Metrics(state),
-            Commands(state, config)]
+            OTel(state), Commands(state, config)]

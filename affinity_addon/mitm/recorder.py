@@ -146,6 +146,8 @@ class Recorder:
             record.predicted_hit_ratio = predicted
             meta["miss_reason"], meta["miss_detail"] = verdict.reason, verdict.detail
         data = record.to_json()
+        if state.instance:
+            data["instance"] = state.instance
         if state.writer:
             state.writer.write(data)
         state.stats.add(data)

@@ -51,6 +51,7 @@ class State:
     # Called with (record, its JSON dict) for every finished record: metrics, OpenTelemetry.
     # A sink must be quick and must not raise (the recorder logs and skips a failing one).
     sinks: list[Callable[[Any, dict[str, Any]], None]] = field(default_factory=list)
+    instance: str = ""  # affinity_instance: added to every record (gateways, merged logs)
 
     def in_scope(self, host: str) -> bool:
         rs = self.ruleset

@@ -43,6 +43,9 @@ def test_web_shows_the_comment_column_unless_the_user_chose_columns() -> None:
     own = proxy.mitm_argv(8080, ["--set", "web_columns=path"], web=True)
     assert proxy.set_value(own, "web_columns") == "path" and own.count("--set") == 3
     assert proxy.set_value(proxy.mitm_argv(8080, []), "web_columns") is None
+    # mitmproxy refuses an option given twice: the user's confdir replaces ours
+    argv = proxy.mitm_argv(8080, ["--set", "confdir=/c"])
+    assert [a for a in argv if a.startswith("confdir=")] == ["confdir=/c"]
 
 
 def test_proxy_and_run_pass_unknown_arguments_to_mitmproxy_report_does_not() -> None:

@@ -60,8 +60,10 @@ def log_of(extra: Sequence[str]) -> str:
 def mitm_argv(port: int, extra: Sequence[str], *, web: bool = False,
               log: str | None = None) -> list[str]:
     """mitmproxy's command line (without the program name): our defaults, then `extra`."""
-    argv = ["--listen-host", "127.0.0.1", "-p", str(port), "--set", f"confdir={confdir()}",
-            "-s", str(ADDON_SCRIPT)]
+    # mitmproxy refuses an option --set twice: ours only where the user did not set it.
+    argv = ["--listen-host", "127.0.0.1", "-p", str(port), "-s", str(ADDON_SCRIPT)]
+    if set_value(extra, "confdir") is None:
+        argv += ["--set", f"confdir={confdir()}"]
     if set_value(extra, "affinity_log") is None:
         argv += ["--set", f"affinity_log={log or os.environ.get('AFFINITY_LOG') or DEFAULT_LOG}"]
     if web and set_value(extra, "web_columns") is None:
@@ -69,8 +71,8 @@ def mitm_argv(port: int, extra: Sequence[str], *, web: bool = False,
     return argv + list(extra)
 
 
-def banner(port: int, tool: str, log: str) -> str:
-    ca = confdir() / "mitmproxy-ca-cert.pem"
+def banner(port: int, tool: str, log: str, conf: Path | None = None) -> str:
+    ca = (conf or confdir()) / "mitmproxy-ca-cert.pem"
     return f"""
 affinity: starting {tool} on 127.0.0.1:{port} with the shipped rules; records go to {log}
 Easiest: run an agent through it with  affinity run -- <agent command>
@@ -102,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     extra = list(getattr(args, "extra", []) or [])
     port = default_port()
     tool = "mitmweb" if args.web else "mitmdump"
-    print(banner(port_of(extra, port), tool, log_of(extra)), file=sys.stderr, flush=True)
+    conf = set_value(extra, "confdir")
+    print(banner(port_of(extra, port), tool, log_of(extra), Path(conf) if conf else None),
+          file=sys.stderr, flush=True)
     from mitmproxy.tools import main as mitm_main
 
     start = mitm_main.mitmweb if args.web else mitm_main.mitmdump

@@ -26,7 +26,9 @@ from tests.harness import ROOT, map_remote_args
 from tests.procs import clean_env, free_port, listening_port, stop_pid, wait_port
 from tests.test_metrics import scrape, total
 
-pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy")
+# Debian puts it in /usr/sbin, which a non-login PATH may lack.
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+pytestmark = pytest.mark.skipif(HAPROXY is None, reason="needs haproxy (apt-get install haproxy)")
 
 CFG = ROOT / "deploy" / "haproxy.cfg"
 KEY = "team-shared-key-for-tests"
@@ -139,7 +141,7 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
             "AFFINITY_A1_HEALTH_PORT": str(instances["a1"].metrics),
             "AFFINITY_A2_HEALTH_PORT": str(instances["a2"].metrics)}
         out = (tmp_path / "haproxy.out").open("wb")
-        hap = subprocess.Popen(["haproxy", "-db", "-f", str(CFG)], env=env, stdout=out,
+        hap = subprocess.Popen([str(HAPROXY), "-db", "-f", str(CFG)], env=env, stdout=out,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         procs.append(hap)
         wait_port(port, hap, "haproxy")
@@ -235,6 +237,8 @@ def test_same_conversation_same_id_on_either_instance_and_metrics_add_up(
     assert sum(total(s, "affinity_tokens_total", kind="cache_read") for s in samples) == sum(
         r["usage"]["cache_read_tokens"] for r in recs)
 
+    print(f"\ngateway routing: {sent} requests, per instance {per}, {hits} read from the cache, "
+          f"instances per conversation {spread}")
     # per-instance logs merge in `affinity report`
     r = subprocess.run([sys.executable, "-m", "affinity_addon", "report", "--json",
                         *(str(i.log) for i in gateway.instances.values())],

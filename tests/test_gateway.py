@@ -319,7 +319,7 @@ def test_drained_instance_finishes_its_open_stream(gateway: Gateway) -> None:
         time.sleep(0.02)
     assert server is not None, "the stream never reached an instance"
     other = next(s for s in gateway.instances if s != server)
-    assert "" == gateway.admin(f"set server affinity/{server} state drain").strip()
+    assert gateway.admin(f"set server affinity/{server} state drain").strip() == ""
     drained_at = time.monotonic()
     # new requests of the same session go to the other instance while the stream runs on
     for turn in range(3):

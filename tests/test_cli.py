@@ -38,8 +38,9 @@ def test_mitmproxy_arguments_come_after_our_defaults_and_win() -> None:
 
 def test_web_shows_the_comment_column_unless_the_user_chose_columns() -> None:
     web = proxy.mitm_argv(8080, [], web=True)
-    cols = proxy.set_value(web, "web_columns")
-    assert cols is not None and "comment" in cols.split(",") and "path" in cols.split(",")
+    cols = [web[i + 1].split("=", 1)[1] for i, a in enumerate(web)
+            if a == "--set" and web[i + 1].startswith("web_columns=")]
+    assert cols[-1] == "comment" and "path" in cols
     own = proxy.mitm_argv(8080, ["--set", "web_columns=path"], web=True)
     assert proxy.set_value(own, "web_columns") == "path" and own.count("--set") == 3
     assert proxy.set_value(proxy.mitm_argv(8080, []), "web_columns") is None
@@ -171,3 +172,28 @@ def test_installed_affinity_proxy_serves_and_run_reuses_it(installed: Path, sim_
     assert f"HTTPS_PROXY=http://127.0.0.1:{port}" in banner and "default_rules/default.yaml" in banner
     recs = [json.loads(line) for line in (elsewhere / "affinity.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["usage"] for r in recs)
+
+
+def test_affinity_proxy_web_shows_the_comment_column(tmp_path: Path) -> None:
+    port, web = free_port(), free_port()
+    env = clean_env() | {"AFFINITY_PORT": str(port), "MITMPROXY_CONFDIR": str(tmp_path / "conf")}
+    out = (tmp_path / "web.txt").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "affinity_addon", "proxy", "--web", "--set", "web_open_browser=false",
+         "--set", f"web_port={web}", "--set", "web_host=127.0.0.1",
+         "--set", "web_password=test-token", "--set", f"affinity_log={tmp_path / 'a.jsonl'}"],
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, "affinity proxy --web")
+        wait_port(web, proc, "mitmweb")
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{web}/options.json",
+                                     headers={"Authorization": "Bearer test-token"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            options = json.loads(r.read())
+        columns = options["web_columns"]["value"]
+        assert columns[-1] == "comment" and "path" in columns
+        assert options["affinity_log"]["value"] == str(tmp_path / "a.jsonl")
+    finally:
+        stop_pid(proc)

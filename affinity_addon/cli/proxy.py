@@ -67,7 +67,8 @@ def mitm_argv(port: int, extra: Sequence[str], *, web: bool = False,
     if set_value(extra, "affinity_log") is None:
         argv += ["--set", f"affinity_log={log or os.environ.get('AFFINITY_LOG') or DEFAULT_LOG}"]
     if web and set_value(extra, "web_columns") is None:
-        argv += ["--set", f"web_columns={','.join(WEB_COLUMNS)}"]
+        for col in WEB_COLUMNS:  # a sequence option: one --set per item
+            argv += ["--set", f"web_columns={col}"]
     return argv + list(extra)
 
 

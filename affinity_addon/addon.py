@@ -27,8 +27,8 @@ state = State()
 config = Config(state)  # options, the rules file (hot reload) and the JSONL log
 addons = [
     config,
-    Instance(state),  # affinity_instance: which proxy wrote a record (gateways)
     Scope(state),  # decrypt only the LLM hosts the rules name
+    Instance(state),  # affinity_instance: which proxy wrote a record (gateways)
     Rewriter(state),  # request: affinity ID, headers, body fields, cache breakpoints
     Recorder(state),  # response: usage from JSON/SSE/WebSocket, verdict, record
     Metrics(state),  # Prometheus /metrics, /healthz, /readyz (affinity_metrics=HOST:PORT)

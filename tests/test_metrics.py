@@ -160,3 +160,44 @@ def test_bad_metrics_address_stops_mitmdump(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Cannot parse affinity_metrics" in r.stdout + r.stderr
     assert sys.executable  # the venv's mitmdump, not one on PATH
+
+
+def test_a_failing_sink_never_stops_the_record_and_instance_is_named(tmp_path: Path) -> None:
+    from mitmproxy.test import tflow
+
+    from tests.driver import Affinity
+
+    log = tmp_path / "a.jsonl"
+    a = Affinity()
+    seen = []
+
+    def broken(record, data) -> None:
+        raise RuntimeError("exporter down")
+
+    a.state.sinks.append(broken)
+    a.state.sinks.append(lambda record, data: seen.append(data))
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.config, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
+        instance = next(x for x in a.addons if type(x).__name__ == "Instance")
+        tctx.configure(instance, affinity_instance="gw-a1")
+        with pytest.raises(exceptions.OptionsError, match="affinity_instance"):
+            tctx.configure(instance, affinity_instance="no spaces please")
+        for _ in range(2):
+            f = tflow.tflow(resp=True)
+            f.request.host, f.request.port, f.request.scheme = "api.openai.com", 443, "https"
+            f.request.method, f.request.path = "POST", "/v1/chat/completions"
+            f.request.headers["content-type"] = "application/json"
+            f.request.content = json.dumps({"model": "gpt-5", "messages": [
+                {"role": "user", "content": "hi"}]}).encode()
+            resp = f.response
+            f.response = None
+            a.request(f)
+            f.response = resp
+            f.response.headers["content-type"] = "application/json"
+            f.response.content = json.dumps({"usage": {"prompt_tokens": 10,
+                                                       "completion_tokens": 2}}).encode()
+            a.responseheaders(f)
+            a.response(f)
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(recs) == 2 and all(r["instance"] == "gw-a1" for r in recs)
+    assert len(seen) == 2 and a.stats.total.requests == 2  # the sinks after it still ran

@@ -22,5 +22,5 @@ def make_addons(state: State | None = None) -> list[object]:
     """Config first (options and rules), then the request side, the response side, commands."""
     state = state or State()
     config = Config(state)
-    return [config, Instance(state), Scope(state), Rewriter(state), Recorder(state),
+    return [config, Scope(state), Instance(state), Rewriter(state), Recorder(state),
             Metrics(state), OTel(state), Commands(state, config)]

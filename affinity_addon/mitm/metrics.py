@@ -107,10 +107,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?", 1)[0]
         try:
-            if path == "/metrics":
+            prom = self.server.owner.prom
+            if path == "/metrics" and prom is not None:
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-                self._send(200, generate_latest(self.server.owner.prom.registry), CONTENT_TYPE_LATEST)
+                self._send(200, generate_latest(prom.registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._send(200, b"ok\n", "text/plain")
             elif path == "/readyz":

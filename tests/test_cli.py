@@ -197,3 +197,33 @@ def test_affinity_proxy_web_shows_the_comment_column(tmp_path: Path) -> None:
         assert options["affinity_log"]["value"] == str(tmp_path / "a.jsonl")
     finally:
         stop_pid(proc)
+
+
+def test_run_passes_sigterm_to_the_agent_and_stops_its_proxy(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import time
+
+    port = free_port()
+    marker = tmp_path / "agent-started"
+    agent = (f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)")
+    env = clean_env() | {"MITMPROXY_CONFDIR": str(tmp_path / "conf")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "affinity_addon", "run", "--port", str(port),
+         "--set", f"affinity_log={tmp_path / 'a.jsonl'}", "--", sys.executable, "-c", agent],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=10)
+        bundle = tmp_path / "conf" / run.BUNDLE_NAME
+        assert bundle.read_bytes().endswith((tmp_path / "conf" / "mitmproxy-ca-cert.pem").read_bytes())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        stop_pid(proc)
+    assert proc.returncode == 128 + signal.SIGTERM  # the agent's status, as a shell gives it
+    assert "no LLM responses recorded in this session" in err.decode()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=0.5)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from affinity_addon.cli.proxy import confdir, default_port, log_of
+from affinity_addon.cli.proxy import confdir, default_port, log_of, set_value
 
 START_TIMEOUT = 30.0
 BUNDLE_NAME = "affinity-ca-bundle.pem"
@@ -72,12 +72,15 @@ def start_proxy(port: int, extra: list[str], output: Path) -> subprocess.Popen[b
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + START_TIMEOUT
-    while not listening(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            tail = output.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the proxy did not start on 127.0.0.1:{port}:\n{tail}")
-        time.sleep(0.05)
+    try:
+        while not listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = output.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the proxy did not start on 127.0.0.1:{port}:\n{tail}")
+            time.sleep(0.05)
+    except BaseException:  # also Ctrl-C while it starts: never leave our proxy behind
+        stop(proc)
+        raise
     return proc
 
 
@@ -125,6 +128,24 @@ def print_summary(records: list[dict[str, Any]], log: Path) -> None:
     render_summary(agg, console)
 
 
+def run_agent(command: list[str], env: dict[str, str]) -> int:
+    """Run the agent to its end. Ctrl-C reaches it directly (same process group); a SIGTERM to
+    us is passed on to it, so we still stop our proxy and print the summary afterwards."""
+    try:
+        agent = subprocess.Popen(command, env=env)
+    except OSError as e:
+        print(f"affinity run: cannot start {command[0]}: {e}", file=sys.stderr)
+        return 127
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, lambda *_: agent.send_signal(signal.SIGTERM))
+    try:
+        code = agent.wait()
+        return 128 - code if code < 0 else code  # killed by signal N: status 128+N, as shells say
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "run", help="run one agent through the proxy and print its cache summary",
@@ -145,12 +166,13 @@ def run(args: argparse.Namespace) -> int:
     extra = list(getattr(args, "extra", []) or [])
     port = args.port or default_port()
     log = Path(log_of(extra)).expanduser()
+    given = set_value(extra, "confdir")
+    conf = Path(given).expanduser() if given else confdir()
     proc = None
     if listening(port):
         print(f"affinity: using the proxy already listening on 127.0.0.1:{port} "
               f"(session summary from {log})", file=sys.stderr)
     else:
-        conf = confdir()
         conf.mkdir(parents=True, exist_ok=True)
         try:
             proc = start_proxy(port, extra, conf / f"affinity-run-{port}.log")
@@ -158,22 +180,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"affinity run: {e}", file=sys.stderr)
             return 1
     try:
-        ca = confdir() / "mitmproxy-ca-cert.pem"
+        ca = conf / "mitmproxy-ca-cert.pem"
         if not ca.is_file():
             print(f"affinity run: no mitmproxy CA at {ca}", file=sys.stderr)
             return 1
         env = agent_env(port, ca, ca_bundle(ca), dict(os.environ))
         offset = log.stat().st_size if log.exists() else 0
-        # Ctrl-C goes to the agent (same process group); we wait for it to finish.
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            try:
-                code = subprocess.call(command, env=env)
-            except OSError as e:
-                print(f"affinity run: cannot start {command[0]}: {e}", file=sys.stderr)
-                code = 127
-        finally:
-            signal.signal(signal.SIGINT, old)
+        code = run_agent(command, env)
     finally:
         if proc is not None:
             stop(proc)

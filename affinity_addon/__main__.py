@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from affinity_addon.cli import proxy, run
 from affinity_addon.views import report
 
 ADDON_SCRIPT = Path(__file__).resolve().parent / "addon.py"
@@ -24,7 +25,7 @@ def _addon_path_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 SUBCOMMANDS: tuple[Callable[[Any], argparse.ArgumentParser], ...] = (
-    report.add_parser, _addon_path_parser)
+    report.add_parser, _addon_path_parser, proxy.add_parser, run.add_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `proxy` and `run` hand the arguments they do not know to mitmproxy (--mode, --set, ...);
+    # `run` takes the agent's command after `--`.
+    full = list(sys.argv[1:] if argv is None else argv)
+    head, tail = (full[:full.index("--")], full[full.index("--") + 1:]) if "--" in full else (full, [])
+    args, extra = parser.parse_known_args(head)
+    if getattr(args, "passthrough", False):
+        args.extra, args.tail = extra, tail
+    else:
+        args = parser.parse_args(full)
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -125,7 +126,8 @@ class Proxy:
         return self.proc.pid
 
 
-def start_proxy(procs: Processes, tmp: Path, name: str, sim_port: int, *, addon: bool) -> Proxy:
+def start_proxy(procs: Processes, tmp: Path, name: str, sim_port: int, *, addon: bool,
+                options: dict[str, str] | None = None) -> Proxy:
     d = tmp / name
     d.mkdir()
     ports = {route: free_port() for route in ROUTES}
@@ -143,6 +145,8 @@ def start_proxy(procs: Processes, tmp: Path, name: str, sim_port: int, *, addon:
         log = d / "affinity.jsonl"
         args += ["-s", str(ADDON), "--set", f"affinity_log={log}",
                  "--set", "affinity_summary=false"]
+    for k, v in (options or {}).items():
+        args += ["--set", f"{k}={v}"]
     output = d / "output.txt"
     with output.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
@@ -878,6 +882,14 @@ async def run(args: argparse.Namespace, procs: Processes, tmp: Path, console: An
     bare = restart_until_listening(procs, bare, tmp, sim_port)
     addon = restart_until_listening(procs, addon, tmp, sim_port)
     bare2 = restart_until_listening(procs, bare2, tmp, sim_port)
+    # The addon again with every exporter on: /metrics and OTel spans to a collector that is
+    # not there (the worst case: every export fails). Exporters must not slow the request path.
+    exp_options = {"affinity_metrics": f"127.0.0.1:{free_port()}"}
+    if importlib.util.find_spec("opentelemetry.sdk") is not None:
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+        exp_options["affinity_otel"] = "true"
+    exporters = start_proxy(procs, tmp, "exporters", sim_port, addon=True, options=exp_options)
+    exporters = restart_until_listening(procs, exporters, tmp, sim_port)
     console.print(f"simulator :{sim_port} (pid {procs.procs[0][1].pid}); "
                   f"bare mitmdump pid {bare.pid}, second bare pid {bare2.pid}, "
                   f"mitmdump+addon pid {addon.pid}; listeners (bare) {bare.ports}")
@@ -924,6 +936,13 @@ async def run(args: argparse.Namespace, procs: Processes, tmp: Path, console: An
         r = await measure_latency(sc, bare, bare2, sim_port, args.rounds)
         console.print(f"   {sc.name}: {r['ratio_median']:.3f}x")
         res["noise"].append(r)
+    res["exporters"] = []
+    for sc in (Scenario("addon vs addon+exporters, matched 2 KB", "openai", CHAT_PATH,
+                        stepped(small), len(small), None, args.small_n, 20, 200),):
+        r = await measure_latency(sc, addon, exporters, sim_port, args.rounds)
+        console.print(f"   {sc.name} ({', '.join(exp_options)}): {r['ratio_median']:.3f}x "
+                      f"({r['bare']['median_ms']:.2f} -> {r['addon']['median_ms']:.2f} ms)")
+        res["exporters"].append(r)
     phase("latency")
 
     console.print("[bold]2. SSE time to first byte[/] ...")
@@ -948,7 +967,7 @@ async def run(args: argparse.Namespace, procs: Processes, tmp: Path, console: An
     phase("memory")
 
     res["addon_log"] = check_addon_log(addon)
-    lat_errors = sum(1 for r in res["latency"] + res["noise"]
+    lat_errors = sum(1 for r in res["latency"] + res["noise"] + res["exporters"]
                      for v in r["statuses"].values() if v != [200])
     res["errors"] = (lat_errors + res["throughput"]["errors"] + res["throughput"]["non_200"]
                      + sum(m["errors"] + m["non_200"] for m in res["memory"].values()))

@@ -160,10 +160,17 @@ class Recorder:
             record.provider_miss_reason = verdict.provider_reason
             record.predicted_hit_ratio = predicted
             meta["miss_reason"], meta["miss_detail"] = verdict.reason, verdict.detail
+        record.instance = state.instance or None
         data = record.to_json()
         if state.writer:
             state.writer.write(data)
         state.stats.add(data)
+        for sink in state.sinks:  # exporters (metrics, traces): a failing one never stops a record
+            try:
+                sink(record, data)
+            except Exception:
+                state.warn_once(f"sink:{sink!r}", "affinity: exporter %r failed; records go on",
+                                sink)
         flow.comment = build.comment(record)
         flow.marked = build.marker(record)
         meta["usage"] = data["usage"]

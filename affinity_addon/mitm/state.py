@@ -6,6 +6,7 @@ see one `State` instead of reaching into each other.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,10 @@ class State:
     pending: dict[str, Pending | asyncio.Future[Pending]] = field(default_factory=dict)
     pool: ThreadPoolExecutor | None = None
     warned: set[str] = field(default_factory=set)
+    # Called with (record, its JSON dict) for every finished record: metrics, OpenTelemetry.
+    # A sink must be quick and must not raise (the recorder logs and skips a failing one).
+    sinks: list[Callable[[Any, dict[str, Any]], None]] = field(default_factory=list)
+    instance: str = ""  # affinity_instance: added to every record (gateways, merged logs)
 
     def in_scope(self, host: str) -> bool:
         rs = self.ruleset

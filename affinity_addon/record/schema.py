@@ -96,6 +96,7 @@ class Record:
     predicted_hit_ratio: float | None = None
     provider_miss_reason: str | None = None
     usage_problem: str | None = None  # why usage could not be read, when it could not
+    instance: str | None = None  # which proxy instance served it (gateways)
     v: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:

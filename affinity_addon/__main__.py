@@ -10,8 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from affinity_addon.cli import proxy, run
-from affinity_addon.views import report
+from affinity_addon.cli import proxy, report, run
 
 ADDON_SCRIPT = Path(__file__).resolve().parent / "addon.py"
 

@@ -72,3 +72,23 @@ def test_rhythm_switches_to_1h_on_slow_turns_and_back() -> None:
     for gap in (7200, 7200, 7200):
         r2.observe(gap, 10_000)
     assert r2.choose() == FIVE_MINUTES  # gaps over an hour expire both: 1h only costs more
+
+
+def test_report_shows_what_the_ttl_cost(tmp_path, capsys) -> None:
+    import json
+
+    from affinity_addon.__main__ import main
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [
+        rec("c1", 0, 10_000, 0, 10_000), rec("c1", 60, 10_500, 10_000, 500),
+        rec("c1", 660, 11_000, 0, 11_000)]))
+    assert main(["report", str(log), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ttl"]["totals"]["usd"]["5m"] == pytest.approx(27_875 * 3e-6)
+    assert doc["ttl"]["totals"]["usd"]["1h"] == pytest.approx(24_050 * 3e-6)
+    assert doc["ttl"]["cheaper_on_1h"] == ["c1"]
+    assert main(["report", str(log), "--plain", "--width", "160"]) == 0
+    out = capsys.readouterr().out
+    assert "What the TTL cost you" in out
+    assert "TTL: all-5m $0.08 · all-1h $0.07 · auto $0.11; 1 of 1 conversation(s)" in out

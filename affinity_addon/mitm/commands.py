@@ -6,11 +6,14 @@ from collections.abc import Sequence
 from io import StringIO
 
 from mitmproxy import command, ctx, exceptions, flow, http
+from rich.console import Console
+from rich.markup import escape
 
 from affinity_addon.mitm.config import Config
-from affinity_addon.mitm.state import State, new_stats
+from affinity_addon.mitm.state import State, new_stats, new_ttl_advisor
 from affinity_addon.record.schema import META
 from affinity_addon.views.console import output_console, render_summary
+from affinity_addon.views.ttl import summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +28,8 @@ class Commands:
     @command.command("affinity.stats")
     def stats_command(self) -> str:
         """Print the cache summary so far (per model and conversation) to the event log."""
-        from rich.console import Console
-
         buf = StringIO()
-        render_summary(self.state.stats, Console(file=buf, width=120, force_terminal=False))
+        self._summary(Console(file=buf, width=120, force_terminal=False))
         text = buf.getvalue()
         logger.info("affinity summary:\n%s", text)
         return text
@@ -56,6 +57,7 @@ class Commands:
     def reset_command(self) -> None:
         """Forget the cache statistics collected so far."""
         self.state.stats = new_stats()
+        self.state.ttl = new_ttl_advisor()
 
     @command.command("affinity.reload")
     def reload_command(self) -> None:
@@ -69,4 +71,10 @@ class Commands:
         # done() also runs on every hot reload of the script: summarize only on a real shutdown.
         shutting_down = getattr(getattr(ctx.master, "should_exit", None), "is_set", lambda: False)()
         if shutting_down and ctx.options.affinity_summary and self.state.stats.total.requests:
-            render_summary(self.state.stats, output_console(sys.stderr))
+            self._summary(output_console(sys.stderr))
+
+    def _summary(self, console: Console) -> None:
+        render_summary(self.state.stats, console)
+        line = summary_line(self.state.ttl.advice())
+        if line:
+            console.print(escape(line))

@@ -165,6 +165,7 @@ class Recorder:
         if state.writer:
             state.writer.write(data)
         state.stats.add(data)
+        state.ttl.add(data)
         for sink in state.sinks:  # exporters (metrics, traces): a failing one never stops a record
             try:
                 sink(record, data)

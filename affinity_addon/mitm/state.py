@@ -17,6 +17,7 @@ from affinity_addon.request.rules import RuleSet
 from affinity_addon.response.stream_tap import StreamTap
 from affinity_addon.response.usage import UsageReader
 from affinity_addon.views.aggregate import Aggregator
+from affinity_addon.views.ttl import TtlAdvisor
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ STATS_CONVERSATIONS = 2000  # live summary: conversations tracked one by one (me
 
 def new_stats() -> Aggregator:
     return Aggregator(keep_series=False, max_conversations=STATS_CONVERSATIONS)
+
+
+def new_ttl_advisor() -> TtlAdvisor:
+    return TtlAdvisor(max_conversations=STATS_CONVERSATIONS)
 
 
 class Live:
@@ -42,6 +47,9 @@ class State:
     ruleset: RuleSet | None = None
     writer: JsonlWriter | None = None
     stats: Aggregator = field(default_factory=new_stats)
+    # What the cache TTL cost so far (all-5m / all-1h / auto), for the summary: a few numbers
+    # per conversation.
+    ttl: TtlAdvisor = field(default_factory=lambda: new_ttl_advisor())
     tracker: MissTracker = field(default_factory=MissTracker)
     live: dict[str, Live] = field(default_factory=dict)
     # Fingerprints computed while the request travels upstream; the verdict waits for them.

@@ -18,6 +18,7 @@ from typing import Any
 from affinity_addon.views.aggregate import NONE_KEY, Bucket
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
 from affinity_addon.views.report import Report, dry_run_rows
+from affinity_addon.views.ttl import summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ def _kpis(report: Report) -> str:
         ("Saved", saved, saved_sub, "good"),
         ("Requests", f"{t.requests:,}", f"{t.response_cache} response-cache · "
          f"{t.no_usage} without usage · {len(report.agg.by_conversation)} conversations", ""),
+        *([("TTL", "replayed", summary_line(report.ttl) or "", "")]
+          if report.ttl.conversations else []),
         ("Top miss reason", top[0][0] if top else "none",
          f"{top[0][1]} requests · {fmt_tokens(top[0][2])} tokens lost" if top else "no misses",
          "warn" if top else ""),

@@ -5,12 +5,10 @@ memory. Several proxy instances may write several files; they are simply read on
 A line that is not a JSON object (a torn write, a stray edit) is counted and skipped.
 """
 
-import argparse
 import fnmatch
 import gzip
 import json
 import logging
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,9 +22,16 @@ from rich.table import Table
 
 from affinity_addon.durations import parse_duration
 from affinity_addon.views.aggregate import Aggregator, Bucket
-from affinity_addon.views.console import bucket_table, output_console, reasons_table, totals_line
-from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, top_buckets
+from affinity_addon.views.console import bucket_table, reasons_table, totals_line
+from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
 from affinity_addon.views.pricing import TOKEN_EQUIVALENTS, PriceTable
+from affinity_addon.views.ttl import (
+    FIVE_MINUTES,
+    POLICIES,
+    TtlAdvice,
+    TtlAdvisor,
+    summary_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +158,7 @@ class Report:
     agg: Aggregator
     stats: ReadStats
     filter: RecordFilter
+    ttl: TtlAdvice = field(default_factory=lambda: TtlAdvice([]))
 
 
 def build_report(paths: Sequence[str | Path], flt: RecordFilter | None = None,
@@ -160,15 +166,17 @@ def build_report(paths: Sequence[str | Path], flt: RecordFilter | None = None,
     flt = flt or RecordFilter()
     stats = ReadStats()
     agg = Aggregator(prices)
+    ttl = TtlAdvisor(prices)
     memo: dict[str, bool] = {}
     trivial = flt == RecordFilter()
     add = agg.add
     for record in iter_records(paths, stats):
         if trivial or flt.accepts(record, memo):
             add(record)
+            ttl.add(record)
         else:
             stats.filtered_out += 1
-    return Report(agg, stats, flt)
+    return Report(agg, stats, flt, ttl.advice())
 
 
 def dry_run_rows(agg: Aggregator) -> list[Bucket]:
@@ -190,6 +198,7 @@ def report_document(report: Report, *, top: int = 10) -> dict[str, Any]:
         "conversations": len(agg.by_conversation),
         "by_conversation": [b.to_dict(examples=False) for b in convs],
         "by_reason": [b.to_dict(examples=False) for b in top_buckets(agg.by_reason)],
+        "ttl": report.ttl.to_dict(top or 10),
         "dry_run": {
             "total": agg.total.to_dict(examples=False).get("dry_run"),
             "by_rule": [{"rule": b.key, **b.to_dict(examples=False)["dry_run"]}
@@ -227,6 +236,8 @@ def render_report(report: Report, console: Console, *, top: int = 10) -> None:
     rows = dry_run_rows(agg)
     if rows:
         console.print(dry_run_table(rows, agg.total))
+    if report.ttl.conversations:
+        console.print(ttl_table(report.ttl, top=top or None))
     console.print("[dim]Costs cover prompt tokens only: USD where the model's base price is known, "
                   "else input-token equivalents (teq). Hit tok = share of prompt tokens read from "
                   "cache; hit req = share of requests that read any.[/]")
@@ -248,71 +259,20 @@ def dry_run_table(rows: list[Bucket], total: Bucket) -> Table:
     return table
 
 
-# --- command line ---------------------------------------------------------------------------
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "report", help="summarize JSONL logs: hit ratios, costs, miss reasons",
-        description="Summarize one or more affinity JSONL logs (several proxy instances may "
-                    "each have written one).")
-    p.add_argument("logs", nargs="+", metavar="LOG.jsonl", help="log files (.gz is fine)")
-    p.add_argument("--since", help="only records at or after this ISO time or age (30m, 2h, 7d)")
-    p.add_argument("--model", help="only models matching this glob (case-insensitive)")
-    p.add_argument("--session", help="only conversations whose affinity ID starts with this")
-    p.add_argument("--top", type=_count, default=10, help="conversations to list (0: all)")
-    p.add_argument("--json", action="store_true", help="print one JSON document, no tables")
-    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
-    p.add_argument("--prices", metavar="YAML", help="price table to use instead of the built-in")
-    p.add_argument("--width", type=_count, default=None, metavar="COLUMNS",
-                   help="table width (default: the terminal's; as wide as needed when the "
-                        "output is a file or a pipe)")
-    p.add_argument("--plain", action="store_true",
-                   help="no colours or styles, for logs and CI output")
-    p.set_defaults(run=run)
-    return p
-
-
-def run(args: argparse.Namespace, *, console: Console | None = None,
-        out: IO[str] | None = None) -> int:
-    def err(message: str) -> None:
-        print(f"affinity report: {message}", file=sys.stderr)
-
-    try:
-        since = parse_since(args.since) if args.since else None
-        prices = PriceTable.load(args.prices) if args.prices else None
-    except (ValueError, OSError) as e:
-        err(str(e))
-        return 2
-    missing = [p for p in args.logs if not Path(p).is_file()]
-    if missing:
-        err(f"no such file: {', '.join(missing)}")
-        return 2
-    flt = RecordFilter(since=since, model=args.model, session=args.session)
-    report = build_report(args.logs, flt, prices)
-    if args.html:
-        from affinity_addon.views.html import write_html
-
-        write_html(report, args.html, top=args.top)
-    if args.json:
-        out = out or sys.stdout
-        json.dump(report_document(report, top=args.top), out, indent=2)
-        out.write("\n")
-    else:
-        console = console or output_console(width=getattr(args, "width", None),
-                                            plain=getattr(args, "plain", False))
-        render_report(report, console, top=args.top)
-        if args.html:
-            console.print(f"HTML report written to {args.html}")
-    if report.stats.malformed:
-        err(f"skipped {report.stats.malformed} malformed line(s), first at "
-            f"{report.stats.malformed_at[0]}")
-    for error in report.stats.errors:
-        err(error)
-    return 1 if report.stats.errors else 0
+def ttl_table(advice: TtlAdvice, *, top: int | None = 10) -> Table:
+    """What the cache TTL cost you: each policy's prompt cost, and the conversations where the
+    other TTL would have been cheaper than the 5m default."""
+    table = Table(title="What the TTL cost you (replayed: all-5m, all-1h, auto)",
+                  box=box.SIMPLE_HEAD, title_justify="left", title_style="bold",
+                  caption=escape(summary_line(advice) or ""), caption_justify="left")
+    for col in ("conversation", "model", "req", "all-5m", "all-1h", "auto", "cheaper"):
+        table.add_column(col, justify="left" if col in ("conversation", "model") else "right",
+                         overflow="fold")
+    ranked = sorted(advice.conversations,
+                    key=lambda c: c.cost[c.cheapest] - c.cost[FIVE_MINUTES])[:top]
+    for c in ranked:
+        cost = c.cost
+        table.add_row(escape(short_id(c.key)), escape(c.model or "-"), str(c.requests),
+                      *(fmt_cost(cost[p] * c.scale, c.unit) for p in POLICIES),
+                      c.cheapest)
+    return table

@@ -20,7 +20,7 @@ from affinity_addon.ttl_policy import (
     Multipliers,
     Rhythm,
 )
-from affinity_addon.views.pricing import USD, Price, PriceTable, prompt_counts
+from affinity_addon.views.pricing import USD, PriceTable, prompt_counts
 from affinity_addon.views.pricing import default_table as default_price_table
 
 AUTO = "auto"
@@ -35,37 +35,60 @@ class Turn:
 
 
 @dataclass(slots=True)
+class _Cache:
+    """One policy's simulated cache entry and running cost (token-equivalents)."""
+
+    cached: int = 0
+    expires: float = float("-inf")
+    cost: float = 0.0
+
+    def turn(self, t: Turn, ttl: str, m: Multipliers) -> None:
+        read = min(self.cached, t.prefix) if t.start <= self.expires else 0
+        write = t.prefix - read
+        self.cost += (t.prompt - t.prefix) + read * m.read
+        self.cost += write * (m.write_1h if ttl == ONE_HOUR else m.write_5m)
+        if t.prefix:
+            self.cached, self.expires = t.prefix, t.start + TTL_SECONDS[ttl]
+
+
+@dataclass(slots=True)
 class ConversationTtl:
+    """A conversation replayed under every policy at once: a few numbers, no turn list."""
+
     key: str
     model: str | None
     unit: str
-    turns: list[Turn] = field(default_factory=list)
+    multipliers: Multipliers
     scale: float = 1.0  # USD per token-equivalent, or 1 for token-equivalents
-    price: Price | None = None
-    cost: dict[str, float] = field(default_factory=dict)  # policy -> cost in `unit`
+    requests: int = 0
+    rhythm: Rhythm = field(default_factory=Rhythm)
+    last_start: float | None = None
+    caches: dict[str, _Cache] = field(default_factory=lambda: {p: _Cache() for p in POLICIES})
+
+    def add(self, t: Turn) -> None:
+        gap = None if self.last_start is None else max(t.start - self.last_start, 0.0)
+        self.rhythm.observe(gap, t.prefix)
+        auto = self.rhythm.choose(self.multipliers)
+        for policy, cache in self.caches.items():
+            cache.turn(t, auto if policy == AUTO else policy, self.multipliers)
+        self.last_start = t.start
+        self.requests += 1
+
+    @property
+    def cost(self) -> dict[str, float]:
+        return {p: c.cost for p, c in self.caches.items()}
 
     @property
     def cheapest(self) -> str:
-        return min((FIVE_MINUTES, ONE_HOUR), key=lambda p: self.cost[p])
+        return min((FIVE_MINUTES, ONE_HOUR), key=lambda p: self.caches[p].cost)
 
 
 def replay(turns: list[Turn], m: Multipliers, policy: str) -> float:
     """Prompt cost in token-equivalents of `turns` under one TTL policy."""
-    cost = 0.0
-    cached, expires = 0, float("-inf")
-    rhythm = Rhythm()
-    prev_start: float | None = None
+    conv = ConversationTtl("", None, "", m)
     for t in sorted(turns, key=lambda t: t.start):
-        rhythm.observe(None if prev_start is None else t.start - prev_start, t.prefix)
-        ttl = rhythm.choose(m) if policy == AUTO else policy
-        read = min(cached, t.prefix) if t.start <= expires else 0
-        write = t.prefix - read
-        cost += (t.prompt - t.prefix) + read * m.read
-        cost += write * (m.write_1h if ttl == ONE_HOUR else m.write_5m)
-        if t.prefix:
-            cached, expires = t.prefix, t.start + TTL_SECONDS[ttl]
-        prev_start = t.start
-    return cost
+        conv.add(t)
+    return conv.caches[policy].cost
 
 
 def _start(record: Mapping[str, Any]) -> float | None:
@@ -103,36 +126,47 @@ class TtlAdvice:
         }
 
 
-def advise(records: Iterable[Mapping[str, Any]], prices: PriceTable | None = None,
-           max_conversations: int = 100_000) -> TtlAdvice:
-    prices = prices or default_price_table()
-    convs: dict[str, ConversationTtl] = {}
-    for r in records:
+class TtlAdvisor:
+    """Feed records one by one (the live proxy, `affinity report`); `advice()` at any time."""
+
+    def __init__(self, prices: PriceTable | None = None,
+                 max_conversations: int = 100_000) -> None:
+        self.prices = prices or default_price_table()
+        self.max_conversations = max_conversations
+        self.conversations: dict[str, ConversationTtl] = {}
+
+    def add(self, r: Mapping[str, Any]) -> None:
         usage = r.get("usage")
         key = r.get("affinity_id")
         if not isinstance(usage, Mapping) or not isinstance(key, str) or r.get("response_cache"):
-            continue
-        model = r.get("model") if isinstance(r.get("model"), str) else None
-        price = prices.price_for(model, r.get("provider") if isinstance(r.get("provider"), str)
-                                 else None, r.get("host") if isinstance(r.get("host"), str) else None)
-        if price.write_1h <= price.write_5m:
-            continue  # no TTL choice on this model
+            return
+        conv = self.conversations.get(key)
+        if conv is None:
+            model = r.get("model") if isinstance(r.get("model"), str) else None
+            provider, host = r.get("provider"), r.get("host")
+            price = self.prices.price_for(model, provider if isinstance(provider, str) else None,
+                                          host if isinstance(host, str) else None)
+            if price.write_1h <= price.write_5m or len(self.conversations) >= self.max_conversations:
+                return  # no TTL choice on this model, or too many to follow
+            scale = price.input_usd_per_mtok / 1e6 if price.input_usd_per_mtok else 1.0
+            conv = self.conversations[key] = ConversationTtl(
+                key, model, price.unit, Multipliers(price.read, price.write_5m, price.write_1h),
+                scale=scale)
         start = _start(r)
         if start is None:
-            continue
+            return
         total, read, write, _ = prompt_counts(usage)
-        conv = convs.get(key)
-        if conv is None:
-            if len(convs) >= max_conversations:
-                continue
-            scale = price.input_usd_per_mtok / 1e6 if price.input_usd_per_mtok else 1.0
-            conv = convs[key] = ConversationTtl(key, model, price.unit, scale=scale, price=price)
-        conv.turns.append(Turn(start, total, read + write))
-    for conv in convs.values():
-        assert conv.price is not None
-        m = Multipliers(conv.price.read, conv.price.write_5m, conv.price.write_1h)
-        conv.cost = {p: replay(conv.turns, m, p) for p in POLICIES}
-    return TtlAdvice(list(convs.values()))
+        conv.add(Turn(start, total, read + write))
+
+    def advice(self) -> TtlAdvice:
+        return TtlAdvice([c for c in self.conversations.values() if c.requests])
+
+
+def advise(records: Iterable[Mapping[str, Any]], prices: PriceTable | None = None) -> TtlAdvice:
+    advisor = TtlAdvisor(prices)
+    for r in records:
+        advisor.add(r)
+    return advisor.advice()
 
 
 def summary_line(advice: TtlAdvice) -> str | None:

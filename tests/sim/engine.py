@@ -1,5 +1,11 @@
 """The simulator's request handling without sockets: validate, route to a replica, apply the
-provider's cache model and build the reply. The HTTP layer (server.py) only moves bytes.
+provider's cache model and build the reply. The HTTP layer (server.py) only moves bytes; a
+workload driver can call `Engine.handle` directly.
+
+Virtual time: a request may carry `x-sim-time: <seconds>`, the sim-clock time it is served at
+(TTLs, RPM windows and sticky pins use it); without it the shared `SimClock` says. An hour of a
+team's traffic then runs in seconds, each request stamped with its own time, without moving the
+clock other requests see.
 """
 
 import hashlib
@@ -7,16 +13,14 @@ import logging
 import random
 import string
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from affinity_addon.request.affinity_id import get_path
-from affinity_addon.request.prompt import canonical, root_segments
-from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
-from tests.sim import cache, wire
+from tests.sim import cache, render, wire
 from tests.sim.clock import SimClock
 from tests.sim.providers import PROVIDERS, Behaviour, provider_for, resolve
+from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.sim.routing import Router, Signal
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,8 @@ def _validate(b: Behaviour, body: dict[str, Any]) -> None:
         if key:
             raise RequestError(400, f"Unsupported parameter: {key}")
     for first, second in b.conflicts:
-        if get_path(body, first) is not None and get_path(body, second) is not None:
+        if render.path_value(body, first) is not None and \
+                render.path_value(body, second) is not None:
             raise RequestError(400, f"Only one of '{first}' and '{second}' may be set.")
 
 
@@ -84,20 +89,22 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
-def _root(shape: str, body: dict[str, Any]) -> bytes | None:
-    system, user = root_segments(body, shape)
-    if not (system or user):
-        return None
-    return (b"\0".join(canonical(s.value) for s in system) + b"\1"
-            + b"\0".join(canonical(s.value) for s in user))
+TIME_HEADER = "x-sim-time"
 
 
-# How each kind of affinity signal is read: (name, shape, headers, body) -> key or None.
-_SIGNAL_READERS: dict[str, Callable[[str, str, list[tuple[str, str]], dict[str, Any]], Any]] = {
-    "header": lambda name, shape, headers, body: _header(headers, name),
-    "body": lambda name, shape, headers, body: body.get(name),
-    "root": lambda name, shape, headers, body: _root(shape, body),
-}
+def _signal(signal: Signal, headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
+    value = _header(headers, signal.name) if signal.source == "header" else body.get(signal.name)
+    return value if isinstance(value, str) and value else None
+
+
+def _time(headers: list[tuple[str, str]], clock: SimClock) -> float:
+    value = _header(headers, TIME_HEADER)
+    if value is None:
+        return clock.now()
+    try:
+        return float(value)
+    except ValueError:
+        raise RequestError(400, f"bad {TIME_HEADER} header: {value!r}") from None
 
 
 class Engine:
@@ -118,7 +125,7 @@ class Engine:
 
     def reset(self) -> None:
         with self._lock:
-            self._rng = random.Random(self.seed)
+            self._router = Router(self.replicas, self.seed)
             # Ids come from their own generator so routing stays a function of the seed alone.
             self._id_rng = random.Random(f"ids-{self.seed}")
             self._auto: dict[tuple[str, int], cache.AutoCache] = {}
@@ -139,18 +146,23 @@ class Engine:
         with self._lock:
             return "req_011C" + self._id(20)
 
-    def _route(self, b: Behaviour, shape: str, headers: list[tuple[str, str]],
-               body: dict[str, Any]) -> int:
+    def _route(self, provider: str, b: Behaviour, headers: list[tuple[str, str]],
+               body: dict[str, Any], prompt: cache.Prompt, blocks: list[render.Block],
+               model: str, now: float) -> int:
         """The replica this request lands on; called with the lock held."""
-        if b.shared or self.replicas == 1:
-            return 0
-        for signal in b.affinity:
-            value = _SIGNAL_READERS[signal.source](signal.name, shape, headers, body)
-            if isinstance(value, str):
-                value = value.encode()
-            if value:
-                return int.from_bytes(hashlib.sha256(value).digest()[:8], "big") % self.replicas
-        return self._rng.randrange(self.replicas)
+        key = next((v for s in b.routing.signals if (v := _signal(s, headers, body))), None)
+        root = None
+        if b.routing.scheme == "sticky":  # per account, per model, per conversation
+            text = render.conversation_root(blocks)
+            if text is not None:
+                account = _header(headers, "authorization") or ""
+                root = hashlib.sha256("\0".join((account, model, text)).encode()).digest()
+        return self._router.route(provider, b.routing, key, prompt.lead, root, model, now)
+
+    @property
+    def overflowed(self) -> int:
+        """Requests an RPM limit sent away from their home machine since the last reset."""
+        return self._router.overflowed
 
     def fail(self, raw_path: str, headers: list[tuple[str, str]], status: int,
              message: str) -> Outcome:
@@ -170,13 +182,14 @@ class Engine:
 
         `reply_text` replaces what the model says (tests trace it through a proxy).
         """
-        now = self.clock.now()
         provider, path = provider_for(raw_path, _header(headers, "host"), self.default_provider)
         spec = PROVIDERS.get(provider)
         errors = spec.base.errors if spec else "openai"
         model = body.get("model") if isinstance(body, dict) else None
         resolved = resolve(provider, path, model if isinstance(model, str) else None)
+        now = self.clock.now()
         try:
+            now = _time(headers, self.clock)
             if resolved is None:
                 raise RequestError(404, f"no route for {method} {path} on provider {provider!r}")
             b = resolved.behaviour
@@ -187,14 +200,17 @@ class Engine:
                 raise RequestError(400, body_error or "request body must be a JSON object")
             _validate(b, body)
             model_name = model if isinstance(model, str) else (resolved.path_model or "unknown")
-            prompt = cache.analyze(body, b.shape, model_name)
+            blocks = render.render(body, b.shape)
+            automatic = body.get("cache_control") if b.cache == "markers" else None
+            prompt = cache.analyze(blocks, model_name, b.auto_step, automatic)
             if b.cache == "markers":
                 try:
                     cache.check_markers(prompt)
                 except ValueError as e:
                     raise RequestError(400, str(e)) from None
             with self._lock:
-                replica = self._route(b, b.shape, headers, body)
+                replica = self._route(provider, b, headers, body, prompt, blocks, model_name,
+                                      now)
                 counts = self._serve(provider, replica, b, prompt, model_name, now)
         except RequestError as e:
             logger.debug("%s %s on %s rejected: %s %s", method, path, provider, e.status, e)
@@ -230,4 +246,4 @@ class Engine:
         if ac is None:
             ac = self._auto[(provider, replica)] = cache.AutoCache(
                 self.auto_ttl if self.auto_ttl is not None else b.ttl)
-        return wire.Counts(prompt.tokens, ac.serve(prompt, now))
+        return wire.Counts(prompt.tokens, ac.serve(prompt, now, b.auto_min))

@@ -69,7 +69,8 @@ def sse_events(data: bytes) -> list[tuple[str | None, str]]:
 
 
 def chat(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"model": "gpt-5.6", "messages": messages, **extra}
+    # Before GPT-5.6: automatic prefix caching in 128-token chunks (5.6+: breakpoints, below).
+    return {"model": "gpt-5.5", "messages": messages, **extra}
 
 
 def convo(n: int, system: str = BIG) -> list[dict[str, Any]]:
@@ -95,7 +96,9 @@ def test_openai_chat_sdk_json_and_stream(sim: Simulator) -> None:
                                             prompt_cache_key="conv-1")
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert 1024 <= cached < second.usage.prompt_tokens  # prompt_tokens includes cached tokens
-    assert cached % 128 == 0
+    # GPT-5.6 reads at turn 1's implicit breakpoint (its whole prompt), not in 128-token steps
+    assert cached == first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cache_write_tokens == first.usage.prompt_tokens
     stream = client.chat.completions.create(model="gpt-5.6", messages=convo(1), stream=True,
                                             prompt_cache_key="conv-1",
                                             stream_options={"include_usage": True})
@@ -461,6 +464,35 @@ def test_markers_and_string_parts_render_the_same_prompt(sim: Simulator) -> None
         r["usage"]["prompt_tokens"] // 128 * 128
 
 
+def test_gpt_5_6_caches_at_breakpoints_only(sim: Simulator) -> None:
+    def send(msgs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        status, r = post_json(sim, OPENAI, chat(msgs, model="gpt-5.6", prompt_cache_key="k",
+                                                **extra))
+        assert status == 200, r
+        details = r["usage"]["prompt_tokens_details"]
+        return {"prompt": r["usage"]["prompt_tokens"], "read": details["cached_tokens"],
+                "write": details["cache_write_tokens"]}
+
+    one = send(convo(0))
+    assert one == {"prompt": one["prompt"], "read": 0, "write": one["prompt"]}
+    two = send(convo(1))  # the implicit breakpoint on turn 1's latest message is read
+    assert two["read"] == one["prompt"] and two["write"] == two["prompt"] - one["prompt"]
+    # Another conversation with the same system prompt: thousands of shared tokens, but no
+    # breakpoint ever ended there, so nothing is read (providers.md §3 pitfall)...
+    other = [{"role": "system", "content": BIG}, {"role": "user", "content": "other"}]
+    assert send(other)["read"] == 0
+    # ...until a request marks the end of the stable prefix.
+    marked = [{"role": "system", "content": [{"type": "text", "text": BIG,
+                                              "prompt_cache_breakpoint": {"mode": "explicit"}}]},
+              {"role": "user", "content": "third"}]
+    send(marked)
+    fourth = send([marked[0], {"role": "user", "content": "fourth"}])
+    assert 1024 < fourth["read"] < fourth["prompt"]
+    # explicit mode: no implicit breakpoint, so an unmarked prompt writes nothing
+    assert send([{"role": "user", "content": BIG + "!"}],
+                prompt_cache_options={"mode": "explicit"})["write"] == 0
+
+
 def test_automatic_cache_idle_ttl(sim: Simulator, clock: SimClock) -> None:
     body = chat(convo(0), prompt_cache_key="k")
     path = "/p/openai/v1/chat/completions"
@@ -670,10 +702,12 @@ def test_moonshot_usage(sim: Simulator) -> None:
 
 def test_openrouter_usage_always_streamed(sim: Simulator) -> None:
     path = "/p/openrouter/api/v1/chat/completions"
-    _, r = post_json(sim, path, chat(convo(0), model="openai/gpt-5.6"))
+    _, r = post_json(sim, path, chat(convo(0), model="openai/gpt-5.5"))
     u = r["usage"]
     assert u["cost"] > 0 and u["cost_details"]["upstream_inference_cost"] == u["cost"]
-    assert u["prompt_tokens_details"]["cache_write_tokens"] == 0
+    assert u["prompt_tokens_details"]["cache_write_tokens"] == 0  # free before GPT-5.6
+    _, r = post_json(sim, path, chat(convo(0), model="openai/gpt-5.6"))
+    assert r["usage"]["prompt_tokens_details"]["cache_write_tokens"] == r["usage"]["prompt_tokens"]
     chunks = stream_chunks(sim, path, chat(convo(0), model="openai/gpt-5.6", stream=True))
     assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["cost"] > 0
 

@@ -4,6 +4,11 @@
   earlier prefix, token by token, counted in whole `step`-token chunks (128 on OpenAI: "hit in
   128-token increments after 1,024"), and only when it is at least `minimum` tokens. Every
   chunk of every prompt is stored, per replica, until idle for the TTL.
+- OpenAI breakpoints (GPT-5.6 and later, §3): writes only at breakpoints, the implicit one on
+  the latest message (unless `prompt_cache_options.mode` is "explicit") and the parts marked
+  `prompt_cache_breakpoint: {"mode": "explicit"}`, at most 4; a read is the longest written
+  breakpoint prefix of this prompt, with no lookback limit, from 1,024 tokens. So a changed
+  suffix reads nothing even with thousands of shared tokens, as the guide warns.
 - Anthropic markers (§1): only prefixes that ended at a `cache_control` block are written; a
   marker reads the longest live one within its 20-block lookback.
 Prompts come from `render.render`: the identity of a prefix is the model plus the rendered
@@ -57,6 +62,7 @@ class Prompt:
     keys: tuple[bytes, ...]  # keys[i]: identity of the prefix made of blocks 0..i (and the model)
     ends: tuple[int, ...]  # ends[i]: tokens of blocks 0..i
     markers: tuple[Marker, ...]
+    breakpoints: tuple[int, ...]  # blocks marked with an explicit OpenAI breakpoint
     chunks: tuple[bytes, ...]  # chunks[k]: identity of the first (k + 1) * step tokens
     step: int
     lead: bytes  # identity of the first LEAD_TOKENS tokens (all of them when shorter)
@@ -121,7 +127,8 @@ def analyze(blocks: list[Block], model: str | None, step: int = AUTO_STEP,
                               str(automatic.get("ttl", "5m")), "cache_control"))
     chunks, _ = _chunk_keys(seed, blocks, step)
     _, lead = _chunk_keys(seed, blocks, LEAD_TOKENS, limit=1)
-    return Prompt(tuple(keys), tuple(ends), tuple(markers), tuple(chunks), step, lead)
+    explicit = tuple(i for i, b in enumerate(blocks) if b.breakpoint)
+    return Prompt(tuple(keys), tuple(ends), tuple(markers), explicit, tuple(chunks), step, lead)
 
 
 def check_markers(prompt: Prompt) -> None:
@@ -160,6 +167,40 @@ class AutoCache:
         for key in prompt.chunks:
             self._last_use[key] = now
         return hit if hit >= minimum else 0
+
+
+MAX_BREAKPOINT_WRITES = 4
+
+
+class BreakpointCache:
+    """One replica's GPT-5.6+ cache: entries only where a breakpoint ended a prefix."""
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[float, float]] = {}  # key -> (last use, ttl seconds)
+
+    def serve(self, prompt: Prompt, implicit: bool, ttl: float, now: float) -> tuple[int, int]:
+        """(read, written) tokens."""
+        read_at = 0
+        for boundary in range(len(prompt.keys), 0, -1):
+            entry = self._entries.get(prompt.keys[boundary - 1])
+            if entry is not None and now - entry[0] < entry[1] \
+                    and prompt.tokens_to(boundary) >= AUTO_MIN_TOKENS:
+                read_at = boundary
+                self._entries[prompt.keys[boundary - 1]] = (now, entry[1])  # a hit refreshes
+                break
+        ends = [i + 1 for i in prompt.breakpoints]
+        if implicit and prompt.keys:
+            ends.append(len(prompt.keys))  # the latest message ends the prompt
+        ends = sorted(set(ends))[-MAX_BREAKPOINT_WRITES:]
+        if len(self._entries) > _PURGE_AT:
+            self._entries = {k: e for k, e in self._entries.items() if now - e[0] < e[1]}
+        done = read_at
+        for end in ends:
+            if prompt.tokens_to(end) < AUTO_MIN_TOKENS:
+                continue
+            self._entries[prompt.keys[end - 1]] = (now, ttl)
+            done = max(done, end)
+        return prompt.tokens_to(read_at), prompt.tokens_to(done) - prompt.tokens_to(read_at)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from tests.sim import cache, render, wire
 from tests.sim.clock import SimClock
 from tests.sim.providers import PROVIDERS, Behaviour, provider_for, resolve
 from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
-from tests.sim.routing import Router, Signal
+from tests.sim.routing import Router, Signal, gpt_5_6_or_later
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,16 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
 
 
 TIME_HEADER = "x-sim-time"
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(value: Any) -> float | None:
+    """`prompt_cache_options.ttl` such as "30m"; None when absent or not understood."""
+    if isinstance(value, str) and len(value) > 1 and value[-1] in _UNITS \
+            and value[:-1].isdigit():
+        return int(value[:-1]) * _UNITS[value[-1]]
+    return None
+
 
 
 def _signal(signal: Signal, headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
@@ -130,6 +140,7 @@ class Engine:
             self._id_rng = random.Random(f"ids-{self.seed}")
             self._auto: dict[tuple[str, int], cache.AutoCache] = {}
             self._marker: dict[tuple[str, int], cache.MarkerCache] = {}
+            self._breakpoints: dict[tuple[str, int], cache.BreakpointCache] = {}
 
     def _id(self, n: int) -> str:
         return "".join(self._id_rng.choice(_ALNUM) for _ in range(n))
@@ -211,7 +222,7 @@ class Engine:
             with self._lock:
                 replica = self._route(provider, b, headers, body, prompt, blocks, model_name,
                                       now)
-                counts = self._serve(provider, replica, b, prompt, model_name, now)
+                counts = self._serve(provider, replica, b, prompt, model_name, body, now)
         except RequestError as e:
             logger.debug("%s %s on %s rejected: %s %s", method, path, provider, e.status, e)
             rid = self.request_id()
@@ -237,11 +248,19 @@ class Engine:
         return Outcome(provider, path, replica, usage, reply, now)
 
     def _serve(self, provider: str, replica: int, b: Behaviour, prompt: cache.Prompt,
-               model: str, now: float) -> wire.Counts:
+               model: str, body: dict[str, Any], now: float) -> wire.Counts:
         if b.cache == "markers":
             mc = self._marker.setdefault((provider, replica), cache.MarkerCache())
             got = mc.serve(prompt, cache.anthropic_minimum(model), now)
             return wire.Counts(prompt.tokens, got.read, got.write_5m, got.write_1h)
+        if b.gpt_breakpoints and gpt_5_6_or_later(model):
+            options = body.get("prompt_cache_options")
+            options = options if isinstance(options, dict) else {}
+            ttl = _duration(options.get("ttl"))
+            bc = self._breakpoints.setdefault((provider, replica), cache.BreakpointCache())
+            read, written = bc.serve(prompt, options.get("mode") != "explicit",
+                                     self.auto_ttl or ttl or b.ttl, now)
+            return wire.Counts(prompt.tokens, read, written)
         ac = self._auto.get((provider, replica))
         if ac is None:
             ac = self._auto[(provider, replica)] = cache.AutoCache(

@@ -26,6 +26,7 @@ class Behaviour:
     ttl: float = 600.0  # automatic cache: idle seconds before an entry is gone
     auto_min: int = 1024  # automatic cache: smallest prefix that is ever a hit
     auto_step: int = 128  # automatic cache: hits count in whole chunks of this many tokens
+    gpt_breakpoints: bool = False  # GPT-5.6+ models cache at breakpoints (cache.BreakpointCache)
     errors: str = "openai"  # error JSON style, a key of wire.ERROR_STYLES
     stream: bool | None = None  # None: the body's `stream` decides; else the path decides (Gemini)
     stream_required: bool = False
@@ -74,7 +75,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     # §3, §4: machine = hash(first ~256 tokens, prompt_cache_key); ~15 RPM per pair, then
     # overflow (per key on GPT-5.6+).
     Provider("openai", ("api.openai.com",),
-             Behaviour(routing=Routing("prefix-key", (_PCK,)),
+             Behaviour(routing=Routing("prefix-key", (_PCK,)), gpt_breakpoints=True,
                        conflicts=(("prompt_cache_retention", "prompt_cache_options.ttl"),)),
              (_route(r"/v1/chat/completions", **_CHAT),
               _route(r"/v1/responses", **_RESPONSES))),
@@ -90,7 +91,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              Behaviour(usage="openrouter", stream_usage="always", routing=Routing("sticky")),
              (_route(r"/api/v1/chat/completions"),),
              by_model=(("anthropic/*", {"cache": "markers"}),
-                       ("x-ai/*", {"routing": _GROK_CONV}))),
+                       ("x-ai/*", {"routing": _GROK_CONV}),
+                       # §7: GPT-5.6+ breakpoints and cache options are passed through.
+                       ("openai/*", {"gpt_breakpoints": True}))),
     # §5: "ChatGPT derives Responses cache affinity from the session-id header" (= the body's
     # prompt_cache_key). Without either: not documented, random here.
     Provider("codex", ("chatgpt.com",),

@@ -41,6 +41,7 @@ class Block:
     message: int | None  # index in messages / input / contents; None for tools and system
     directive: Any  # the block's cache_control value, if any
     path: str  # Anthropic's error-path form: "messages.0.content.4", "system.1", "tools.3"
+    breakpoint: bool = False  # OpenAI GPT-5.6+: `prompt_cache_breakpoint` on this part
 
     @property
     def tokens(self) -> int:
@@ -92,6 +93,11 @@ def _directive(value: Any) -> Any:
     return value.get("cache_control") if isinstance(value, dict) else None
 
 
+def _breakpoint(value: Any) -> bool:
+    mark = value.get("prompt_cache_breakpoint") if isinstance(value, dict) else None
+    return isinstance(mark, dict) and mark.get("mode") == "explicit"
+
+
 def _message(section: str, index: int, role: str, content: Any,
              key: str = "content") -> Iterator[Block]:
     """A message's blocks; the first one's head opens the message."""
@@ -107,7 +113,7 @@ def _message(section: str, index: int, role: str, content: Any,
         for j, part in enumerate(content):
             kind, text = _content_text(part)
             yield Block(head(), text, kind, role, index, _directive(part),
-                        f"{section}.{index}.{key}.{j}")
+                        f"{section}.{index}.{key}.{j}", _breakpoint(part))
     elif content is not None:
         kind, text = _content_text(content)
         yield Block(head(), text, kind, role, index, None, f"{section}.{index}.{key}")
@@ -125,7 +131,7 @@ def _system(section: str, content: Any, key: str = "") -> Iterator[Block]:
         for j, part in enumerate(content):
             kind, text = _content_text(part)
             yield Block(f"{section}|system|{'start' if j == 0 else 'part'}", text, kind, "system",
-                        None, _directive(part), f"{where}.{j}")
+                        None, _directive(part), f"{where}.{j}", _breakpoint(part))
 
 
 def _tools(tools: Any) -> Iterator[Block]:

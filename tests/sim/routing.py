@@ -45,8 +45,9 @@ SHARED = Routing()
 _GPT = re.compile(r"(?:^|/)gpt-(\d+)(?:\.(\d+))?")
 
 
-def per_key_rpm(model: str) -> bool:
-    """GPT-5.6 and later count the 15 RPM per key across all prefixes (§3)."""
+def gpt_5_6_or_later(model: str) -> bool:
+    """GPT-5.6 and later count the 15 RPM per key across all prefixes and cache at
+    breakpoints (§3)."""
     m = _GPT.search(model.lower())
     return bool(m) and (int(m[1]), int(m[2] or 0)) >= (5, 6)
 
@@ -88,7 +89,7 @@ class Router:
                     model: str, now: float) -> int:
         kb = key.encode() if key else None
         home = _hash(lead, kb or b"") % self.replicas
-        counted = (provider, b"", kb) if kb and per_key_rpm(model) else (provider, lead, kb)
+        counted = (provider, b"", kb) if kb and gpt_5_6_or_later(model) else (provider, lead, kb)
         served = self._home_served.setdefault(counted, deque())
         while served and served[0] <= now - RPM_WINDOW:
             served.popleft()

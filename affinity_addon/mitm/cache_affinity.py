@@ -19,6 +19,7 @@ from affinity_addon.mitm.options import OPTION_PARSERS, check_deferred
 from affinity_addon.record import build as logrecord
 from affinity_addon.record.jsonl import JsonlWriter
 from affinity_addon.request import affinity_id
+from affinity_addon.request.family_key import FamilyRates
 from affinity_addon.request.rewrite import apply_rules
 from affinity_addon.request.rules import RuleSet, default_rules_file, load_rules
 from affinity_addon.response.stream_tap import StreamTap
@@ -67,6 +68,7 @@ class CacheAffinity:
         self._pending: dict[str, Pending | asyncio.Future[Pending]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.tracker = MissTracker()
+        self.family_rates = FamilyRates()  # this proxy's rate per prompt family ({family_key})
         self._warned: set[str] = set()
         self._rules_mtime: float | None = None
         self._watcher: asyncio.Task | None = None
@@ -234,7 +236,7 @@ class CacheAffinity:
         try:
             result = apply_rules(
                 self.ruleset, flow.request, key=ctx.options.affinity_key,
-                dry_run=ctx.options.affinity_dry_run,
+                dry_run=ctx.options.affinity_dry_run, rates=self.family_rates,
             )
         except RecursionError:
             logger.warning("affinity: request body nested too deeply to inspect; sent unchanged")

@@ -17,6 +17,7 @@ import orjson
 from mitmproxy import http
 
 from affinity_addon.request import affinity_id
+from affinity_addon.request.family_key import FamilyRates, family_key
 from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Outcome:
     body_write: str = "none"  # none | splice | reserialize
     problems: list[str] = field(default_factory=list)  # logged as one warning per request
     signal: str | None = None  # the routing value the provider will see (None: none at all)
+    key: dict[str, Any] | None = None  # {family_key}: {"strategy", "bucket", "buckets"}
 
     def record(self) -> dict[str, Any]:
         return {
@@ -156,6 +158,7 @@ class Outcome:
             "kept": list(self.kept),
             "body_write": self.body_write,
             "warning": "; ".join(self.problems) or None,
+            "key": dict(self.key) if self.key else None,
         }
 
 
@@ -188,8 +191,10 @@ def apply_rules(
     key: str = affinity_id.DEFAULT_KEY,
     dry_run: bool = False,
     parsed: ParsedBody | None = None,
+    rates: FamilyRates | None = None,
 ) -> tuple[Outcome, ParsedBody] | None:
-    """Rewrite `request` in place (unless dry_run). None when no rule matches."""
+    """Rewrite `request` in place (unless dry_run). None when no rule matches. `rates`: this
+    proxy's request rates per prompt family, for `{family_key}` (a fresh count when None)."""
     host, method = request.pretty_host, request.method
     path = request.path.split("?", 1)[0]
     candidates = ruleset.candidates(host, path, method)
@@ -218,6 +223,17 @@ def apply_rules(
         out.problems.append(parsed.problem + "; sent unchanged")
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
              "path": path, "method": method, "rule": first.name}
+
+    def render(a: SetAction) -> Any:
+        if "family_key" in a.template.fields and "family_key" not in facts:
+            fk = None
+            if aff is not None and body is not None and shape is not None:
+                fk, bucket, count = family_key(body, shape, aff, rates or FamilyRates(),
+                                               request.timestamp_start or 0.0, key)
+                out.key = {"strategy": "family", "bucket": bucket, "buckets": count}
+            facts["family_key"] = fk
+        return _render(a, facts)
+
     body_changed = False
     new_top: dict[str, Any] = {}  # keys added at the top level, in order (for the splice)
     must_reserialize = False
@@ -231,7 +247,7 @@ def apply_rules(
                 if a.target not in out.headers:
                     out.kept.append(f"header:{a.target}")
                 continue
-            value = str(_render(a, facts))
+            value = str(render(a))
             if not _CONTROL.isdisjoint(value):  # e.g. {model} from a hostile body: no header injection
                 out.problems.append(f"rule {rule.name!r}: header {a.target} value has control "
                                     "characters; not set")
@@ -248,7 +264,7 @@ def apply_rules(
                 if a.target not in out.fields:
                     out.kept.append(f"field:{a.target}")
                 continue
-            value = _render(a, facts)
+            value = render(a)
             if current == value:
                 continue
             if not _set_path(body, a.target, value):

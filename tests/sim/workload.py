@@ -159,8 +159,12 @@ class _Conversation:
     turn: int = 0
 
 
-def run(w: Workload, strategy_name: str) -> Result:
-    """Drive workload `w` with one key strategy against a fresh simulator."""
+Through = Callable[[dict[str, Any], float], dict[str, Any]]
+
+
+def run(w: Workload, strategy_name: str, through: Through | None = None) -> Result:
+    """Drive workload `w` with one key strategy against a fresh simulator. `through(body, now)`
+    returns the body as it reaches the provider (e.g. after a proxy's rewrite)."""
     engine = Engine(w.replicas, SimClock(), w.seed, "openai")
     key_for = strategy(strategy_name)
     system, tools = _shared(w)
@@ -189,6 +193,10 @@ def run(w: Workload, strategy_name: str) -> Result:
         key = key_for(family, conv.id, now)
         if key is not None:
             body["prompt_cache_key"] = key
+        if through is not None:
+            body = through(body, now)
+            key = body.get("prompt_cache_key")
+        if key is not None:
             result.keys.add(key)
         out = engine.handle("POST", PATH, "", [("x-sim-time", f"{now:.3f}")], body)
         assert out.usage is not None, out.reply.body

@@ -4,6 +4,8 @@ agent and for a team. Token-weighted hit ratio over ALL turns, first turns inclu
 `-s` to see the numbers; `python -m tests.sim.workload` prints the whole table.
 """
 
+from dataclasses import replace
+
 import pytest
 
 from tests.sim import workload
@@ -71,3 +73,12 @@ def test_driver_line_and_strategies():
     assert r.line().split()[:4] == ["tiny", "conversation", "all", "turns"]
     with pytest.raises(ValueError, match="unknown strategy"):
         workload.strategy("per-user")
+
+
+def test_gpt_5_6_first_turns_need_a_breakpoint_at_the_end_of_the_shared_prompt():
+    # GPT-5.6+ writes only at breakpoints (implicit: the latest message), so turn 1 of a new
+    # conversation reads nothing of the shared prompt unless something marks where it ends.
+    plain = run(replace(SOLO, model="gpt-5.6"), "none")
+    marked = run(replace(SOLO, model="gpt-5.6", system_breakpoint=True), "none")
+    assert plain.first_read == 0 and marked.first_ratio > 0.75
+    assert marked.ratio > plain.ratio + 0.05

@@ -13,6 +13,7 @@ Each is run with a key strategy for `prompt_cache_key`:
 The measure is the token-weighted hit ratio over ALL turns, first turns included.
 
     python -m tests.sim.workload            # the table for both workloads and all strategies
+    python -m tests.sim.workload gpt-5.6 --system-breakpoint   # GPT-5.6+, stable prefix marked
 """
 
 import hashlib
@@ -40,7 +41,8 @@ class Workload:
     duration: float = 0.0  # seconds of traffic when `conversations` is None
     system_tokens: int = 7000
     tool_tokens: int = 1000
-    model: str = "gpt-5.5"
+    model: str = "gpt-5.5"  # before GPT-5.6: automatic prefix caching (5.6+: breakpoints)
+    system_breakpoint: bool = False  # GPT-5.6+: an explicit breakpoint ends the system prompt
     replicas: int = 8
     seed: int = 1
 
@@ -186,8 +188,10 @@ def run(w: Workload, strategy_name: str, through: Through | None = None) -> Resu
                 continue
             started[agent] += 1
             cid = f"{agent}-{started[agent]}"
+            marked = [{"type": "text", "text": system,
+                       "prompt_cache_breakpoint": {"mode": "explicit"}}]
             conv = current[agent] = _Conversation(cid, [
-                {"role": "system", "content": system},
+                {"role": "system", "content": marked if w.system_breakpoint else system},
                 {"role": "user", "content": _text(rng, 150, f"Task {cid}:")}])
         body: dict[str, Any] = {"model": w.model, "messages": conv.messages, "tools": tools}
         key = key_for(family, conv.id, now)
@@ -225,11 +229,12 @@ STRATEGIES = ("none", "conversation", "family:1", "family:2", "family:4", "famil
 
 
 def main(argv: list[str]) -> int:
-    model = argv[0] if argv else None
+    """`[model] [--system-breakpoint]`"""
+    model = next((a for a in argv if not a.startswith("--")), None)
     for w in (SOLO, TEAM):
-        if model:
-            w = Workload(**{**{f: getattr(w, f) for f in w.__dataclass_fields__},
-                            "model": model})
+        w = Workload(**{**{f: getattr(w, f) for f in w.__dataclass_fields__},
+                        "model": model or w.model,
+                        "system_breakpoint": "--system-breakpoint" in argv})
         for name in STRATEGIES:
             print(run(w, name).line(), flush=True)
     return 0

@@ -30,6 +30,7 @@ TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 NOT_CACHEABLE = frozenset({"thinking", "redacted_thinking"})
 _PURGE_AT = 50_000  # entries per cache before expired ones are swept
 
+
 # Minimum cacheable prefix per Claude model (providers.md section 1), first match wins. The
 # specific 4.x/3.x rows must precede the `claude-*-5*` row that catches the 5.x family.
 ANTHROPIC_MINIMUMS: tuple[tuple[str, int], ...] = (
@@ -153,6 +154,7 @@ class AutoCache:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._last_use: dict[bytes, float] = {}
+        self._swept = float("-inf")
 
     def serve(self, prompt: Prompt, now: float, minimum: int = AUTO_MIN_TOKENS) -> int:
         """Cached tokens for this prompt (0 below `minimum`); then the whole prompt is stored."""
@@ -162,7 +164,9 @@ class AutoCache:
             if used is not None and now - used < self.ttl:
                 hit = (k + 1) * prompt.step
                 break
-        if len(self._last_use) > _PURGE_AT:
+        if len(self._last_use) > _PURGE_AT and now - self._swept > self.ttl:
+            # at most once a TTL: a sweep on every request of a busy cache would be quadratic
+            self._swept = now
             self._last_use = {k: t for k, t in self._last_use.items() if now - t < self.ttl}
         for key in prompt.chunks:
             self._last_use[key] = now

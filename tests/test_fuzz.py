@@ -993,7 +993,7 @@ def test_e2e_fifty_megabytes_and_lying_encodings_reach_upstream_unchanged(sim, p
         resp = client.post(url_o, json=dict(chat, model="gpt-5"), headers={"x-fuzz-id": "next"})
         assert resp.status_code == 200
         up = _sim_request(sim, "next")
-        assert up.body["prompt_cache_key"].startswith("aff-")
+        assert up.body["prompt_cache_key"].startswith("fam-")  # the default {family_key}
     finally:
         client.close()
     recs = proxy.wait_records(2 + len(lies))

@@ -268,7 +268,10 @@ def test_default_rules(default_addon, host, path, model, header, field):
     if header:
         assert f.request.headers[header] == aff
     sent = json.loads(f.request.content)
-    if field:
+    if host == "api.openai.com":  # {family_key}: the family's key, one bucket at this rate
+        assert sent[field].startswith("fam-") and sent[field].endswith("-0")
+        assert rec["key"] == {"strategy": "family", "bucket": 0, "buckets": 1}
+    elif field:
         assert sent[field] == aff
     else:
         assert set(sent) == set(body)

@@ -69,7 +69,8 @@ def sse_events(data: bytes) -> list[tuple[str | None, str]]:
 
 
 def chat(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"model": "gpt-5.6", "messages": messages, **extra}
+    # Before GPT-5.6: automatic prefix caching in 128-token chunks (5.6+: breakpoints, below).
+    return {"model": "gpt-5.5", "messages": messages, **extra}
 
 
 def convo(n: int, system: str = BIG) -> list[dict[str, Any]]:
@@ -95,7 +96,9 @@ def test_openai_chat_sdk_json_and_stream(sim: Simulator) -> None:
                                             prompt_cache_key="conv-1")
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert 1024 <= cached < second.usage.prompt_tokens  # prompt_tokens includes cached tokens
-    assert cached % 128 == 0
+    # GPT-5.6 reads at turn 1's implicit breakpoint (its whole prompt), not in 128-token steps
+    assert cached == first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cache_write_tokens == first.usage.prompt_tokens
     stream = client.chat.completions.create(model="gpt-5.6", messages=convo(1), stream=True,
                                             prompt_cache_key="conv-1",
                                             stream_options={"include_usage": True})
@@ -242,7 +245,6 @@ def test_affinity_signal_pins_a_replica(sim: Simulator, name, path, body, header
 
 
 @pytest.mark.parametrize("name,path,body,headers", [
-    ("openai-chat", "/p/openai/v1/chat/completions", lambda n: chat(convo(n)), {}),
     # xAI chat routes on the header only: a body prompt_cache_key does not help
     ("xai-chat", "/p/xai/v1/chat/completions",
      lambda n: chat(convo(n), prompt_cache_key="conv-a"), {}),
@@ -292,6 +294,116 @@ def test_openrouter_claude_sticky_on_conversation_root(sim: Simulator) -> None:
     assert first["cost"] > second["cost"] > 0
 
 
+# --- OpenAI: machine = hash(first ~256 tokens, prompt_cache_key), ~15 RPM then overflow --------
+
+OPENAI = "/p/openai/v1/chat/completions"
+
+
+def first_turn(topic: str, user: str = "go", **extra: Any) -> dict[str, Any]:
+    return chat([{"role": "system", "content": f"{topic}: " + BIG},
+                 {"role": "user", "content": user}], **extra)
+
+
+def at(t: float) -> dict[str, str]:
+    return {"x-sim-time": str(t)}
+
+
+def test_openai_without_key_one_machine_per_prefix(sim: Simulator) -> None:
+    # Conversations that share their first 256 tokens share a machine, so turn 1 of a new
+    # conversation reads the shared system prompt that the others wrote.
+    for i in range(6):
+        status, r = post_json(sim, OPENAI, first_turn("agent", f"task {i}"))
+        assert status == 200
+        if i:
+            assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= 1280
+    assert len({r.replica for r in sim.requests}) == 1
+    # other prefixes land elsewhere (the hash picks, not the order)
+    for topic in ("alpha", "beta", "gamma", "delta", "epsilon"):
+        post_json(sim, OPENAI, first_turn(topic))
+    assert len({r.replica for r in sim.requests}) > 1
+
+
+def test_openai_key_is_combined_with_the_prefix(sim: Simulator) -> None:
+    for i in range(8):
+        status, r = post_json(sim, OPENAI, first_turn("agent", f"task {i}",
+                                                      prompt_cache_key=f"conv-{i}"))
+        assert status == 200
+    reqs = sim.requests
+    assert len({r.replica for r in reqs}) > 1  # one key per conversation spreads them
+    cold = [r for r in reqs if r.usage["prompt_tokens_details"]["cached_tokens"] == 0]
+    assert len(cold) >= 2  # a first turn on a machine that never saw the prefix misses
+    # the same key with another prefix is another machine choice; the same pair is stable
+    again = [post_json(sim, OPENAI, first_turn("agent", "task 0", prompt_cache_key="conv-0"))
+             for _ in range(2)]
+    assert all(status == 200 for status, _ in again)
+    assert sim.requests[-1].replica == sim.requests[-2].replica == reqs[0].replica
+
+
+@pytest.mark.parametrize("model", ["gpt-5.5", "gpt-5.6"])
+def test_openai_prefix_overflows_above_15_rpm(sim: Simulator, model: str) -> None:
+    body = first_turn("busy", model=model)
+    for i in range(15):  # 15 within a minute: all at home
+        assert post(sim, OPENAI, body, at(1000 + i))[0] == 200
+    home = sim.requests[0].replica
+    assert {r.replica for r in sim.requests} == {home} and sim.engine.overflowed == 0
+    for i in range(5):  # the 16th to 20th overflow to other machines
+        post(sim, OPENAI, body, at(1020 + i))
+    assert all(r.replica != home for r in sim.requests[15:]) and sim.engine.overflowed == 5
+    # a minute after the first ones the home machine takes requests again
+    post(sim, OPENAI, body, at(1061))
+    assert sim.requests[-1].replica == home
+    # 12 RPM (one request every 5 s) never overflows
+    sim.reset()
+    for i in range(40):
+        post(sim, OPENAI, first_turn("calm", model=model), at(5000 + 5 * i))
+    assert sim.engine.overflowed == 0 and len({r.replica for r in sim.requests}) == 1
+
+
+@pytest.mark.parametrize("model,overflow", [("gpt-5.5", False), ("gpt-5.6", True),
+                                            ("gpt-6", True)])
+def test_openai_gpt_5_6_counts_rpm_per_key_across_prefixes(sim: Simulator, model: str,
+                                                           overflow: bool) -> None:
+    # One key, two prefixes, 10 requests a minute each: only GPT-5.6+ adds them up (20 > 15).
+    for i in range(10):
+        for topic in ("one", "two"):
+            post(sim, OPENAI, first_turn(topic, model=model, prompt_cache_key="k"), at(i))
+    assert (sim.engine.overflowed > 0) is overflow
+
+
+def test_sim_time_header_moves_ttls_not_the_clock(sim: Simulator, clock: SimClock) -> None:
+    body = first_turn("timed", prompt_cache_key="k")
+    post(sim, OPENAI, body, at(100))
+    _, _, data = post(sim, OPENAI, body, at(650))
+    assert json.loads(data)["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    _, _, data = post(sim, OPENAI, body, at(1251))  # 601 s idle: gone
+    assert json.loads(data)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert clock.now() == 0 and [r.ts for r in sim.requests] == [100, 650, 1251]
+    status, _, data = post(sim, OPENAI, body, {"x-sim-time": "soon"})
+    assert status == 400 and b"x-sim-time" in data
+
+
+def test_openrouter_sticky_pin_expires_after_ten_idle_minutes(sim: Simulator) -> None:
+    path = "/p/openrouter/api/v1/chat/completions"
+
+    def body(topic: str, n: int) -> dict[str, Any]:
+        msgs = [{"role": "system", "content": BIG}, {"role": "user", "content": topic}]
+        for i in range(n):
+            msgs += [{"role": "assistant", "content": f"a{i}"}, {"role": "user", "content": "q"}]
+        return chat(msgs, model="openai/gpt-5.5")
+
+    topics = [f"conversation {i}" for i in range(8)]
+    for t in topics:
+        for n in range(3):  # a minute apart: the pin holds
+            post(sim, path, body(t, n), at(60 * n))
+    first = [r.replica for r in sim.requests]
+    for i in range(8):
+        assert len(set(first[i * 3:(i + 1) * 3])) == 1
+    for t in topics:  # 11 idle minutes later the pin is gone: load balanced afresh
+        post(sim, path, body(t, 3), at(120 + 660))
+    again = [r.replica for r in sim.requests[24:]]
+    assert again != first[::3]
+
+
 def test_shared_cache_providers_ignore_replicas(sim: Simulator) -> None:
     for path, body in (("/p/anthropic/v1/messages", anthropic_turn),
                        ("/p/deepseek/chat/completions", lambda n: chat(convo(n))),
@@ -320,16 +432,65 @@ def test_automatic_cache_threshold_and_increments(sim: Simulator, tokens: int,
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
 
 
-def test_automatic_cache_matches_whole_segments_only(sim: Simulator) -> None:
+def test_automatic_cache_counts_the_common_prefix_in_128_token_chunks(sim: Simulator) -> None:
     path = "/p/openai/v1/chat/completions"
     base = [{"role": "system", "content": sized(1500)}, {"role": "user", "content": sized(600)}]
     post_json(sim, path, chat(base, prompt_cache_key="k"))
     changed = [base[0], {"role": "user", "content": sized(600)[:-1] + "b"}]
     _, r = post_json(sim, path, chat(changed, prompt_cache_key="k"))
-    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 1408  # 1500 -> 128 steps
+    # 1500 + 599 tokens in common, token by token, counted in whole 128-token chunks
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 2048
     changed_first = [{"role": "system", "content": "b" + sized(1500)[1:]}, base[1]]
     _, r = post_json(sim, path, chat(changed_first, prompt_cache_key="k"))
     assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # the same text under another role is another prompt
+    as_user = [{"role": "user", "content": sized(1500)}, base[1]]
+    _, r = post_json(sim, path, chat(as_user, prompt_cache_key="k"))
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_markers_and_string_parts_render_the_same_prompt(sim: Simulator) -> None:
+    # A string and a one-part text list are the same prompt; a cache_control or
+    # prompt_cache_breakpoint directive is not part of it.
+    path = "/p/openai/v1/chat/completions"
+    post_json(sim, path, chat([{"role": "system", "content": BIG},
+                               {"role": "user", "content": "q"}], prompt_cache_key="k"))
+    marked = [{"role": "system", "content": [
+        {"type": "text", "text": BIG, "prompt_cache_breakpoint": {"mode": "explicit"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "q",
+                                      "cache_control": {"type": "ephemeral"}}]}]
+    _, r = post_json(sim, path, chat(marked, prompt_cache_key="k"))
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == \
+        r["usage"]["prompt_tokens"] // 128 * 128
+
+
+def test_gpt_5_6_caches_at_breakpoints_only(sim: Simulator) -> None:
+    def send(msgs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        status, r = post_json(sim, OPENAI, chat(msgs, model="gpt-5.6", prompt_cache_key="k",
+                                                **extra))
+        assert status == 200, r
+        details = r["usage"]["prompt_tokens_details"]
+        return {"prompt": r["usage"]["prompt_tokens"], "read": details["cached_tokens"],
+                "write": details["cache_write_tokens"]}
+
+    one = send(convo(0))
+    assert one == {"prompt": one["prompt"], "read": 0, "write": one["prompt"]}
+    two = send(convo(1))  # the implicit breakpoint on turn 1's latest message is read
+    assert two["read"] == one["prompt"] and two["write"] == two["prompt"] - one["prompt"]
+    # Another conversation with the same system prompt: thousands of shared tokens, but no
+    # breakpoint ever ended there, so nothing is read (providers.md §3 pitfall)...
+    other = [{"role": "system", "content": BIG}, {"role": "user", "content": "other"}]
+    assert send(other)["read"] == 0
+    # ...until a request marks the end of the stable prefix.
+    marked = [{"role": "system", "content": [{"type": "text", "text": BIG,
+                                              "prompt_cache_breakpoint": {"mode": "explicit"}}]},
+              {"role": "user", "content": "third"}]
+    send(marked)
+    fourth = send([marked[0], {"role": "user", "content": "fourth"}])
+    assert 1024 < fourth["read"] < fourth["prompt"]
+    # explicit mode: no implicit breakpoint, so an unmarked prompt writes nothing
+    assert send([{"role": "user", "content": BIG + "!"}],
+                prompt_cache_options={"mode": "explicit"})["write"] == 0
 
 
 def test_automatic_cache_idle_ttl(sim: Simulator, clock: SimClock) -> None:
@@ -541,10 +702,12 @@ def test_moonshot_usage(sim: Simulator) -> None:
 
 def test_openrouter_usage_always_streamed(sim: Simulator) -> None:
     path = "/p/openrouter/api/v1/chat/completions"
-    _, r = post_json(sim, path, chat(convo(0), model="openai/gpt-5.6"))
+    _, r = post_json(sim, path, chat(convo(0), model="openai/gpt-5.5"))
     u = r["usage"]
     assert u["cost"] > 0 and u["cost_details"]["upstream_inference_cost"] == u["cost"]
-    assert u["prompt_tokens_details"]["cache_write_tokens"] == 0
+    assert u["prompt_tokens_details"]["cache_write_tokens"] == 0  # free before GPT-5.6
+    _, r = post_json(sim, path, chat(convo(0), model="openai/gpt-5.6"))
+    assert r["usage"]["prompt_tokens_details"]["cache_write_tokens"] == r["usage"]["prompt_tokens"]
     chunks = stream_chunks(sim, path, chat(convo(0), model="openai/gpt-5.6", stream=True))
     assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["cost"] > 0
 
@@ -621,7 +784,8 @@ def test_openai_rejects_retention_with_options_ttl(sim: Simulator) -> None:
 
 
 def test_gemini_native_usage(sim: Simulator) -> None:
-    body = {"systemInstruction": {"parts": [{"text": BIG}]},
+    big = BIG * 2  # Gemini 2.5 caches from 2,048 tokens (providers.md §9)
+    body = {"systemInstruction": {"parts": [{"text": big}]},
             "contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     path = "/p/gemini/v1beta/models/gemini-2.5-flash:generateContent"
     _, first = post_json(sim, path, body)
@@ -639,6 +803,17 @@ def test_gemini_native_usage(sim: Simulator) -> None:
     assert status == 200 and h["content-type"] == "application/json"
     assert isinstance(json.loads(data), list)
     assert sim.requests[-1].query == "" and sim.requests[-2].query == "alt=sse"
+
+
+@pytest.mark.parametrize("model,tokens,cached", [
+    ("gemini-2.5-flash", 2000, False), ("gemini-2.5-pro", 2100, True),
+    ("gemini-3-flash", 4000, False), ("gemini-3.1-pro-preview", 4200, True)])
+def test_gemini_minimum_per_model(sim: Simulator, model: str, tokens: int, cached: bool) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": sized(tokens)}]}]}
+    path = f"/p/gemini/v1beta/models/{model}:generateContent"
+    post_json(sim, path, body)
+    meta = post_json(sim, path, body)[1]["usageMetadata"]
+    assert ("cachedContentTokenCount" in meta) is cached, meta
 
 
 def test_proxy_with_anthropic_sdk_headers(sim: Simulator) -> None:
@@ -861,3 +1036,27 @@ def test_start_on_a_given_port(clock: SimClock) -> None:
     finally:
         sim.stop()
     sim.stop()  # idempotent
+
+
+# --- independence: the simulator is an oracle for the addon, so it must not reuse its code ------
+
+def test_simulator_imports_nothing_from_the_addon() -> None:
+    # Every module of tests.sim, imported in a fresh interpreter: not one affinity_addon module
+    # gets loaded (an AST scan would miss an import hidden behind another package).
+    code = ("import pkgutil, importlib, sys, tests.sim as s\n"
+            "for m in pkgutil.iter_modules(s.__path__):\n"
+            "    importlib.import_module('tests.sim.' + m.name)\n"
+            "print('\\n'.join(sorted(n for n in sys.modules if n.split('.')[0] == 'affinity_addon')))\n"
+            "print('modules', sum(1 for n in sys.modules if n.startswith('tests.sim.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    *leaked, count = [line for line in r.stdout.splitlines() if line]
+    assert leaked == [] and int(count.split()[1]) >= 9, r.stdout
+    # and no source file imports it, even in a function-level import
+    import ast
+    for path in (ROOT / "tests" / "sim").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "affinity_addon" for n in names), path

@@ -37,6 +37,7 @@ class Rewriter:
                 self.state.ruleset, flow.request, key=ctx.options.affinity_key,
                 dry_run=ctx.options.affinity_dry_run,
                 hint_for=self.state.tracker.hint if ctx.options.affinity_diagnose else None,
+                rates=self.state.family_rates,
             )
         except RecursionError:
             logger.warning("affinity: request body nested too deeply to inspect; sent unchanged")

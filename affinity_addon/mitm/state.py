@@ -13,6 +13,7 @@ from typing import Any
 
 from affinity_addon.diagnosis.tracker import MissTracker, Pending
 from affinity_addon.record.jsonl import JsonlWriter
+from affinity_addon.request.family_key import FamilyRates
 from affinity_addon.request.rules import RuleSet
 from affinity_addon.response.stream_tap import StreamTap
 from affinity_addon.response.usage import UsageReader
@@ -56,6 +57,8 @@ class State:
     pending: dict[str, Pending | asyncio.Future[Pending]] = field(default_factory=dict)
     pool: ThreadPoolExecutor | None = None
     warned: set[str] = field(default_factory=set)
+    # This proxy's request rate per prompt family: how many `{family_key}` buckets to use.
+    family_rates: FamilyRates = field(default_factory=FamilyRates)
     # Called with (record, its JSON dict) for every finished record: metrics, OpenTelemetry.
     # A sink must be quick and must not raise (the recorder logs and skips a failing one).
     sinks: list[Callable[[Any, dict[str, Any]], None]] = field(default_factory=list)

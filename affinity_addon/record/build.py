@@ -51,6 +51,7 @@ def build(
         model=meta.get("model") or extras.get("model"),
         affinity_id=meta.get("affinity_id"),
         affinity_source=meta.get("affinity_source"),
+        key=meta.get("key"),
         stream=stream,
         transport=transport,
         status=status,

@@ -78,6 +78,7 @@ class Record:
     model: str | None
     affinity_id: str | None
     affinity_source: str | None
+    key: dict[str, Any] | None  # how {family_key} chose the cache key: strategy, bucket(s)
     stream: bool
     transport: str
     status: int | None

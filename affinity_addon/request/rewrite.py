@@ -18,6 +18,7 @@ from mitmproxy import http
 
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.request import affinity_id
+from affinity_addon.request.family_key import FamilyRates, family_key
 from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Outcome:
     body_write: str = "none"  # none | splice | reserialize
     problems: list[str] = field(default_factory=list)  # logged as one warning per request
     signal: str | None = None  # the routing value the provider will see (None: none at all)
+    key: dict[str, Any] | None = None  # {family_key}: {"strategy", "bucket", "buckets"}
 
     def to_meta(self, *, host: str, path: str, method: str) -> dict[str, Any]:
         """The request's facts as plain data for `flow.metadata` (the record is built from it)."""
@@ -147,6 +149,7 @@ class Outcome:
             "host": host,
             "path": path,
             "method": method,
+            "key": dict(self.key) if self.key else None,
         }
 
 
@@ -180,11 +183,14 @@ def apply_rules(
     dry_run: bool = False,
     parsed: ParsedBody | None = None,
     hint_for: Callable[[str | None], Any] | None = None,
+    rates: FamilyRates | None = None,
 ) -> tuple[Outcome, ParsedBody] | None:
     """Rewrite `request` in place (unless dry_run). None when no rule matches.
 
     `hint_for(affinity_id)`: what the tracker knows of the conversation's previous requests
-    (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable."""
+    (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable.
+    `rates`: this proxy's request rates per prompt family, for `{family_key}` (a fresh count
+    when None)."""
     host, method = request.pretty_host, request.method
     path = request.path.split("?", 1)[0]
     candidates = ruleset.candidates(host, path, method)
@@ -213,6 +219,17 @@ def apply_rules(
         out.problems.append(parsed.problem + "; sent unchanged")
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
              "path": path, "method": method, "rule": first.name}
+
+    def render(a: SetAction) -> Any:
+        if "family_key" in a.template.fields and "family_key" not in facts:
+            fk = None
+            if aff is not None and body is not None and shape is not None:
+                fk, bucket, count = family_key(body, shape, aff, rates or FamilyRates(),
+                                               request.timestamp_start or 0.0, key)
+                out.key = {"strategy": "family", "bucket": bucket, "buckets": count}
+            facts["family_key"] = fk
+        return _render(a, facts)
+
     body_changed = False
     new_top: dict[str, Any] = {}  # keys added at the top level, in order (for the splice)
     must_reserialize = False
@@ -226,7 +243,7 @@ def apply_rules(
                 if a.target not in out.headers:
                     out.kept.append(f"header:{a.target}")
                 continue
-            value = str(_render(a, facts))
+            value = str(render(a))
             if not _CONTROL.isdisjoint(value):  # e.g. {model} from a hostile body: no header injection
                 out.problems.append(f"rule {rule.name!r}: header {a.target} value has control "
                                     "characters; not set")
@@ -243,7 +260,7 @@ def apply_rules(
                 if a.target not in out.fields:
                     out.kept.append(f"field:{a.target}")
                 continue
-            value = _render(a, facts)
+            value = render(a)
             if current == value:
                 continue
             if not set_path(body, parse_path(a.target), value):

@@ -39,7 +39,7 @@ CONFLICT_POLICIES = (KEEP, OVERWRITE)
 
 # Values a template may use. All are derived from the request, never its prompt text.
 TEMPLATE_FIELDS = frozenset(
-    {"affinity_id", "affinity_source", "model", "host", "path", "method", "rule"}
+    {"affinity_id", "affinity_source", "family_key", "model", "host", "path", "method", "rule"}
 )
 
 # API shape by request path, when a rule does not say. Host-independent on purpose: the same
@@ -130,7 +130,8 @@ class SetAction:
 
     @property
     def needs_affinity(self) -> bool:
-        return "affinity_id" in self.template.fields or "affinity_source" in self.template.fields
+        return not self.template.fields.isdisjoint({"affinity_id", "affinity_source",
+                                                    "family_key"})
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,35 @@
-"""The simulated caches: a prompt's prefix identities and the two documented cache models.
+"""The simulated caches: a prompt's prefix identities and the documented cache models.
 
-- Automatic prefix caching (OpenAI, xAI, DeepSeek, ...): the longest earlier prefix, by whole
-  segments, counts when it is >= 1024 tokens, rounded down to 128-token steps.
-- Anthropic markers: only prefixes that ended at a `cache_control` block are written; a marker
-  reads the longest live one within its 20-block lookback.
-Tokens are the cheap estimate over each segment's canonical JSON (markers stripped), so a marker
-moving between turns does not change the prefix identity.
+- Automatic prefix caching (OpenAI, xAI, DeepSeek, ...; providers.md §3): a hit is the longest
+  earlier prefix, token by token, counted in whole `step`-token chunks (128 on OpenAI: "hit in
+  128-token increments after 1,024"), and only when it is at least `minimum` tokens. Every
+  chunk of every prompt is stored, per replica, until idle for the TTL.
+- OpenAI breakpoints (GPT-5.6 and later, §3): writes only at breakpoints, the implicit one on
+  the latest message (unless `prompt_cache_options.mode` is "explicit") and the parts marked
+  `prompt_cache_breakpoint: {"mode": "explicit"}`, at most 4; a read is the longest written
+  breakpoint prefix of this prompt, with no lookback limit, from 1,024 tokens. So a changed
+  suffix reads nothing even with thousands of shared tokens, as the guide warns.
+- Anthropic markers (§1): only prefixes that ended at a `cache_control` block are written; a
+  marker reads the longest live one within its 20-block lookback.
+Prompts come from `render.render`: the identity of a prefix is the model plus the rendered
+blocks (heads and text), so a marker moving between turns does not change it.
 """
 
 import fnmatch
 import hashlib
-import re
 from dataclasses import dataclass
-from typing import Any
 
-from affinity_addon.request.prompt import canonical, iter_segments
-from affinity_addon.tokens import estimate_tokens
+from tests.sim.render import CHARS_PER_TOKEN, Block
 
 AUTO_MIN_TOKENS = 1024
-AUTO_INCREMENT = 128
+AUTO_STEP = 128
+LEAD_TOKENS = 256  # OpenAI hashes "the first ~256 prefix tokens" to pick a machine (§3)
 LOOKBACK = 20  # a marker checks its own block boundary and the 19 before it
 MAX_MARKERS = 4
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 NOT_CACHEABLE = frozenset({"thinking", "redacted_thinking"})
 _PURGE_AT = 50_000  # entries per cache before expired ones are swept
+
 
 # Minimum cacheable prefix per Claude model (providers.md section 1), first match wins. The
 # specific 4.x/3.x rows must precede the `claude-*-5*` row that catches the 5.x family.
@@ -47,55 +53,83 @@ def anthropic_minimum(model: str | None) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Marker:
-    index: int  # the marked segment; its prefix ends at boundary index + 1
+    index: int  # the marked block; its prefix ends at boundary index + 1
     ttl: str
     path: str  # Anthropic's error path form, e.g. "messages.0.content.4"
 
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    keys: tuple[bytes, ...]  # keys[i]: identity of the prefix made of segments 0..i (and the model)
-    ends: tuple[int, ...]  # ends[i]: estimated tokens of segments 0..i
+    keys: tuple[bytes, ...]  # keys[i]: identity of the prefix made of blocks 0..i (and the model)
+    ends: tuple[int, ...]  # ends[i]: tokens of blocks 0..i
     markers: tuple[Marker, ...]
+    breakpoints: tuple[int, ...]  # blocks marked with an explicit OpenAI breakpoint
+    chunks: tuple[bytes, ...]  # chunks[k]: identity of the first (k + 1) * step tokens
+    step: int
+    lead: bytes  # identity of the first LEAD_TOKENS tokens (all of them when shorter)
 
     @property
     def tokens(self) -> int:
         return self.ends[-1] if self.ends else 0
 
     def tokens_to(self, boundary: int) -> int:
-        """Tokens in the first `boundary` segments."""
+        """Tokens in the first `boundary` blocks."""
         return self.ends[boundary - 1] if boundary > 0 else 0
 
 
-def _error_path(path: str) -> str:
-    return re.sub(r"\[(\d+)\]", r".\1", path)
+def _chunk_keys(seed: bytes, blocks: list[Block], step: int,
+                limit: int | None = None) -> tuple[list[bytes], bytes]:
+    """Identities of the prompt cut every `step` tokens (a block's text is padded to whole
+    tokens, so no token spans two blocks), and of everything up to `limit` chunks."""
+    h = hashlib.sha256(seed)
+    size = step * CHARS_PER_TOKEN
+    keys: list[bytes] = []
+    fed = 0  # padded characters hashed so far
+    for b in blocks:
+        h.update(b"\x1e" + b.head.encode() + b"\x1f")
+        text = b.text + "\0" * (-len(b.text) % CHARS_PER_TOKEN)
+        i = 0
+        while i < len(text):
+            take = min(len(text) - i, size - fed % size)
+            h.update(text[i:i + take].encode("utf-8", "surrogatepass"))
+            i += take
+            fed += take
+            if fed % size == 0:
+                keys.append(h.copy().digest())
+                if limit is not None and len(keys) >= limit:
+                    return keys, keys[-1]
+    return keys, h.digest()
 
 
-def analyze(body: dict[str, Any], shape: str, model: str | None) -> Prompt:
-    digest = hashlib.sha256(f"{shape}\0{model or ''}\0".encode())
+def analyze(blocks: list[Block], model: str | None, step: int = AUTO_STEP,
+            automatic: object = None) -> Prompt:
+    """`automatic`: Anthropic's top-level `cache_control`, a marker on the last cacheable
+    block that takes one of the 4 slots (§1)."""
+    seed = f"{model or ''}\0".encode()
+    digest = hashlib.sha256(seed)
     keys: list[bytes] = []
     ends: list[int] = []
     markers: list[Marker] = []
     last_cacheable: int | None = None
     total = 0
-    for i, seg in enumerate(iter_segments(body, shape)):
-        data = canonical(seg.value)
+    for i, b in enumerate(blocks):
+        data = (b.head + "\x1f" + b.text).encode("utf-8", "surrogatepass")
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
         keys.append(digest.copy().digest())
-        total += estimate_tokens(len(data))
+        total += b.tokens
         ends.append(total)
-        if seg.kind not in NOT_CACHEABLE:
+        if b.kind not in NOT_CACHEABLE:
             last_cacheable = i
-        cc = seg.value.get("cache_control") if isinstance(seg.value, dict) else None
-        if isinstance(cc, dict):
-            markers.append(Marker(i, str(cc.get("ttl", "5m")), _error_path(seg.path)))
-    top = body.get("cache_control")
-    if isinstance(top, dict):
-        # The automatic marker lands on the last cacheable block (and takes one of the 4 slots).
-        index = last_cacheable if last_cacheable is not None else -1
-        markers.append(Marker(index, str(top.get("ttl", "5m")), "cache_control"))
-    return Prompt(tuple(keys), tuple(ends), tuple(markers))
+        if isinstance(b.directive, dict):
+            markers.append(Marker(i, str(b.directive.get("ttl", "5m")), b.path))
+    if isinstance(automatic, dict):
+        markers.append(Marker(last_cacheable if last_cacheable is not None else -1,
+                              str(automatic.get("ttl", "5m")), "cache_control"))
+    chunks, _ = _chunk_keys(seed, blocks, step)
+    _, lead = _chunk_keys(seed, blocks, LEAD_TOKENS, limit=1)
+    explicit = tuple(i for i, b in enumerate(blocks) if b.breakpoint)
+    return Prompt(tuple(keys), tuple(ends), tuple(markers), explicit, tuple(chunks), step, lead)
 
 
 def check_markers(prompt: Prompt) -> None:
@@ -114,33 +148,63 @@ def check_markers(prompt: Prompt) -> None:
         seen_5m = seen_5m or m.ttl == "5m"
 
 
-def auto_cached(hit_tokens: int) -> int:
-    """What an automatic cache reports for a matched prefix: >= 1024, in 128-token steps."""
-    if hit_tokens < AUTO_MIN_TOKENS:
-        return 0
-    return hit_tokens // AUTO_INCREMENT * AUTO_INCREMENT
-
-
 class AutoCache:
-    """One replica's automatic prefix cache: every prefix of every prompt, evicted when idle."""
+    """One replica's automatic prefix cache: every chunk of every prompt, evicted when idle."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._last_use: dict[bytes, float] = {}
+        self._swept = float("-inf")
 
-    def serve(self, prompt: Prompt, now: float) -> int:
-        """Cached tokens for this prompt; then the whole prompt is stored."""
+    def serve(self, prompt: Prompt, now: float, minimum: int = AUTO_MIN_TOKENS) -> int:
+        """Cached tokens for this prompt (0 below `minimum`); then the whole prompt is stored."""
         hit = 0
-        for i in range(len(prompt.keys) - 1, -1, -1):
-            used = self._last_use.get(prompt.keys[i])
+        for k in range(len(prompt.chunks) - 1, -1, -1):
+            used = self._last_use.get(prompt.chunks[k])
             if used is not None and now - used < self.ttl:
-                hit = prompt.ends[i]
+                hit = (k + 1) * prompt.step
                 break
-        if len(self._last_use) > _PURGE_AT:
+        if len(self._last_use) > _PURGE_AT and now - self._swept > self.ttl:
+            # at most once a TTL: a sweep on every request of a busy cache would be quadratic
+            self._swept = now
             self._last_use = {k: t for k, t in self._last_use.items() if now - t < self.ttl}
-        for key in prompt.keys:
+        for key in prompt.chunks:
             self._last_use[key] = now
-        return auto_cached(hit)
+        return hit if hit >= minimum else 0
+
+
+MAX_BREAKPOINT_WRITES = 4
+
+
+class BreakpointCache:
+    """One replica's GPT-5.6+ cache: entries only where a breakpoint ended a prefix."""
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[float, float]] = {}  # key -> (last use, ttl seconds)
+
+    def serve(self, prompt: Prompt, implicit: bool, ttl: float, now: float) -> tuple[int, int]:
+        """(read, written) tokens."""
+        read_at = 0
+        for boundary in range(len(prompt.keys), 0, -1):
+            entry = self._entries.get(prompt.keys[boundary - 1])
+            if entry is not None and now - entry[0] < entry[1] \
+                    and prompt.tokens_to(boundary) >= AUTO_MIN_TOKENS:
+                read_at = boundary
+                self._entries[prompt.keys[boundary - 1]] = (now, entry[1])  # a hit refreshes
+                break
+        ends = [i + 1 for i in prompt.breakpoints]
+        if implicit and prompt.keys:
+            ends.append(len(prompt.keys))  # the latest message ends the prompt
+        ends = sorted(set(ends))[-MAX_BREAKPOINT_WRITES:]
+        if len(self._entries) > _PURGE_AT:
+            self._entries = {k: e for k, e in self._entries.items() if now - e[0] < e[1]}
+        done = read_at
+        for end in ends:
+            if prompt.tokens_to(end) < AUTO_MIN_TOKENS:
+                continue
+            self._entries[prompt.keys[end - 1]] = (now, ttl)
+            done = max(done, end)
+        return prompt.tokens_to(read_at), prompt.tokens_to(done) - prompt.tokens_to(read_at)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,11 @@
 """The simulator's request handling without sockets: validate, route to a replica, apply the
-provider's cache model and build the reply. The HTTP layer (server.py) only moves bytes.
+provider's cache model and build the reply. The HTTP layer (server.py) only moves bytes; a
+workload driver can call `Engine.handle` directly.
+
+Virtual time: a request may carry `x-sim-time: <seconds>`, the sim-clock time it is served at
+(TTLs, RPM windows and sticky pins use it); without it the shared `SimClock` says. An hour of a
+team's traffic then runs in seconds, each request stamped with its own time, without moving the
+clock other requests see.
 """
 
 import hashlib
@@ -7,16 +13,14 @@ import logging
 import random
 import string
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from affinity_addon.jsonpath import get_path, parse_path
-from affinity_addon.request.prompt import canonical, root_segments
-from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
-from tests.sim import cache, wire
+from tests.sim import cache, render, wire
 from tests.sim.clock import SimClock
 from tests.sim.providers import PROVIDERS, Behaviour, provider_for, resolve
+from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.sim.routing import Router, Signal, gpt_5_6_or_later
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,8 @@ def _validate(b: Behaviour, body: dict[str, Any]) -> None:
         if key:
             raise RequestError(400, f"Unsupported parameter: {key}")
     for first, second in b.conflicts:
-        if get_path(body, parse_path(first)) is not None and get_path(body, parse_path(second)) is not None:
+        if render.path_value(body, first) is not None and \
+                render.path_value(body, second) is not None:
             raise RequestError(400, f"Only one of '{first}' and '{second}' may be set.")
 
 
@@ -84,20 +89,32 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
-def _root(shape: str, body: dict[str, Any]) -> bytes | None:
-    system, user = root_segments(body, shape)
-    if not (system or user):
-        return None
-    return (b"\0".join(canonical(s.value) for s in system) + b"\1"
-            + b"\0".join(canonical(s.value) for s in user))
+TIME_HEADER = "x-sim-time"
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-# How each kind of affinity signal is read: (name, shape, headers, body) -> key or None.
-_SIGNAL_READERS: dict[str, Callable[[str, str, list[tuple[str, str]], dict[str, Any]], Any]] = {
-    "header": lambda name, shape, headers, body: _header(headers, name),
-    "body": lambda name, shape, headers, body: body.get(name),
-    "root": lambda name, shape, headers, body: _root(shape, body),
-}
+def _duration(value: Any) -> float | None:
+    """`prompt_cache_options.ttl` such as "30m"; None when absent or not understood."""
+    if isinstance(value, str) and len(value) > 1 and value[-1] in _UNITS \
+            and value[:-1].isdigit():
+        return int(value[:-1]) * _UNITS[value[-1]]
+    return None
+
+
+
+def _signal(signal: Signal, headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
+    value = _header(headers, signal.name) if signal.source == "header" else body.get(signal.name)
+    return value if isinstance(value, str) and value else None
+
+
+def _time(headers: list[tuple[str, str]], clock: SimClock) -> float:
+    value = _header(headers, TIME_HEADER)
+    if value is None:
+        return clock.now()
+    try:
+        return float(value)
+    except ValueError:
+        raise RequestError(400, f"bad {TIME_HEADER} header: {value!r}") from None
 
 
 class Engine:
@@ -118,11 +135,12 @@ class Engine:
 
     def reset(self) -> None:
         with self._lock:
-            self._rng = random.Random(self.seed)
+            self._router = Router(self.replicas, self.seed)
             # Ids come from their own generator so routing stays a function of the seed alone.
             self._id_rng = random.Random(f"ids-{self.seed}")
             self._auto: dict[tuple[str, int], cache.AutoCache] = {}
             self._marker: dict[tuple[str, int], cache.MarkerCache] = {}
+            self._breakpoints: dict[tuple[str, int], cache.BreakpointCache] = {}
 
     def _id(self, n: int) -> str:
         return "".join(self._id_rng.choice(_ALNUM) for _ in range(n))
@@ -139,18 +157,23 @@ class Engine:
         with self._lock:
             return "req_011C" + self._id(20)
 
-    def _route(self, b: Behaviour, shape: str, headers: list[tuple[str, str]],
-               body: dict[str, Any]) -> int:
+    def _route(self, provider: str, b: Behaviour, headers: list[tuple[str, str]],
+               body: dict[str, Any], prompt: cache.Prompt, blocks: list[render.Block],
+               model: str, now: float) -> int:
         """The replica this request lands on; called with the lock held."""
-        if b.shared or self.replicas == 1:
-            return 0
-        for signal in b.affinity:
-            value = _SIGNAL_READERS[signal.source](signal.name, shape, headers, body)
-            if isinstance(value, str):
-                value = value.encode()
-            if value:
-                return int.from_bytes(hashlib.sha256(value).digest()[:8], "big") % self.replicas
-        return self._rng.randrange(self.replicas)
+        key = next((v for s in b.routing.signals if (v := _signal(s, headers, body))), None)
+        root = None
+        if b.routing.scheme == "sticky":  # per account, per model, per conversation
+            text = render.conversation_root(blocks)
+            if text is not None:
+                account = _header(headers, "authorization") or ""
+                root = hashlib.sha256("\0".join((account, model, text)).encode()).digest()
+        return self._router.route(provider, b.routing, key, prompt.lead, root, model, now)
+
+    @property
+    def overflowed(self) -> int:
+        """Requests an RPM limit sent away from their home machine since the last reset."""
+        return self._router.overflowed
 
     def fail(self, raw_path: str, headers: list[tuple[str, str]], status: int,
              message: str) -> Outcome:
@@ -170,13 +193,14 @@ class Engine:
 
         `reply_text` replaces what the model says (tests trace it through a proxy).
         """
-        now = self.clock.now()
         provider, path = provider_for(raw_path, _header(headers, "host"), self.default_provider)
         spec = PROVIDERS.get(provider)
         errors = spec.base.errors if spec else "openai"
         model = body.get("model") if isinstance(body, dict) else None
         resolved = resolve(provider, path, model if isinstance(model, str) else None)
+        now = self.clock.now()
         try:
+            now = _time(headers, self.clock)
             if resolved is None:
                 raise RequestError(404, f"no route for {method} {path} on provider {provider!r}")
             b = resolved.behaviour
@@ -187,15 +211,18 @@ class Engine:
                 raise RequestError(400, body_error or "request body must be a JSON object")
             _validate(b, body)
             model_name = model if isinstance(model, str) else (resolved.path_model or "unknown")
-            prompt = cache.analyze(body, b.shape, model_name)
+            blocks = render.render(body, b.shape)
+            automatic = body.get("cache_control") if b.cache == "markers" else None
+            prompt = cache.analyze(blocks, model_name, b.auto_step, automatic)
             if b.cache == "markers":
                 try:
                     cache.check_markers(prompt)
                 except ValueError as e:
                     raise RequestError(400, str(e)) from None
             with self._lock:
-                replica = self._route(b, b.shape, headers, body)
-                counts = self._serve(provider, replica, b, prompt, model_name, now)
+                replica = self._route(provider, b, headers, body, prompt, blocks, model_name,
+                                      now)
+                counts = self._serve(provider, replica, b, prompt, model_name, body, now)
         except RequestError as e:
             logger.debug("%s %s on %s rejected: %s %s", method, path, provider, e.status, e)
             rid = self.request_id()
@@ -221,13 +248,21 @@ class Engine:
         return Outcome(provider, path, replica, usage, reply, now)
 
     def _serve(self, provider: str, replica: int, b: Behaviour, prompt: cache.Prompt,
-               model: str, now: float) -> wire.Counts:
+               model: str, body: dict[str, Any], now: float) -> wire.Counts:
         if b.cache == "markers":
             mc = self._marker.setdefault((provider, replica), cache.MarkerCache())
             got = mc.serve(prompt, cache.anthropic_minimum(model), now)
             return wire.Counts(prompt.tokens, got.read, got.write_5m, got.write_1h)
+        if b.gpt_breakpoints and gpt_5_6_or_later(model):
+            options = body.get("prompt_cache_options")
+            options = options if isinstance(options, dict) else {}
+            ttl = _duration(options.get("ttl"))
+            bc = self._breakpoints.setdefault((provider, replica), cache.BreakpointCache())
+            read, written = bc.serve(prompt, options.get("mode") != "explicit",
+                                     self.auto_ttl or ttl or b.ttl, now)
+            return wire.Counts(prompt.tokens, read, written)
         ac = self._auto.get((provider, replica))
         if ac is None:
             ac = self._auto[(provider, replica)] = cache.AutoCache(
                 self.auto_ttl if self.auto_ttl is not None else b.ttl)
-        return wire.Counts(prompt.tokens, ac.serve(prompt, now))
+        return wire.Counts(prompt.tokens, ac.serve(prompt, now, b.auto_min))

@@ -15,7 +15,7 @@ from typing import Any
 
 import brotli
 
-from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 
 REPLY_TEXT = "ok"
 OUTPUT_TOKENS = 1

@@ -11,7 +11,7 @@ The family key is a keyed hash of what conversations share (model family, tools,
 plus a bucket chosen by a jump consistent hash of the conversation's affinity ID, so a
 conversation keeps its bucket and a change of bucket count moves as few conversations as
 possible. The bucket count follows this proxy's observed rate for the family: the busiest minute
-of the last ten, over TARGET_RPM (under the documented 15, with a margin). A solo agent gets one
+of the last ten (times the number of gateway instances sharing the traffic), over TARGET_RPM (under the documented 15, with a margin). A solo agent gets one
 bucket (the same machine for all its conversations, like no key); a team gets enough buckets
 that each stays under the limit.
 """
@@ -26,7 +26,8 @@ from affinity_addon.request.affinity_id import keyed_hash, model_family
 from affinity_addon.request.prompt import canonical, iter_segments, root_segments
 
 TARGET_RPM = 12
-HOLD_SECONDS = 600.0  # how long a busy minute keeps its bucket count
+HOLD_MINUTES = 10  # how long a busy minute keeps its bucket count
+MAX_FAMILIES = 10_000
 MAX_BUCKETS = 64
 _WINDOW = 60.0
 
@@ -57,28 +58,34 @@ def jump_hash(key: int, buckets: int) -> int:
 
 
 class FamilyRates:
-    """Requests per family seen by this proxy, and the bucket count they call for."""
+    """Requests per family per minute seen by this proxy, and the bucket count they call for.
 
-    def __init__(self) -> None:
-        self._seen: dict[str, deque[float]] = {}
+    Counts are kept per whole minute for the last ten (a few integers per family), so a request
+    costs O(1) however busy the family is. `instances`: how many proxies behind a load balancer
+    share the traffic, each seeing about 1/N of it (the count is scaled back up)."""
+
+    def __init__(self, instances: int = 1) -> None:
+        self.instances = max(instances, 1)
+        self._minutes: dict[str, deque[list[int]]] = {}  # family -> [[minute, count], ...]
         self._lock = threading.Lock()
 
     def buckets(self, family: str, now: float) -> int:
         """Count this request and return the bucket count for its family."""
+        minute = int(now // _WINDOW)
         with self._lock:
-            times = self._seen.setdefault(family, deque())
-            if times and now < times[-1]:
-                now = times[-1]  # flows may start out of order by a few ms
-            times.append(now)
-            while times[0] < now - HOLD_SECONDS:
-                times.popleft()
-            if len(self._seen) > 10_000:  # families nobody sends any more
-                self._seen = {f: t for f, t in self._seen.items() if t[-1] >= now - HOLD_SECONDS}
-            busiest, start = 0, 0
-            for i, t in enumerate(times):  # the most requests in any 60 s window
-                while times[start] < t - _WINDOW:
-                    start += 1
-                busiest = max(busiest, i - start + 1)
+            bins = self._minutes.get(family)
+            if bins is None:
+                if len(self._minutes) >= MAX_FAMILIES:  # drop the families nobody sends any more
+                    horizon = minute - HOLD_MINUTES
+                    self._minutes = {f: b for f, b in self._minutes.items() if b[-1][0] > horizon}
+                bins = self._minutes[family] = deque()
+            if bins and bins[-1][0] >= minute:
+                bins[-1][1] += 1  # this minute (or a flow that started a few ms out of order)
+            else:
+                bins.append([minute, 1])
+            while bins[0][0] <= minute - HOLD_MINUTES:
+                bins.popleft()
+            busiest = max(count for _, count in bins) * self.instances
         return min(max(1, -(-busiest // TARGET_RPM)), MAX_BUCKETS)
 
 

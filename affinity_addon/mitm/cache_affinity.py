@@ -15,6 +15,7 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, flow, hooks, http, tls
 
 from affinity_addon.diagnosis.tracker import MissTracker, Pending
+from affinity_addon.mitm import keyfile
 from affinity_addon.mitm.options import OPTION_PARSERS, check_deferred
 from affinity_addon.record import build as logrecord
 from affinity_addon.record.jsonl import JsonlWriter
@@ -70,6 +71,7 @@ class CacheAffinity:
         self._warned: set[str] = set()
         self._rules_mtime: float | None = None
         self._watcher: asyncio.Task | None = None
+        self.key = ""  # affinity_key, or this installation's key file (keyfile.resolve)
 
     def load(self, loader: Any) -> None:
         # A typed --set value that fails to parse would make mitmproxy silently skip this
@@ -88,11 +90,12 @@ class CacheAffinity:
             "Compute and log every rewrite, but send requests upstream unchanged.",
         )
         loader.add_option(
-            "affinity_key", str, affinity_id.DEFAULT_KEY,
+            "affinity_key", str, "",
             """
             Key for the hashes that turn prompt roots and long client IDs into affinity IDs.
-            Proxies that share a key derive the same IDs; set one per tenant to keep tenants'
-            IDs (and so their provider-side cache keys) apart.
+            Empty: a random key generated once into the confdir (file affinity-key). Proxies
+            that share a key derive the same IDs; set one per tenant to keep tenants' IDs (and
+            so their provider-side cache keys) apart.
             """,
         )
         loader.add_option(
@@ -136,6 +139,8 @@ class CacheAffinity:
                 OPTION_PARSERS[name](getattr(ctx.options, name))
             except ValueError as e:
                 raise exceptions.OptionsError(f"Cannot parse {name} option: {e}") from None
+        if "affinity_key" in updated or "confdir" in updated:
+            self.key = keyfile.resolve(ctx.options.affinity_key, ctx.options.confdir)
         if "affinity_max_conversations" in updated:
             self.tracker = MissTracker(max(ctx.options.affinity_max_conversations, 1))
         if "affinity_log" in updated:
@@ -233,7 +238,7 @@ class CacheAffinity:
             return
         try:
             result = apply_rules(
-                self.ruleset, flow.request, key=ctx.options.affinity_key,
+                self.ruleset, flow.request, key=self.key,
                 dry_run=ctx.options.affinity_dry_run,
             )
         except RecursionError:
@@ -267,8 +272,7 @@ class CacheAffinity:
         if outcome.affinity_source == "root":  # derived already
             root, client = outcome.affinity_id, None
         else:
-            root = affinity_id.root_id(body, outcome.shape, self.ruleset.affinity,
-                                       ctx.options.affinity_key)
+            root = affinity_id.root_id(body, outcome.shape, self.ruleset.affinity, self.key)
             client = outcome.affinity_id
         keys = tuple(k for k in (client, root) if k)
         if not keys:

@@ -13,6 +13,7 @@ its `prompt_cache_key`); anything else is replaced by a keyed hash, so no ID eve
 text or more than 64 characters.
 """
 
+import functools
 import hashlib
 import json
 import re
@@ -22,11 +23,21 @@ from typing import Any
 
 from affinity_addon.request.prompt import canonical, root_segments, text_of
 
-DEFAULT_KEY = "affinity-default-key-v1"
+# Keys that were public at some point (the README, older defaults): IDs made with them can be
+# recomputed offline by anyone, so the addon warns when one is configured.
+PUBLIC_KEYS = frozenset({"affinity-default-key-v1"})
 MAX_LEN = 64
 _VERBATIM = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 # Model variants that belong to one cached conversation: dated snapshots, context-size tags.
-_MODEL_SUFFIXES = re.compile(r"(\[[^\]]*\]|-\d{8}|-\d{4}-\d{2}-\d{2}|-latest)$")
+# Matched only against the end of the name (`fullmatch` on a fixed-size tail), never searched
+# for: the model string is client-controlled and runs on the event loop for every request.
+_DATED = re.compile(r"-\d{8}|-\d{4}-\d{2}-\d{2}")
+# Real model names are under 100 characters; longer ones are cut before any work is done on
+# them, so a 1 MB `model` costs one slice, not a scan per suffix (issue 13).
+MAX_MODEL_CHARS = 256
+# What a rule's regex (affinity `regex:` sources, `root_ignore`) sees of a client string: the
+# patterns are user-written and may backtrack; IDs and billing-header prefixes are short.
+MAX_REGEX_INPUT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +146,15 @@ def get_path(body: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
+@functools.lru_cache(maxsize=8)
+def hash_key(key: str) -> bytes:
+    """The 64-byte BLAKE2b key for `key`: every byte of a long key counts (none is truncated)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=64,
+                           person=b"affinity-key").digest()
+
+
 def keyed_hash(data: bytes, key: str) -> str:
-    return hashlib.blake2b(data, key=key.encode()[:64], digest_size=16).hexdigest()
+    return hashlib.blake2b(data, key=hash_key(key), digest_size=16).hexdigest()
 
 
 def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> str | None:
@@ -155,7 +173,7 @@ def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, An
             return None
         v = v.get(src.json_key) if isinstance(v, dict) else None
     if src.regex is not None:
-        if not isinstance(v, str):
+        if not isinstance(v, str) or len(v) > MAX_REGEX_INPUT:
             return None
         m = src.regex.search(v)
         v = m.group(1) if m else None
@@ -164,12 +182,31 @@ def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, An
     return None
 
 
+def _strip_suffix(m: str) -> str:
+    """`m` without one trailing variant suffix ([1m], -20250929, -2024-08-06, -latest)."""
+    if m.endswith("]"):
+        # The first "[" after the previous "]": scans only the suffix it removes, so all rounds
+        # together stay linear.
+        start = m.find("[", m.rfind("]", 0, len(m) - 1) + 1)
+        return m[:start] if start >= 0 else m
+    if m.endswith("-latest"):
+        return m[:-7]
+    for size in (9, 11):  # -YYYYMMDD, -YYYY-MM-DD
+        if len(m) >= size and _DATED.fullmatch(m, len(m) - size):
+            return m[:-size]
+    return m
+
+
 def model_family(model: Any) -> str:
+    """The model name without snapshot dates and context tags, lower case, at most 256 chars.
+
+    Linear in the (capped) name: each round removes one suffix in time proportional to it.
+    """
     if not isinstance(model, str):
         return ""
-    m = model.strip().lower()
+    m = model[:MAX_MODEL_CHARS * 4].strip()[:MAX_MODEL_CHARS].lower()
     while True:
-        stripped = _MODEL_SUFFIXES.sub("", m)
+        stripped = _strip_suffix(m)
         if stripped == m:
             return m
         m = stripped
@@ -177,10 +214,11 @@ def model_family(model: Any) -> str:
 
 def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str) -> str | None:
     system, user = root_segments(dict(body), shape)
-    system = [s for s in system if not any(p.search(text_of(s.value)) for p in config.root_ignore)]
+    system = [s for s in system
+              if not any(p.search(text_of(s.value)[:MAX_REGEX_INPUT]) for p in config.root_ignore)]
     if not system and not user:
         return None
-    h = hashlib.blake2b(key=key.encode()[:64], digest_size=16)
+    h = hashlib.blake2b(key=hash_key(key), digest_size=16)
     h.update(model_family(body.get("model")).encode())
     for seg in system:
         h.update(b"\x00s")
@@ -196,7 +234,7 @@ def derive(
     headers: Mapping[str, str],
     body: Mapping[str, Any] | None,
     shape: str | None,
-    key: str = DEFAULT_KEY,
+    key: str,
 ) -> tuple[str | None, str | None]:
     """(affinity_id, source label), or (None, None) when no source yields a value."""
     for src in config.sources:

@@ -185,7 +185,7 @@ def apply_rules(
     ruleset: RuleSet,
     request: http.Request,
     *,
-    key: str = affinity_id.DEFAULT_KEY,
+    key: str,
     dry_run: bool = False,
     parsed: ParsedBody | None = None,
 ) -> tuple[Outcome, ParsedBody] | None:

@@ -225,7 +225,7 @@ def _last_marker_only(model: str | None) -> bool:
 # Where markers are and could be
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # not frozen: one per prompt block, a frozen init is slow
 class _Slot:
     index: int  # position in hash order (prompt.iter_segments)
     seg: Segment
@@ -313,7 +313,8 @@ def _text_part(text: str) -> dict[str, Any]:
 class _Prompt:
     """The body's blocks in hash order, with the markers already on them."""
 
-    def __init__(self, body: dict[str, Any], shape: str, rules: _ShapeRules) -> None:
+    def __init__(self, body: dict[str, Any], shape: str, rules: _ShapeRules,
+                 sites: list[tuple[str, Any]]) -> None:
         self.body = body
         self.slots: list[_Slot] = []
         total = 0
@@ -327,9 +328,9 @@ class _Prompt:
         self.end = len(self.slots)
         eligible = [s for s in self.slots if s.eligible]
         self.last_eligible = eligible[-1] if eligible else None
-        self.markers = self._markers()
+        self.markers = self._markers(sites) if sites else []
 
-    def _markers(self) -> list[_Marker]:
+    def _markers(self, sites: list[tuple[str, Any]]) -> list[_Marker]:
         where = {s.seg.path: s.index for s in self.slots}
         last_of: dict[int, int] = {}
         for s in self.slots:
@@ -341,7 +342,7 @@ class _Prompt:
             last = last_of.get(i, last)  # a message without blocks: its nearest earlier block
             where.setdefault(f"messages[{i}]", last)
         out = []
-        for holder, value in _marker_sites(self.body):
+        for holder, value in sites:
             pos = self.end if holder == "" else _lookup(where, holder)
             out.append(_Marker(pos, _marker_ttl(value)))
         return out
@@ -434,19 +435,21 @@ class _Planner:
         return found[-1] if found else None
 
     def system_end(self) -> _Slot | None:
-        if self.p.slots and any(s.seg.section == "system" for s in self.p.slots):
+        if any(s.seg.section == "system" for s in self.p.slots):
             found = [s for s in self.p.slots if s.seg.section == "system" and s.eligible]
             return found[-1] if found else None
-        # Chat bodies: the leading system/developer messages are the system prompt.
-        leading: list[_Slot] = []
+        # Chat bodies: the leading system/developer messages are the system prompt. Count them
+        # first, then one pass over the slots (was one pass per leading message: 8,000 system
+        # messages took 3 s, issue 13).
         messages = self.p.body.get("messages")
-        for i, msg in enumerate(messages if isinstance(messages, list) else []):
+        leading = 0
+        for msg in messages if isinstance(messages, list) else []:
             role = msg.get("role") if isinstance(msg, dict) else None
             if not isinstance(role, str) or role not in SYSTEM_ROLES:
                 break
-            leading += [s for s in self.p.slots if s.seg.message_index == i and s.seg.section
-                        == "messages" and s.eligible]
-        return leading[-1] if leading else None
+            leading += 1
+        found = self.p.messages_in(lambda s: s.eligible and s.seg.message_index < leading)
+        return found[-1] if found else None
 
     def last_tool(self) -> _Slot | None:
         found = [s for s in self.p.slots if s.seg.section == "tools" and s.eligible]
@@ -525,6 +528,31 @@ class _Planner:
             self.offer(slot, top)
 
 
+# Planning costs ~20 us per prompt block on the event loop. A body may hold this many blocks, or
+# one per 512 bytes if that is more: real agent blocks average well above that, while a body of
+# 50,000 tiny messages would otherwise take a second (issue 13). Over it, no markers are added.
+MAX_PLAN_BLOCKS = 4096
+BYTES_PER_BLOCK = 512
+
+
+def block_count(body: dict[str, Any], shape: str) -> int:
+    """How many blocks the planner would measure, counted without building them (~0.1 us each)."""
+    n = 0
+    for key in ("tools", "system"):
+        v = body.get(key)
+        n += len(v) if isinstance(v, list) else 1
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            c = m.get("content") if isinstance(m, dict) else None
+            n += len(c) if isinstance(c, list) else 1
+    return n
+
+
+def plan_limit(body_size: int) -> int:
+    return max(MAX_PLAN_BLOCKS, body_size // BYTES_PER_BLOCK)
+
+
 def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
                      spec: CacheControlSpec) -> list[AddedMarker]:
     """Adds cache_control markers to `body` in place; returns what was added, in prompt order."""
@@ -533,7 +561,8 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
         return []
     if spec.client_markers == SKIP and next(_marker_sites(body), None) is not None:
         return []  # before measuring the prompt: most agent traffic stops here
-    prompt = _Prompt(body, shape, rules)
+    sites = list(_marker_sites(body))
+    prompt = _Prompt(body, shape, rules, sites)
     free = MAX_MARKERS - len(prompt.markers)
     last_only = spec.last_marker_only if spec.last_marker_only is not None \
         else _last_marker_only(model)

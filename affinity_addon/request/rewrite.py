@@ -261,9 +261,14 @@ def apply_rules(
             else:
                 new_top[a.target] = value
         if rule.cache_control is not None and shape is not None:
-            from affinity_addon.request.breakpoints import plan_breakpoints
+            from affinity_addon.request import breakpoints
 
-            added = plan_breakpoints(body, shape, model, rule.cache_control)
+            blocks = breakpoints.block_count(body, shape)
+            if blocks > breakpoints.plan_limit(len(parsed.text or b"")):
+                out.problems.append(f"rule {rule.name!r}: {blocks} prompt blocks are too many to "
+                                    "plan breakpoints for; none added")
+                continue
+            added = breakpoints.plan_breakpoints(body, shape, model, rule.cache_control)
             if added:
                 out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
                 body_changed = must_reserialize = True

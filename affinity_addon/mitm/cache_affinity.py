@@ -14,6 +14,7 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, flow, hooks, http, tls
 
+from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.diagnosis.tracker import MissTracker, Pending
 from affinity_addon.mitm import keyfile
 from affinity_addon.mitm.options import OPTION_PARSERS, check_deferred
@@ -22,7 +23,7 @@ from affinity_addon.record.jsonl import JsonlWriter
 from affinity_addon.request import affinity_id
 from affinity_addon.request.rewrite import apply_rules
 from affinity_addon.request.rules import RuleSet, default_rules_file, load_rules
-from affinity_addon.response.stream_tap import StreamTap
+from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap
 from affinity_addon.response.usage import UsageReader
 from affinity_addon.views import contentview
 from affinity_addon.views.aggregate import Aggregator, render_summary
@@ -322,7 +323,12 @@ class CacheAffinity:
             stream = live is not None and live.tap is not None
             if live is not None and not stream and flow.response.raw_content:
                 try:
-                    live.reader.feed_json(json.loads(flow.response.get_content(strict=True) or b""))
+                    body = decode_body(flow.response.raw_content,
+                                       flow.response.headers.get("content-encoding"))
+                    live.reader.feed_json(json.loads(body or b""))
+                except DecodeLimit as e:  # a bomb: bounded decoding stopped it
+                    logger.warning("affinity: %s response not inspected: %s",
+                                   flow.request.pretty_host, e)
                 except (ValueError, RecursionError):
                     pass  # an error page or a body we do not understand: no usage
             if stream and flow.response.raw_content is None:
@@ -358,7 +364,9 @@ class CacheAffinity:
         if msg.from_client or not msg.is_text:
             return
         try:
-            content = msg.content
+            content = msg.content  # inflated by mitmproxy (permessage-deflate), not by us
+            if len(content) > DEFAULT_MAX_EVENT:  # like one SSE event: too big to parse
+                return
             if not any(t.encode() in content for t in WS_TERMINAL_TYPES):
                 return
             reader = UsageReader(meta.get("shape") or "openai-responses")

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from mitmproxy import http
 
+from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.request import affinity_id
 from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
 
@@ -32,6 +33,21 @@ class ParsedBody:
     # Parsed by the stdlib because orjson refused it (NaN/Infinity, integers beyond 64 bits):
     # write it back with the stdlib too, which round-trips those values.
     exotic: bool = False
+    over_limit: bool = False  # decodes past the bound: the flow is left alone entirely
+
+
+# Codings mitmproxy can re-encode a rewritten body with (mitmproxy.net.encoding).
+_REENCODABLE = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+
+
+def is_json_type(content_type: str | None) -> bool:
+    """JSON media types (application/json, application/*+json) and a missing Content-Type: a
+    JSON-looking body sent as text/plain or form data is not ours to rewrite (issue 13)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if not media:
+        return True
+    kind, _, sub = media.partition("/")
+    return kind == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 # orjson reads integers beyond 64 bits as floats (changing them on re-encode); only a run of
@@ -77,13 +93,21 @@ def parse_body(request: http.Request) -> ParsedBody:
         return ParsedBody(problem="body was streamed (stream_large_bodies); not rewritten")
     if not raw:
         return ParsedBody()
+    ctype = request.headers.get("content-type")
+    if not is_json_type(ctype):
+        return ParsedBody(problem=f"body is not JSON (Content-Type: {ctype[:80]!r})")
+    enc = request.headers.get("content-encoding", "")
+    if enc.strip().lower() not in _REENCODABLE:
+        # A rewritten body is re-encoded by mitmproxy (`request.content = ...`), which knows one
+        # coding at a time: a stacked or unknown one would go upstream with no Content-Encoding.
+        return ParsedBody(problem=f"body could not be decoded (Content-Encoding: {enc[:80]!r})")
     try:
-        text = request.get_content(strict=True)
+        # Bounded (decoding.py): mitmproxy's get_content() would inflate a bomb without limit.
+        text = decode_body(raw, enc)
+    except DecodeLimit as e:
+        return ParsedBody(problem=f"body not inspected: {e}", over_limit=True)
     except ValueError:
-        enc = request.headers.get("content-encoding", "")
-        return ParsedBody(problem=f"body could not be decoded (Content-Encoding: {enc!r})")
-    if text is None:
-        return ParsedBody()
+        return ParsedBody(problem=f"body could not be decoded (Content-Encoding: {enc[:80]!r})")
     if text.lstrip(_WS)[:1] != b"{":
         return ParsedBody(text=text, problem="body is not a JSON object")
     try:
@@ -197,6 +221,10 @@ def apply_rules(
         return None
     if parsed is None:
         parsed = parse_body(request)
+    if parsed.over_limit:  # unobserved and unchanged, with one warning
+        logger.warning("affinity: %s %s: %s; sent unchanged and not recorded", method, host,
+                       parsed.problem)
+        return None
     body = parsed.obj
     model = body.get("model") if body is not None and isinstance(body.get("model"), str) else None
     matched: list[Rule] = []

@@ -219,7 +219,7 @@ def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: st
     if not system and not user:
         return None
     h = hashlib.blake2b(key=hash_key(key), digest_size=16)
-    h.update(model_family(body.get("model")).encode())
+    h.update(model_family(body.get("model")).encode("utf-8", "surrogatepass"))
     for seg in system:
         h.update(b"\x00s")
         h.update(canonical(seg.value))

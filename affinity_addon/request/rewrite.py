@@ -264,6 +264,12 @@ def apply_rules(
                 out.problems.append(f"rule {rule.name!r}: header {a.target} value has control "
                                     "characters; not set")
                 continue
+            try:  # as mitmproxy will: a failure while applying would leave half a rewrite
+                value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                out.problems.append(f"rule {rule.name!r}: header {a.target} value cannot be "
+                                    "encoded; not set")
+                continue
             out.headers[a.target] = value
         if body is None:
             continue

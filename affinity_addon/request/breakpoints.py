@@ -251,6 +251,11 @@ def _held(path: str, item: Any) -> Iterator[tuple[str, Any]]:
                 yield path, item[key]
 
 
+def _marked(item: Any) -> bool:
+    # Two hash lookups in C: this runs for every block of every request.
+    return isinstance(item, dict) and ("cache_control" in item or "prompt_cache_breakpoint" in item)
+
+
 def _marker_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(holder path, marker value) of every marker; "" is the body itself (top level)."""
     yield from _held("", body)
@@ -258,21 +263,27 @@ def _marker_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         items = body.get(section)
         if isinstance(items, list):
             for i, item in enumerate(items):
-                yield from _held(f"{section}[{i}]", item)
+                if _marked(item):
+                    yield from _held(f"{section}[{i}]", item)
     messages = body.get("messages")
     if not isinstance(messages, list):
         return
     for i, msg in enumerate(messages):
-        yield from _held(f"messages[{i}]", msg)  # OpenRouter also takes message-level markers
-        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(msg, dict):
+            continue
+        if _marked(msg):  # OpenRouter also takes message-level markers
+            yield from _held(f"messages[{i}]", msg)
+        content = msg.get("content")
         if not isinstance(content, list):
             continue
         for j, block in enumerate(content):
-            yield from _held(f"messages[{i}].content[{j}]", block)
+            if _marked(block):
+                yield from _held(f"messages[{i}].content[{j}]", block)
             inner = block.get("content") if isinstance(block, dict) else None
             if isinstance(inner, list):  # tool_result content blocks carry their own
                 for k, part in enumerate(inner):
-                    yield from _held(f"messages[{i}].content[{j}].content[{k}]", part)
+                    if _marked(part):
+                        yield from _held(f"messages[{i}].content[{j}].content[{k}]", part)
 
 
 def count_markers(body: dict[str, Any], shape: str) -> int:
@@ -528,10 +539,11 @@ class _Planner:
             self.offer(slot, top)
 
 
-# Planning costs ~20 us per prompt block on the event loop. A body may hold this many blocks, or
-# one per 512 bytes if that is more: real agent blocks average well above that, while a body of
-# 50,000 tiny messages would otherwise take a second (issue 13). Over it, no markers are added.
-MAX_PLAN_BLOCKS = 4096
+# Planning costs ~15 us per prompt block on the event loop. A body may hold this many blocks
+# (~15 ms), or one per 512 bytes if that is more (~30 ms per MB): agent sessions' blocks average
+# well above that, while a body of 50,000 tiny messages took a second before (issue 13). Over
+# it, no markers are added (the request goes on with a warning).
+MAX_PLAN_BLOCKS = 1024
 BYTES_PER_BLOCK = 512
 
 
@@ -559,9 +571,11 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
     rules = _SHAPES.get(shape)
     if rules is None or not isinstance(body, dict):
         return []
-    if spec.client_markers == SKIP and next(_marker_sites(body), None) is not None:
+    found = _marker_sites(body)
+    first = next(found, None)
+    if spec.client_markers == SKIP and first is not None:
         return []  # before measuring the prompt: most agent traffic stops here
-    sites = list(_marker_sites(body))
+    sites = [] if first is None else [first, *found]
     prompt = _Prompt(body, shape, rules, sites)
     free = MAX_MARKERS - len(prompt.markers)
     last_only = spec.last_marker_only if spec.last_marker_only is not None \

@@ -6,7 +6,7 @@ decode through `make_decoder`/`decode_body`, so one set of bounds holds everywhe
 - per flow: at most `MAX_FLOW_OUTPUT` decoded bytes (64 MiB), counted at every stage of a
   stacked encoding, so a 420-byte brotli body can no longer allocate 256 MiB;
 - per input chunk of a stream: at most `MAX_CHUNK_OUTPUT` decoded bytes (8 MiB), so no chunk can
-  hold the event loop longer than decoding that much (~10-20 ms);
+  hold the event loop longer than decoding that much (~20-100 ms);
 - incremental: input is fed `SLICE` bytes at a time, with an output limit on every call
   (zlib/zstd `max_length`, brotli `output_buffer_limit`), so nothing is decoded past a cap and
   a chunk of thousands of tiny gzip members costs linear time, not a copy of the rest per member.

@@ -182,3 +182,16 @@ def test_live_stats_are_bounded_by_count_not_size():
     assert all(len(k) <= MAX_LABEL for k in agg.by_model)
     # ~400 MB of client strings went in; what is kept is bounded by the counts.
     assert peak < 40 << 20, f"{peak >> 20} MiB"
+
+
+def test_a_huge_model_name_is_kept_at_a_real_name_length(tmp_path):
+    p = tmp_path / "rules.yaml"
+    p.write_text(HEADER_RULES.replace('      x-model: "m-{model}"\n', ""))
+    a = CacheAffinity()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, affinity_rules=str(p), confdir=str(tmp_path / "conf"))
+        f = req({"model": "m" * 1_000_000, "messages": [{"role": "user", "content": "hi"}]})
+        a.request(f)
+    assert len(f.metadata[META]["model"]) == 256
+    fp = getattr(a._pending[f.id], "fingerprint", None)  # what the tracker will keep
+    assert fp is None or len(fp.model) <= 256

@@ -280,7 +280,9 @@ class CacheAffinity:
             return
         if len(self._pending) > 50_000:  # flows that never finished; should not happen
             self._pending.clear()
-        work = partial(self.tracker.observe, body, shape=outcome.shape, model=outcome.model,
+        # The tracker keeps the model per conversation: a real name's length, not the client's.
+        model = outcome.model[:affinity_id.MAX_MODEL_CHARS] if outcome.model else None
+        work = partial(self.tracker.observe, body, shape=outcome.shape, model=model,
                        host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
                        ts=flow.request.timestamp_start or time.time())
         try:

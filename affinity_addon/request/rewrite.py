@@ -174,7 +174,8 @@ class Outcome:
             "rule": self.rules[0],
             "rules": list(self.rules),
             "shape": self.shape,
-            "model": self.model,
+            # Client-chosen: the log and the stats keep at most a real model name's length.
+            "model": self.model[:affinity_id.MAX_MODEL_CHARS] if self.model else self.model,
             "affinity_id": self.affinity_id,
             "affinity_source": self.affinity_source,
             "dry_run": self.dry_run,

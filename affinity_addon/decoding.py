@@ -19,6 +19,7 @@ Every decoder is a callable `bytes -> bytes` that keeps its state between calls 
 ValueError on corrupt input; `finished` says whether the input so far ended cleanly.
 """
 
+import functools
 import logging
 import zlib
 from collections.abc import Callable
@@ -157,6 +158,7 @@ class _Deflate:
         return self._frames(data)
 
 
+@functools.cache
 def brotli_bounded() -> bool:
     """Whether the installed brotli can limit its output (brotli >= 1.2: output_buffer_limit)."""
     try:

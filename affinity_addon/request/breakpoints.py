@@ -329,13 +329,20 @@ class _Prompt:
         self.body = body
         self.slots: list[_Slot] = []
         total = 0
+        slots = self.slots
         for index, seg in enumerate(iter_segments(body, shape)):
             ok, convert = _eligible(seg, rules)
-            # Measure a string as the block it becomes, so planning twice sees the same sizes.
-            value = _text_part(seg.value) if isinstance(seg.value, str) else seg.value
-            total += estimate_tokens(len(canonical(value)))
-            path = f"{seg.path}[0]" if isinstance(seg.value, str) else seg.path
-            self.slots.append(_Slot(index, seg, path, ok, convert, total))
+            v = seg.value
+            if isinstance(v, str):
+                # Measured as the one-part text block it may become (canonical() renders both
+                # alike), so planning twice sees the same sizes; without building that block.
+                size = 2 + len(v.encode("utf-8", "surrogatepass"))
+                path = seg.path + "[0]"
+            else:
+                size = len(canonical(v))
+                path = seg.path
+            total += estimate_tokens(size)
+            slots.append(_Slot(index, seg, path, ok, convert, total))
         self.end = len(self.slots)
         eligible = [s for s in self.slots if s.eligible]
         self.last_eligible = eligible[-1] if eligible else None
@@ -539,12 +546,12 @@ class _Planner:
             self.offer(slot, top)
 
 
-# Planning costs ~15 us per prompt block on the event loop. A body may hold this many blocks
-# (~15 ms), or one per 512 bytes if that is more (~30 ms per MB): agent sessions' blocks average
+# Planning costs ~10 us per prompt block on the event loop. A body may hold this many blocks
+# (~10 ms), or one per 384 bytes if that is more (~25 ms per MB): agent sessions' blocks average
 # well above that, while a body of 50,000 tiny messages took a second before (issue 13). Over
 # it, no markers are added (the request goes on with a warning).
 MAX_PLAN_BLOCKS = 1024
-BYTES_PER_BLOCK = 512
+BYTES_PER_BLOCK = 384
 
 
 def block_count(body: dict[str, Any], shape: str) -> int:

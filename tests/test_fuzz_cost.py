@@ -8,7 +8,7 @@ through `apply_rules` with the shipped default rules (what runs on mitmproxy's e
 every matched request), and each case must stay within
 
 - CPU time (this thread's, so other processes on the machine don't count): MS_PER_MB per MB of
-  body plus CONST_MS; the best of two runs, so a stray GC pause or page fault is not counted;
+  body plus CONST_MS; the best of three runs, so a stray GC pause or page fault is not counted;
 - extra memory (tracemalloc peak while handling it): MEM_PER_BYTE times the body plus
   CONST_MEM. orjson reserves an arena of ~13x the body while parsing (mostly never touched), and
   a JSON value of 3 bytes ({}, "") is a 50-64 byte Python object: that is the factor.
@@ -145,9 +145,9 @@ def _request(host: str, path: str, raw: bytes) -> Any:
 
 
 def measure(host: str, path: str, raw: bytes) -> tuple[float, int]:
-    """(CPU seconds, best of two; tracemalloc peak bytes) of handling one request."""
+    """(CPU seconds, best of three; tracemalloc peak bytes) of handling one request."""
     best = float("inf")
-    for _ in range(2):
+    for _ in range(3):
         req = _request(host, path, raw)
         gc.collect()
         t = time.thread_time()

@@ -8,6 +8,13 @@ from tests.harness import Proxy, start_proxy
 from tests.sim import SimClock, Simulator
 
 
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process addons default to confdir ~/.mitmproxy, where the addon writes its random key
+    on first start: keep tests out of the real home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
 @pytest.fixture
 def clock() -> SimClock:
     return SimClock(1_000_000.0)

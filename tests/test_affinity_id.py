@@ -7,12 +7,17 @@ from mitmproxy.http import Headers
 
 from affinity_addon.request.affinity_id import (
     AffinityConfig,
-    derive,
     model_family,
     parse_affinity_config,
 )
+from affinity_addon.request.affinity_id import derive as _derive
 
 CFG = AffinityConfig()
+
+
+def derive(config, headers, body, shape, key="test-key"):
+    return _derive(config, headers, body, shape, key)
+
 SECRET_PROMPT = "You are TopSecretBot. The launch code is 7-alpha-omega."
 
 
@@ -180,3 +185,41 @@ def test_no_root_without_messages():
 def test_odd_bodies_never_raise(bad):
     for shape in ("anthropic", "openai-chat", "openai-responses", "gemini"):
         derive(CFG, _h({}), bad, shape)
+
+
+@pytest.mark.parametrize("model", [
+    "a" + "-20250101" * 2500, "a" + "[x]" * 7000, "[" * 200_000, "-1" * 500_000,
+    "claude" + "-2024-08-06" * 20_000 + "-latest" * 10_000,
+])
+def test_model_family_is_linear_and_capped(model):
+    # Was a re.sub loop: quadratic in the client's `model` (20k chars: ~1 s, 200k "[": 25 s).
+    import time
+
+    t = time.perf_counter()
+    fam = model_family(model)
+    assert time.perf_counter() - t < 0.01
+    assert len(fam) <= 256
+
+
+def test_model_family_keeps_the_old_regex_semantics():
+    import random
+
+    old_re = re.compile(r"(\[[^\]]*\]|-\d{8}|-\d{4}-\d{2}-\d{2}|-latest)$")
+
+    def old(model):
+        m = model.strip().lower()
+        while (s := old_re.sub("", m)) != m:
+            m = s
+        return m
+
+    rnd = random.Random(1)
+    alpha = ["[", "]", "-", "1", "0", "-latest", "-20250101", "-2024-08-06", "a", "[1m]", " ", "٣"]
+    for _ in range(20_000):
+        s = "".join(rnd.choice(alpha) for _ in range(rnd.randint(0, 12)))
+        assert model_family(s) == old(s), s
+
+
+def test_client_strings_seen_by_regexes_are_capped():
+    cfg = parse_affinity_config({"sources": [{"body": "sid", "regex": "^(a+)+$"}]})
+    body = {"sid": "a" * 100_000 + "!"}  # catastrophic backtracking if the regex saw it all
+    assert derive(cfg, _h({}), body, "openai-chat") == (None, None)

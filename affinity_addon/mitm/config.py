@@ -9,10 +9,10 @@ from typing import Any
 from mitmproxy import ctx, exceptions
 
 from affinity_addon.diagnosis.tracker import MissTracker
+from affinity_addon.mitm import keyfile
 from affinity_addon.mitm.options import OPTION_PARSERS, check_deferred
 from affinity_addon.mitm.state import State
 from affinity_addon.record.jsonl import JsonlWriter
-from affinity_addon.request import affinity_id
 from affinity_addon.request.rules import default_rules_file, load_rules
 
 logger = logging.getLogger(__name__)
@@ -46,11 +46,12 @@ class Config:
             "Compute and log every rewrite, but send requests upstream unchanged.",
         )
         loader.add_option(
-            "affinity_key", str, affinity_id.DEFAULT_KEY,
+            "affinity_key", str, "",
             """
             Key for the hashes that turn prompt roots and long client IDs into affinity IDs.
-            Proxies that share a key derive the same IDs; set one per tenant to keep tenants'
-            IDs (and so their provider-side cache keys) apart.
+            Empty: a random key generated once into the confdir (file affinity-key). Proxies
+            that share a key derive the same IDs; set one per tenant to keep tenants' IDs (and
+            so their provider-side cache keys) apart.
             """,
         )
         loader.add_option(
@@ -94,6 +95,8 @@ class Config:
                 OPTION_PARSERS[name](getattr(ctx.options, name))
             except ValueError as e:
                 raise exceptions.OptionsError(f"Cannot parse {name} option: {e}") from None
+        if "affinity_key" in updated or "confdir" in updated:
+            self.state.key = keyfile.resolve(ctx.options.affinity_key, ctx.options.confdir)
         if "affinity_max_conversations" in updated:
             self.state.tracker = MissTracker(max(ctx.options.affinity_max_conversations, 1))
         if "affinity_log" in updated:

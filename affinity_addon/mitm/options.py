@@ -43,11 +43,6 @@ def parse_scope(raw: str) -> str:
     return v
 
 
-def _nonempty_key(v: Any) -> None:
-    if not isinstance(v, str) or not v:
-        raise ValueError("the key must not be empty")
-
-
 # Typed options we declare, and how their raw --set strings parse.
 RAW_PARSERS: dict[str, Callable[[str], Any]] = {
     "affinity_dry_run": parse_bool,
@@ -65,7 +60,6 @@ def _nonneg(v: Any) -> None:
 
 
 OPTION_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "affinity_key": _nonempty_key,
     "affinity_keep_bodies": _nonneg,
 }
 

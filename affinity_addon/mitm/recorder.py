@@ -12,11 +12,12 @@ from typing import Any
 from mitmproxy import ctx, hooks, http
 
 from affinity_addon.catalog.providers import PROVIDER_FACTS
+from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.diagnosis.tracker import Pending
 from affinity_addon.mitm.state import Live, State
 from affinity_addon.record import build
 from affinity_addon.record.schema import META, Record, Usage
-from affinity_addon.response.stream_tap import StreamTap
+from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap
 from affinity_addon.response.usage import UsageReader
 from affinity_addon.shapes import OPENAI_RESPONSES
 
@@ -68,7 +69,12 @@ class Recorder:
             problem = None
             if live is not None and tap is None and flow.response.raw_content:
                 try:
-                    live.reader.feed_json(json.loads(flow.response.get_content(strict=True) or b""))
+                    body = decode_body(flow.response.raw_content,
+                                       flow.response.headers.get("content-encoding"))
+                    live.reader.feed_json(json.loads(body or b""))
+                except DecodeLimit as e:  # a bomb: bounded decoding stopped it
+                    problem = f"response not inspected: {e}"
+                    logger.warning("affinity: %s %s", flow.request.pretty_host, problem)
                 except (ValueError, RecursionError):
                     problem = "JSON body not readable"  # an error page, or a body we don't know
             if tap is not None and flow.response.raw_content is None and tap.kept is not None:
@@ -105,7 +111,9 @@ class Recorder:
         if msg.from_client or not msg.is_text:
             return
         try:
-            content = msg.content
+            content = msg.content  # inflated by mitmproxy (permessage-deflate), not by us
+            if len(content) > DEFAULT_MAX_EVENT:  # like one SSE event: too big to parse
+                return
             if not any(t in content for t in PROVIDER_FACTS.websocket_terminal_events):
                 return
             reader = UsageReader(meta.get("shape") or OPENAI_RESPONSES)

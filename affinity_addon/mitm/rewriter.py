@@ -34,7 +34,7 @@ class Rewriter:
             return
         try:
             result = apply_rules(
-                self.state.ruleset, flow.request, key=ctx.options.affinity_key,
+                self.state.ruleset, flow.request, key=self.state.key,
                 dry_run=ctx.options.affinity_dry_run,
                 hint_for=self.state.tracker.hint if ctx.options.affinity_diagnose else None,
                 rates=self.state.family_rates,
@@ -69,15 +69,16 @@ class Rewriter:
         if outcome.affinity_source == "root":  # derived already
             root, client = outcome.affinity_id, None
         else:
-            root = affinity_id.root_id(body, outcome.shape, state.ruleset.affinity,
-                                       ctx.options.affinity_key)
+            root = affinity_id.root_id(body, outcome.shape, state.ruleset.affinity, state.key)
             client = outcome.affinity_id
         keys = tuple(k for k in (client, root) if k)
         if not keys:
             return
         if len(state.pending) > MAX_PENDING:
             state.pending.clear()
-        work = partial(state.tracker.observe, body, shape=outcome.shape, model=outcome.model,
+        # The tracker keeps the model per conversation: a real name's length, not the client's.
+        model = outcome.model[:affinity_id.MAX_MODEL_CHARS] if outcome.model else None
+        work = partial(state.tracker.observe, body, shape=outcome.shape, model=model,
                        host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
                        ts=flow.request.timestamp_start or time.time())
         try:

@@ -46,6 +46,7 @@ class Live:
 @dataclass
 class State:
     ruleset: RuleSet | None = None
+    key: str = ""  # affinity_key, or this installation's key file (keyfile.resolve)
     writer: JsonlWriter | None = None
     stats: Aggregator = field(default_factory=new_stats)
     # What the cache TTL cost so far (all-5m / all-1h / auto), for the summary: a few numbers

@@ -4,6 +4,10 @@ Each record is one `os.write` on an O_APPEND descriptor: POSIX appends are atomi
 to each other, so lines from several processes never interleave. A write failure (disk full,
 file removed, permissions) never stops the proxy: it is reported once, and the next record tries
 again.
+
+A write cut short (disk full, a signal) is finished in a loop; if the rest can't be written, the
+torn line is ended with a newline before the next record, so it costs one line, never the next
+record too (issue 13). The reader (`views.report`) also resyncs inside a torn line.
 """
 
 import json
@@ -19,6 +23,7 @@ class JsonlWriter:
         self.path = path
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._failing = False
+        self._torn = False  # the file ends in part of a line
         self.written = 0
         self.failed = 0
 
@@ -30,9 +35,10 @@ class JsonlWriter:
                 self.close()  # rotated or removed: write to the file at the path again
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            n = os.write(self._fd, data)
-            if n != len(data):
-                raise OSError(f"short write ({n} of {len(data)} bytes)")
+                self._torn = False  # a new file
+            if self._torn:
+                data = b"\n" + data
+            self._write_all(data)
         except OSError as e:
             self.failed += 1
             if not self._failing:
@@ -45,6 +51,21 @@ class JsonlWriter:
             logger.warning("affinity: writing %s again (%d records were lost)", self.path, self.failed)
         self.written += 1
         return True
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)  # type: ignore[arg-type]
+            except OSError:
+                if len(view) < len(data):
+                    self._torn = True
+                raise
+            if n <= 0:
+                self._torn = len(view) < len(data)
+                raise OSError(f"short write ({len(data) - len(view)} of {len(data)} bytes)")
+            view = view[n:]
+        self._torn = False
 
     def _moved(self) -> bool:
         try:

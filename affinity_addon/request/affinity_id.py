@@ -13,6 +13,7 @@ its `prompt_cache_key`); anything else is replaced by a keyed hash, so no ID eve
 text or more than 64 characters.
 """
 
+import functools
 import hashlib
 import json
 import re
@@ -24,11 +25,21 @@ from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.request.prompt import Segment, canonical, root_segments, text_of
 from affinity_addon.request.volatile import compile_patterns, default_volatile, mask
 
-DEFAULT_KEY = "affinity-default-key-v1"
+# Keys that were public at some point (the README, older defaults): IDs made with them can be
+# recomputed offline by anyone, so the addon warns when one is configured.
+PUBLIC_KEYS = frozenset({"affinity-default-key-v1"})
 MAX_LEN = 64
 _VERBATIM = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 # Model variants that belong to one cached conversation: dated snapshots, context-size tags.
-_MODEL_SUFFIXES = re.compile(r"(\[[^\]]*\]|-\d{8}|-\d{4}-\d{2}-\d{2}|-latest)$")
+# Matched only against the end of the name (`fullmatch` on a fixed-size tail), never searched
+# for: the model string is client-controlled and runs on the event loop for every request.
+_DATED = re.compile(r"-\d{8}|-\d{4}-\d{2}-\d{2}")
+# Real model names are under 100 characters; longer ones are cut before any work is done on
+# them, so a 1 MB `model` costs one slice, not a scan per suffix (issue 13).
+MAX_MODEL_CHARS = 256
+# What a rule's regex (affinity `regex:` sources, `root_ignore`) sees of a client string: the
+# patterns are user-written and may backtrack; IDs and billing-header prefixes are short.
+MAX_REGEX_INPUT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +140,15 @@ def parse_affinity_config(raw: Any) -> AffinityConfig:
     return AffinityConfig(sources, ignore, masks)
 
 
+@functools.lru_cache(maxsize=8)
+def hash_key(key: str) -> bytes:
+    """The 64-byte BLAKE2b key for `key`: every byte of a long key counts (none is truncated)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=64,
+                           person=b"affinity-key").digest()
+
+
 def keyed_hash(data: bytes, key: str) -> str:
-    return hashlib.blake2b(data, key=key.encode()[:64], digest_size=16).hexdigest()
+    return hashlib.blake2b(data, key=hash_key(key), digest_size=16).hexdigest()
 
 
 def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> str | None:
@@ -149,7 +167,7 @@ def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, An
             return None
         v = v.get(src.json_key) if isinstance(v, dict) else None
     if src.regex is not None:
-        if not isinstance(v, str):
+        if not isinstance(v, str) or len(v) > MAX_REGEX_INPUT:
             return None
         m = src.regex.search(v)
         v = m.group(1) if m else None
@@ -158,12 +176,31 @@ def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, An
     return None
 
 
+def _strip_suffix(m: str) -> str:
+    """`m` without one trailing variant suffix ([1m], -20250929, -2024-08-06, -latest)."""
+    if m.endswith("]"):
+        # The first "[" after the previous "]": scans only the suffix it removes, so all rounds
+        # together stay linear.
+        start = m.find("[", m.rfind("]", 0, len(m) - 1) + 1)
+        return m[:start] if start >= 0 else m
+    if m.endswith("-latest"):
+        return m[:-7]
+    for size in (9, 11):  # -YYYYMMDD, -YYYY-MM-DD
+        if len(m) >= size and _DATED.fullmatch(m, len(m) - size):
+            return m[:-size]
+    return m
+
+
 def model_family(model: Any) -> str:
+    """The model name without snapshot dates and context tags, lower case, at most 256 chars.
+
+    Linear in the (capped) name: each round removes one suffix in time proportional to it.
+    """
     if not isinstance(model, str):
         return ""
-    m = model.strip().lower()
+    m = model[:MAX_MODEL_CHARS * 4].strip()[:MAX_MODEL_CHARS].lower()
     while True:
-        stripped = _MODEL_SUFFIXES.sub("", m)
+        stripped = _strip_suffix(m)
         if stripped == m:
             return m
         m = stripped
@@ -194,8 +231,8 @@ def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: st
     system, user = _stable(system, config), _stable(user, config)
     if not system and not user:
         return None
-    h = hashlib.blake2b(key=key.encode()[:64], digest_size=16)
-    h.update(model_family(body.get("model")).encode())
+    h = hashlib.blake2b(key=hash_key(key), digest_size=16)
+    h.update(model_family(body.get("model")).encode("utf-8", "surrogatepass"))
     for seg in system:
         h.update(b"\x00s")
         h.update(_root_bytes(seg.value, config))
@@ -210,7 +247,7 @@ def derive(
     headers: Mapping[str, str],
     body: Mapping[str, Any] | None,
     shape: str | None,
-    key: str = DEFAULT_KEY,
+    key: str,
 ) -> tuple[str | None, str | None]:
     """(affinity_id, source label), or (None, None) when no source yields a value."""
     for src in config.sources:

@@ -252,7 +252,7 @@ def _last_marker_only(model: str | None) -> bool:
 # Where markers are and could be
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # not frozen: one per prompt block, a frozen init is slow
 class _Slot:
     index: int  # position in hash order (prompt.iter_segments)
     seg: Segment
@@ -280,6 +280,11 @@ def _held(path: str, item: Any) -> Iterator[tuple[str, Any]]:
                 yield path, item[key]
 
 
+def _marked(item: Any) -> bool:
+    # Two hash lookups in C: this runs for every block of every request.
+    return isinstance(item, dict) and ("cache_control" in item or "prompt_cache_breakpoint" in item)
+
+
 def _marker_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(holder path, marker value) of every marker; "" is the body itself (top level)."""
     yield from _held("", body)
@@ -287,21 +292,27 @@ def _marker_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         items = body.get(section)
         if isinstance(items, list):
             for i, item in enumerate(items):
-                yield from _held(f"{section}[{i}]", item)
+                if _marked(item):
+                    yield from _held(f"{section}[{i}]", item)
     messages = body.get("messages")
     if not isinstance(messages, list):
         return
     for i, msg in enumerate(messages):
-        yield from _held(f"messages[{i}]", msg)  # OpenRouter also takes message-level markers
-        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(msg, dict):
+            continue
+        if _marked(msg):  # OpenRouter also takes message-level markers
+            yield from _held(f"messages[{i}]", msg)
+        content = msg.get("content")
         if not isinstance(content, list):
             continue
         for j, block in enumerate(content):
-            yield from _held(f"messages[{i}].content[{j}]", block)
+            if _marked(block):
+                yield from _held(f"messages[{i}].content[{j}]", block)
             inner = block.get("content") if isinstance(block, dict) else None
             if isinstance(inner, list):  # tool_result content blocks carry their own
                 for k, part in enumerate(inner):
-                    yield from _held(f"messages[{i}].content[{j}].content[{k}]", part)
+                    if _marked(part):
+                        yield from _held(f"messages[{i}].content[{j}].content[{k}]", part)
 
 
 def count_markers(body: dict[str, Any], shape: str) -> int:
@@ -343,27 +354,39 @@ class _Prompt:
     """The body's blocks in hash order, with the markers already on them."""
 
     def __init__(self, body: dict[str, Any], shape: str, rules: _ShapeRules,
-                 volatile: Volatile | None = None, digests: bool = False) -> None:
+                 sites: list[tuple[str, Any]], volatile: Volatile | None = None,
+                 digests: bool = False) -> None:
         self.body = body
         self.slots: list[_Slot] = []
         total = 0
+        slots = self.slots
         for index, seg in enumerate(iter_segments(body, shape)):
             ok, convert = _eligible(seg, rules)
-            # Measure a string as the block it becomes, so planning twice sees the same sizes.
-            value = _text_part(seg.value) if isinstance(seg.value, str) else seg.value
-            canon = canonical(value)
-            total += estimate_tokens(len(canon))
-            path = f"{seg.path}[0]" if isinstance(seg.value, str) else seg.path
+            v = seg.value
+            canon = None
+            if isinstance(v, str):
+                # Measured as the one-part text block it may become (canonical() renders both
+                # alike), so planning twice sees the same sizes; without building that block.
+                size = 2 + len(v.encode("utf-8", "surrogatepass"))
+                path = seg.path + "[0]"
+                if digests:
+                    canon = canonical(v)
+            else:
+                canon = canonical(v)
+                size = len(canon)
+                path = seg.path
+            total += estimate_tokens(size)
             moving = (volatile is not None and seg.section == "messages"
-                      and volatile.block(text_of(seg.value)))
-            self.slots.append(_Slot(index, seg, path, ok, convert, total, moving,
-                                    block_digest(seg.role, canon) if digests else b""))
+                      and volatile.block(text_of(v)))
+            slots.append(_Slot(index, seg, path, ok, convert, total, moving,
+                               block_digest(seg.role, canon) if canon is not None and digests
+                               else b""))
         self.end = len(self.slots)
         eligible = [s for s in self.slots if s.eligible]
         self.last_eligible = eligible[-1] if eligible else None
-        self.markers = self._markers()
+        self.markers = self._markers(sites) if sites else []
 
-    def _markers(self) -> list[_Marker]:
+    def _markers(self, sites: list[tuple[str, Any]]) -> list[_Marker]:
         where = {s.seg.path: s.index for s in self.slots}
         last_of: dict[int, int] = {}
         for s in self.slots:
@@ -375,7 +398,7 @@ class _Prompt:
             last = last_of.get(i, last)  # a message without blocks: its nearest earlier block
             where.setdefault(f"messages[{i}]", last)
         out = []
-        for holder, value in _marker_sites(self.body):
+        for holder, value in sites:
             pos = self.end if holder == "" else _lookup(where, holder)
             out.append(_Marker(pos, _marker_ttl(value)))
         return out
@@ -524,19 +547,21 @@ class _Planner:
         return found[-1] if found else None
 
     def system_end(self) -> _Slot | None:
-        if self.p.slots and any(s.seg.section == "system" for s in self.p.slots):
+        if any(s.seg.section == "system" for s in self.p.slots):
             found = [s for s in self.p.slots if s.seg.section == "system" and s.eligible]
             return found[-1] if found else None
-        # Chat bodies: the leading system/developer messages are the system prompt.
-        leading: list[_Slot] = []
+        # Chat bodies: the leading system/developer messages are the system prompt. Count them
+        # first, then one pass over the slots (was one pass per leading message: 8,000 system
+        # messages took 3 s, issue 13).
         messages = self.p.body.get("messages")
-        for i, msg in enumerate(messages if isinstance(messages, list) else []):
+        leading = 0
+        for msg in messages if isinstance(messages, list) else []:
             role = msg.get("role") if isinstance(msg, dict) else None
             if not isinstance(role, str) or role not in SYSTEM_ROLES:
                 break
-            leading += [s for s in self.p.slots if s.seg.message_index == i and s.seg.section
-                        == "messages" and s.eligible]
-        return leading[-1] if leading else None
+            leading += 1
+        found = self.p.messages_in(lambda s: s.eligible and s.seg.message_index < leading)
+        return found[-1] if found else None
 
     def last_tool(self) -> _Slot | None:
         found = [s for s in self.p.slots if s.seg.section == "tools" and s.eligible]
@@ -619,6 +644,32 @@ class _Planner:
             self.offer(slot, top)
 
 
+# Planning costs ~10 us per prompt block on the event loop. A body may hold this many blocks
+# (~10 ms), or one per 384 bytes if that is more (~25 ms per MB): agent sessions' blocks average
+# well above that, while a body of 50,000 tiny messages took a second before (issue 13). Over
+# it, no markers are added (the request goes on with a warning).
+MAX_PLAN_BLOCKS = 1024
+BYTES_PER_BLOCK = 384
+
+
+def block_count(body: dict[str, Any], shape: str) -> int:
+    """How many blocks the planner would measure, counted without building them (~0.1 us each)."""
+    n = 0
+    for key in ("tools", "system"):
+        v = body.get(key)
+        n += len(v) if isinstance(v, list) else 1
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            c = m.get("content") if isinstance(m, dict) else None
+            n += len(c) if isinstance(c, list) else 1
+    return n
+
+
+def plan_limit(body_size: int) -> int:
+    return max(MAX_PLAN_BLOCKS, body_size // BYTES_PER_BLOCK)
+
+
 def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
                      spec: CacheControlSpec, hint: PlanHint | None = None,
                      volatile: Volatile | None = None) -> list[AddedMarker]:
@@ -628,12 +679,15 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
     rules = _SHAPES.get(shape)
     if rules is None or not isinstance(body, dict):
         return []
-    if spec.client_markers == SKIP and next(_marker_sites(body), None) is not None:
+    found = _marker_sites(body)
+    first = next(found, None)
+    if spec.client_markers == SKIP and first is not None:
         return []  # before measuring the prompt: most agent traffic stops here
+    sites = [] if first is None else [first, *found]
     agent = spec.strategy == AGENT
     with_hint = agent and hint is not None and bool(hint.previous)
-    prompt = _Prompt(body, shape, rules, (volatile or default_volatile()) if agent else None,
-                     digests=with_hint)
+    prompt = _Prompt(body, shape, rules, sites,
+                     (volatile or default_volatile()) if agent else None, digests=with_hint)
     free = MAX_MARKERS - len(prompt.markers)
     last_only = spec.last_marker_only if spec.last_marker_only is not None \
         else _last_marker_only(model)

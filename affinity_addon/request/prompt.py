@@ -12,6 +12,7 @@ Bodies of the wrong type anywhere are skipped, never raised on: clients send odd
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
@@ -22,7 +23,7 @@ MARKER_KEYS = frozenset({"cache_control", "prompt_cache_breakpoint"})
 SYSTEM_ROLES = frozenset({"system", "developer"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # not frozen: a frozen init costs ~1 us per segment
 class Segment:
     path: str  # e.g. "tools[3]", "system[0]", "messages[2].content[1]", "messages[2].content", "instructions"
     section: str  # "tools", "system", "messages", "instructions", "input", "contents"
@@ -97,6 +98,16 @@ def _tools(body: dict[str, Any]) -> Iterator[Segment]:
             yield Segment(f"tools[{i}]", "tools", "tool", None, None, tool)
 
 
+def _message(key: str, i: int, msg: dict[str, Any]) -> Iterator[Segment]:
+    role = msg.get("role") if isinstance(msg.get("role"), str) else None
+    if "content" in msg:
+        yield from _content(f"{key}[{i}]", key, role, i, msg["content"])
+    elif "parts" in msg:  # gemini contents
+        yield from _content(f"{key}[{i}]", key, role, i, msg["parts"], "parts")
+    else:  # Responses items without content (function_call, reasoning, ...)
+        yield Segment(f"{key}[{i}]", key, _kind(msg, "item"), role, i, msg)
+
+
 def _messages(body: dict[str, Any], key: str) -> Iterator[Segment]:
     msgs = body.get(key)
     if isinstance(msgs, str) and key == "input":  # Responses: a plain string is one user message
@@ -105,19 +116,16 @@ def _messages(body: dict[str, Any], key: str) -> Iterator[Segment]:
     if not isinstance(msgs, list):
         return
     for i, msg in enumerate(msgs):
-        if not isinstance(msg, dict):
-            continue
-        role = msg.get("role") if isinstance(msg.get("role"), str) else None
-        if "content" in msg:
-            yield from _content(f"{key}[{i}]", key, role, i, msg["content"])
-        elif "parts" in msg:  # gemini contents
-            yield from _content(f"{key}[{i}]", key, role, i, msg["parts"], "parts")
-        else:  # Responses items without content (function_call, reasoning, ...)
-            yield Segment(f"{key}[{i}]", key, _kind(msg, "item"), role, i, msg)
+        if isinstance(msg, dict):
+            yield from _message(key, i, msg)
 
 
-def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
-    yield from _tools(body)
+# Where each shape keeps its conversation.
+MESSAGES_KEY = {ANTHROPIC: "messages", OPENAI_CHAT: "messages", OPENAI_RESPONSES: "input",
+                GEMINI: "contents"}
+
+
+def _top_level_system(body: dict[str, Any], shape: str) -> Iterator[Segment]:
     if shape == ANTHROPIC:
         system = body.get("system")
         if isinstance(system, str):
@@ -125,19 +133,27 @@ def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
         elif isinstance(system, list):
             for i, block in enumerate(system):
                 yield Segment(f"system[{i}]", "system", _kind(block, "text"), "system", None, block)
-        yield from _messages(body, "messages")
-    elif shape == OPENAI_CHAT:
-        yield from _messages(body, "messages")
     elif shape == OPENAI_RESPONSES:
         instructions = body.get("instructions")
         if isinstance(instructions, str):
             yield Segment("instructions", "instructions", "string", "system", None, instructions)
-        yield from _messages(body, "input")
     elif shape == GEMINI:
         si = body.get("systemInstruction") or body.get("system_instruction")
         if isinstance(si, dict):
             yield from _content("systemInstruction", "system", "system", None, si.get("parts"), "parts")
-        yield from _messages(body, "contents")
+
+
+def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
+    yield from _tools(body)
+    if shape not in MESSAGES_KEY:
+        return
+    yield from _top_level_system(body, shape)
+    yield from _messages(body, MESSAGES_KEY[shape])
+
+
+# The root is the first blocks of the system prompt and of the first user message: enough to
+# tell conversations apart, and a client can't make the hash walk 50,000 blocks per request.
+MAX_ROOT_BLOCKS = 256
 
 
 def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list[Segment]]:
@@ -145,25 +161,28 @@ def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list
 
     These stay byte-identical on every turn of one conversation (turn N+1 only appends), which is
     what makes them a stateless conversation key, the way OpenRouter's sticky routing uses them.
+    Visits only what it returns: tools and every message after the first user message are never
+    walked, and the other messages before it cost one role lookup each (issue 13: 50,000 tools
+    or assistant items must not cost a segment each on the event loop).
     """
-    system: list[Segment] = []
-    user: list[Segment] = []
-    system_msg: int | None = None
-    user_msg: int | None = None
-    for seg in iter_segments(body, shape):
-        if seg.section == "tools":
+    key = MESSAGES_KEY.get(shape)
+    if key is None:
+        return [], []
+    system = list(islice(_top_level_system(body, shape), MAX_ROOT_BLOCKS))
+    msgs = body.get(key)
+    if isinstance(msgs, str):
+        return system, [seg for seg in _messages(body, key) if seg.role == "user"]
+    if not isinstance(msgs, list):
+        return system, []
+    first_system: list[Segment] = []  # the first system-role message that has content
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict):
             continue
-        if seg.role in SYSTEM_ROLES:
-            if seg.message_index is None or system_msg in (None, seg.message_index):
-                if seg.message_index is not None:
-                    system_msg = seg.message_index
-                if seg.message_index is None or not user:
-                    system.append(seg)
-        elif seg.role == "user" and seg.message_index is not None:
-            if user_msg is None:
-                user_msg = seg.message_index
-            if seg.message_index == user_msg:
-                user.append(seg)
-            else:
-                break
-    return system, user
+        role = msg.get("role")
+        if role == "user":
+            user = list(islice(_message(key, i, msg), MAX_ROOT_BLOCKS))
+            if user:
+                return system + first_system, user
+        elif not first_system and isinstance(role, str) and role in SYSTEM_ROLES:
+            first_system = list(islice(_message(key, i, msg), MAX_ROOT_BLOCKS))
+    return system + first_system, []

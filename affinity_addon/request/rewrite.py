@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from mitmproxy import http
 
+from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.request import affinity_id
 from affinity_addon.request.family_key import FamilyRates, family_key
@@ -34,6 +35,21 @@ class ParsedBody:
     # Parsed by the stdlib because orjson refused it (NaN/Infinity, integers beyond 64 bits):
     # write it back with the stdlib too, which round-trips those values.
     exotic: bool = False
+    over_limit: bool = False  # decodes past the bound: the flow is left alone entirely
+
+
+# Codings mitmproxy can re-encode a rewritten body with (mitmproxy.net.encoding).
+_REENCODABLE = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+
+
+def is_json_type(content_type: str | None) -> bool:
+    """JSON media types (application/json, application/*+json) and a missing Content-Type: a
+    JSON-looking body sent as text/plain or form data is not ours to rewrite (issue 13)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if not media:
+        return True
+    kind, _, sub = media.partition("/")
+    return kind == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 # orjson reads integers beyond 64 bits as floats (changing them on re-encode); only a run of
@@ -41,8 +57,9 @@ class ParsedBody:
 # (translate + `in` scans a MB in under a millisecond; a regex takes ten times longer.)
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_DIGITS = b"0" * 19
-# orjson needs ~13x the body in memory while parsing, the stdlib ~2x: huge bodies are rare,
-# and there memory matters more than speed.
+# orjson reserves ~13x the body while parsing and encoding (an arena, mostly never touched),
+# the stdlib ~2-4x but 2-3x slower on object-heavy bodies: huge bodies are rare, and there
+# memory matters more than speed.
 _ORJSON_MAX = 8 << 20
 _CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
 
@@ -79,13 +96,21 @@ def parse_body(request: http.Request) -> ParsedBody:
         return ParsedBody(problem="body was streamed (stream_large_bodies); not rewritten")
     if not raw:
         return ParsedBody()
+    ctype = request.headers.get("content-type")
+    if not is_json_type(ctype):
+        return ParsedBody(problem=f"body is not JSON (Content-Type: {ctype[:80]!r})")
+    enc = request.headers.get("content-encoding", "")
+    if enc.strip().lower() not in _REENCODABLE:
+        # A rewritten body is re-encoded by mitmproxy (`request.content = ...`), which knows one
+        # coding at a time: a stacked or unknown one would go upstream with no Content-Encoding.
+        return ParsedBody(problem=f"body could not be decoded (Content-Encoding: {enc[:80]!r})")
     try:
-        text = request.get_content(strict=True)
+        # Bounded (decoding.py): mitmproxy's get_content() would inflate a bomb without limit.
+        text = decode_body(raw, enc)
+    except DecodeLimit as e:
+        return ParsedBody(problem=f"body not inspected: {e}", over_limit=True)
     except ValueError:
-        enc = request.headers.get("content-encoding", "")
-        return ParsedBody(problem=f"body could not be decoded (Content-Encoding: {enc!r})")
-    if text is None:
-        return ParsedBody()
+        return ParsedBody(problem=f"body could not be decoded (Content-Encoding: {enc[:80]!r})")
     if text.lstrip(_WS)[:1] != b"{":
         return ParsedBody(text=text, problem="body is not a JSON object")
     try:
@@ -97,12 +122,14 @@ def parse_body(request: http.Request) -> ParsedBody:
     return ParsedBody(obj, text, exotic=exotic)
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, large: bool = False) -> bytes:
     # Compact and UTF-8 like the clients' own encoders; keeps key order.
-    try:
-        return orjson.dumps(obj)
-    except TypeError:  # integers beyond 64 bits: the stdlib writes them exactly
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if not large:
+        try:
+            return orjson.dumps(obj)
+        except TypeError:  # integers beyond 64 bits: the stdlib writes them exactly
+            pass
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def splice_top_level(text: bytes, items: Mapping[str, Any], empty: bool) -> bytes:
@@ -137,7 +164,8 @@ class Outcome:
             "rule": self.rules[0],
             "rules": list(self.rules),
             "shape": self.shape,
-            "model": self.model,
+            # Client-chosen: the log and the stats keep at most a real model name's length.
+            "model": self.model[:affinity_id.MAX_MODEL_CHARS] if self.model else self.model,
             "affinity_id": self.affinity_id,
             "affinity_source": self.affinity_source,
             "dry_run": self.dry_run,
@@ -179,7 +207,7 @@ def apply_rules(
     ruleset: RuleSet,
     request: http.Request,
     *,
-    key: str = affinity_id.DEFAULT_KEY,
+    key: str,
     dry_run: bool = False,
     parsed: ParsedBody | None = None,
     hint_for: Callable[[str | None], Any] | None = None,
@@ -198,6 +226,10 @@ def apply_rules(
         return None
     if parsed is None:
         parsed = parse_body(request)
+    if parsed.over_limit:  # unobserved and unchanged, with one warning
+        logger.warning("affinity: %s %s: %s; sent unchanged and not recorded", method, host,
+                       parsed.problem)
+        return None
     body = parsed.obj
     model = body.get("model") if body is not None and isinstance(body.get("model"), str) else None
     matched: list[Rule] = []
@@ -248,6 +280,12 @@ def apply_rules(
                 out.problems.append(f"rule {rule.name!r}: header {a.target} value has control "
                                     "characters; not set")
                 continue
+            try:  # as mitmproxy will: a failure while applying would leave half a rewrite
+                value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                out.problems.append(f"rule {rule.name!r}: header {a.target} value cannot be "
+                                    "encoded; not set")
+                continue
             out.headers[a.target] = value
         if body is None:
             continue
@@ -273,10 +311,15 @@ def apply_rules(
             else:
                 new_top[a.target] = value
         if rule.cache_control is not None and shape is not None:
-            from affinity_addon.request.breakpoints import plan_breakpoints
+            from affinity_addon.request import breakpoints
 
+            blocks = breakpoints.block_count(body, shape)
+            if blocks > breakpoints.plan_limit(len(parsed.text or b"")):
+                out.problems.append(f"rule {rule.name!r}: {blocks} prompt blocks are too many to "
+                                    "plan breakpoints for; none added")
+                continue
             hint = hint_for(aff) if hint_for is not None else None
-            added = plan_breakpoints(body, shape, model, rule.cache_control, hint)
+            added = breakpoints.plan_breakpoints(body, shape, model, rule.cache_control, hint)
             if added:
                 out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
                 body_changed = must_reserialize = True
@@ -288,7 +331,7 @@ def apply_rules(
             out.fields.clear()
             out.markers.clear()
         elif must_reserialize:
-            new = dumps(body)
+            new = dumps(body, large=len(parsed.text) > _ORJSON_MAX)
             out.body_write = "reserialize"
         else:
             new = splice_top_level(parsed.text, new_top, empty=len(body) == len(new_top))

@@ -59,6 +59,12 @@ _RULE_KEYS = frozenset(
 _MATCH_KEYS = frozenset({"host", "path", "model", "method", "api"})
 _TOP_KEYS = frozenset({"version", "affinity", "rules"})
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Headers that frame or route the message (RFC 9110/9112 hop-by-hop and framing fields): a rule
+# setting one would desynchronize the body, smuggle a request or retarget the connection.
+RESERVED_HEADERS = frozenset({
+    "content-length", "transfer-encoding", "host", "connection", "keep-alive", "upgrade", "te",
+    "trailer", "proxy-connection", "content-encoding", "expect",
+})
 _FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
 
 
@@ -179,6 +185,8 @@ class RuleSet:
         hit = self._cache.get(key)
         if hit is None:
             hit = tuple(r for r in self.rules if r.matches_target(host, path, method))
+            if len(path) + len(host) > 512:  # client-chosen: memoize only ordinary sizes
+                return hit
             if len(self._cache) > 4096:  # paths can carry ids; keep the memo bounded
                 self._cache.clear()
             self._cache[key] = hit
@@ -220,6 +228,9 @@ def _parse_actions(where: _Where, rule: Mapping, key: str, name: str, default_po
             raise where.error(spec, target, f"{key}: bad name {target!r}", name)
         if is_header and not _HEADER_NAME.match(target):
             raise where.error(spec, target, f"{key}: {target!r} is not a valid header name", name)
+        if is_header and target.lower() in RESERVED_HEADERS:
+            raise where.error(spec, target, f"{key}: {target!r} frames or routes the request; "
+                              "rules may not set it", name)
         if not is_header and not _FIELD_PATH.match(target):
             raise where.error(
                 spec, target, f"{key}: {target!r} is not a dotted field path like a.b.c", name

@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Callable
 
-from affinity_addon.response.decoders import make_decoder
+from affinity_addon.decoding import DecodeLimit, make_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class StreamTap:
             return
         try:
             decoded = self._decode(bytes(chunk))
+        except DecodeLimit as e:  # a bomb or a runaway stream: one warning, then pass through
+            logger.warning("affinity: %s; the stream passes through unobserved", e)
+            self._fail(str(e))
+            return
         except ValueError as e:
             self._fail(str(e))
             return

@@ -26,6 +26,7 @@ from affinity_addon.views.pricing import (
     weighted_prompt,
 )
 from affinity_addon.views.pricing import default_table as default_price_table
+from affinity_addon.views.safe import MAX_KEYS, OTHER_KEY, label
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,13 @@ def _str(value: Any) -> str | None:
     return value if type(value) is str and value else None
 
 
+# Larger numbers are junk (a log line with 10**400 tokens must not crash float conversion).
+MAX_NUMBER = 10**15
+
+
 def _number(value: Any) -> float | None:
-    if type(value) is int or (type(value) is float and math.isfinite(value)):
+    if (type(value) is int and -MAX_NUMBER <= value <= MAX_NUMBER) or (
+            type(value) is float and math.isfinite(value)):
         return value
     return None
 
@@ -84,8 +90,7 @@ def observe(record: Mapping[str, Any], price_of: Callable[[str | None, str | Non
                                                           Price]) -> Observation:
     """One record's contribution; `price_of(model, provider, host)` picks the multipliers."""
     get = record.get
-    ts = get("ts")
-    obs = Observation(NO_USAGE, ts if type(ts) is str else None, get("complete") is False,
+    obs = Observation(NO_USAGE, label(get("ts"), 64), get("complete") is False,
                       get("dry_run") is True)
     if get("response_cache") is True:
         obs.verdict = RESPONSE_CACHE
@@ -97,15 +102,15 @@ def observe(record: Mapping[str, Any], price_of: Callable[[str | None, str | Non
     total, read, write, write_1h = prompt_counts(usage)
     obs.input_tokens, obs.read_tokens, obs.write_tokens = total, read, write
     output = usage.get("output_tokens")
-    obs.output_tokens = output if type(output) is int and output > 0 else 0
+    obs.output_tokens = output if type(output) is int and 0 < output <= MAX_NUMBER else 0
     cost = _number(usage.get("cost"))
     if cost is not None:
         obs.provider_cost = float(cost)
 
-    reason = get("miss_reason")
+    reason = label(get("miss_reason"), 64)
     if total <= 0:
         obs.verdict = NO_PROMPT
-    elif type(reason) is str and reason:
+    elif reason:
         obs.verdict = reason
     else:  # the miss analysis did not run (or is off): judge by the counters alone
         obs.verdict = "hit" if read > 0 else "unknown"
@@ -115,7 +120,7 @@ def observe(record: Mapping[str, Any], price_of: Callable[[str | None, str | Non
         if obs.verdict == "partial" and type(expected) is int and expected >= 0:
             obs.tokens_lost = min(max(expected - read, 0), total)  # only what was cached before
 
-    price = price_of(_str(get("model")), _str(get("provider")), _str(get("host")))
+    price = price_of(label(get("model")), label(get("provider")), label(get("host")))
     obs.eq_with = weighted_prompt(total, read, write, write_1h, price)
     if price.input_usd_per_mtok is not None:
         obs.usd_scale = price.input_usd_per_mtok / 1_000_000
@@ -375,6 +380,8 @@ class Aggregator:
         self.series: dict[str, list[tuple[str, float, int]]] = {}
         self.conversation_model: dict[str, str] = {}  # last model seen, to label conversations
         self._cells: dict[tuple[str, str, str], Bucket] = {}
+        self._models: set[str] = set()
+        self._rules: set[str] = set()
         self._views: tuple[Bucket, dict[str, Bucket], dict[str, Bucket],
                            dict[str, Bucket]] | None = None
 
@@ -383,13 +390,18 @@ class Aggregator:
             return
         obs = observe(record, self._price_of)
         get = record.get
-        model, rule, conv = _str(get("model")), _str(get("rule")), _str(get("affinity_id"))
+        # Every string is cut and made printable, and past MAX_KEYS distinct models or rules the
+        # rest count as "(other)": the stats grow with the number of requests, not their size.
+        model = self._bounded(self._models, label(get("model")))
+        rule = self._bounded(self._rules, label(get("rule")))
+        conv = label(get("affinity_id"), 80)
+        if obs.verdict not in self.by_reason and len(self.by_reason) >= MAX_KEYS:
+            obs.verdict = OTHER_KEY
         example = None
         n = self.max_examples
         if n and obs.verdict not in NOT_MISSED:
-            detail = get("miss_detail")
-            example = Example(obs.tokens_lost, obs.ts, conv, model, rule, _str(get("flow_id")),
-                              detail if type(detail) is str else None)
+            example = Example(obs.tokens_lost, obs.ts, conv, model, rule,
+                              label(get("flow_id"), 64), label(get("miss_detail"), 400))
         conv = conv or NONE_KEY
         key = (model or NONE_KEY, rule or NONE_KEY, conv)
         cell = self._cells.get(key)
@@ -408,6 +420,15 @@ class Aggregator:
         if self.keep_series and obs.input_tokens > 0 and obs.ts is not None:
             self.series.setdefault(conv, []).append(
                 (obs.ts, obs.read_tokens / obs.input_tokens, obs.input_tokens))
+
+    @staticmethod
+    def _bounded(seen: set[str], value: str | None) -> str | None:
+        if value is None or value in seen:
+            return value
+        if len(seen) >= MAX_KEYS:
+            return OTHER_KEY
+        seen.add(value)
+        return value
 
     def _fold_oldest(self) -> None:
         for key in self._cells:
@@ -429,6 +450,8 @@ class Aggregator:
         key = (model, provider, host)
         price = self._price_memo.get(key)
         if price is None:
+            if len(self._price_memo) >= MAX_KEYS:  # client-chosen model strings: keep it bounded
+                self._price_memo.clear()
             price = self._price_memo[key] = self.prices.price_for(model, provider, host)
         return price
 

@@ -167,7 +167,7 @@ def price_for(model: str | None, provider: str | None = None, host: str | None =
 
 def _tokens(value: Any) -> int:
     if type(value) is int:  # the common case, first: this runs for every line of a big log
-        return value if value > 0 else 0
+        return value if 0 < value <= 10**15 else 0  # larger is junk (10**400 overflows floats)
     if isinstance(value, float) and 0 < value < 1e18:  # json.loads accepts Infinity and NaN
         return int(value)
     return 0

@@ -124,6 +124,21 @@ def _open(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
+def _resync(line: bytes, attempts: int = 16) -> dict[str, Any] | None:
+    """The whole record at the end of a line that starts with a torn one, if there is one."""
+    pos = 0
+    for _ in range(attempts):
+        pos = line.find(b'{"', pos + 1)
+        if pos < 0:
+            return None
+        try:
+            record = json.loads(line[pos:])
+        except (ValueError, RecursionError):
+            continue
+        return record if type(record) is dict else None
+    return None
+
+
 def iter_records(paths: Iterable[str | Path], stats: ReadStats) -> Iterator[dict[str, Any]]:
     """Every JSON object of every file, counting blank and malformed lines into `stats`."""
     loads = json.loads
@@ -135,8 +150,12 @@ def iter_records(paths: Iterable[str | Path], stats: ReadStats) -> Iterator[dict
                 for lineno, line in enumerate(f, 1):
                     try:
                         record = loads(line)
-                    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
-                        record = None
+                    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, deep nesting
+                        record = _resync(line)
+                        if record is not None:  # a torn line glued to a whole record
+                            stats.malformed += 1
+                            if len(stats.malformed_at) < 10:
+                                stats.malformed_at.append(f"{path}:{lineno}")
                     if type(record) is not dict:
                         if not line.strip():
                             stats.blank += 1

@@ -22,6 +22,7 @@ from affinity_addon.ttl_policy import (
 )
 from affinity_addon.views.pricing import USD, PriceTable, prompt_counts
 from affinity_addon.views.pricing import default_table as default_price_table
+from affinity_addon.views.safe import label, printable
 
 AUTO = "auto"
 POLICIES = (FIVE_MINUTES, ONE_HOUR, AUTO)
@@ -150,7 +151,7 @@ class TtlAdvisor:
                 return  # no TTL choice on this model, or too many to follow
             scale = price.input_usd_per_mtok / 1e6 if price.input_usd_per_mtok else 1.0
             conv = self.conversations[key] = ConversationTtl(
-                key, model, price.unit, Multipliers(price.read, price.write_5m, price.write_1h),
+                printable(key), label(model), price.unit, Multipliers(price.read, price.write_5m, price.write_1h),
                 scale=scale)
         start = _start(r)
         if start is None:

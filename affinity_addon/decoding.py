@@ -22,7 +22,7 @@ ValueError on corrupt input; `finished` says whether the input so far ended clea
 import functools
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Buffer, Callable
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
@@ -75,10 +75,13 @@ class _Budget:
 
 
 class _Inner(Protocol):
-    eof: bool
-    unused_data: bytes
+    @property
+    def eof(self) -> bool: ...
 
-    def decompress(self, data: bytes, /, *args: int) -> bytes: ...
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: Buffer, /, max_length: int = ...) -> bytes: ...
 
 
 class _Frames:
@@ -219,7 +222,7 @@ def _zstd_factory() -> tuple[Callable[[], _Inner], bool] | None:
     except ImportError:
         pass
     try:
-        from backports import zstd  # type: ignore[import-not-found,no-redef]
+        from backports import zstd  # type: ignore[no-redef,unused-ignore]
 
         return zstd.ZstdDecompressor, True
     except ImportError:

@@ -544,7 +544,7 @@ def _messages(blocks: list[BlockPrint]) -> tuple[list[int], list[tuple[tuple[byt
 def _message_shift(p: list[BlockPrint], c: list[BlockPrint],
                    a: BlockPrint, b: BlockPrint) -> _Change | None:
     """Whole messages inserted into or removed from the history, the rest unchanged."""
-    if not (a.first and b.first):
+    if not (a.first and b.first) or a.message_index is None or b.message_index is None:
         return None
     po, pk = _messages(p)
     co, ck = _messages(c)

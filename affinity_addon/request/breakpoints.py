@@ -25,7 +25,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from itertools import pairwise
 from typing import Any, NamedTuple
 
@@ -113,7 +113,7 @@ class PlanHint:
 
 class Placement(NamedTuple):
     kind: str  # one of PLACEMENT_KINDS
-    count: int = 1  # K for last_n
+    count: int = 1  # type: ignore[assignment]  # K for last_n (shadows tuple.count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +420,10 @@ def _lookup(where: dict[str, int], holder: str) -> int:
 # Planning
 
 
+def _eligible_in(message_index: int, s: _Slot) -> bool:
+    return s.eligible and s.seg.message_index == message_index
+
+
 class _Planner:
     def __init__(self, prompt: _Prompt, spec: CacheControlSpec, minimum: int, free: int,
                  last_only: bool, hint: PlanHint | None = None) -> None:
@@ -468,6 +472,7 @@ class _Planner:
         self.chosen[position] = (None if top else slot, ttl)
         self.taken.add(position)
         if top:
+            assert anchor is not None  # a top-level marker is offered with its anchor block
             self.top_taken = True
             self.taken.add(anchor.index)
         return True
@@ -543,7 +548,10 @@ class _Planner:
                    if isinstance(m, dict) and m.get("role") == "assistant"]
         if not replies:
             return None
-        found = self.p.messages_in(lambda s: s.eligible and s.seg.message_index < replies[-1])
+        last_reply = replies[-1]
+        found = self.p.messages_in(
+            lambda s: s.eligible and s.seg.message_index is not None
+            and s.seg.message_index < last_reply)
         return found[-1] if found else None
 
     def system_end(self) -> _Slot | None:
@@ -560,7 +568,9 @@ class _Planner:
             if not isinstance(role, str) or role not in SYSTEM_ROLES:
                 break
             leading += 1
-        found = self.p.messages_in(lambda s: s.eligible and s.seg.message_index < leading)
+        found = self.p.messages_in(
+            lambda s: s.eligible and s.seg.message_index is not None
+            and s.seg.message_index < leading)
         return found[-1] if found else None
 
     def last_tool(self) -> _Slot | None:
@@ -581,7 +591,7 @@ class _Planner:
         n = len(messages) if isinstance(messages, list) else 0
         out = []
         for i in range(n - 1, max(n - k, 0) - 1, -1):
-            found = self.p.messages_in(lambda s, i=i: s.eligible and s.seg.message_index == i)
+            found = self.p.messages_in(partial(_eligible_in, i))
             if found:
                 out.append(found[-1])
         return out

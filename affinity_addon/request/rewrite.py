@@ -98,7 +98,7 @@ def parse_body(request: http.Request) -> ParsedBody:
         return ParsedBody()
     ctype = request.headers.get("content-type")
     if not is_json_type(ctype):
-        return ParsedBody(problem=f"body is not JSON (Content-Type: {ctype[:80]!r})")
+        return ParsedBody(problem=f"body is not JSON (Content-Type: {(ctype or '')[:80]!r})")
     enc = request.headers.get("content-encoding", "")
     if enc.strip().lower() not in _REENCODABLE:
         # A rewritten body is re-encoded by mitmproxy (`request.content = ...`), which knows one

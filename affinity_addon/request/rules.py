@@ -320,8 +320,10 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             raise where.error(raw, "affinity", f"affinity: {e}", name) from None
     if not enabled:
         return None
+    host = globs["host"]
+    assert host is not None  # `match.host` is required; checked above
     return Rule(
-        name=name, line=line_of(raw), host=globs["host"], path=globs.get("path"),
+        name=name, line=line_of(raw), host=host, path=globs.get("path"),
         model=globs.get("model"), methods=methods, api=api, set_headers=set_headers,
         set_fields=set_fields, cache_control=cache_control, affinity=aff, stop=stop,
     )

@@ -468,11 +468,11 @@ class Aggregator:
             views: list[dict[str, Bucket]] = [{}, {}, {}]
             for cell_key, cell in self._cells.items():
                 for view, key in zip(views, cell_key, strict=True):
-                    bucket = view.get(key)
-                    if bucket is None:
-                        bucket = view[key] = Bucket(key)
-                    bucket.merge(cell, n)
-            self._views = (total, *views)
+                    found = view.get(key)
+                    if found is None:
+                        found = view[key] = Bucket(key)
+                    found.merge(cell, n)
+            self._views = (total, views[0], views[1], views[2])
         return self._views
 
     @property

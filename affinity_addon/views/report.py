@@ -120,7 +120,7 @@ class ReadStats:
 
 def _open(path: Path) -> IO[bytes]:
     if path.suffix == ".gz":
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]  # an IO[bytes] at runtime
     return open(path, "rb")
 
 

@@ -101,7 +101,8 @@ def _start(record: Mapping[str, Any]) -> float | None:
     except ValueError:
         return None
     duration = record.get("duration_ms")
-    if type(duration) in (int, float) and 0 <= duration < 86_400_000:
+    if isinstance(duration, int | float) and not isinstance(duration, bool) \
+            and 0 <= duration < 86_400_000:
         end -= duration / 1000
     return end
 

@@ -42,6 +42,14 @@ class Rhythm:
     gaps: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     growth: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     last_prefix: int = 0
+    last_start: float | None = None
+
+    def observe_at(self, start: float, prefix_tokens: int) -> None:
+        """One more request that started at `start` (seconds) with this cacheable prefix."""
+        gap = None if self.last_start is None else max(start - self.last_start, 0.0)
+        if self.last_start is None or start >= self.last_start:
+            self.last_start = start
+        self.observe(gap, prefix_tokens)
 
     def observe(self, gap: float | None, prefix_tokens: int) -> None:
         """One more request: the time since the previous one and its cacheable prefix."""
@@ -53,13 +61,17 @@ class Rhythm:
                 self.growth.append(added / prefix_tokens)
             self.last_prefix = prefix_tokens
 
-    def choose(self, m: Multipliers = Multipliers()) -> str:
-        """The TTL for the entry this request writes; 5m until a gap says otherwise."""
-        if not self.gaps or m.write_1h <= m.write_5m or m.write_5m <= m.read:
+    def choose(self, m: Multipliers = Multipliers(), now: float | None = None) -> str:
+        """The TTL for the entry this request writes; 5m until a gap says otherwise. `now`: the
+        start of the request being planned, whose own gap is already known."""
+        gaps = list(self.gaps)
+        if now is not None and self.last_start is not None and now >= self.last_start:
+            gaps = [*gaps[1 - WINDOW:], now - self.last_start]
+        if not gaps or m.write_1h <= m.write_5m or m.write_5m <= m.read:
             return FIVE_MINUTES
-        n = len(self.gaps)
-        p = sum(SHORT_SECONDS < g <= LONG_SECONDS for g in self.gaps) / n
-        q = sum(g > LONG_SECONDS for g in self.gaps) / n
+        n = len(gaps)
+        p = sum(SHORT_SECONDS < g <= LONG_SECONDS for g in gaps) / n
+        q = sum(g > LONG_SECONDS for g in gaps) / n
         w = sum(self.growth) / len(self.growth) if self.growth else 1.0
         extra = m.write_1h - m.write_5m
         one_hour_pays = p * (m.write_5m - m.read) > (1 - q) * extra * w + q * extra

@@ -15,6 +15,7 @@ class ProviderFacts:
     response_cache_headers: tuple[tuple[str, str], ...]  # (lower-case header, upper-case value)
     lookback_blocks: Mapping[str, int]
     last_marker_only_models: tuple[str, ...]
+    one_hour_ttl_models: tuple[str, ...]
 
     def is_response_cache_hit(self, headers: Mapping[str, str]) -> bool:
         return any(str(headers.get(name, "")).upper() == value
@@ -48,6 +49,8 @@ def parse_provider_facts(path: Path) -> ProviderFacts:
         lookback_blocks=dict(lookback),
         last_marker_only_models=_strings(data.get("last_marker_only_models", []),
                                          "last_marker_only_models", path),
+        one_hour_ttl_models=_strings(data.get("one_hour_ttl_models", []),
+                                     "one_hour_ttl_models", path),
     )
 
 

@@ -41,6 +41,7 @@ from affinity_addon.diagnosis.verdicts import (
 )
 from affinity_addon.record.schema import Usage
 from affinity_addon.request.breakpoints import PlanHint, min_tokens_for
+from affinity_addon.ttl_policy import Rhythm
 
 PROFILES = catalog_file("cache_profiles.yaml")
 
@@ -139,13 +140,20 @@ class MissTracker:
         # Conversation ID -> its threads, most recent first.
         self.store: ConversationStore[tuple[Stored, ...]] = ConversationStore(capacity)
         self.lineage: ConversationStore[Stored] = ConversationStore(min(capacity, LINEAGE))
+        # Conversation ID -> its gaps and growth, for `ttl: auto` (a few floats each).
+        self.rhythms: ConversationStore[Rhythm] = ConversationStore(capacity)
 
-    def hint(self, key: str | None) -> PlanHint | None:
-        """The planner's view of this conversation's previous requests (one per thread)."""
-        threads = self.store.get(key) if key else None
-        if not threads:
+    def hint(self, key: str | None, now: float | None = None) -> PlanHint | None:
+        """The planner's view of this conversation's previous requests (one per thread) and the
+        cache TTL its rhythm calls for, counting the pause before this request (`now`)."""
+        if not key:
             return None
-        return PlanHint(tuple(t.plan for t in threads if t.plan))
+        threads = self.store.get(key)
+        rhythm = self.rhythms.get(key)
+        if not threads and rhythm is None:
+            return None
+        return PlanHint(tuple(t.plan for t in threads or () if t.plan),
+                        rhythm.choose(now=now) if rhythm is not None else None)
 
     def _previous(self, p: "Pending", parts: PromptParts, now: float) -> tuple[Stored | None, str]:
         """(the request this one is compared with, how it was found: same, changed, lineage,
@@ -196,6 +204,10 @@ class MissTracker:
             predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
                                           min_tokens=p.min_tokens, automatic=p.automatic,
                                           shape=p.shape)
+        if usage is not None and p.keys:
+            rhythm = self.rhythms.get(p.keys[0]) or Rhythm()
+            rhythm.observe_at(p.ts, usage.cache_read_tokens + usage.cache_write_tokens)
+            self.rhythms.put(p.keys[0], rhythm)
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
             stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(),

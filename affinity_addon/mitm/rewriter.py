@@ -36,7 +36,8 @@ class Rewriter:
             result = apply_rules(
                 self.state.ruleset, flow.request, key=self.state.key,
                 dry_run=ctx.options.affinity_dry_run,
-                hint_for=self.state.tracker.hint if ctx.options.affinity_diagnose else None,
+                hint_for=partial(self.state.tracker.hint, now=flow.request.timestamp_start)
+                if ctx.options.affinity_diagnose else None,
                 rates=self.state.family_rates,
             )
         except RecursionError:

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, partial
 from itertools import pairwise
 from typing import Any, NamedTuple
@@ -57,6 +57,7 @@ EXPLICIT = "explicit"
 SKIP = "skip"
 FILL = "fill"
 TTLS = ("5m", "1h")
+AUTO_TTL = "auto"  # per conversation, from its rhythm (ttl_policy.py), via the tracker's hint
 PLACEMENT_KINDS = ("tools", "system", "last_user", "last_n", "auto")
 TOP_LEVEL = "cache_control"  # path of Anthropic's automatic (top-level) marker
 
@@ -65,6 +66,7 @@ MINIMUMS_FILE = catalog_file("cache_minimums.yaml")
 # Models that honour only the last breakpoint of a request (OpenRouter's Gemini route), matched
 # against normalized names: one marker is all they can use.
 LAST_MARKER_ONLY_MODELS = PROVIDER_FACTS.last_marker_only_models
+ONE_HOUR_TTL_MODELS = PROVIDER_FACTS.one_hour_ttl_models
 
 _NEVER_MARKED = frozenset({"thinking", "redacted_thinking"})
 
@@ -109,6 +111,7 @@ class PlanHint:
     (DIGEST_SIZE bytes each). Plain bytes, so the planner stays a pure function of its input."""
 
     previous: tuple[bytes, ...] = ()
+    ttl: str | None = None  # for `ttl: auto`: what the conversation's rhythm calls for
 
 
 class Placement(NamedTuple):
@@ -162,8 +165,8 @@ def parse_cache_control(value: Any) -> CacheControlSpec:
         raise ValueError("placements only apply to strategy: explicit")
 
     ttl = value.get("ttl", "5m")
-    if ttl not in TTLS:
-        raise ValueError(f"ttl must be 5m or 1h, got {ttl!r}")
+    if ttl not in (*TTLS, AUTO_TTL):
+        raise ValueError(f"ttl must be 5m, 1h or auto, got {ttl!r}")
     client = value.get("client_markers", SKIP)
     if client not in (SKIP, FILL):
         raise ValueError(f"client_markers must be skip or fill, got {client!r}")
@@ -241,6 +244,14 @@ def min_tokens_for(model: str | None) -> int:
         if fnmatch.fnmatchcase(name, glob):
             return tokens
     return DEFAULT_MIN_TOKENS
+
+
+def auto_ttl(model: str | None, hint: PlanHint | None) -> str:
+    """`ttl: auto`: 1h where the conversation's rhythm calls for it and the model takes it."""
+    if hint is None or hint.ttl != "1h":
+        return "5m"
+    name = normalize_model(model) if isinstance(model, str) else ""
+    return "1h" if any(fnmatch.fnmatchcase(name, g) for g in ONE_HOUR_TTL_MODELS) else "5m"
 
 
 def _last_marker_only(model: str | None) -> bool:
@@ -705,6 +716,8 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
         free = min(free, 1)
     if free <= 0:
         return []
+    if spec.ttl == AUTO_TTL:
+        spec = replace(spec, ttl=auto_ttl(model, hint))
     minimum = spec.min_tokens if spec.min_tokens is not None else min_tokens_for(model)
     planner = _Planner(prompt, spec, minimum, free, last_only, hint if with_hint else None)
     if spec.strategy == AGENT:

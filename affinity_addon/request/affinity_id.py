@@ -18,9 +18,11 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from affinity_addon.catalog import catalog_file
+from affinity_addon.catalog.yamlsource import load_yaml
 from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.request.prompt import Segment, canonical, root_segments, text_of
 from affinity_addon.request.volatile import compile_patterns, default_volatile, mask
@@ -54,22 +56,6 @@ class Source:
         return "root" if self.kind == "root" else f"{self.kind}:{self.name}"
 
 
-DEFAULT_SOURCES: tuple[Source, ...] = (
-    Source("header", "x-claude-code-session-id"),
-    Source("body", "metadata.user_id", json_key="session_id"),
-    Source("body", "metadata.user_id", regex=re.compile(r"_session_([0-9A-Fa-f-]{8,64})$")),
-    Source("header", "session-id"),
-    Source("header", "session_id"),
-    Source("body", "prompt_cache_key"),
-    Source("header", "thread-id"),
-    Source("header", "x-session-id"),
-    Source("header", "x-session-affinity"),
-    Source("header", "x-grok-conv-id"),
-    Source("header", "x-opencode-session"),
-    Source("body", "session_id"),
-    Source("root"),
-)
-
 # Root blocks that change on every request or move on resume (Claude Code's billing header,
 # OpenClaw's internal context, Qwen Code's date reminder), and text inside root blocks that is
 # rebuilt (dates): none of it may split a conversation. Data: catalog/volatile.yaml.
@@ -79,7 +65,7 @@ DEFAULT_ROOT_MASK: tuple[re.Pattern[str], ...] = default_volatile().root_masks
 
 @dataclass(frozen=True, slots=True)
 class AffinityConfig:
-    sources: tuple[Source, ...] = DEFAULT_SOURCES
+    sources: tuple[Source, ...] = field(default_factory=lambda: DEFAULT_SOURCES)
     root_ignore: tuple[re.Pattern[str], ...] = DEFAULT_ROOT_IGNORE
     root_mask: tuple[re.Pattern[str], ...] = DEFAULT_ROOT_MASK
 
@@ -116,6 +102,22 @@ def _parse_source(raw: Any) -> Source:
         if regex.groups != 1:
             raise ValueError(f"source {kind}:{name}: regex needs exactly one capture group")
     return Source(kind, name.lower() if kind == "header" else name, json_key, regex)
+
+
+def _default_sources() -> tuple[Source, ...]:
+    path = catalog_file("affinity_sources.yaml")
+    doc = load_yaml(path)
+    raw = doc.get("sources") if isinstance(doc, dict) else None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{path}: needs a non-empty `sources` list")
+    try:
+        return tuple(_parse_source(s) for s in raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+# Every agent's session header or field we know, then the root: catalog/affinity_sources.yaml.
+DEFAULT_SOURCES: tuple[Source, ...] = _default_sources()
 
 
 def parse_affinity_config(raw: Any) -> AffinityConfig:

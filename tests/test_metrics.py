@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from affinity_addon.mitm import make_addons
 from affinity_addon.mitm.config import DEFAULT_RULES
-from affinity_addon.mitm.metrics import LabelCap, Metrics, model_family, parse_address
+from affinity_addon.mitm.metrics import LabelCap, Metrics, parse_address
 from affinity_addon.mitm.state import State
+from affinity_addon.models import model_family
 from affinity_addon.record.jsonl import JsonlWriter
 from tests.harness import ADDON, MITMDUMP
 from tests.procs import clean_env, free_port
@@ -64,7 +65,7 @@ def test_model_family_folds_snapshots() -> None:
     assert model_family("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
     assert model_family("gpt-5-mini-2025-08-07") == "gpt-5-mini"
     assert model_family("claude-opus-4@20250514") == "claude-opus-4"
-    assert model_family("GPT-5") == "gpt-5" and model_family(None) == "none"
+    assert model_family("GPT-5") == "gpt-5" and model_family(None) == ""
 
 
 def test_label_values_are_capped() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from affinity_addon.mitm.state import State
+from affinity_addon.models import model_family
 from affinity_addon.record.schema import META, Record
 
 logger = logging.getLogger(__name__)
@@ -26,21 +27,6 @@ logger = logging.getLogger(__name__)
 MAX_LABEL_VALUES = 50
 OTHER = "other"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
-_DATE_SUFFIX = re.compile(r"([-@]\d{4}-?\d{2}-?\d{2}|-latest|-preview|:[\w.-]+)$")
-
-
-def model_family(model: str | None) -> str:
-    """`claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`, `gpt-5-mini-2025-08-07` ->
-    `gpt-5-mini`: dated snapshots and tags of one model count together."""
-    if not model:
-        return "none"
-    m = model.strip().lower()
-    for _ in range(3):
-        stripped = _DATE_SUFFIX.sub("", m)
-        if stripped == m or not stripped:
-            break
-        m = stripped
-    return m
 
 
 def parse_address(raw: str) -> tuple[str, int] | None:
@@ -253,7 +239,7 @@ class Metrics:
         if prom is None:
             return
         provider = self.cap("provider", record.provider)
-        family = self.cap("model_family", model_family(record.model))
+        family = self.cap("model_family", model_family(record.model) or "none")
         rule = self.cap("rule", record.rule)
         verdict = self.cap("verdict", record.miss_reason or "none")
         if record.error:

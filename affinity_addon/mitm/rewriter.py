@@ -14,6 +14,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from affinity_addon.mitm.state import State
+from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.record.schema import META
 from affinity_addon.request import affinity_id
 from affinity_addon.request.rewrite import Outcome, apply_rules
@@ -78,7 +79,7 @@ class Rewriter:
         if len(state.pending) > MAX_PENDING:
             state.pending.clear()
         # The tracker keeps the model per conversation: a real name's length, not the client's.
-        model = outcome.model[:affinity_id.MAX_MODEL_CHARS] if outcome.model else None
+        model = outcome.model[:MAX_MODEL_CHARS] if outcome.model else None
         work = partial(state.tracker.observe, body, shape=outcome.shape, model=model,
                        host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
                        ts=flow.request.timestamp_start or time.time())

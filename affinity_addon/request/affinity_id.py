@@ -24,6 +24,7 @@ from typing import Any
 from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.yamlsource import load_yaml
 from affinity_addon.jsonpath import get_path, parse_path
+from affinity_addon.models import model_family
 from affinity_addon.request.prompt import Segment, canonical, root_segments, text_of
 from affinity_addon.request.volatile import compile_patterns, default_volatile, mask
 
@@ -33,12 +34,6 @@ PUBLIC_KEYS = frozenset({"affinity-default-key-v1"})
 MAX_LEN = 64
 _VERBATIM = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 # Model variants that belong to one cached conversation: dated snapshots, context-size tags.
-# Matched only against the end of the name (`fullmatch` on a fixed-size tail), never searched
-# for: the model string is client-controlled and runs on the event loop for every request.
-_DATED = re.compile(r"-\d{8}|-\d{4}-\d{2}-\d{2}")
-# Real model names are under 100 characters; longer ones are cut before any work is done on
-# them, so a 1 MB `model` costs one slice, not a scan per suffix (issue 13).
-MAX_MODEL_CHARS = 256
 # What a rule's regex (affinity `regex:` sources, `root_ignore`) sees of a client string: the
 # patterns are user-written and may backtrack; IDs and billing-header prefixes are short.
 MAX_REGEX_INPUT = 4096
@@ -176,36 +171,6 @@ def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, An
     if isinstance(v, str) and v.strip():
         return v.strip()
     return None
-
-
-def _strip_suffix(m: str) -> str:
-    """`m` without one trailing variant suffix ([1m], -20250929, -2024-08-06, -latest)."""
-    if m.endswith("]"):
-        # The first "[" after the previous "]": scans only the suffix it removes, so all rounds
-        # together stay linear.
-        start = m.find("[", m.rfind("]", 0, len(m) - 1) + 1)
-        return m[:start] if start >= 0 else m
-    if m.endswith("-latest"):
-        return m[:-7]
-    for size in (9, 11):  # -YYYYMMDD, -YYYY-MM-DD
-        if len(m) >= size and _DATED.fullmatch(m, len(m) - size):
-            return m[:-size]
-    return m
-
-
-def model_family(model: Any) -> str:
-    """The model name without snapshot dates and context tags, lower case, at most 256 chars.
-
-    Linear in the (capped) name: each round removes one suffix in time proportional to it.
-    """
-    if not isinstance(model, str):
-        return ""
-    m = model[:MAX_MODEL_CHARS * 4].strip()[:MAX_MODEL_CHARS].lower()
-    while True:
-        stripped = _strip_suffix(m)
-        if stripped == m:
-            return m
-        m = stripped
 
 
 def _stable(segments: list[Segment], config: AffinityConfig) -> list[Segment]:

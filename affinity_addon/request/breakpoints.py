@@ -33,6 +33,7 @@ import yaml
 
 from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.providers import PROVIDER_FACTS
+from affinity_addon.models import normalize_model
 from affinity_addon.request.prompt import (
     MARKER_KEYS,
     SYSTEM_ROLES,
@@ -210,14 +211,6 @@ def _is_int(v: Any) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Model minimums
-
-
-def normalize_model(model: str) -> str:
-    """`anthropic/claude-sonnet-4.5`, `us.anthropic.claude-sonnet-4-5-v1:0` -> `claude-sonnet-4-5...`."""
-    name = model.strip().lower().rsplit("/", 1)[-1]
-    # Bedrock prefixes are dotted words ("us.", "anthropic."); version dots follow a digit or dash.
-    name = re.sub(r"^(?:[a-z]+\.)+", "", name)
-    return name.replace(".", "-")
 
 
 def parse_minimums(data: Any) -> tuple[tuple[str, int], ...]:

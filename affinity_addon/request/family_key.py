@@ -17,12 +17,14 @@ that each stays under the limit.
 """
 
 import hashlib
+import math
 import threading
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from affinity_addon.request.affinity_id import keyed_hash, model_family
+from affinity_addon.models import model_family
+from affinity_addon.request.affinity_id import keyed_hash
 from affinity_addon.request.prompt import canonical, iter_segments, root_segments
 
 TARGET_RPM = 12
@@ -66,12 +68,13 @@ class FamilyRates:
 
     def __init__(self, instances: int = 1) -> None:
         self.instances = max(instances, 1)
-        self._minutes: dict[str, deque[list[int]]] = {}  # family -> [[minute, count], ...]
+        # family -> [[minute, count, peak requests in a 60 s window ending in it], ...]
+        self._minutes: dict[str, deque[list[float]]] = {}
         self._lock = threading.Lock()
 
     def buckets(self, family: str, now: float) -> int:
         """Count this request and return the bucket count for its family."""
-        minute = int(now // _WINDOW)
+        minute, into = divmod(now, _WINDOW)
         with self._lock:
             bins = self._minutes.get(family)
             if bins is None:
@@ -80,13 +83,19 @@ class FamilyRates:
                     self._minutes = {f: b for f, b in self._minutes.items() if b[-1][0] > horizon}
                 bins = self._minutes[family] = deque()
             if bins and bins[-1][0] >= minute:
-                bins[-1][1] += 1  # this minute (or a flow that started a few ms out of order)
+                cur = bins[-1]  # this minute (or a flow that started a few ms out of order)
             else:
-                bins.append([minute, 1])
+                cur = [minute, 0, 0.0]
+                bins.append(cur)
+            cur[1] += 1
+            # The last 60 s: this minute's count plus the part of the previous minute still in
+            # the window (the sliding-window estimate rate limiters use); its peak per minute.
+            prev = bins[-2][1] if len(bins) > 1 and bins[-2][0] == minute - 1 else 0
+            cur[2] = max(cur[2], cur[1] + prev * (1 - into / _WINDOW))
             while bins[0][0] <= minute - HOLD_MINUTES:
                 bins.popleft()
-            busiest = max(count for _, count in bins) * self.instances
-        return min(max(1, -(-busiest // TARGET_RPM)), MAX_BUCKETS)
+            busiest = max(peak for _, _, peak in bins) * self.instances
+        return min(max(1, math.ceil(busiest / TARGET_RPM)), MAX_BUCKETS)
 
 
 def family_key(body: Mapping[str, Any], shape: str, affinity_id: str, rates: FamilyRates,

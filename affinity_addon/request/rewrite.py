@@ -18,6 +18,7 @@ from mitmproxy import http
 
 from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.jsonpath import get_path, parse_path, set_path
+from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.request import affinity_id
 from affinity_addon.request.family_key import FamilyRates, family_key
 from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
@@ -165,7 +166,7 @@ class Outcome:
             "rules": list(self.rules),
             "shape": self.shape,
             # Client-chosen: the log and the stats keep at most a real model name's length.
-            "model": self.model[:affinity_id.MAX_MODEL_CHARS] if self.model else self.model,
+            "model": self.model[:MAX_MODEL_CHARS] if self.model else self.model,
             "affinity_id": self.affinity_id,
             "affinity_source": self.affinity_source,
             "dry_run": self.dry_run,

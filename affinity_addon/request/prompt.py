@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+import orjson
+
 from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 
 # Keys that mark cache breakpoints: they steer caching but are not part of the cached bytes.
@@ -43,11 +45,20 @@ def canonical(value: Any) -> bytes:
     if isinstance(value, dict) and len(value) <= 3 and isinstance(value.get("text"), str) \
             and value.get("type", "text") == "text" and all(k in _TEXT_KEYS for k in value):
         return b"t\x00" + value["text"].encode("utf-8", "surrogatepass")
-    return b"j\x00" + json.dumps(_strip_markers(value), sort_keys=True, separators=(",", ":"),
-                                  ensure_ascii=False).encode("utf-8", "surrogatepass")
+    try:
+        # orjson: ~10x faster than the stdlib for tool definitions and tool calls, which are
+        # most of an agent's non-text blocks. Markers are stripped only where there are some.
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        if any(needle in out for needle in _MARKER_NEEDLES):
+            out = orjson.dumps(_strip_markers(value), option=orjson.OPT_SORT_KEYS)
+        return b"j\x00" + out
+    except (TypeError, orjson.JSONEncodeError):  # ints beyond 64 bits, lone surrogates
+        return b"j\x00" + json.dumps(_strip_markers(value), sort_keys=True, separators=(",", ":"),
+                                      ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 _TEXT_KEYS = frozenset({"type", "text"}) | MARKER_KEYS
+_MARKER_NEEDLES = tuple(f'"{k}":'.encode() for k in MARKER_KEYS)
 
 
 def _strip_markers(value: Any) -> Any:

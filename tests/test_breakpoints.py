@@ -8,19 +8,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from affinity_addon.request.breakpoints import (
+from affinity_addon.models import normalize_model
+from affinity_addon.request.breakpoint_spec import (
     AddedMarker,
     CacheControlSpec,
     Placement,
-    count_markers,
     min_tokens_for,
-    normalize_model,
     parse_cache_control,
     parse_minimums,
-    plan_breakpoints,
-    strip_added,
 )
+from affinity_addon.request.breakpoints import plan_breakpoints, strip_added
 from affinity_addon.request.prompt import iter_segments
+from affinity_addon.request.prompt_slots import count_markers
 
 CC = {"type": "ephemeral"}
 CC1H = {"type": "ephemeral", "ttl": "1h"}

@@ -230,7 +230,7 @@ def test_system_end_indexes_leading_system_messages():
     body = {"model": "anthropic/claude-sonnet-4",
             "messages": [{"role": "system", "content": "s" * 30} for _ in range(8000)]
             + [{"role": "user", "content": "hi"}]}
-    prompt = breakpoints._Prompt(body, "openai-chat", breakpoints._SHAPES["openai-chat"], [])
+    prompt = breakpoints.Prompt(body, "openai-chat", breakpoints.SHAPE_RULES["openai-chat"], [])
     planner = breakpoints._Planner(prompt, breakpoints.CacheControlSpec(), 0, 4, False)
     t = time.thread_time()
     slot = planner.system_end()

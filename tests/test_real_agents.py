@@ -15,7 +15,8 @@ from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.diagnosis.tracker import MissTracker
 from affinity_addon.record.schema import Usage
 from affinity_addon.request import affinity_id
-from affinity_addon.request.breakpoints import CacheControlSpec, PlanHint, plan_breakpoints
+from affinity_addon.request.breakpoint_spec import CacheControlSpec, PlanHint
+from affinity_addon.request.breakpoints import plan_breakpoints
 from affinity_addon.request.volatile import parse_volatile
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from affinity_addon.request.breakpoints import DIGEST_SIZE, block_digest
+from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, block_digest
 from affinity_addon.request.prompt import (
     MARKER_KEYS,
     SYSTEM_ROLES,

@@ -40,7 +40,7 @@ from affinity_addon.diagnosis.verdicts import (
     predict_hit_ratio,
 )
 from affinity_addon.record.schema import Usage
-from affinity_addon.request.breakpoints import PlanHint, min_tokens_for
+from affinity_addon.request.breakpoint_spec import PlanHint, min_tokens_for
 from affinity_addon.ttl_policy import Rhythm
 
 PROFILES = catalog_file("cache_profiles.yaml")

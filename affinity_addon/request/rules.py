@@ -306,7 +306,7 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
     set_fields = _parse_actions(where, raw, "set_fields", name, policy, is_header=False)
     cache_control = None
     if raw.get("cache_control") not in (None, False):
-        from affinity_addon.request.breakpoints import parse_cache_control
+        from affinity_addon.request.breakpoint_spec import parse_cache_control
 
         try:
             cache_control = parse_cache_control(raw["cache_control"])

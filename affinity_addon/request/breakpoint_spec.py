@@ -1,0 +1,224 @@
+"""The breakpoint planner's inputs: the rule's `cache_control` spec, the tracker's hint, model
+minimums and per-model facts (catalog). Pure parsing; the planning is in `breakpoints.py`.
+"""
+
+import fnmatch
+import hashlib
+import logging
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, NamedTuple
+
+import yaml
+
+from affinity_addon.catalog import catalog_file
+from affinity_addon.catalog.providers import PROVIDER_FACTS
+from affinity_addon.models import normalize_model
+from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT
+
+logger = logging.getLogger(__name__)
+
+logger = logging.getLogger(__name__)
+
+MAX_MARKERS = 4
+# Blocks a breakpoint looks back for an earlier cache entry (catalog/providers.yaml).
+DEFAULT_LOOKBACK = PROVIDER_FACTS.lookback_blocks.get(ANTHROPIC, 20)
+DEFAULT_MIN_TOKENS = 1024
+
+AGENT = "agent"
+EXPLICIT = "explicit"
+SKIP = "skip"
+FILL = "fill"
+TTLS = ("5m", "1h")
+AUTO_TTL = "auto"  # per conversation, from its rhythm (ttl_policy.py), via the tracker's hint
+PLACEMENT_KINDS = ("tools", "system", "last_user", "last_n", "auto")
+TOP_LEVEL = "cache_control"  # path of Anthropic's automatic (top-level) marker
+
+MINIMUMS_FILE = catalog_file("cache_minimums.yaml")
+
+# Models that honour only the last breakpoint of a request (OpenRouter's Gemini route), matched
+# against normalized names: one marker is all they can use.
+LAST_MARKER_ONLY_MODELS = PROVIDER_FACTS.last_marker_only_models
+ONE_HOUR_TTL_MODELS = PROVIDER_FACTS.one_hour_ttl_models
+
+NEVER_MARKED = frozenset({"thinking", "redacted_thinking"})
+
+
+class ShapeRules(NamedTuple):
+    tool_markers: bool  # may a tools[] entry carry a marker
+    markable: frozenset[str] | None  # block types that may carry one; None: all but NEVER_MARKED
+    keep_string_roles: frozenset[str]  # roles whose string content must stay a string
+
+
+SHAPE_RULES: dict[str, ShapeRules] = {
+    # Mid-conversation `role: system` messages (Claude Code) are a beta: leave their form alone.
+    ANTHROPIC: ShapeRules(True, None, frozenset({"system"})),
+    # OpenRouter takes markers on text parts only. A string tool result becomes a one-part
+    # text list like any other message (the chat format allows text parts on `role: tool`, and
+    # OpenRouter carries them into Anthropic tool_result blocks): in an agent's tool loop the
+    # newest messages are tool results, and the rolling marker must be able to follow them.
+    OPENAI_CHAT: ShapeRules(False, frozenset({"text"}), frozenset()),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec
+
+
+DIGEST_SIZE = 8  # the block digest of diagnosis/fingerprint.py: role, NUL, canonical bytes
+ANY_DIGEST = bytes(DIGEST_SIZE)  # a block the fingerprint left out as volatile: matches anything
+
+
+def block_digest(role: str | None, canon: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    h.update((role or "").encode())
+    h.update(b"\0")
+    h.update(canon)
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class PlanHint:
+    """What the tracker knows of this conversation: for each recent request of it (one per
+    thread: main conversation, side requests), its blocks' digests in prompt order, concatenated
+    (DIGEST_SIZE bytes each). Plain bytes, so the planner stays a pure function of its input."""
+
+    previous: tuple[bytes, ...] = ()
+    ttl: str | None = None  # for `ttl: auto`: what the conversation's rhythm calls for
+
+
+class Placement(NamedTuple):
+    kind: str  # one of PLACEMENT_KINDS
+    count: int = 1  # type: ignore[assignment]  # K for last_n (shadows tuple.count)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControlSpec:
+    strategy: str = AGENT
+    placements: tuple[Placement, ...] = ()
+    ttl: str = "5m"
+    client_markers: str = SKIP  # skip: leave requests with client markers alone; fill: free slots
+    lookback: int = DEFAULT_LOOKBACK
+    min_tokens: int | None = None  # None: by model, from catalog/cache_minimums.yaml
+    last_marker_only: bool | None = None  # None: by model (LAST_MARKER_ONLY_MODELS)
+
+
+@dataclass(frozen=True, slots=True)
+class AddedMarker:
+    path: str  # "tools[3]", "system[1]", "messages[5].content[0]" or "cache_control" (top level)
+    ttl: str  # "5m" | "1h"
+    converted: bool = False  # string content was turned into a one-part list to carry it
+
+
+_SPEC_KEYS = ("strategy", "placements", "ttl", "client_markers", "lookback", "min_tokens",
+              "last_marker_only")
+
+
+def parse_cache_control(value: Any) -> CacheControlSpec:
+    """Parses a rule's `cache_control:` value: true, "agent", "auto" or a mapping."""
+    if value is True or value == AGENT:
+        return CacheControlSpec()
+    if value == "auto":
+        return CacheControlSpec(strategy=EXPLICIT, placements=(Placement("auto"),))
+    if value is False or value is None:
+        raise ValueError("false/empty means no breakpoints: leave the key out instead")
+    if not isinstance(value, dict):
+        raise ValueError(f"expected true, \"auto\" or a mapping, got {value!r}")
+    unknown = sorted(str(k) for k in value if k not in _SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; expected {', '.join(_SPEC_KEYS)}")
+
+    placements = _parse_placements(value.get("placements"))
+    strategy = value.get("strategy", EXPLICIT if placements else AGENT)
+    if strategy not in (AGENT, EXPLICIT):
+        raise ValueError(f"strategy must be agent or explicit, got {strategy!r}")
+    if strategy == EXPLICIT and not placements:
+        raise ValueError("strategy explicit needs a non-empty placements list")
+    if strategy == AGENT and placements:
+        raise ValueError("placements only apply to strategy: explicit")
+
+    ttl = value.get("ttl", "5m")
+    if ttl not in (*TTLS, AUTO_TTL):
+        raise ValueError(f"ttl must be 5m, 1h or auto, got {ttl!r}")
+    client = value.get("client_markers", SKIP)
+    if client not in (SKIP, FILL):
+        raise ValueError(f"client_markers must be skip or fill, got {client!r}")
+    lookback = value.get("lookback", DEFAULT_LOOKBACK)
+    if not _is_int(lookback) or lookback < 1:
+        raise ValueError(f"lookback must be a positive integer, got {lookback!r}")
+    min_tokens = value.get("min_tokens", "auto")
+    if min_tokens == "auto":
+        min_tokens = None
+    elif not _is_int(min_tokens) or min_tokens < 0:
+        raise ValueError(f"min_tokens must be auto or a non-negative integer, got {min_tokens!r}")
+    last_only = value.get("last_marker_only")
+    if last_only is not None and not isinstance(last_only, bool):
+        raise ValueError(f"last_marker_only must be true or false, got {last_only!r}")
+    return CacheControlSpec(strategy, placements, ttl, client, lookback, min_tokens, last_only)
+
+
+def _parse_placements(raw: Any) -> tuple[Placement, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"placements must be a list, got {raw!r}")
+    out: list[Placement] = []
+    for item in raw:
+        if isinstance(item, str) and item in PLACEMENT_KINDS and item != "last_n":
+            out.append(Placement(item))
+        elif isinstance(item, dict) and set(item) == {"last_n"}:
+            k = item["last_n"]
+            if not _is_int(k) or not 1 <= k <= MAX_MARKERS:
+                raise ValueError(f"last_n must be an integer from 1 to {MAX_MARKERS}, got {k!r}")
+            out.append(Placement("last_n", k))
+        else:
+            raise ValueError(f"unknown placement {item!r}; expected tools, system, last_user, "
+                             "auto or {last_n: K}")
+    return tuple(out)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model minimums
+
+
+def parse_minimums(data: Any) -> tuple[tuple[str, int], ...]:
+    """Validates the cache_minimums table: a mapping of model glob to token count."""
+    if not isinstance(data, dict) or not data:
+        raise ValueError("cache minimums must be a non-empty mapping of model glob to tokens")
+    table: list[tuple[str, int]] = []
+    for glob, tokens in data.items():
+        if not isinstance(glob, str) or not _is_int(tokens) or tokens < 0:
+            raise ValueError(f"bad cache minimum entry {glob!r}: {tokens!r}")
+        table.append((glob.lower(), tokens))
+    return tuple(table)
+
+
+@cache
+def _minimums() -> tuple[tuple[str, int], ...]:
+    return parse_minimums(yaml.safe_load(MINIMUMS_FILE.read_text(encoding="utf-8")))
+
+
+def min_tokens_for(model: str | None) -> int:
+    """The model's minimum cacheable prefix, from catalog/cache_minimums.yaml (first glob wins)."""
+    name = normalize_model(model) if isinstance(model, str) else ""
+    for glob, tokens in _minimums():
+        if fnmatch.fnmatchcase(name, glob):
+            return tokens
+    return DEFAULT_MIN_TOKENS
+
+
+def auto_ttl(model: str | None, hint: PlanHint | None) -> str:
+    """`ttl: auto`: 1h where the conversation's rhythm calls for it and the model takes it."""
+    if hint is None or hint.ttl != "1h":
+        return "5m"
+    name = normalize_model(model) if isinstance(model, str) else ""
+    return "1h" if any(fnmatch.fnmatchcase(name, g) for g in ONE_HOUR_TTL_MODELS) else "5m"
+
+
+def last_marker_only(model: str | None) -> bool:
+    name = normalize_model(model) if isinstance(model, str) else ""
+    return any(fnmatch.fnmatchcase(name, g) for g in LAST_MARKER_ONLY_MODELS)

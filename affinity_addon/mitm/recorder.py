@@ -14,6 +14,7 @@ from mitmproxy import ctx, hooks, http
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.diagnosis.tracker import Pending
+from affinity_addon.diagnosis.verdicts import observed_load
 from affinity_addon.mitm.state import Live, State
 from affinity_addon.record import build
 from affinity_addon.record.schema import META, Record, Usage
@@ -160,9 +161,10 @@ class Recorder:
                 usage: Usage | None, pending: Pending | None) -> None:
         state = self.state
         if pending is not None:
-            verdict, predicted = state.tracker.verdict(
-                pending, usage, time.time(), response_cache=record.response_cache,
-                provider_reason=record.provider_miss_reason, dry_run=record.dry_run)
+            with observed_load(meta.get("load")):  # the `overflow` check's evidence
+                verdict, predicted = state.tracker.verdict(
+                    pending, usage, time.time(), response_cache=record.response_cache,
+                    provider_reason=record.provider_miss_reason, dry_run=record.dry_run)
             record.miss_reason, record.miss_detail = verdict.reason, verdict.detail
             record.expected_cacheable_tokens = verdict.expected_cacheable_tokens
             record.provider_miss_reason = verdict.provider_reason
@@ -174,6 +176,7 @@ class Recorder:
             state.writer.write(data)
         state.stats.add(data)
         state.ttl.add(data)
+        state.key_rates.add(data)
         for sink in state.sinks:  # exporters (metrics, traces): a failing one never stops a record
             try:
                 sink(record, data)

@@ -25,6 +25,9 @@ from typing import Any
 from affinity_addon.request.affinity_id import keyed_hash, model_family
 from affinity_addon.request.prompt import canonical, iter_segments, root_segments
 
+# OpenAI's documented overflow point: ~15 requests a minute per prefix+key pair (per key on
+# GPT-5.6+). TARGET_RPM stays under it with a margin for bursts within a minute.
+OVERFLOW_RPM = 15
 TARGET_RPM = 12
 HOLD_MINUTES = 10  # how long a busy minute keeps its bucket count
 MAX_FAMILIES = 10_000

@@ -35,6 +35,14 @@ def family_of(key: str) -> str | None:
     return m.group(1) if m else None
 
 
+def short_key(key: str, n: int = 12) -> str:
+    """A key for a table cell: a family key keeps its bucket (`fam-0123abcd…-3`)."""
+    m = _FAMILY.match(key)
+    if m:
+        return f"fam-{m.group(1)[:8]}…-{m.group(2)}" if len(m.group(1)) > 8 else key
+    return key if len(key) <= n else key[:n] + "…"
+
+
 def recommended_buckets(busiest_rpm: float) -> int:
     """Buckets a family needs so each stays under TARGET_RPM (as `FamilyRates.buckets`)."""
     return min(max(1, -(-int(busiest_rpm) // TARGET_RPM)), MAX_BUCKETS)

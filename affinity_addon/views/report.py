@@ -25,7 +25,7 @@ from affinity_addon.request.family_key import OVERFLOW_RPM, TARGET_RPM
 from affinity_addon.views.aggregate import Aggregator, Bucket
 from affinity_addon.views.console import bucket_table, reasons_table, totals_line
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
-from affinity_addon.views.keyrate import KeyRates
+from affinity_addon.views.keyrate import KeyRates, short_key
 from affinity_addon.views.pricing import TOKEN_EQUIVALENTS, PriceTable
 from affinity_addon.views.ttl import (
     FIVE_MINUTES,
@@ -320,9 +320,10 @@ def key_rate_table(rates: KeyRates, *, top: int | None = 10) -> Table:
     for f in fams:
         used, rec = f["buckets_used"], f["buckets_recommended"]
         note = "" if used is None or used == rec else f"recommended {rec}"
-        table.add_row(escape(f"family {short_id(f['family'])}"), str(f["requests"]),
+        fam = f["family"]
+        table.add_row(escape(f"family {fam[:8]}{'…' if len(fam) > 8 else ''}"), str(f["requests"]),
                       str(f["busiest_rpm"]), f"{used or '-'} -> {rec}", note)
     for k in keys:
-        table.add_row(escape(short_id(k["key"])), str(k["requests"]), str(k["busiest_rpm"]), "",
+        table.add_row(escape(short_key(k["key"])), str(k["requests"]), str(k["busiest_rpm"]), "",
                       "[red]overflow likely[/]" if k["overflow_likely"] else "")
     return table

@@ -64,6 +64,9 @@ def test_memory_is_bounded_and_late_keys_are_counted_as_untracked():
     assert set(rates.keys) == {f"fam-{FAM}-0", "conv-42"}  # bucket 1 came third (t = 1 s)
     assert rates.untracked == 10
     assert key_rates([rec(0, None), {"added": "x"}, {}]).keys == {}
+    # two minutes later the quiet conversation key makes room; the hot family key stays
+    rates.add(rec(200, "conv-43"))
+    assert set(rates.keys) == {f"fam-{FAM}-0", "conv-43"} and rates.to_dict()["keys"] == 3
 
 
 def test_sliding_minute_estimate():

@@ -8,7 +8,10 @@ over TARGET_RPM is the bucket count it calls for (the same rule as `request/fami
 
 Only keys the rules added are in the log (`added.fields.prompt_cache_key`); a key the client
 sent itself is not recorded, so its traffic is not counted here. Memory is bounded: a few
-integers per key, at most `max_tracked` keys and families (later ones are counted as untracked).
+integers per key, at most `max_tracked` keys and families. When the table is full, keys idle for
+over a minute whose busiest minute stayed under TARGET_RPM are forgotten (at most once a minute:
+per-conversation keys come and go, and they never overflow); if none is, later keys are counted
+as untracked.
 """
 
 import re
@@ -91,21 +94,33 @@ class KeyRates:
         self.keys: dict[str, Rate] = {}
         self.families: dict[str, Rate] = {}
         self.untracked = 0
+        self.forgotten = 0  # quiet keys dropped to make room (still counted in `to_dict`)
+        self._pruned: dict[int, int] = {}  # table id -> the minute it was last pruned
 
-    def _rate(self, table: dict[str, Rate], name: str) -> Rate | None:
+    def _rate(self, table: dict[str, Rate], name: str, t: float) -> Rate | None:
         rate = table.get(name)
-        if rate is None and len(table) < self.max_tracked:
-            rate = table[name] = Rate()
+        if rate is None:
+            minute = int(t // _MINUTE)
+            if len(table) >= self.max_tracked and self._pruned.get(id(table)) != minute:
+                self._pruned[id(table)] = minute
+                quiet = [k for k, r in table.items()
+                         if r.minute < minute - 1 and r.busiest <= TARGET_RPM]
+                for k in quiet:
+                    del table[k]
+                if table is self.keys:
+                    self.forgotten += len(quiet)
+            if len(table) < self.max_tracked:
+                rate = table[name] = Rate()
         return rate
 
     def count(self, key: str, t: float, buckets: int | None = None) -> tuple[Rate | None, Rate | None]:
-        rate = self._rate(self.keys, key)
+        rate = self._rate(self.keys, key, t)
         if rate is None:
             self.untracked += 1
         else:
             rate.add(t)
         family = family_of(key)
-        fam = self._rate(self.families, family) if family else None
+        fam = self._rate(self.families, family, t) if family else None
         if fam is not None:
             fam.add(t)
             if buckets:
@@ -162,7 +177,7 @@ class KeyRates:
         return {
             "overflow_rpm": OVERFLOW_RPM,
             "target_rpm": TARGET_RPM,
-            "keys": len(self.keys),
+            "keys": len(self.keys) + self.forgotten,
             "families": len(self.families),
             "keys_overflow_likely": sum(r.busiest * self.instances > OVERFLOW_RPM
                                         for r in self.keys.values()),

@@ -28,6 +28,7 @@ def rec(t: float, key: str | None, buckets: int | None = None) -> dict[str, Any]
     """A record whose request started at T0 + t (ts is its end, 500 ms later)."""
     ts = datetime.fromtimestamp(T0 + t + 0.5, UTC).isoformat().replace("+00:00", "Z")
     return {"v": 1, "ts": ts, "duration_ms": 500.0, "model": "gpt-5.6", "rule": "openai",
+            "host": "api.openai.com",
             "affinity_id": f"c{t}", "usage": {"input_tokens": 100, "cache_read_tokens": 0,
                                                "cache_write_tokens": 0, "output_tokens": 1},
             "added": {"headers": {}, "fields": {"prompt_cache_key": key} if key else {},
@@ -64,6 +65,8 @@ def test_memory_is_bounded_and_late_keys_are_counted_as_untracked():
     assert set(rates.keys) == {f"fam-{FAM}-0", "conv-42"}  # bucket 1 came third (t = 1 s)
     assert rates.untracked == 10
     assert key_rates([rec(0, None), {"added": "x"}, {}]).keys == {}
+    # xAI routes a key per conversation, with no documented rate limit: not counted
+    assert key_rates([rec(0, "conv-1") | {"host": "api.x.ai"}]).keys == {}
     # two minutes later the quiet conversation key makes room; the hot family key stays
     rates.add(rec(200, "conv-43"))
     assert set(rates.keys) == {f"fam-{FAM}-0", "conv-43"} and rates.to_dict()["keys"] == 3
@@ -122,6 +125,7 @@ def test_overflow_replaces_routed_away_when_the_key_was_hot():
     assert "1 bucket(s)" in v.detail and v.expected_cacheable_tokens == prev.cacheable_tokens
     assert verdict(prev, anthropic_body(2), load={"key_rpm": 15.0}).reason == "routed-away"
     assert verdict(prev, anthropic_body(2), load=None).reason == "routed-away"
+    assert verdict(prev, anthropic_body(2), load=HOT | {"limit": 30}).reason == "routed-away"
     # a family at 48 RPM over 2 buckets: 24 a key, even when the key itself was not tracked
     spread = {"key_rpm": None, "family_rpm": 48.0, "buckets": 2}
     assert verdict(prev, anthropic_body(2), load=spread).reason == "overflow"

@@ -319,13 +319,14 @@ def _overflow(case: _Case) -> Verdict | None:
     # not tracked (a full table).
     spread = family_rpm / buckets if family_rpm is not None and buckets else 0.0
     rpm = max(key_rpm, spread)
-    if rpm <= OVERFLOW_RPM:
+    limit = _number(load.get("limit")) or OVERFLOW_RPM
+    if rpm <= limit:
         return None
     where = f"; family ~{family_rpm:.0f} RPM over {buckets:.0f} bucket(s)" \
         if family_rpm is not None and buckets else ""
     return Verdict("overflow", f"same prefix within the TTL, previously cached, yet nothing read, "
                    f"while its prompt_cache_key got ~{rpm:.0f} requests in the last minute"
-                   f"{where}, above the ~{OVERFLOW_RPM} RPM a prefix+key takes before the "
+                   f"{where}, above the ~{limit:.0f} RPM a prefix+key takes before the "
                    "provider overflows it to other machines", case.expected)
 
 

@@ -6,7 +6,9 @@ which have not cached the prefix (providers.md §3). So the number to watch is e
 busiest minute. A `{family_key}` key is `fam-<family>-<bucket>`: the family's busiest minute
 over TARGET_RPM is the bucket count it calls for (the same rule as `request/family_key.py`).
 
-Only keys the rules added are in the log (`added.fields.prompt_cache_key`); a key the client
+Only hosts with a documented per-key limit count (catalog/providers.yaml `key_rpm_limits`:
+api.openai.com; xAI and Mistral route a key per conversation, without one). Only keys the rules
+added are in the log (`added.fields.prompt_cache_key`); a key the client
 sent itself is not recorded, so its traffic is not counted here. Memory is bounded: a few
 integers per key, at most `max_tracked` keys and families. When the table is full, keys idle for
 over a minute whose busiest minute stayed under TARGET_RPM are forgotten (at most once a minute:
@@ -19,11 +21,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.request.family_key import MAX_BUCKETS, OVERFLOW_RPM, TARGET_RPM
 from affinity_addon.views.safe import printable
 from affinity_addon.views.ttl import _start as record_start
 
 if TYPE_CHECKING:
+    from mitmproxy import http
+
     from affinity_addon.request.rewrite import Outcome
 
 FIELD = "prompt_cache_key"
@@ -61,6 +66,11 @@ class Rate:
     busiest: int = 0
     requests: int = 0
     buckets: int = 0  # the largest `{family_key}` bucket count seen (families only)
+    limit: int = OVERFLOW_RPM  # the host's documented requests a minute per key
+
+    @property
+    def overflows(self) -> bool:
+        return self.busiest > self.limit
 
     def add(self, t: float) -> None:
         minute = int(t // _MINUTE)
@@ -97,7 +107,7 @@ class KeyRates:
         self.forgotten = 0  # quiet keys dropped to make room (still counted in `to_dict`)
         self._pruned: dict[int, int] = {}  # table id -> the minute it was last pruned
 
-    def _rate(self, table: dict[str, Rate], name: str, t: float) -> Rate | None:
+    def _rate(self, table: dict[str, Rate], name: str, t: float, limit: int) -> Rate | None:
         rate = table.get(name)
         if rate is None:
             minute = int(t // _MINUTE)
@@ -110,17 +120,18 @@ class KeyRates:
                 if table is self.keys:
                     self.forgotten += len(quiet)
             if len(table) < self.max_tracked:
-                rate = table[name] = Rate()
+                rate = table[name] = Rate(limit=limit)
         return rate
 
-    def count(self, key: str, t: float, buckets: int | None = None) -> tuple[Rate | None, Rate | None]:
-        rate = self._rate(self.keys, key, t)
+    def count(self, key: str, t: float, buckets: int | None = None,
+              limit: int = OVERFLOW_RPM) -> tuple[Rate | None, Rate | None]:
+        rate = self._rate(self.keys, key, t, limit)
         if rate is None:
             self.untracked += 1
         else:
             rate.add(t)
         family = family_of(key)
-        fam = self._rate(self.families, family, t) if family else None
+        fam = self._rate(self.families, family, t, limit) if family else None
         if fam is not None:
             fam.add(t)
             if buckets:
@@ -132,27 +143,32 @@ class KeyRates:
         added = r.get("added")
         fields = added.get("fields") if isinstance(added, Mapping) else None
         key = fields.get(FIELD) if isinstance(fields, Mapping) else None
-        if not isinstance(key, str) or not key:
+        host = r.get("host")
+        limit = PROVIDER_FACTS.key_rpm_limit(host) if isinstance(host, str) else None
+        if not isinstance(key, str) or not key or limit is None:
             return
         start = record_start(r)
         if start is None:
             return
         k = r.get("key")
         buckets = k.get("buckets") if isinstance(k, Mapping) else None
-        self.count(key, start, buckets if isinstance(buckets, int) and buckets > 0 else None)
+        self.count(key, start, buckets if isinstance(buckets, int) and buckets > 0 else None,
+                   limit)
 
-    def observe(self, outcome: "Outcome", t: float | None) -> dict[str, Any] | None:
+    def observe(self, outcome: "Outcome", request: "http.Request") -> dict[str, Any] | None:
         """Count a request at send time; the load its verdict needs (plain data for
         flow.metadata), or None when it carries no prompt_cache_key. The client's own key
         counts here too (the provider sees it), though the log does not keep it."""
-        key = outcome.fields.get(FIELD)
+        key = None if outcome.dry_run else outcome.fields.get(FIELD)  # a dry run sends none
         if key is None and f"field:{FIELD}" in outcome.kept:
             key = outcome.signal
-        if not isinstance(key, str) or not key or t is None:
+        t, limit = request.timestamp_start, PROVIDER_FACTS.key_rpm_limit(request.pretty_host)
+        if not isinstance(key, str) or not key or t is None or limit is None:
             return None
         buckets = outcome.key.get("buckets") if outcome.key else None
-        rate, fam = self.count(key, t, buckets)
+        rate, fam = self.count(key, t, buckets, limit)
         return {
+            "limit": limit,
             "key_rpm": round(rate.last_minute(t) * self.instances, 1) if rate else None,
             "family_rpm": round(fam.last_minute(t) * self.instances, 1) if fam else None,
             "buckets": buckets,
@@ -166,7 +182,7 @@ class KeyRates:
                  "buckets_recommended": recommended_buckets(r.busiest * n)}
                 for f, r in self.families.items()]
         keys: list[dict[str, Any]] = [{"key": printable(k), "family": family_of(k), "requests": r.requests,
-                 "busiest_rpm": r.busiest * n, "overflow_likely": r.busiest * n > OVERFLOW_RPM}
+                 "busiest_rpm": r.busiest * n, "overflow_likely": r.busiest * n > r.limit}
                 for k, r in self.keys.items()]
         fams.sort(key=lambda d: -int(d["busiest_rpm"]))
         keys.sort(key=lambda d: -int(d["busiest_rpm"]))
@@ -179,7 +195,7 @@ class KeyRates:
             "target_rpm": TARGET_RPM,
             "keys": len(self.keys) + self.forgotten,
             "families": len(self.families),
-            "keys_overflow_likely": sum(r.busiest * self.instances > OVERFLOW_RPM
+            "keys_overflow_likely": sum(r.busiest * self.instances > r.limit
                                         for r in self.keys.values()),
             "untracked_requests": self.untracked,
             "by_family": fams,
@@ -193,7 +209,7 @@ class KeyRates:
         if not self.keys:
             return None
         fams, keys = self.rows(1)
-        over = sum(r.busiest * self.instances > OVERFLOW_RPM for r in self.keys.values())
+        over = sum(r.busiest * self.instances > r.limit for r in self.keys.values())
         text = (f"Keys: {len(self.keys)} prompt_cache_key(s), busiest {keys[0]['busiest_rpm']} "
                 f"RPM; {over} above ~{OVERFLOW_RPM} RPM (overflow likely)")
         if fams:

@@ -1,5 +1,6 @@
 """Loads `providers.yaml`: provider facts as one immutable value, checked once at import."""
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,12 @@ class ProviderFacts:
     lookback_blocks: Mapping[str, int]
     last_marker_only_models: tuple[str, ...]
     one_hour_ttl_models: tuple[str, ...]
+    key_rpm_limits: Mapping[str, int]  # host glob -> requests a minute per prompt_cache_key
+
+    def key_rpm_limit(self, host: str) -> int | None:
+        """The documented overflow rate of a host's prompt_cache_key routing, if it has one."""
+        host = host.lower()
+        return next((v for g, v in self.key_rpm_limits.items() if fnmatch.fnmatch(host, g)), None)
 
     def is_response_cache_hit(self, headers: Mapping[str, str]) -> bool:
         return any(str(headers.get(name, "")).upper() == value
@@ -41,6 +48,11 @@ def parse_provider_facts(path: Path) -> ProviderFacts:
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in lookback.values()):
         raise ValueError(f"{path}:{line_of(data, 'lookback_blocks', 1)}: "
                          "lookback_blocks maps API shapes to positive integers")
+    limits = data.get("key_rpm_limits") or {}
+    if not isinstance(limits, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in limits.values()):
+        raise ValueError(f"{path}:{line_of(data, 'key_rpm_limits', 1)}: "
+                         "key_rpm_limits maps host globs to positive integers")
     return ProviderFacts(
         websocket_terminal_events=tuple(
             e.encode() for e in _strings(data.get("websocket_terminal_events"),
@@ -51,6 +63,7 @@ def parse_provider_facts(path: Path) -> ProviderFacts:
                                          "last_marker_only_models", path),
         one_hour_ttl_models=_strings(data.get("one_hour_ttl_models", []),
                                      "one_hour_ttl_models", path),
+        key_rpm_limits={str(k).lower(): v for k, v in limits.items()},
     )
 
 

@@ -190,14 +190,16 @@ class MissTracker:
         return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape)
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
-                provider_reason: str | None, dry_run: bool) -> tuple[Verdict, float | None]:
+                provider_reason: str | None, dry_run: bool,
+                load: Mapping[str, Any] | None = None) -> tuple[Verdict, float | None]:
         parts = p.fingerprint.parts()
         prev, how = self._previous(p, parts, now)
         changed = prev is not None and prev.signal != p.signal
         v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
                      response_cache=response_cache, affinity_changed=changed,
-                     affinity_missing=p.signal is None, provider_miss_reason=provider_reason)
+                     affinity_missing=p.signal is None, provider_miss_reason=provider_reason,
+                     load=load)
         v = _explain(v, how, prev, now)
         predicted = None
         if dry_run:

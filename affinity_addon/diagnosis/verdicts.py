@@ -15,11 +15,12 @@ from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.diagnosis.fingerprint import BlockPrint, Fingerprint, PrefixDiff, compare
 from affinity_addon.durations import parse_duration
 from affinity_addon.record.schema import Usage
+from affinity_addon.request.family_key import OVERFLOW_RPM
 
 logger = logging.getLogger(__name__)
 
 REASONS = ("hit", "partial", "first-write", "prefix-changed", "ttl-expired", "routed-away", "below-minimum",
-           "lookback-exceeded", "response-cache", "unknown")
+           "lookback-exceeded", "response-cache", "overflow", "unknown")
 
 # How many blocks back from a breakpoint the provider looks for an earlier cache entry.
 # Shapes not listed match any earlier entry (OpenAI breakpoints, automatic prefix caching).
@@ -135,6 +136,7 @@ class _Case:
     prev_point: int  # leading blocks the previous request made cacheable
     scale: float  # reported prompt tokens per estimated token, to calibrate estimates
     expected: int | None  # tokens this request could read from what the previous one cached
+    load: Mapping[str, Any] | None = None  # its prompt_cache_key's observed rate (see _LOAD)
 
     @property
     def reads(self) -> int:
@@ -282,6 +284,35 @@ def _lookback_exceeded(case: _Case) -> Verdict | None:
     return Verdict("lookback-exceeded", _lookback_text(case, gap), case.expected)
 
 
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _overflow(case: _Case) -> Verdict | None:
+    """A miss the routed-away check would report, while this proxy saw the request's
+    prompt_cache_key above OpenAI's ~15 requests a minute per prefix+key: the provider likely
+    sent it to an overflow machine that has not cached the prefix. A missing or changed key is
+    left to `routed-away` (that is the cause then)."""
+    load = case.load
+    if not load or case.prev_point == 0 or case.affinity_missing or case.affinity_changed:
+        return None
+    key_rpm = _number(load.get("key_rpm")) or 0.0
+    family_rpm, buckets = _number(load.get("family_rpm")), _number(load.get("buckets"))
+    # The family's rate spread over its buckets is the per-key load when the key alone was
+    # not tracked (a full table).
+    spread = family_rpm / buckets if family_rpm is not None and buckets else 0.0
+    rpm = max(key_rpm, spread)
+    limit = _number(load.get("limit")) or OVERFLOW_RPM
+    if rpm <= limit:
+        return None
+    where = f"; family ~{family_rpm:.0f} RPM over {buckets:.0f} bucket(s)" \
+        if family_rpm is not None and buckets else ""
+    return Verdict("overflow", f"same prefix within the TTL, previously cached, yet nothing read, "
+                   f"while its prompt_cache_key got ~{rpm:.0f} requests in the last minute"
+                   f"{where}, above the ~{limit:.0f} RPM a prefix+key takes before the "
+                   "provider overflows it to other machines", case.expected)
+
+
 def _routed_away(case: _Case) -> Verdict | None:
     if case.prev_point == 0:
         return None
@@ -297,14 +328,14 @@ def _routed_away(case: _Case) -> Verdict | None:
 
 _CHECKS: tuple[Callable[[_Case], Verdict | None], ...] = (
     _response_cache, _no_usage, _hit, _not_requested, _below_minimum, _first_write,
-    _prefix_changed, _ttl_expired, _lookback_exceeded, _routed_away,
+    _prefix_changed, _ttl_expired, _lookback_exceeded, _overflow, _routed_away,
 )
 
 
 def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
           shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
           response_cache: bool = False, affinity_changed: bool = False,
-          affinity_missing: bool = False) -> _Case:
+          affinity_missing: bool = False, load: Mapping[str, Any] | None = None) -> _Case:
     cur_blocks = cur_fp.comparable
     prev_blocks = prev.fingerprint.comparable if prev else []
     diff = compare(prev.fingerprint, cur_fp) if prev else None
@@ -318,18 +349,22 @@ def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: flo
     return _Case(prev, usage, now, shape, automatic, min_tokens, ttl_seconds, response_cache,
                  affinity_changed, affinity_missing, prev_blocks, cur_blocks,
                  _marker_positions(cur_blocks, automatic),
-                 diff, point, scale, expected)
+                 diff, point, scale, expected, load)
 
 
 def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
              shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
              response_cache: bool = False, affinity_changed: bool = False,
              affinity_missing: bool = False,
-             provider_miss_reason: str | None = None) -> Verdict:
-    """The verdict for one response. `prev` is the conversation's entry before this request."""
+             provider_miss_reason: str | None = None,
+             load: Mapping[str, Any] | None = None) -> Verdict:
+    """The verdict for one response. `prev` is the conversation's entry before this request.
+    `load`: the request rate its prompt_cache_key had when it was sent (`KeyRates.observe`:
+    key_rpm, family_rpm, buckets), the `overflow` check's evidence."""
     case = _case(prev, cur_fp, usage, now, shape=shape, automatic=automatic,
                  min_tokens=min_tokens, ttl_seconds=ttl_seconds, response_cache=response_cache,
-                 affinity_changed=affinity_changed, affinity_missing=affinity_missing)
+                 affinity_changed=affinity_changed, affinity_missing=affinity_missing,
+                 load=load if isinstance(load, Mapping) else None)
     verdict = next((v for v in (check(case) for check in _CHECKS) if v is not None),
                    Verdict("unknown", None, case.expected))
     return replace(verdict, reported_read_tokens=usage.cache_read_tokens if usage else None,

@@ -13,7 +13,9 @@ from affinity_addon.mitm import keyfile
 from affinity_addon.mitm.options import OPTION_PARSERS, check_deferred
 from affinity_addon.mitm.state import State
 from affinity_addon.record.jsonl import JsonlWriter
+from affinity_addon.request.family_key import FamilyRates
 from affinity_addon.request.rules import default_rules_file, load_rules
+from affinity_addon.views.keyrate import KeyRates
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,15 @@ class Config:
             """,
         )
         loader.add_option(
+            "affinity_instances", int, 1,
+            """
+            How many gateway instances share the traffic (behind a load balancer, each seeing
+            about 1/N of it). The observed per-family request rate is multiplied by it to size
+            the {family_key} buckets, and per-key rates (summary, overflow verdict) are scaled
+            alike, so every instance picks the bucket count one proxy seeing all would pick.
+            """,
+        )
+        loader.add_option(
             "affinity_summary", bool, True,
             "Print a cache summary (rich tables) to stderr when the proxy shuts down.",
         )
@@ -99,6 +110,11 @@ class Config:
             self.state.key = keyfile.resolve(ctx.options.affinity_key, ctx.options.confdir)
         if "affinity_max_conversations" in updated:
             self.state.tracker = MissTracker(max(ctx.options.affinity_max_conversations, 1))
+        if "affinity_instances" in updated:
+            n = ctx.options.affinity_instances
+            self.state.family_rates = FamilyRates(instances=n)
+            self.state.key_load = KeyRates(instances=n)
+            self.state.key_rates = KeyRates(instances=n)
         if "affinity_log" in updated:
             if self.state.writer:
                 self.state.writer.close()

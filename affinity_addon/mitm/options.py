@@ -36,6 +36,13 @@ def parse_nonneg_int(raw: str) -> int:
     return v
 
 
+def parse_positive_int(raw: str) -> int:
+    v = parse_nonneg_int(raw)
+    if v < 1:
+        raise ValueError(f"must be at least 1: {v}")
+    return v
+
+
 def parse_scope(raw: str) -> str:
     v = raw.strip()
     if v not in ("rules", "all"):
@@ -51,6 +58,7 @@ RAW_PARSERS: dict[str, Callable[[str], Any]] = {
     "affinity_keep_bodies": parse_nonneg_int,
     "affinity_scope": parse_scope,
     "affinity_max_conversations": parse_nonneg_int,
+    "affinity_instances": parse_positive_int,
 }
 
 # Checks run in configure on the typed values (ValueError -> OptionsError).
@@ -59,8 +67,14 @@ def _nonneg(v: Any) -> None:
         raise ValueError(f"must be a whole number >= 0, not {v!r}")
 
 
+def _positive(v: Any) -> None:
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"must be a whole number >= 1, not {v!r}")
+
+
 OPTION_PARSERS: dict[str, Callable[[Any], Any]] = {
     "affinity_keep_bodies": _nonneg,
+    "affinity_instances": _positive,
 }
 
 

@@ -162,7 +162,8 @@ class Recorder:
         if pending is not None:
             verdict, predicted = state.tracker.verdict(
                 pending, usage, time.time(), response_cache=record.response_cache,
-                provider_reason=record.provider_miss_reason, dry_run=record.dry_run)
+                provider_reason=record.provider_miss_reason, dry_run=record.dry_run,
+                load=meta.get("load"))  # the key's rate when sent: the `overflow` check's evidence
             record.miss_reason, record.miss_detail = verdict.reason, verdict.detail
             record.expected_cacheable_tokens = verdict.expected_cacheable_tokens
             record.provider_miss_reason = verdict.provider_reason
@@ -174,6 +175,7 @@ class Recorder:
             state.writer.write(data)
         state.stats.add(data)
         state.ttl.add(data)
+        state.key_rates.add(data)
         for sink in state.sinks:  # exporters (metrics, traces): a failing one never stops a record
             try:
                 sink(record, data)

@@ -57,6 +57,7 @@ class Rewriter:
         flow.metadata[META] = outcome.to_meta(
             host=flow.request.pretty_host, path=flow.request.path.split("?", 1)[0],
             method=flow.request.method)
+        flow.metadata[META]["load"] = self.state.key_load.observe(outcome, flow.request)
         if outcome.shape and parsed.obj is not None and ctx.options.affinity_diagnose:
             try:
                 self._observe(flow, outcome, parsed.obj)

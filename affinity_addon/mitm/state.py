@@ -18,6 +18,7 @@ from affinity_addon.request.rules import RuleSet
 from affinity_addon.response.stream_tap import StreamTap
 from affinity_addon.response.usage import UsageReader
 from affinity_addon.views.aggregate import Aggregator
+from affinity_addon.views.keyrate import KeyRates
 from affinity_addon.views.ttl import TtlAdvisor
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class State:
     warned: set[str] = field(default_factory=set)
     # This proxy's request rate per prompt family: how many `{family_key}` buckets to use.
     family_rates: FamilyRates = field(default_factory=FamilyRates)
+    # Requests a minute per prompt_cache_key: `key_load` counts at send time (the `overflow`
+    # verdict's evidence), `key_rates` counts records (the summary line), like `ttl`.
+    key_load: KeyRates = field(default_factory=KeyRates)
+    key_rates: KeyRates = field(default_factory=KeyRates)
     # Called with (record, its JSON dict) for every finished record: metrics, OpenTelemetry.
     # A sink must be quick and must not raise (the recorder logs and skips a failing one).
     sinks: list[Callable[[Any, dict[str, Any]], None]] = field(default_factory=list)

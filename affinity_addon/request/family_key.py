@@ -17,7 +17,6 @@ that each stays under the limit.
 """
 
 import hashlib
-import math
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -27,11 +26,16 @@ from affinity_addon.models import model_family
 from affinity_addon.request.affinity_id import keyed_hash
 from affinity_addon.request.prompt import canonical, iter_segments, root_segments
 
+# OpenAI's documented overflow point: ~15 requests a minute per prefix+key pair (per key on
+# GPT-5.6+). TARGET_RPM stays under it with a margin for bursts within a minute.
+OVERFLOW_RPM = 15
 TARGET_RPM = 12
 HOLD_MINUTES = 10  # how long a busy minute keeps its bucket count
+_SLOT = 20.0
+SLOTS_PER_MINUTE = 3
+HOLD_SLOTS = HOLD_MINUTES * SLOTS_PER_MINUTE
 MAX_FAMILIES = 10_000
 MAX_BUCKETS = 64
-_WINDOW = 60.0
 
 
 def family_hash(body: Mapping[str, Any], shape: str, key: str) -> str:
@@ -68,34 +72,35 @@ class FamilyRates:
 
     def __init__(self, instances: int = 1) -> None:
         self.instances = max(instances, 1)
-        # family -> [[minute, count, peak requests in a 60 s window ending in it], ...]
-        self._minutes: dict[str, deque[list[float]]] = {}
+        self._slots: dict[str, deque[list[int]]] = {}  # family -> [[20 s slot, count], ...]
         self._lock = threading.Lock()
 
     def buckets(self, family: str, now: float) -> int:
         """Count this request and return the bucket count for its family."""
-        minute, into = divmod(now, _WINDOW)
+        slot = int(now // _SLOT)
         with self._lock:
-            bins = self._minutes.get(family)
-            if bins is None:
-                if len(self._minutes) >= MAX_FAMILIES:  # drop the families nobody sends any more
-                    horizon = minute - HOLD_MINUTES
-                    self._minutes = {f: b for f, b in self._minutes.items() if b[-1][0] > horizon}
-                bins = self._minutes[family] = deque()
-            if bins and bins[-1][0] >= minute:
-                cur = bins[-1]  # this minute (or a flow that started a few ms out of order)
+            slots = self._slots.get(family)
+            if slots is None:
+                if len(self._slots) >= MAX_FAMILIES:  # drop the families nobody sends any more
+                    horizon = slot - HOLD_SLOTS
+                    self._slots = {f: s for f, s in self._slots.items() if s[-1][0] > horizon}
+                slots = self._slots[family] = deque()
+            if slots and slots[-1][0] >= slot:
+                slots[-1][1] += 1  # this slot (or a flow that started a few ms out of order)
             else:
-                cur = [minute, 0, 0.0]
-                bins.append(cur)
-            cur[1] += 1
-            # The last 60 s: this minute's count plus the part of the previous minute still in
-            # the window (the sliding-window estimate rate limiters use); its peak per minute.
-            prev = bins[-2][1] if len(bins) > 1 and bins[-2][0] == minute - 1 else 0
-            cur[2] = max(cur[2], cur[1] + prev * (1 - into / _WINDOW))
-            while bins[0][0] <= minute - HOLD_MINUTES:
-                bins.popleft()
-            busiest = max(peak for _, _, peak in bins) * self.instances
-        return min(max(1, math.ceil(busiest / TARGET_RPM)), MAX_BUCKETS)
+                slots.append([slot, 1])
+            while slots[0][0] <= slot - HOLD_SLOTS:
+                slots.popleft()
+            # The busiest 60 s, as any 3 consecutive 20 s slots: close to a sliding window, and
+            # additive, so instances that each see 1/N of the traffic agree with one seeing all.
+            busiest, window, start = 0, 0, 0
+            for k, n in slots:
+                window += n
+                while slots[start][0] <= k - SLOTS_PER_MINUTE:
+                    window -= slots[start][1]
+                    start += 1
+                busiest = max(busiest, window)
+        return min(max(1, -(-busiest * self.instances // TARGET_RPM)), MAX_BUCKETS)
 
 
 def family_key(body: Mapping[str, Any], shape: str, affinity_id: str, rates: FamilyRates,

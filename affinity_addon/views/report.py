@@ -21,9 +21,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from affinity_addon.durations import parse_duration
+from affinity_addon.request.family_key import OVERFLOW_RPM, TARGET_RPM
 from affinity_addon.views.aggregate import Aggregator, Bucket
 from affinity_addon.views.console import bucket_table, reasons_table, totals_line
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
+from affinity_addon.views.keyrate import KeyRates, short_key
 from affinity_addon.views.pricing import TOKEN_EQUIVALENTS, PriceTable
 from affinity_addon.views.ttl import (
     FIVE_MINUTES,
@@ -178,6 +180,7 @@ class Report:
     stats: ReadStats
     filter: RecordFilter
     ttl: TtlAdvice = field(default_factory=lambda: TtlAdvice([]))
+    keys: KeyRates = field(default_factory=KeyRates)
 
 
 def build_report(paths: Sequence[str | Path], flt: RecordFilter | None = None,
@@ -186,6 +189,7 @@ def build_report(paths: Sequence[str | Path], flt: RecordFilter | None = None,
     stats = ReadStats()
     agg = Aggregator(prices)
     ttl = TtlAdvisor(prices)
+    keys = KeyRates()
     memo: dict[str, bool] = {}
     trivial = flt == RecordFilter()
     add = agg.add
@@ -193,9 +197,10 @@ def build_report(paths: Sequence[str | Path], flt: RecordFilter | None = None,
         if trivial or flt.accepts(record, memo):
             add(record)
             ttl.add(record)
+            keys.add(record)
         else:
             stats.filtered_out += 1
-    return Report(agg, stats, flt, ttl.advice())
+    return Report(agg, stats, flt, ttl.advice(), keys)
 
 
 def dry_run_rows(agg: Aggregator) -> list[Bucket]:
@@ -218,6 +223,7 @@ def report_document(report: Report, *, top: int = 10) -> dict[str, Any]:
         "by_conversation": [b.to_dict(examples=False) for b in convs],
         "by_reason": [b.to_dict(examples=False) for b in top_buckets(agg.by_reason)],
         "ttl": report.ttl.to_dict(top or 10),
+        "key_rates": report.keys.to_dict(top or None),
         "dry_run": {
             "total": agg.total.to_dict(examples=False).get("dry_run"),
             "by_rule": [{"rule": b.key, **b.to_dict(examples=False)["dry_run"]}
@@ -257,6 +263,8 @@ def render_report(report: Report, console: Console, *, top: int = 10) -> None:
         console.print(dry_run_table(rows, agg.total))
     if report.ttl.conversations:
         console.print(ttl_table(report.ttl, top=top or None))
+    if report.keys.keys:
+        console.print(key_rate_table(report.keys, top=top or None))
     console.print("[dim]Costs cover prompt tokens only: USD where the model's base price is known, "
                   "else input-token equivalents (teq). Hit tok = share of prompt tokens read from "
                   "cache; hit req = share of requests that read any.[/]")
@@ -294,4 +302,28 @@ def ttl_table(advice: TtlAdvice, *, top: int | None = 10) -> Table:
         table.add_row(escape(short_id(c.key)), escape(c.model or "-"), str(c.requests),
                       *(fmt_cost(cost[p] * c.scale, c.unit) for p in POLICIES),
                       c.cheapest)
+    return table
+
+
+def key_rate_table(rates: KeyRates, *, top: int | None = 10) -> Table:
+    """Busiest minute per prompt family and per prompt_cache_key, with the bucket count a
+    family calls for and the keys above OpenAI's ~15 RPM per prefix+key (overflow likely)."""
+    table = Table(title="Request rate per prompt_cache_key (busiest minute)", box=box.SIMPLE_HEAD,
+                  title_justify="left", title_style="bold",
+                  caption=f"OpenAI overflows a prefix+key above ~{OVERFLOW_RPM} RPM; {{family_key}} "
+                          f"aims at {TARGET_RPM} per bucket. Keys the client sent itself are not "
+                          "logged, so not counted.", caption_justify="left")
+    for col in ("family / key", "req", "busiest RPM", "buckets", "note"):
+        table.add_column(col, justify="left" if col in ("family / key", "note") else "right",
+                         overflow="fold")
+    fams, keys = rates.rows(top)
+    for f in fams:
+        used, rec = f["buckets_used"], f["buckets_recommended"]
+        note = "" if used is None or used == rec else f"recommended {rec}"
+        fam = f["family"]
+        table.add_row(escape(f"family {fam[:8]}{'…' if len(fam) > 8 else ''}"), str(f["requests"]),
+                      str(f["busiest_rpm"]), f"{used or '-'} -> {rec}", note)
+    for k in keys:
+        table.add_row(escape(short_key(k["key"])), str(k["requests"]), str(k["busiest_rpm"]), "",
+                      "[red]overflow likely[/]" if k["overflow_likely"] else "")
     return table

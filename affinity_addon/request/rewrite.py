@@ -204,6 +204,129 @@ def _routing_signal(matched: list[Rule], request: http.Request, body: dict[str, 
     return None
 
 
+def _match(candidates: tuple[Rule, ...], body: dict[str, Any] | None,
+           model: str | None) -> list[Rule]:
+    """Step 1: the rules whose model glob fits, in file order, until one says `stop`."""
+    matched: list[Rule] = []
+    for rule in candidates:
+        if rule.model is not None and body is None:
+            continue
+        if rule.matches_model(model):
+            matched.append(rule)
+            if rule.stop:
+                break
+    return matched
+
+
+class _Rewrite:
+    """Steps 3-5 for one request: compute every header, field and marker first, encode the
+    body once, and only then apply, so a failure anywhere leaves the request as the client sent
+    it."""
+
+    def __init__(self, request: http.Request, parsed: ParsedBody, out: Outcome,
+                 facts: dict[str, Any], key: str, rates: FamilyRates | None) -> None:
+        self.request, self.parsed, self.out, self.facts = request, parsed, out, facts
+        self.body = parsed.obj
+        self.key, self.rates = key, rates
+        self.body_changed = False
+        self.must_reserialize = False
+        self.new_top: dict[str, Any] = {}  # keys added at the top level, in order (the splice)
+
+    def render(self, a: SetAction) -> Any:
+        facts, out = self.facts, self.out
+        if "family_key" in a.template.fields and "family_key" not in facts:
+            fk = None
+            if out.affinity_id is not None and self.body is not None and out.shape is not None:
+                fk, bucket, count = family_key(self.body, out.shape, out.affinity_id,
+                                               self.rates or FamilyRates(),
+                                               self.request.timestamp_start or 0.0, self.key)
+                out.key = {"strategy": "family", "bucket": bucket, "buckets": count}
+            facts["family_key"] = fk
+        return _render(a, facts)
+
+    def headers(self, rule: Rule) -> None:
+        out = self.out
+        for a in rule.set_headers:
+            if a.needs_affinity and out.affinity_id is None:
+                continue
+            present = a.target in out.headers or a.target in self.request.headers
+            if present and a.on_conflict == KEEP:
+                if a.target not in out.headers:
+                    out.kept.append(f"header:{a.target}")
+                continue
+            value = str(self.render(a))
+            if not _CONTROL.isdisjoint(value):  # e.g. {model} from a hostile body: no header injection
+                out.problems.append(f"rule {rule.name!r}: header {a.target} value has control "
+                                    "characters; not set")
+                continue
+            try:  # as mitmproxy will: a failure while applying would leave half a rewrite
+                value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                out.problems.append(f"rule {rule.name!r}: header {a.target} value cannot be "
+                                    "encoded; not set")
+                continue
+            out.headers[a.target] = value
+
+    def fields(self, rule: Rule) -> None:
+        out, body = self.out, self.body
+        assert body is not None
+        for a in rule.set_fields:
+            if a.needs_affinity and out.affinity_id is None:
+                continue
+            current = get_path(body, parse_path(a.target))
+            present_as_null = current is None and "." not in a.target and a.target in body
+            if current is not None and a.on_conflict == KEEP:
+                if a.target not in out.fields:
+                    out.kept.append(f"field:{a.target}")
+                continue
+            value = self.render(a)
+            if current == value:
+                continue
+            if not set_path(body, parse_path(a.target), value):
+                out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
+                continue
+            out.fields[a.target] = value
+            self.body_changed = True
+            if "." in a.target or current is not None or present_as_null or a.target in self.new_top:
+                self.must_reserialize = True
+            else:
+                self.new_top[a.target] = value
+
+    def breakpoints(self, rule: Rule, hint_for: Callable[[str | None], Any] | None) -> None:
+        from affinity_addon.request import breakpoints
+
+        out, body = self.out, self.body
+        if rule.cache_control is None or out.shape is None or body is None:
+            return
+        blocks = breakpoints.block_count(body, out.shape)
+        if blocks > breakpoints.plan_limit(len(self.parsed.text or b"")):
+            out.problems.append(f"rule {rule.name!r}: {blocks} prompt blocks are too many to "
+                                "plan breakpoints for; none added")
+            return
+        hint = hint_for(out.affinity_id) if hint_for is not None else None
+        added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint)
+        if added:
+            out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
+            self.body_changed = self.must_reserialize = True
+
+    def encode(self) -> bytes | None:
+        """The new body, spliced where only new top-level keys were added, else re-encoded."""
+        out, body, text = self.out, self.body, self.parsed.text
+        if not self.body_changed or body is None or text is None:
+            return None
+        if self.must_reserialize and self.parsed.exotic:
+            out.problems.append("body holds values JSON cannot re-encode losslessly (NaN, 1e400, "
+                                "lone surrogates); body not rewritten")
+            out.fields.clear()
+            out.markers.clear()
+            return None
+        if self.must_reserialize:
+            out.body_write = "reserialize"
+            return dumps(body, large=len(text) > _ORJSON_MAX)
+        out.body_write = "splice"
+        return splice_top_level(text, self.new_top, empty=len(body) == len(self.new_top))
+
+
 def apply_rules(
     ruleset: RuleSet,
     request: http.Request,
@@ -222,7 +345,7 @@ def apply_rules(
     when None)."""
     host, method = request.pretty_host, request.method
     path = request.path.split("?", 1)[0]
-    candidates = ruleset.candidates(host, path, method)
+    candidates = ruleset.candidates(host, path, method)  # host and path first: no body parse
     if not candidates:
         return None
     if parsed is None:
@@ -233,17 +356,10 @@ def apply_rules(
         return None
     body = parsed.obj
     model = body.get("model") if body is not None and isinstance(body.get("model"), str) else None
-    matched: list[Rule] = []
-    for rule in candidates:
-        if rule.model is not None and body is None:
-            continue
-        if rule.matches_model(model):
-            matched.append(rule)
-            if rule.stop:
-                break
+    matched = _match(candidates, body, model)  # 1. which rules
     if not matched:
         return None
-    first = matched[0]
+    # 2. the conversation: its API shape and affinity ID
     shape = next((r.api for r in matched if r.api), None) or shape_for(path)
     aff_config = next((r.affinity for r in matched if r.affinity), ruleset.affinity)
     aff, source = affinity_id.derive(aff_config, request.headers, body, shape, key)
@@ -251,95 +367,16 @@ def apply_rules(
     if parsed.problem and any(r.needs_body for r in matched):
         out.problems.append(parsed.problem + "; sent unchanged")
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
-             "path": path, "method": method, "rule": first.name}
-
-    def render(a: SetAction) -> Any:
-        if "family_key" in a.template.fields and "family_key" not in facts:
-            fk = None
-            if aff is not None and body is not None and shape is not None:
-                fk, bucket, count = family_key(body, shape, aff, rates or FamilyRates(),
-                                               request.timestamp_start or 0.0, key)
-                out.key = {"strategy": "family", "bucket": bucket, "buckets": count}
-            facts["family_key"] = fk
-        return _render(a, facts)
-
-    body_changed = False
-    new_top: dict[str, Any] = {}  # keys added at the top level, in order (for the splice)
-    must_reserialize = False
-    for rule in matched:
+             "path": path, "method": method, "rule": matched[0].name}
+    rw = _Rewrite(request, parsed, out, facts, key, rates)
+    for rule in matched:  # 3. headers, fields and breakpoints, rule by rule
         facts["rule"] = rule.name
-        for a in rule.set_headers:
-            if a.needs_affinity and aff is None:
-                continue
-            present = a.target in out.headers or a.target in request.headers
-            if present and a.on_conflict == KEEP:
-                if a.target not in out.headers:
-                    out.kept.append(f"header:{a.target}")
-                continue
-            value = str(render(a))
-            if not _CONTROL.isdisjoint(value):  # e.g. {model} from a hostile body: no header injection
-                out.problems.append(f"rule {rule.name!r}: header {a.target} value has control "
-                                    "characters; not set")
-                continue
-            try:  # as mitmproxy will: a failure while applying would leave half a rewrite
-                value.encode("utf-8", "surrogateescape")
-            except UnicodeEncodeError:
-                out.problems.append(f"rule {rule.name!r}: header {a.target} value cannot be "
-                                    "encoded; not set")
-                continue
-            out.headers[a.target] = value
-        if body is None:
-            continue
-        for a in rule.set_fields:
-            if a.needs_affinity and aff is None:
-                continue
-            current = get_path(body, parse_path(a.target))
-            present_as_null = current is None and "." not in a.target and a.target in body
-            if current is not None and a.on_conflict == KEEP:
-                if a.target not in out.fields:
-                    out.kept.append(f"field:{a.target}")
-                continue
-            value = render(a)
-            if current == value:
-                continue
-            if not set_path(body, parse_path(a.target), value):
-                out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
-                continue
-            out.fields[a.target] = value
-            body_changed = True
-            if "." in a.target or current is not None or present_as_null or a.target in new_top:
-                must_reserialize = True
-            else:
-                new_top[a.target] = value
-        if rule.cache_control is not None and shape is not None:
-            from affinity_addon.request import breakpoints
-
-            blocks = breakpoints.block_count(body, shape)
-            if blocks > breakpoints.plan_limit(len(parsed.text or b"")):
-                out.problems.append(f"rule {rule.name!r}: {blocks} prompt blocks are too many to "
-                                    "plan breakpoints for; none added")
-                continue
-            hint = hint_for(aff) if hint_for is not None else None
-            added = breakpoints.plan_breakpoints(body, shape, model, rule.cache_control, hint)
-            if added:
-                out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
-                body_changed = must_reserialize = True
-    new: bytes | None = None
-    if body_changed and body is not None and parsed.text is not None:
-        if must_reserialize and parsed.exotic:
-            out.problems.append("body holds values JSON cannot re-encode losslessly (NaN, 1e400, "
-                                "lone surrogates); body not rewritten")
-            out.fields.clear()
-            out.markers.clear()
-        elif must_reserialize:
-            new = dumps(body, large=len(parsed.text) > _ORJSON_MAX)
-            out.body_write = "reserialize"
-        else:
-            new = splice_top_level(parsed.text, new_top, empty=len(body) == len(new_top))
-            out.body_write = "splice"
-    # Everything is computed before anything is applied: a failure above leaves the request
-    # exactly as the client sent it.
-    if not dry_run:
+        rw.headers(rule)
+        if body is not None:
+            rw.fields(rule)
+            rw.breakpoints(rule, hint_for)
+    new = rw.encode()  # 4. the body, encoded once
+    if not dry_run:  # 5. apply: nothing before this line touched the request
         for name, value in out.headers.items():
             request.headers[name] = value
         if new is not None:

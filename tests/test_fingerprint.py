@@ -12,10 +12,10 @@ from affinity_addon.diagnosis.fingerprint import (
     CHUNK_CHARS,
     IGNORED,
     Fingerprint,
-    compare,
     compile_volatile,
     fingerprint,
 )
+from affinity_addon.diagnosis.prefix_diff import compare
 
 SECRET = "SECRET-PROMPT-TEXT-4711"
 DATE_AT = 600  # where the system prompt's date sits: inside chunk 512..767

@@ -24,12 +24,7 @@ from typing import Any
 import yaml
 
 from affinity_addon.catalog import catalog_file
-from affinity_addon.diagnosis.fingerprint import (
-    DIGEST_SIZE,
-    Fingerprint,
-    PromptParts,
-    fingerprint,
-)
+from affinity_addon.diagnosis.fingerprint import DIGEST_SIZE, Fingerprint, PromptParts, fingerprint
 from affinity_addon.diagnosis.verdicts import (
     ConversationStore,
     Entry,

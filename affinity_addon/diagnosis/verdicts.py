@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from affinity_addon.catalog.providers import PROVIDER_FACTS
-from affinity_addon.diagnosis.fingerprint import BlockPrint, Fingerprint, PrefixDiff, compare
+from affinity_addon.diagnosis.fingerprint import BlockPrint, Fingerprint
+from affinity_addon.diagnosis.prefix_diff import PrefixDiff, compare
 from affinity_addon.durations import parse_duration
 from affinity_addon.record.schema import Usage
 from affinity_addon.request.family_key import OVERFLOW_RPM

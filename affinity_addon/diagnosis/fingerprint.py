@@ -11,7 +11,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, block_digest
@@ -137,27 +137,20 @@ class Fingerprint:
     rows: bytes  # _ROW-packed, one per block
     labels: tuple[str, ...]  # strings the rows point at: paths, kinds, sections, ttls
     chunks: bytes  # CHUNK_ROW-packed text chunk hashes
-    # Unpacked blocks, kept only while one request is being judged (`release()` drops them):
-    # unpacking costs far more than anything done with the blocks, and a stored fingerprint
-    # must stay packed.
-    _unpacked: tuple[tuple[BlockPrint, ...], list[BlockPrint]] | None = field(
-        default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows) // _ROW.size
 
-    def release(self) -> None:
-        object.__setattr__(self, "_unpacked", None)
-
-    def _unpack(self) -> tuple[tuple[BlockPrint, ...], list[BlockPrint]]:
-        if self._unpacked is None:
-            blocks = self._decode()
-            object.__setattr__(self, "_unpacked", (blocks, [b for b in blocks if not b.ignored]))
-        return self._unpacked  # type: ignore[return-value]
+    def unpack(self) -> "Blocks":
+        """The blocks, decoded. Unpacking costs far more than anything done with the blocks:
+        a judgement unpacks each fingerprint once and passes the result along; the stored
+        fingerprint itself stays packed and never changes."""
+        blocks = self._decode()
+        return Blocks(blocks, [b for b in blocks if not b.ignored])
 
     @property
     def blocks(self) -> tuple[BlockPrint, ...]:
-        return self._unpack()[0]
+        return self.unpack().all
 
     def _decode(self) -> tuple[BlockPrint, ...]:
         labels, out, chunk0 = self.labels, [], 0
@@ -189,19 +182,19 @@ class Fingerprint:
     @property
     def comparable(self) -> list[BlockPrint]:
         """The blocks that count for the prefix: volatile (ignored) ones left out."""
-        return self._unpack()[1]
+        return self.unpack().comparable
 
-    def plan_digests(self) -> bytes:
+    def plan_digests(self, unpacked: "Blocks | None" = None) -> bytes:
         """Digests of the prompt segments in order, as the breakpoint planner computes them
         (a volatile block's is zero: it matches anything). For `breakpoints.PlanHint`."""
-        return b"".join(b.digest for b in self.blocks if not b.carrier)
+        return b"".join(b.digest for b in (unpacked or self.unpack()).all if not b.carrier)
 
-    def parts(self) -> "PromptParts":
+    def parts(self, unpacked: "Blocks | None" = None) -> "PromptParts":
         """Digests of the parts that tell conversations and their side requests apart."""
         tools, system, opening = (hashlib.blake2b(digest_size=DIGEST_SIZE) for _ in range(3))
         opening_msg: int | None = None
         leading = True
-        for b in self.comparable:
+        for b in (unpacked or self.unpack()).comparable:
             if b.section == "tools":
                 tools.update(b.digest)
             elif b.system and (b.message_index is None or leading):
@@ -214,11 +207,11 @@ class Fingerprint:
                     opening.update(b.digest)
         return PromptParts(tools.digest(), system.digest(), opening.digest())
 
-    def history(self) -> bytes:
+    def history(self, unpacked: "Blocks | None" = None) -> bytes:
         """Digests of the conversation's message blocks after the leading system ones, in
         order, concatenated (DIGEST_SIZE bytes each)."""
         out, leading = [], True
-        for b in self.comparable:
+        for b in (unpacked or self.unpack()).comparable:
             if b.message_index is None or (leading and b.system):
                 continue
             leading = False
@@ -227,9 +220,21 @@ class Fingerprint:
 
     @property
     def last_ttl(self) -> str | None:
-        """The `ttl` of the last marked block, the one the next request reads from."""
-        marked = [b for b in self.blocks if b.marked]
-        return marked[-1].ttl if marked else None
+        """The `ttl` of the last marked block, the one the next request reads from (read off the
+        packed rows: no unpacking)."""
+        ttl = None
+        for *_, ttl_label, _field, flags in _ROW.iter_unpack(self.rows):
+            if flags & _MARKED:
+                ttl = self.labels[ttl_label - 1] if ttl_label else None
+        return ttl
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """A fingerprint unpacked for one judgement: made once, passed along, then dropped."""
+
+    all: tuple[BlockPrint, ...]
+    comparable: list[BlockPrint]  # volatile (ignored) blocks left out
 
 
 @dataclass(frozen=True, slots=True)

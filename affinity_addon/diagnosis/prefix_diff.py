@@ -12,6 +12,7 @@ from affinity_addon.diagnosis.fingerprint import (
     IMAGE_KINDS,
     THINKING_KINDS,
     BlockPrint,
+    Blocks,
     Fingerprint,
 )
 
@@ -33,12 +34,14 @@ def _same(a: BlockPrint, b: BlockPrint) -> bool:
     return a.digest == b.digest and a.first == b.first and a.envelope == b.envelope
 
 
-def compare(prev: Fingerprint, cur: Fingerprint) -> PrefixDiff:
-    """Explain how `cur` relates to `prev`: O(blocks)."""
+def compare(prev: Fingerprint, cur: Fingerprint, prev_blocks: Blocks | None = None,
+            cur_blocks: Blocks | None = None) -> PrefixDiff:
+    """Explain how `cur` relates to `prev`: O(blocks). Pass their unpacked blocks if at hand."""
     if prev.model and cur.model and prev.model != cur.model:
         return PrefixDiff("model-switched", 0, 0, "model",
                           f"model switched from {prev.model} to {cur.model}")
-    p, c = prev.comparable, cur.comparable
+    p = (prev_blocks or prev.unpack()).comparable
+    c = (cur_blocks or cur.unpack()).comparable
     n, limit = 0, min(len(p), len(c))
     while n < limit and _same(p[n], c[n]):
         n += 1

@@ -24,7 +24,13 @@ from typing import Any
 import yaml
 
 from affinity_addon.catalog import catalog_file
-from affinity_addon.diagnosis.fingerprint import DIGEST_SIZE, Fingerprint, PromptParts, fingerprint
+from affinity_addon.diagnosis.fingerprint import (
+    DIGEST_SIZE,
+    Blocks,
+    Fingerprint,
+    PromptParts,
+    fingerprint,
+)
 from affinity_addon.diagnosis.verdicts import (
     ConversationStore,
     Entry,
@@ -150,7 +156,8 @@ class MissTracker:
         return PlanHint(tuple(t.plan for t in threads or () if t.plan),
                         rhythm.choose(now=now) if rhythm is not None else None)
 
-    def _previous(self, p: "Pending", parts: PromptParts, now: float) -> tuple[Stored | None, str]:
+    def _previous(self, p: "Pending", parts: PromptParts, now: float,
+                  cur: Blocks) -> tuple[Stored | None, str]:
         """(the request this one is compared with, how it was found: same, changed, lineage,
         new-thread or new)."""
         threads = next((t for t in map(self.store.get, p.keys) if t), ())
@@ -167,7 +174,7 @@ class MissTracker:
             return None, "new-thread"
         old = self.lineage.get(_lineage_key(parts))
         if (old is not None and now - old.entry.ts <= LINEAGE_SECONDS
-                and _continues(old, p.fingerprint.history())):
+                and _continues(old, p.fingerprint.history(cur))):
             return old, "lineage"
         return None, "new"
 
@@ -187,36 +194,36 @@ class MissTracker:
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool,
                 load: Mapping[str, Any] | None = None) -> tuple[Verdict, float | None]:
-        parts = p.fingerprint.parts()
-        prev, how = self._previous(p, parts, now)
+        cur = p.fingerprint.unpack()  # once per judgement; the stored fingerprints stay packed
+        parts = p.fingerprint.parts(cur)
+        prev, how = self._previous(p, parts, now, cur)
         changed = prev is not None and prev.signal != p.signal
+        unpacked = (prev.entry.fingerprint.unpack() if prev else None, cur)
         v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
                      response_cache=response_cache, affinity_changed=changed,
                      affinity_missing=p.signal is None, provider_miss_reason=provider_reason,
-                     load=load)
+                     load=load, unpacked=unpacked)
         v = _explain(v, how, prev, now)
         predicted = None
         if dry_run:
             predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
                                           min_tokens=p.min_tokens, automatic=p.automatic,
-                                          shape=p.shape)
+                                          shape=p.shape, unpacked=unpacked)
         if usage is not None and p.keys:
             rhythm = self.rhythms.get(p.keys[0]) or Rhythm()
             rhythm.observe_at(p.ts, usage.cache_read_tokens + usage.cache_write_tokens)
             self.rhythms.put(p.keys[0], rhythm)
         if not response_cache:
-            entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds, automatic=p.automatic)
-            stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(),
-                            p.fingerprint.history(), p.keys[0] if p.keys else "")
+            entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds,
+                              automatic=p.automatic, unpacked=cur)
+            stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(cur),
+                            p.fingerprint.history(cur), p.keys[0] if p.keys else "")
             for key in p.keys:
                 threads = self.store.get(key) or ()
                 rest = tuple(t for t in threads if t is not prev and t.parts != parts)
                 self.store.put(key, (stored, *rest)[:THREADS])
             self.lineage.put(_lineage_key(parts), stored)
-        p.fingerprint.release()  # stored packed: a few KB per conversation, not the unpacked blocks
-        if prev is not None:
-            prev.entry.fingerprint.release()
         return v, predicted
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from affinity_addon.catalog.providers import PROVIDER_FACTS
-from affinity_addon.diagnosis.fingerprint import BlockPrint, Fingerprint
+from affinity_addon.diagnosis.fingerprint import BlockPrint, Blocks, Fingerprint
 from affinity_addon.diagnosis.prefix_diff import PrefixDiff, compare
 from affinity_addon.durations import parse_duration
 from affinity_addon.record.schema import Usage
@@ -61,9 +61,10 @@ def _cache_point(blocks: list[BlockPrint], automatic: bool) -> int:
     return positions[-1] + 1 if positions else 0
 
 
-def entry_for(fp: Fingerprint, ts: float, *, ttl_seconds: float, automatic: bool) -> Entry:
+def entry_for(fp: Fingerprint, ts: float, *, ttl_seconds: float, automatic: bool,
+              unpacked: Blocks | None = None) -> Entry:
     """The store entry for a request just sent."""
-    blocks = fp.comparable
+    blocks = (unpacked or fp.unpack()).comparable
     point = _cache_point(blocks, automatic)
     return Entry(fp, ts, ttl_seconds, point > 0, sum(b.tokens for b in blocks[:point]))
 
@@ -336,10 +337,13 @@ _CHECKS: tuple[Callable[[_Case], Verdict | None], ...] = (
 def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
           shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
           response_cache: bool = False, affinity_changed: bool = False,
-          affinity_missing: bool = False, load: Mapping[str, Any] | None = None) -> _Case:
-    cur_blocks = cur_fp.comparable
-    prev_blocks = prev.fingerprint.comparable if prev else []
-    diff = compare(prev.fingerprint, cur_fp) if prev else None
+          affinity_missing: bool = False, load: Mapping[str, Any] | None = None,
+          unpacked: tuple[Blocks | None, Blocks | None] = (None, None)) -> _Case:
+    prev_unpacked = (unpacked[0] or prev.fingerprint.unpack()) if prev else None
+    cur_unpacked = unpacked[1] or cur_fp.unpack()
+    cur_blocks = cur_unpacked.comparable
+    prev_blocks = prev_unpacked.comparable if prev_unpacked else []
+    diff = compare(prev.fingerprint, cur_fp, prev_unpacked, cur_unpacked) if prev else None
     point = _cache_point(prev_blocks, automatic) if prev and prev.marked else 0
     scale = 1.0
     if usage is not None and usage.input_tokens > 0 and cur_fp.total_tokens > 0:
@@ -358,14 +362,15 @@ def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: 
              response_cache: bool = False, affinity_changed: bool = False,
              affinity_missing: bool = False,
              provider_miss_reason: str | None = None,
-             load: Mapping[str, Any] | None = None) -> Verdict:
+             load: Mapping[str, Any] | None = None,
+             unpacked: tuple[Blocks | None, Blocks | None] = (None, None)) -> Verdict:
     """The verdict for one response. `prev` is the conversation's entry before this request.
     `load`: the request rate its prompt_cache_key had when it was sent (`KeyRates.observe`:
     key_rpm, family_rpm, buckets), the `overflow` check's evidence."""
     case = _case(prev, cur_fp, usage, now, shape=shape, automatic=automatic,
                  min_tokens=min_tokens, ttl_seconds=ttl_seconds, response_cache=response_cache,
                  affinity_changed=affinity_changed, affinity_missing=affinity_missing,
-                 load=load if isinstance(load, Mapping) else None)
+                 load=load if isinstance(load, Mapping) else None, unpacked=unpacked)
     verdict = next((v for v in (check(case) for check in _CHECKS) if v is not None),
                    Verdict("unknown", None, case.expected))
     return replace(verdict, reported_read_tokens=usage.cache_read_tokens if usage else None,
@@ -373,14 +378,15 @@ def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: 
 
 
 def predict_hit_ratio(prev: Entry | None, cur_fp: Fingerprint, *, min_tokens: int,
-                      automatic: bool, shape: str | None = None) -> float | None:
+                      automatic: bool, shape: str | None = None,
+                      unpacked: tuple[Blocks | None, Blocks | None] = (None, None)) -> float | None:
     """The hit ratio this request should get from a warm cache (for dry runs).
 
     Counts the tokens the previous request made cacheable that this one shares, when this one
     has a breakpoint to read them with; None when the prompt is empty.
     """
     case = _case(prev, cur_fp, None, 0.0, shape=shape or "", automatic=automatic,
-                 min_tokens=min_tokens, ttl_seconds=0.0)
+                 min_tokens=min_tokens, ttl_seconds=0.0, unpacked=unpacked)
     total = sum(b.tokens for b in case.cur_blocks)
     if total <= 0:
         return None

@@ -6,10 +6,11 @@ Everything listens on 127.0.0.1; every process is stopped by its PID.
 import os
 import re
 import selectors
-import signal
 import socket
 import subprocess
 import time
+
+from affinity_addon.cli.run import stop
 
 
 def free_port() -> int:
@@ -48,14 +49,8 @@ def listening_port(proc: subprocess.Popen, what: str = "the simulator",
     return int(m.group(1))
 
 
-def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+# The same stop as `affinity run` uses for the proxy it started: SIGTERM, then SIGKILL.
+stop_pid = stop
 
 
 def clean_env() -> dict[str, str]:

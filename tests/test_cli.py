@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import certifi
@@ -17,7 +16,7 @@ from affinity_addon.__main__ import build_parser, main
 from affinity_addon.cli import proxy, run
 from tests.harness import ROOT, map_remote_args
 from tests.procs import clean_env, free_port, listening_port, stop_pid, wait_port
-from tests.test_packaging import wheel  # noqa: F401  (module fixture: the built wheel)
+from tests.test_packaging import install_wheel, wheel  # noqa: F401  (wheel: module fixture)
 
 
 def parse(argv: list[str]):
@@ -89,15 +88,7 @@ for question in ("hello", "and again"):
 @pytest.fixture
 def installed(wheel: Path, tmp_path: Path) -> Path:  # noqa: F811
     """A fresh venv with the wheel (deps from the test venv via a .pth, no download)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q",
-                    "--disable-pip-version-check", str(wheel)], check=True, timeout=300)
-    return venv
+    return install_wheel(wheel, tmp_path / "venv")
 
 
 @pytest.fixture

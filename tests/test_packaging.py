@@ -40,6 +40,24 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return whl
 
 
+def site_packages(py: Path) -> str:
+    return subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def install_wheel(wheel: Path, venv: Path) -> Path:
+    """A fresh venv with the wheel installed, not editable. The dependencies come from the test
+    environment (no download); the project itself only from the wheel. A .pth line adds a path
+    without running that directory's own .pth files, so the checkout's editable install stays
+    invisible."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    Path(site_packages(py), "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q",
+                    "--disable-pip-version-check", str(wheel)], check=True, timeout=300)
+    return venv
+
+
 def test_wheel_ships_rules_catalog_and_no_dev_tools(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("affinity_addon/addon.py", "affinity_addon/default_rules/default.yaml",
@@ -53,17 +71,9 @@ def test_wheel_ships_rules_catalog_and_no_dev_tools(wheel: Path) -> None:
 
 
 def test_installed_wheel_runs_the_proxy_with_shipped_rules(wheel: Path, tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    venv = install_wheel(wheel, tmp_path / "venv")
     py = venv / "bin" / "python"
-    # The dependencies come from the test environment (no download); the project itself only
-    # from the wheel. A .pth line adds a path without running that directory's own .pth files,
-    # so the checkout's editable install stays invisible.
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q",
-                    "--disable-pip-version-check", str(wheel)], check=True, timeout=300)
+    site = site_packages(py)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = clean_env()

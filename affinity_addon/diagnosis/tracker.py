@@ -109,11 +109,15 @@ class Pending:
     ttl_seconds: float
     min_tokens: int
     shape: str
+    # The fingerprint unpacked, once, while the request is upstream (None: unpack when judged).
+    blocks: Blocks | None = None
 
 
 THREADS = 8  # threads kept per conversation ID (main, memory, title, compaction, subagents)
 LINEAGE = 4096  # recent threads indexed by (tools, first message), to find what a new ID continues
-LINEAGE_SECONDS = 86_400.0  # a date rollover is at most a day after the previous request
+LINEAGE_SECONDS = 86_400.0
+# Unpacked fingerprints kept for the next turn's verdict: ~300 bytes a block, so ~15 MB at most.
+UNPACKED_BLOCKS = 50_000  # a date rollover is at most a day after the previous request
 TRAILER = 2  # blocks an agent may drop from the end of its history (per-turn context)
 
 
@@ -143,6 +147,28 @@ class MissTracker:
         self.lineage: ConversationStore[Stored] = ConversationStore(min(capacity, LINEAGE))
         # Conversation ID -> its gaps and growth, for `ttl: auto` (a few floats each).
         self.rhythms: ConversationStore[Rhythm] = ConversationStore(capacity)
+        # The latest stored fingerprints, unpacked: the next turn of a busy conversation is
+        # judged against its previous request without decoding it again. Bounded by blocks.
+        self.unpacked: dict[int, tuple[Fingerprint, Blocks]] = {}
+        self.unpacked_blocks = 0
+
+    def _keep_unpacked(self, fp: Fingerprint, blocks: Blocks) -> None:
+        # Keyed by identity, holding the fingerprint itself so that the id stays its own.
+        old = self.unpacked.pop(id(fp), None)
+        if old is not None:
+            self.unpacked_blocks -= len(old[1].all)
+        self.unpacked[id(fp)] = (fp, blocks)
+        self.unpacked_blocks += len(blocks.all)
+        while self.unpacked_blocks > UNPACKED_BLOCKS and len(self.unpacked) > 1:
+            oldest = next(iter(self.unpacked))  # dicts keep insertion order: the oldest first
+            self.unpacked_blocks -= len(self.unpacked.pop(oldest)[1].all)
+
+    def _unpack(self, fp: Fingerprint) -> Blocks:
+        hit = self.unpacked.pop(id(fp), None)
+        if hit is not None and hit[0] is fp:
+            self.unpacked_blocks -= len(hit[1].all)
+            return hit[1]
+        return fp.unpack()
 
     def hint(self, key: str | None, now: float | None = None) -> PlanHint | None:
         """The planner's view of this conversation's previous requests (one per thread) and the
@@ -189,16 +215,17 @@ class MissTracker:
             except ValueError:
                 pass
         min_tokens = prof.min_tokens if prof.min_tokens is not None else min_tokens_for(model)
-        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape)
+        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, fp.unpack())
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool,
                 load: Mapping[str, Any] | None = None) -> tuple[Verdict, float | None]:
-        cur = p.fingerprint.unpack()  # once per judgement; the stored fingerprints stay packed
+        # Unpacked once per judgement (at observe time); the stored fingerprints stay packed.
+        cur = p.blocks if p.blocks is not None else p.fingerprint.unpack()
         parts = p.fingerprint.parts(cur)
         prev, how = self._previous(p, parts, now, cur)
         changed = prev is not None and prev.signal != p.signal
-        unpacked = (prev.entry.fingerprint.unpack() if prev else None, cur)
+        unpacked = (self._unpack(prev.entry.fingerprint) if prev else None, cur)
         v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
                      response_cache=response_cache, affinity_changed=changed,
@@ -224,6 +251,7 @@ class MissTracker:
                 rest = tuple(t for t in threads if t is not prev and t.parts != parts)
                 self.store.put(key, (stored, *rest)[:THREADS])
             self.lineage.put(_lineage_key(parts), stored)
+            self._keep_unpacked(p.fingerprint, cur)
         return v, predicted
 
 

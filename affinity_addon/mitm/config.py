@@ -184,9 +184,7 @@ class Config:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
-        if self.state.pool is not None:
-            self.state.pool.shutdown(wait=False, cancel_futures=True)
-            self.state.pool = None
+        self.state.run_later()  # records of responses that finished just before shutdown
         if self.state.writer:
             self.state.writer.close()
             self.state.writer = None

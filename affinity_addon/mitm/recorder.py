@@ -2,11 +2,10 @@
 frames, the miss verdict, and one record per response (JSONL, flow comment, live summary).
 """
 
-import asyncio
 import json
 import logging
 import time
-from concurrent.futures import Future
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, hooks, http
@@ -140,25 +139,19 @@ class Recorder:
         )
         record.usage_problem = usage_problem
         pending = self.state.pending.pop(flow.id, None) if transport == "http" else None
-        if isinstance(pending, asyncio.Future | Future):
-            if not pending.done():
-                pending.add_done_callback(lambda f: self._completed(flow, meta, record, usage, f))
-                return
-            pending = pending.result() if not pending.exception() else None
-        self._record(flow, meta, record, usage, pending)
-
-    def _completed(self, flow: http.HTTPFlow, meta: dict[str, Any], record: Record,
-                   usage: Usage | None, fut: Any) -> None:
-        try:
-            pending = fut.result() if not fut.cancelled() and not fut.exception() else None
-            self._record(flow, meta, record, usage, pending)
-            ctx.master.addons.trigger(hooks.UpdateHook([flow]))  # changed outside a hook
-        except Exception:
-            logger.exception("affinity: could not record this response")
+        self.state.defer(lambda: self._record(flow, meta, record, usage, pending))
 
     def _record(self, flow: http.HTTPFlow, meta: dict[str, Any], record: Record,
-                usage: Usage | None, pending: Pending | None) -> None:
+                usage: Usage | None, pending: Pending | Callable[[], Pending] | None) -> None:
         state = self.state
+        if callable(pending):
+            try:
+                pending = pending()
+            except RecursionError:
+                pending = None  # too deeply nested to fingerprint: no verdict for this one
+            except Exception:
+                logger.exception("affinity: cannot fingerprint this request; no verdict for it")
+                pending = None
         if pending is not None:
             verdict, predicted = state.tracker.verdict(
                 pending, usage, time.time(), response_cache=record.response_cache,
@@ -186,3 +179,7 @@ class Recorder:
         flow.marked = build.marker(record)
         meta["usage"] = data["usage"]
         meta["hit_ratio"] = record.hit_ratio
+        if state.running_later and getattr(ctx.master, "view", None) is not None:
+            # Changed after the hook returned: mitmweb's and mitmproxy console's flow list
+            # must hear of it (mitmdump has no view; the dispatch would cost for nothing).
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))

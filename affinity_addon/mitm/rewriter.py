@@ -1,18 +1,19 @@
-"""The request side as an addon: rules -> affinity ID -> rewrite, then a prefix fingerprint.
+"""The request side as an addon: rules -> affinity ID -> rewrite; the prefix fingerprint waits.
 
-The fingerprint (for the miss verdict) is computed in a worker thread while the request travels
-upstream; the recorder waits for it at response time.
+Only what must happen before the request leaves happens here. The fingerprint (for the miss
+verdict) needs nothing but the parsed body, so the recorder computes it after the response has
+gone back to the client (`State.defer`).
 """
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from mitmproxy import ctx, http
 
+from affinity_addon.diagnosis.tracker import Pending
 from affinity_addon.mitm.state import State
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.record.schema import META
@@ -81,14 +82,23 @@ class Rewriter:
             state.pending.clear()
         # The tracker keeps the model per conversation: a real name's length, not the client's.
         model = outcome.model[:MAX_MODEL_CHARS] if outcome.model else None
+        # The tracker reads the body later: this request's body object is never changed again
+        # (the rewrite encoded a new one or spliced the raw bytes). Deferred, the fingerprint
+        # is computed once the request has been sent, while the provider works on it.
         work = partial(state.tracker.observe, body, shape=outcome.shape, model=model,
                        host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
                        ts=flow.request.timestamp_start or time.time())
+        state.pending[flow.id] = work
+        state.defer(partial(self._fingerprint, flow.id, work))
+
+    def _fingerprint(self, flow_id: str, work: Callable[[], Pending]) -> None:
+        pending = self.state.pending
+        if pending.get(flow_id) is not work:
+            return  # answered (and judged) already, or dropped
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # called outside mitmproxy's loop (unit tests): compute inline
-            state.pending[flow.id] = work()
-            return
-        if state.pool is None:
-            state.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="affinity-fp")
-        state.pending[flow.id] = loop.run_in_executor(state.pool, work)
+            pending[flow_id] = work()
+        except RecursionError:
+            pending.pop(flow_id, None)  # too deeply nested to fingerprint: no verdict for it
+        except Exception:
+            pending.pop(flow_id, None)
+            logger.exception("affinity: cannot fingerprint this request; no verdict for it")

@@ -6,8 +6,8 @@ see one `State` instead of reaching into each other.
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,9 +55,15 @@ class State:
     ttl: TtlAdvisor = field(default_factory=lambda: new_ttl_advisor())
     tracker: MissTracker = field(default_factory=MissTracker)
     live: dict[str, Live] = field(default_factory=dict)
-    # Fingerprints computed while the request travels upstream; the verdict waits for them.
-    pending: dict[str, Pending | asyncio.Future[Pending]] = field(default_factory=dict)
-    pool: ThreadPoolExecutor | None = None
+    # Per flow, the fingerprint still to compute (or computed, in unit tests): it needs only the
+    # request body, so it waits until the response has gone back to the client.
+    pending: dict[str, Pending | Callable[[], Pending]] = field(default_factory=dict)
+    # Work that can wait until the response is on its way (fingerprint, verdict, record): run
+    # on the event loop right after the hook that queued it, never on a thread (a worker holding
+    # the GIL stalls the loop just the same, and the hand-offs cost more than the work).
+    later: deque[Callable[[], None]] = field(default_factory=deque)
+    later_scheduled: bool = False
+    running_later: bool = False  # True while deferred work runs (outside any hook)
     warned: set[str] = field(default_factory=set)
     # This proxy's request rate per prompt family: how many `{family_key}` buckets to use.
     family_rates: FamilyRates = field(default_factory=FamilyRates)
@@ -73,6 +79,33 @@ class State:
     def in_scope(self, host: str) -> bool:
         rs = self.ruleset
         return rs is not None and any(r.host.matches(host) for r in rs.rules)
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """Run `work` once the current hook has returned and mitmproxy has sent what it
+        unblocked; inline when there is no running loop (unit tests)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            work()
+            return
+        self.later.append(work)
+        if not self.later_scheduled:
+            self.later_scheduled = True
+            loop.call_soon(self.run_later)
+
+    def run_later(self) -> None:
+        """Run the deferred work, in order (also on shutdown: no record is lost)."""
+        self.later_scheduled = False
+        self.running_later = True
+        try:
+            while self.later:
+                work = self.later.popleft()
+                try:
+                    work()
+                except Exception:  # one failing record must not stop the others
+                    logger.exception("affinity: could not record this response")
+        finally:
+            self.running_later = False
 
     def warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self.warned:

@@ -360,3 +360,28 @@ def test_diagnosis_can_be_turned_off(addon, tmp_path):
     a.response(f)
     (rec,) = [json.loads(x) for x in log.read_text().splitlines()]
     assert rec["usage"]["input_tokens"] == 10 and rec["miss_reason"] is None
+
+
+BIG = 2**70 + 1  # read as a float by orjson: a re-encode must not turn it into 1.1805916207174113e21
+
+
+@pytest.mark.parametrize("model", ["o3", "gpt-5"])
+def test_integers_beyond_64_bits_survive_splice_and_re_encode(addon, model):
+    """The parse skips the scan for long integers (it costs half a parse); a splice never needs
+    it (o3: one rule adds a key), and a re-encode (gpt-5: the second rule overwrites the key the
+    first one added) re-reads the body exactly and carries the added key over."""
+    a, _ = addon
+    body = {**CHAT, "model": model, "seed": BIG, "metadata": {"n": [BIG, -BIG]}}
+    f = req(body)
+    raw = json.dumps(body).encode()
+    a.request(f)
+    sent = f.request.content
+    assert sent is not None
+    out = json.loads(sent)
+    assert out["seed"] == BIG and out["metadata"] == {"n": [BIG, -BIG]}
+    rec = f.metadata[META]
+    if model == "o3":
+        assert rec["body_write"] == "splice" and out["prompt_cache_key"] == rec["affinity_id"]
+        assert sent.endswith(raw[1:])  # the original bytes, untouched, after the new key
+    else:
+        assert rec["body_write"] == "reserialize" and out["prompt_cache_key"] == "forced-gpt-5"

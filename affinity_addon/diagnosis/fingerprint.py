@@ -12,7 +12,7 @@ import struct
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, block_digest
 from affinity_addon.request.prompt import (
@@ -89,9 +89,12 @@ def compile_volatile(spec: Mapping[str, Iterable[str]]) -> dict[str, tuple[re.Pa
 DEFAULT_VOLATILE = compile_volatile(VOLATILE_PATTERNS)
 
 
-@dataclass(frozen=True, slots=True)
-class BlockPrint:
-    """One prompt segment, unpacked from a Fingerprint. Holds hashes and lengths, no text."""
+class BlockPrint(NamedTuple):
+    """One prompt segment, unpacked from a Fingerprint. Holds hashes and lengths, no text.
+
+    A NamedTuple, not a frozen dataclass: a 1 MB prompt unpacks to thousands of these, and a
+    frozen dataclass's __init__ (one object.__setattr__ per field) cost more than the rest of
+    the verdict together."""
 
     path: str
     section: str

@@ -37,6 +37,19 @@ class ParsedBody:
     # write it back with the stdlib too, which round-trips those values.
     exotic: bool = False
     over_limit: bool = False  # decodes past the bound: the flow is left alone entirely
+    # Parsed by orjson without looking for integers beyond 64 bits (which it reads as floats):
+    # harmless for reading fields and for a splice; `exact()` settles it before a re-encode.
+    unchecked: bool = False
+
+    def exact(self) -> dict[str, Any] | None:
+        """The object, re-read by the stdlib if the text holds an integer beyond 64 bits (so
+        that a re-encode writes it back exactly). Checked once, only when a re-encode needs it:
+        the scan costs half an orjson parse, and most rewrites are a splice."""
+        if self.unchecked and self.text is not None:
+            self.unchecked = False
+            if _has_long_digits(self.text):
+                self.obj = json.loads(self.text.decode("utf-8"))
+        return self.obj
 
 
 # Codings mitmproxy can re-encode a rewritten body with (mitmproxy.net.encoding).
@@ -65,9 +78,14 @@ _ORJSON_MAX = 8 << 20
 _CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
 
 
-def loads(text: bytes) -> tuple[Any, bool]:
+def _has_long_digits(text: bytes) -> bool:
+    return _LONG_DIGITS in text.translate(_DIGITS_TO_ZERO)
+
+
+def loads(text: bytes, *, exact: bool = True) -> tuple[Any, bool]:
     """(value, exotic). orjson is faster; the stdlib takes what it refuses (NaN, 1e400, lone
-    surrogates), and such "exotic" bodies are never re-serialized: that would not round-trip."""
+    surrogates), and such "exotic" bodies are never re-serialized: that would not round-trip.
+    `exact=False` skips the scan for integers beyond 64 bits (see `ParsedBody.exact`)."""
     if len(text) > _ORJSON_MAX:
         obj = json.loads(text.decode("utf-8"))  # UTF-8 only, as below
         return obj, not _standard(obj)
@@ -77,7 +95,7 @@ def loads(text: bytes) -> tuple[Any, bool]:
         # Decode as UTF-8 ourselves: json.loads(bytes) would also accept UTF-16/32, which the
         # byte splice would then corrupt.
         return json.loads(text.decode("utf-8")), True
-    if _LONG_DIGITS in text.translate(_DIGITS_TO_ZERO):
+    if exact and _has_long_digits(text):
         obj = json.loads(text.decode("utf-8"))
     return obj, False
 
@@ -115,12 +133,12 @@ def parse_body(request: http.Request) -> ParsedBody:
     if text.lstrip(_WS)[:1] != b"{":
         return ParsedBody(text=text, problem="body is not a JSON object")
     try:
-        obj, exotic = loads(text)
+        obj, exotic = loads(text, exact=False)
     except (ValueError, RecursionError) as e:
         return ParsedBody(text=text, problem=f"body is not valid JSON ({type(e).__name__})")
     if not isinstance(obj, dict):
         return ParsedBody(text=text, problem="body is not a JSON object")
-    return ParsedBody(obj, text, exotic=exotic)
+    return ParsedBody(obj, text, exotic=exotic, unchecked=not exotic)
 
 
 def dumps(obj: Any, large: bool = False) -> bytes:
@@ -282,6 +300,9 @@ class _Rewrite:
             value = self.render(a)
             if current == value:
                 continue
+            if "." in a.target or current is not None or present_as_null or a.target in self.new_top:
+                body = self._exact()  # this body will be re-encoded, not spliced
+                current = get_path(body, parse_path(a.target))
             if not set_path(body, parse_path(a.target), value):
                 out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
                 continue
@@ -291,6 +312,17 @@ class _Rewrite:
                 self.must_reserialize = True
             else:
                 self.new_top[a.target] = value
+
+    def _exact(self) -> dict[str, Any]:
+        """The body as it must be before a re-encode (`ParsedBody.exact`); keys already added
+        for a splice are carried over to a re-read object."""
+        before = self.body
+        obj = self.parsed.exact()
+        assert obj is not None
+        if obj is not before:
+            obj.update(self.new_top)
+            self.body = obj
+        return obj
 
     def breakpoints(self, rule: Rule, hint_for: Callable[[str | None], Any] | None) -> None:
         from affinity_addon.request import breakpoints
@@ -304,6 +336,7 @@ class _Rewrite:
                                 "plan breakpoints for; none added")
             return
         hint = hint_for(out.affinity_id) if hint_for is not None else None
+        body = self._exact()  # markers mean a re-encode
         added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint)
         if added:
             out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
@@ -381,5 +414,5 @@ def apply_rules(
             request.headers[name] = value
         if new is not None:
             request.content = new
-    out.signal = _routing_signal(matched, request, body, out, dry_run)
+    out.signal = _routing_signal(matched, request, rw.body, out, dry_run)
     return out, parsed

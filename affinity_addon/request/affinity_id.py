@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.yamlsource import load_yaml
 from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.models import model_family
-from affinity_addon.request.prompt import Segment, canonical, root_segments, text_of
+from affinity_addon.request.prompt import canonical, root_segments, text_of
 from affinity_addon.request.volatile import compile_patterns, default_volatile, mask
 
 # Keys that were public at some point (the README, older defaults): IDs made with them can be
@@ -173,16 +174,37 @@ def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, An
     return None
 
 
-def _stable(segments: list[Segment], config: AffinityConfig) -> list[Segment]:
-    return [s for s in segments if not any(p.search(text_of(s.value)) for p in config.root_ignore)]
+# A system prompt is tens of KB that every turn repeats, and the root patterns scan all of
+# it: remember the scan of long texts (compared whole, so never a wrong answer) for a few.
+_SCAN_MEMO_MIN_CHARS = 2048
+_SCAN_MEMO_SIZE = 64
+_scan_memo: "OrderedDict[tuple[int, str], tuple[AffinityConfig, bool, str]]" = OrderedDict()
 
 
-def _root_bytes(value: Any, config: AffinityConfig) -> bytes:
-    """The segment as hashed for the root: volatile text (dates) masked out."""
+def _scan(text: str, config: "AffinityConfig") -> tuple[bool, str]:
+    """(left out of the root?, the text with volatile parts masked)."""
+    memo = len(text) >= _SCAN_MEMO_MIN_CHARS
+    if memo:
+        hit = _scan_memo.get((id(config), text))
+        if hit is not None and hit[0] is config:
+            _scan_memo.move_to_end((id(config), text))
+            return hit[1], hit[2]
+    ignored = any(p.search(text) for p in config.root_ignore)
+    masked = mask(text, config.root_mask) if text and config.root_mask and not ignored else text
+    if memo:
+        _scan_memo[(id(config), text)] = (config, ignored, masked)
+        if len(_scan_memo) > _SCAN_MEMO_SIZE:
+            _scan_memo.popitem(last=False)
+    return ignored, masked
+
+
+def _root_bytes(value: Any, config: "AffinityConfig") -> bytes | None:
+    """The segment as hashed for the root: volatile text (dates) masked out; None when the
+    segment is left out of the root (`root_ignore`)."""
     text = text_of(value)
-    if not text or not config.root_mask:
-        return canonical(value)
-    masked = mask(text, config.root_mask)
+    ignored, masked = _scan(text, config)
+    if ignored:
+        return None
     if masked == text:
         return canonical(value)
     if isinstance(value, str):
@@ -195,17 +217,15 @@ def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: st
     """Keyed hash of the conversation's stable root: blocks an agent rebuilds on every turn or
     resume are left out, and dates masked, so `-c`/resume and a day rollover keep the ID."""
     system, user = root_segments(dict(body), shape)
-    system, user = _stable(system, config), _stable(user, config)
-    if not system and not user:
+    parts = [(tag, b) for tag, segs in ((b"\x00s", system), (b"\x00u", user)) for seg in segs
+             if (b := _root_bytes(seg.value, config)) is not None]
+    if not parts:
         return None
     h = hashlib.blake2b(key=hash_key(key), digest_size=16)
     h.update(model_family(body.get("model")).encode("utf-8", "surrogatepass"))
-    for seg in system:
-        h.update(b"\x00s")
-        h.update(_root_bytes(seg.value, config))
-    for seg in user:
-        h.update(b"\x00u")
-        h.update(_root_bytes(seg.value, config))
+    for tag, b in parts:
+        h.update(tag)
+        h.update(b)
     return "aff-" + h.hexdigest()
 
 

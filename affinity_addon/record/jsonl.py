@@ -15,7 +15,19 @@ import logging
 import os
 from typing import Any
 
+import orjson
+
 logger = logging.getLogger(__name__)
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    # orjson writes compact UTF-8 like the stdlib line below; the stdlib takes what it refuses
+    # (lone surrogates, integers beyond 64 bits) and anything else through str().
+    try:
+        return orjson.dumps(record, default=str) + b"\n"
+    except (TypeError, orjson.JSONEncodeError):
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+        return (line + "\n").encode("utf-8", "replace")
 
 
 class JsonlWriter:
@@ -28,8 +40,7 @@ class JsonlWriter:
         self.failed = 0
 
     def write(self, record: dict[str, Any]) -> bool:
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
-        data = line.encode("utf-8", "replace")
+        data = _encode(record)
         try:
             if self._fd is not None and self._moved():
                 self.close()  # rotated or removed: write to the file at the path again

@@ -237,7 +237,14 @@ def derive(
     key: str,
 ) -> tuple[str | None, str | None]:
     """(affinity_id, source label), or (None, None) when no source yields a value."""
+    # The header names the request has, lowercased, in one pass: most requests carry none of
+    # the session headers, and a miss through mitmproxy's Headers costs a scan each.
+    fields = getattr(headers, "fields", None)
+    names = ({n.decode("latin-1").lower() for n, _ in fields} if fields is not None
+             else {n.lower() for n in headers})
     for src in config.sources:
+        if src.kind == "header" and src.name.lower() not in names:
+            continue
         if src.kind == "root":
             if body is not None and shape is not None:
                 rid = root_id(body, shape, config, key)

@@ -1,4 +1,4 @@
-"""Applies matching rules to one request: affinity headers, body fields, cache breakpoints.
+"""Applies matching rules to one request: affinity headers, body fields, cache retention, markers.
 
 The request body is parsed at most once, and only when a rule whose host and path fit needs
 it. It is written back through mitmproxy's decoded `content`, so a zstd/gzip/br body stays
@@ -16,12 +16,13 @@ from typing import Any
 import orjson
 from mitmproxy import http
 
+from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.request import affinity_id
 from affinity_addon.request.family_key import FamilyRates, family_key
-from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
+from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, Template, shape_for
 
 logger = logging.getLogger(__name__)
 
@@ -268,29 +269,52 @@ class _Rewrite:
             out.headers[a.target] = value
 
     def fields(self, rule: Rule) -> None:
+        for a in rule.set_fields:
+            self.set_field(rule, a)
+
+    def set_field(self, rule: Rule, a: SetAction) -> None:
         out, body = self.out, self.body
         assert body is not None
-        for a in rule.set_fields:
-            if a.needs_affinity and out.affinity_id is None:
-                continue
-            current = get_path(body, parse_path(a.target))
-            present_as_null = current is None and "." not in a.target and a.target in body
-            if current is not None and a.on_conflict == KEEP:
-                if a.target not in out.fields:
-                    out.kept.append(f"field:{a.target}")
-                continue
-            value = self.render(a)
-            if current == value:
-                continue
-            if not set_path(body, parse_path(a.target), value):
-                out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
-                continue
-            out.fields[a.target] = value
-            self.body_changed = True
-            if "." in a.target or current is not None or present_as_null or a.target in self.new_top:
-                self.must_reserialize = True
-            else:
-                self.new_top[a.target] = value
+        if a.needs_affinity and out.affinity_id is None:
+            return
+        current = get_path(body, parse_path(a.target))
+        present_as_null = current is None and "." not in a.target and a.target in body
+        if current is not None and a.on_conflict == KEEP:
+            if a.target not in out.fields:
+                out.kept.append(f"field:{a.target}")
+            return
+        value = self.render(a)
+        if current == value:
+            return
+        if not set_path(body, parse_path(a.target), value):
+            out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
+            return
+        out.fields[a.target] = value
+        self.body_changed = True
+        if "." in a.target or current is not None or present_as_null or a.target in self.new_top:
+            self.must_reserialize = True
+        else:
+            self.new_top[a.target] = value
+
+    def retention(self, rule: Rule) -> None:
+        """`cache_retention`: the model's own directive from the catalog, as a field action."""
+        spec, out, body = rule.cache_retention, self.out, self.body
+        if spec is None or body is None:
+            return
+        if PROVIDER_FACTS.rejects_cache_directives(self.facts["host"], self.facts["path"]):
+            return  # the Codex backend answers 400 to any cache directive
+        directive = PROVIDER_FACTS.retention_for(out.model, spec.seconds)
+        if directive is None:
+            return  # no longer retention for this model, or not at no extra cost
+        for other in PROVIDER_FACTS.retention_fields:
+            # OpenAI rejects a request with two retention directives: one already there (the
+            # client's or an earlier rule's) wins, whatever on_conflict says.
+            if other != directive.field and get_path(body, parse_path(other)) is not None:
+                if other not in out.fields:
+                    out.kept.append(f"field:{other}")
+                return
+        self.set_field(rule, SetAction(directive.field, Template(directive.value, frozenset()),
+                                       spec.on_conflict))
 
     def breakpoints(self, rule: Rule, hint_for: Callable[[str | None], Any] | None) -> None:
         from affinity_addon.request import breakpoints
@@ -369,11 +393,12 @@ def apply_rules(
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
              "path": path, "method": method, "rule": matched[0].name}
     rw = _Rewrite(request, parsed, out, facts, key, rates)
-    for rule in matched:  # 3. headers, fields and breakpoints, rule by rule
+    for rule in matched:  # 3. headers, fields, retention and breakpoints, rule by rule
         facts["rule"] = rule.name
         rw.headers(rule)
         if body is not None:
             rw.fields(rule)
+            rw.retention(rule)
             rw.breakpoints(rule, hint_for)
     new = rw.encode()  # 4. the body, encoded once
     if not dry_run:  # 5. apply: nothing before this line touched the request

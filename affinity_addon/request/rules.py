@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.catalog.yamlsource import line_of, load_yaml
+from affinity_addon.durations import parse_duration
 from affinity_addon.request import affinity_id
 from affinity_addon.shapes import SHAPES
 
@@ -54,7 +56,7 @@ SHAPE_BY_PATH: tuple[tuple[str, str], ...] = (
 
 _RULE_KEYS = frozenset(
     {"name", "match", "set_headers", "set_fields", "on_conflict", "cache_control",
-     "affinity", "stop", "enabled", "description"}
+     "cache_retention", "affinity", "stop", "enabled", "description"}
 )
 _MATCH_KEYS = frozenset({"host", "path", "model", "method", "api"})
 _TOP_KEYS = frozenset({"version", "affinity", "rules"})
@@ -140,6 +142,41 @@ class SetAction:
                                                     "family_key"})
 
 
+@dataclass(frozen=True, slots=True)
+class RetentionSpec:
+    """`cache_retention`: ask for the longest prompt-cache retention the request's model takes at
+    no extra cost, up to `seconds` (the directive per model is data: catalog/providers.yaml)."""
+
+    seconds: float
+    on_conflict: str = KEEP
+
+
+def parse_retention(value: Any, default_policy: str = KEEP) -> RetentionSpec:
+    """`24h`, or `{value: 24h, on_conflict: keep|overwrite}`. Raises ValueError with a reason."""
+    policy = default_policy
+    if isinstance(value, Mapping):
+        if set(value) - {"value", "on_conflict"} or "value" not in value:
+            raise ValueError("use a duration like 24h, or {value: 24h, on_conflict: keep|overwrite}")
+        policy = value.get("on_conflict", default_policy)
+        if policy not in CONFLICT_POLICIES:
+            raise ValueError(f"on_conflict must be keep or overwrite, not {policy!r}")
+        value = value["value"]
+    seconds = parse_duration(value)
+    offered = sorted({d.seconds for d in PROVIDER_FACTS.cache_retention})
+    if not any(s <= seconds for s in offered):
+        known = ", ".join(_duration_text(s) for s in offered) or "none"
+        raise ValueError(f"no model offers a retention of {value} or less (catalog/providers.yaml "
+                         f"cache_retention has: {known}), so it would never apply")
+    return RetentionSpec(seconds, policy)
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -152,6 +189,7 @@ class Rule:
     set_headers: tuple[SetAction, ...] = ()
     set_fields: tuple[SetAction, ...] = ()
     cache_control: Any = None  # breakpoints.CacheControlSpec
+    cache_retention: RetentionSpec | None = None
     affinity: affinity_id.AffinityConfig | None = None
     stop: bool = False
 
@@ -167,7 +205,8 @@ class Rule:
 
     @property
     def needs_body(self) -> bool:
-        return bool(self.model or self.set_fields or self.cache_control is not None)
+        return bool(self.model or self.set_fields or self.cache_control is not None
+                    or self.cache_retention is not None)
 
 
 @dataclass(frozen=True)
@@ -312,6 +351,12 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             cache_control = parse_cache_control(raw["cache_control"])
         except ValueError as e:
             raise where.error(raw, "cache_control", f"cache_control: {e}", name) from None
+    retention = None
+    if raw.get("cache_retention") not in (None, False):
+        try:
+            retention = parse_retention(raw["cache_retention"], policy)
+        except ValueError as e:
+            raise where.error(raw, "cache_retention", f"cache_retention: {e}", name) from None
     aff = None
     if "affinity" in raw:
         try:
@@ -325,7 +370,8 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
     return Rule(
         name=name, line=line_of(raw), host=host, path=globs.get("path"),
         model=globs.get("model"), methods=methods, api=api, set_headers=set_headers,
-        set_fields=set_fields, cache_control=cache_control, affinity=aff, stop=stop,
+        set_fields=set_fields, cache_control=cache_control, cache_retention=retention,
+        affinity=aff, stop=stop,
     )
 
 

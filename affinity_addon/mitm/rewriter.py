@@ -83,7 +83,7 @@ class Rewriter:
         model = outcome.model[:MAX_MODEL_CHARS] if outcome.model else None
         work = partial(state.tracker.observe, body, shape=outcome.shape, model=model,
                        host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
-                       ts=flow.request.timestamp_start or time.time())
+                       ts=flow.request.timestamp_start or time.time(), family=outcome.family)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # called outside mitmproxy's loop (unit tests): compute inline

@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from mitmproxy import http
@@ -21,12 +21,22 @@ from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.request import affinity_id
-from affinity_addon.request.family_key import FamilyRates, family_key
+from affinity_addon.request.breakpoint_spec import AUTO_TTL, PlanHint
+from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
 from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, Template, shape_for
 
 logger = logging.getLogger(__name__)
 
 _WS = b" \t\r\n"
+
+
+class HintFor(Protocol):
+    """What the tracker knows of a conversation (`MissTracker.hint`): its previous requests and
+    the TTL its rhythm, or its prompt family's (`family()` makes the family on demand), calls
+    for."""
+
+    def __call__(self, key: str | None, *,
+                 family: Callable[[], str | None] | None = None) -> PlanHint | None: ...
 
 
 @dataclass
@@ -159,6 +169,8 @@ class Outcome:
     problems: list[str] = field(default_factory=list)  # logged as one warning per request
     signal: str | None = None  # the routing value the provider will see (None: none at all)
     key: dict[str, Any] | None = None  # {family_key}: {"strategy", "bucket", "buckets"}
+    # The prompt family (keyed hash), when the tracker asked for it (`ttl: auto`); not logged.
+    family: str | None = None
 
     def to_meta(self, *, host: str, path: str, method: str) -> dict[str, Any]:
         """The request's facts as plain data for `flow.metadata` (the record is built from it)."""
@@ -245,6 +257,14 @@ class _Rewrite:
             facts["family_key"] = fk
         return _render(a, facts)
 
+    def family(self) -> str | None:
+        """The request's prompt family (model family, tools, system prompt: a keyed hash), made
+        once and before any marker is added (markers are left out of it anyway)."""
+        out = self.out
+        if out.family is None and self.body is not None and out.shape is not None:
+            out.family = family_hash(self.body, out.shape, self.key)
+        return out.family
+
     def headers(self, rule: Rule) -> None:
         out = self.out
         for a in rule.set_headers:
@@ -316,7 +336,7 @@ class _Rewrite:
         self.set_field(rule, SetAction(directive.field, Template(directive.value, frozenset()),
                                        spec.on_conflict))
 
-    def breakpoints(self, rule: Rule, hint_for: Callable[[str | None], Any] | None) -> None:
+    def breakpoints(self, rule: Rule, hint_for: HintFor | None) -> None:
         from affinity_addon.request import breakpoints
 
         out, body = self.out, self.body
@@ -327,7 +347,11 @@ class _Rewrite:
             out.problems.append(f"rule {rule.name!r}: {blocks} prompt blocks are too many to "
                                 "plan breakpoints for; none added")
             return
-        hint = hint_for(out.affinity_id) if hint_for is not None else None
+        hint = None
+        if hint_for is not None:
+            # Only `ttl: auto` reads the family's rhythm; the hash is made only if asked for.
+            auto = rule.cache_control.ttl == AUTO_TTL
+            hint = hint_for(out.affinity_id, family=self.family if auto else None)
         added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint)
         if added:
             out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
@@ -358,13 +382,14 @@ def apply_rules(
     key: str,
     dry_run: bool = False,
     parsed: ParsedBody | None = None,
-    hint_for: Callable[[str | None], Any] | None = None,
+    hint_for: HintFor | None = None,
     rates: FamilyRates | None = None,
 ) -> tuple[Outcome, ParsedBody] | None:
     """Rewrite `request` in place (unless dry_run). None when no rule matches.
 
-    `hint_for(affinity_id)`: what the tracker knows of the conversation's previous requests
-    (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable.
+    `hint_for(affinity_id, family=...)`: what the tracker knows of the conversation's previous
+    requests (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable,
+    and the TTL `ttl: auto` should use.
     `rates`: this proxy's request rates per prompt family, for `{family_key}` (a fresh count
     when None)."""
     host, method = request.pretty_host, request.method

@@ -90,6 +90,7 @@ def test_unsupported_models_are_sent_byte_for_byte(rules: RuleSet, model: str | 
     # The client's own directive in the other form: adding ours would make two (a 400).
     ("gpt-5.6", {"prompt_cache_retention": "24h"}, "prompt_cache_retention"),
     ("gpt-5.1", {"prompt_cache_options": {"ttl": "30m"}}, "prompt_cache_options.ttl"),
+    ("gpt-5.6", {"prompt_cache_retention": None}, "prompt_cache_retention"),  # null is sent too
 ])
 @pytest.mark.parametrize("host", ["api.openai.com", "force.example"])  # keep, then overwrite
 def test_never_both_directives(rules: RuleSet, model: str, client: dict[str, Any], kept: str,

@@ -329,7 +329,7 @@ class _Rewrite:
         for other in PROVIDER_FACTS.retention_fields:
             # OpenAI rejects a request with two retention directives: one already there (the
             # client's or an earlier rule's) wins, whatever on_conflict says.
-            if other != directive.field and get_path(body, parse_path(other)) is not None:
+            if other != directive.field and _present(body, other):
                 if other not in out.fields:
                     out.kept.append(f"field:{other}")
                 return
@@ -373,6 +373,14 @@ class _Rewrite:
             return dumps(body, large=len(text) > _ORJSON_MAX)
         out.body_write = "splice"
         return splice_top_level(text, self.new_top, empty=len(body) == len(self.new_top))
+
+
+def _present(body: dict[str, Any], path: str) -> bool:
+    """Is the key at dotted `path` in the body, even as null (an API may count a null
+    directive as sent)?"""
+    *parents, last = parse_path(path)
+    holder: Any = get_path(body, tuple(parents)) if parents else body
+    return isinstance(holder, dict) and last in holder
 
 
 def apply_rules(

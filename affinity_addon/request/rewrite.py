@@ -9,34 +9,25 @@ and every other byte of the body stays exactly as the client sent it.
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from mitmproxy import http
 
-from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.request import affinity_id
-from affinity_addon.request.breakpoint_spec import AUTO_TTL, PlanHint
+from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor
 from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
-from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, Template, shape_for
+from affinity_addon.request.retention import retention_action
+from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
 
 logger = logging.getLogger(__name__)
 
 _WS = b" \t\r\n"
-
-
-class HintFor(Protocol):
-    """What the tracker knows of a conversation (`MissTracker.hint`): its previous requests and
-    the TTL its rhythm, or its prompt family's (`family()` makes the family on demand), calls
-    for."""
-
-    def __call__(self, key: str | None, *,
-                 family: Callable[[], str | None] | None = None) -> PlanHint | None: ...
 
 
 @dataclass
@@ -317,24 +308,14 @@ class _Rewrite:
             self.new_top[a.target] = value
 
     def retention(self, rule: Rule) -> None:
-        """`cache_retention`: the model's own directive from the catalog, as a field action."""
-        spec, out, body = rule.cache_retention, self.out, self.body
-        if spec is None or body is None:
+        if rule.cache_retention is None or self.body is None:
             return
-        if PROVIDER_FACTS.rejects_cache_directives(self.facts["host"], self.facts["path"]):
-            return  # the Codex backend answers 400 to any cache directive
-        directive = PROVIDER_FACTS.retention_for(out.model, spec.seconds)
-        if directive is None:
-            return  # no longer retention for this model, or not at no extra cost
-        for other in PROVIDER_FACTS.retention_fields:
-            # OpenAI rejects a request with two retention directives: one already there (the
-            # client's or an earlier rule's) wins, whatever on_conflict says.
-            if other != directive.field and _present(body, other):
-                if other not in out.fields:
-                    out.kept.append(f"field:{other}")
-                return
-        self.set_field(rule, SetAction(directive.field, Template(directive.value, frozenset()),
-                                       spec.on_conflict))
+        action, kept = retention_action(rule.cache_retention, self.body, self.out.model,
+                                        self.facts["host"], self.facts["path"])
+        if kept is not None and kept not in self.out.fields:  # kept: the client's, not a rule's
+            self.out.kept.append(f"field:{kept}")
+        if action is not None:
+            self.set_field(rule, action)
 
     def breakpoints(self, rule: Rule, hint_for: HintFor | None) -> None:
         from affinity_addon.request import breakpoints
@@ -373,14 +354,6 @@ class _Rewrite:
             return dumps(body, large=len(text) > _ORJSON_MAX)
         out.body_write = "splice"
         return splice_top_level(text, self.new_top, empty=len(body) == len(self.new_top))
-
-
-def _present(body: dict[str, Any], path: str) -> bool:
-    """Is the key at dotted `path` in the body, even as null (an API may count a null
-    directive as sent)?"""
-    *parents, last = parse_path(path)
-    holder: Any = get_path(body, tuple(parents)) if parents else body
-    return isinstance(holder, dict) and last in holder
 
 
 def apply_rules(

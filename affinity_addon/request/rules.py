@@ -18,13 +18,14 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.catalog.yamlsource import line_of, load_yaml
-from affinity_addon.durations import parse_duration
 from affinity_addon.request import affinity_id
 from affinity_addon.shapes import SHAPES
+
+if TYPE_CHECKING:
+    from affinity_addon.request.retention import RetentionSpec
 
 
 def default_rules_file() -> Path:
@@ -142,41 +143,6 @@ class SetAction:
                                                     "family_key"})
 
 
-@dataclass(frozen=True, slots=True)
-class RetentionSpec:
-    """`cache_retention`: ask for the longest prompt-cache retention the request's model takes at
-    no extra cost, up to `seconds` (the directive per model is data: catalog/providers.yaml)."""
-
-    seconds: float
-    on_conflict: str = KEEP
-
-
-def parse_retention(value: Any, default_policy: str = KEEP) -> RetentionSpec:
-    """`24h`, or `{value: 24h, on_conflict: keep|overwrite}`. Raises ValueError with a reason."""
-    policy = default_policy
-    if isinstance(value, Mapping):
-        if set(value) - {"value", "on_conflict"} or "value" not in value:
-            raise ValueError("use a duration like 24h, or {value: 24h, on_conflict: keep|overwrite}")
-        policy = value.get("on_conflict", default_policy)
-        if policy not in CONFLICT_POLICIES:
-            raise ValueError(f"on_conflict must be keep or overwrite, not {policy!r}")
-        value = value["value"]
-    seconds = parse_duration(value)
-    offered = sorted({d.seconds for d in PROVIDER_FACTS.cache_retention})
-    if not any(s <= seconds for s in offered):
-        known = ", ".join(_duration_text(s) for s in offered) or "none"
-        raise ValueError(f"no model offers a retention of {value} or less (catalog/providers.yaml "
-                         f"cache_retention has: {known}), so it would never apply")
-    return RetentionSpec(seconds, policy)
-
-
-def _duration_text(seconds: float) -> str:
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
-
-
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -189,7 +155,7 @@ class Rule:
     set_headers: tuple[SetAction, ...] = ()
     set_fields: tuple[SetAction, ...] = ()
     cache_control: Any = None  # breakpoints.CacheControlSpec
-    cache_retention: RetentionSpec | None = None
+    cache_retention: "RetentionSpec | None" = None
     affinity: affinity_id.AffinityConfig | None = None
     stop: bool = False
 
@@ -353,6 +319,8 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             raise where.error(raw, "cache_control", f"cache_control: {e}", name) from None
     retention = None
     if raw.get("cache_retention") not in (None, False):
+        from affinity_addon.request.retention import parse_retention
+
         try:
             retention = parse_retention(raw["cache_retention"], policy)
         except ValueError as e:

@@ -14,6 +14,11 @@ With p the chance that the next gap falls in (5 min, 1 h] and q that it is over 
 cheaper when  p * (w5m - r) * K  >  (1 - q) * (w1h - w5m) * W + q * (w1h - w5m) * K.
 At Anthropic's prices (r = 0.1, w5m = 1.25, w1h = 2.0) and W = 5% of K, one gap in thirty is
 enough. p, q and W/K are estimated from the conversation's last gaps and turns.
+
+A conversation's first request knows no gap of its own, and writes its whole prefix (W = K):
+1h pays when p * (w5m - r) > w1h - w5m, i.e. p > 0.65 at those prices. Its p comes from the
+recent gaps of other conversations of the same prompt family (an agent: model, tools, system
+prompt), a `FamilyPrior`; without one it starts on 5m.
 """
 
 from collections import deque
@@ -44,12 +49,16 @@ class Rhythm:
     last_prefix: int = 0
     last_start: float | None = None
 
-    def observe_at(self, start: float, prefix_tokens: int) -> None:
-        """One more request that started at `start` (seconds) with this cacheable prefix."""
+    family: str | None = None  # its prompt family (a keyed hash): its gaps speak for the next
+
+    def observe_at(self, start: float, prefix_tokens: int) -> float | None:
+        """One more request that started at `start` (seconds) with this cacheable prefix; returns
+        the gap since the previous one (None for the first)."""
         gap = None if self.last_start is None else max(start - self.last_start, 0.0)
         if self.last_start is None or start >= self.last_start:
             self.last_start = start
         self.observe(gap, prefix_tokens)
+        return gap
 
     def observe(self, gap: float | None, prefix_tokens: int) -> None:
         """One more request: the time since the previous one and its cacheable prefix."""
@@ -67,12 +76,33 @@ class Rhythm:
         gaps = list(self.gaps)
         if now is not None and self.last_start is not None and now >= self.last_start:
             gaps = [*gaps[1 - WINDOW:], now - self.last_start]
-        if not gaps or m.write_1h <= m.write_5m or m.write_5m <= m.read:
-            return FIVE_MINUTES
-        n = len(gaps)
-        p = sum(SHORT_SECONDS < g <= LONG_SECONDS for g in gaps) / n
-        q = sum(g > LONG_SECONDS for g in gaps) / n
         w = sum(self.growth) / len(self.growth) if self.growth else 1.0
-        extra = m.write_1h - m.write_5m
-        one_hour_pays = p * (m.write_5m - m.read) > (1 - q) * extra * w + q * extra
-        return ONE_HOUR if one_hour_pays else FIVE_MINUTES
+        return ONE_HOUR if one_hour_pays(gaps, w, m) else FIVE_MINUTES
+
+
+@dataclass(slots=True)
+class FamilyPrior:
+    """The last gaps within any conversation of one prompt family: what is known of a new
+    conversation's rhythm before its first gap (a few floats, never text)."""
+
+    gaps: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+    def observe(self, gap: float) -> None:
+        if gap >= 0:
+            self.gaps.append(gap)
+
+    def choose(self, m: Multipliers = Multipliers()) -> str:
+        """The TTL of a new conversation's first write, which writes its whole prefix (W = K)."""
+        return ONE_HOUR if one_hour_pays(list(self.gaps), 1.0, m) else FIVE_MINUTES
+
+
+def one_hour_pays(gaps: list[float], w: float, m: Multipliers) -> bool:
+    """p * (w5m - r) > (1 - q) * (w1h - w5m) * w + q * (w1h - w5m), with p and q the shares of
+    `gaps` in (5 min, 1 h] and over an hour, and w the share of the prefix a turn writes."""
+    if not gaps or m.write_1h <= m.write_5m or m.write_5m <= m.read:
+        return False
+    n = len(gaps)
+    p = sum(SHORT_SECONDS < g <= LONG_SECONDS for g in gaps) / n
+    q = sum(g > LONG_SECONDS for g in gaps) / n
+    extra = m.write_1h - m.write_5m
+    return p * (m.write_5m - m.read) > (1 - q) * extra * w + q * extra

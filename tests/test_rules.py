@@ -30,6 +30,8 @@ def test_default_rules_load_and_follow_schema():
     names = [r.name for r in rs.rules]
     assert names[:2] == ["xai-chat", "xai-responses"]
     assert "anthropic-compatible-proxy" not in names  # shipped disabled, as an example
+    assert "openai-extended-retention" not in names  # opt-in: 24h is not ZDR-eligible
+    assert all(r.cache_retention is None for r in rs.rules)
     assert {"openrouter-grok", "openai", "codex-backend", "fireworks"} <= set(names)
     jsonschema.validate(yaml.safe_load(DEFAULT.read_text()), SCHEMA)
 
@@ -102,6 +104,9 @@ def test_matching(tmp_path):
         ("affinity:\n  sources: [\"header:\"]\nrules: []\n", 1, "needs a name"),
         ("affinity:\n  sources: [{body: x, regex: '('}]\nrules: []\n", 1, "invalid regex"),
         ("rules:\n  - name: a\n    match: {host: x}\n    set_headers: {a: b}\n    affinity: {sources: [cookie]}\n", 5, "source 'cookie'"),
+        ("rules:\n  - name: a\n    match: {host: x}\n    cache_retention: forever\n", 4, "cache_retention: bad duration"),
+        ("rules:\n  - name: a\n    match: {host: x}\n    cache_retention: 1m\n", 4, "no model offers a retention of 1m"),
+        ("rules:\n  - name: a\n    match: {host: x}\n    cache_retention: {value: 24h, on_conflict: merge}\n", 4, "keep or overwrite"),
     ],
 )
 def test_parse_errors_name_file_line_and_rule(tmp_path, text, line, pattern):

@@ -4,7 +4,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from affinity_addon.ttl_policy import FIVE_MINUTES, ONE_HOUR, Multipliers, Rhythm
+from affinity_addon.diagnosis.tracker import MissTracker
+from affinity_addon.record.schema import Usage
+from affinity_addon.ttl_policy import FIVE_MINUTES, ONE_HOUR, FamilyPrior, Multipliers, Rhythm
 from affinity_addon.views.ttl import AUTO, Turn, advise, replay, summary_line
 
 T0 = datetime(2026, 11, 30, 10, 0, tzinfo=UTC).timestamp()
@@ -72,6 +74,56 @@ def test_rhythm_switches_to_1h_on_slow_turns_and_back() -> None:
     for gap in (7200, 7200, 7200):
         r2.observe(gap, 10_000)
     assert r2.choose() == FIVE_MINUTES  # gaps over an hour expire both: 1h only costs more
+
+
+def test_family_prior_by_hand() -> None:
+    # A first write writes the whole prefix: 1h pays when p * (1.25 - 0.1) > 2.0 - 1.25, p > 0.65.
+    prior = FamilyPrior()
+    assert prior.choose() == FIVE_MINUTES  # nothing known
+    for gap in (30,) * 3 + (600,) * 5:
+        prior.observe(gap)
+    assert prior.choose() == FIVE_MINUTES  # p = 5/8 = 0.625
+    prior.observe(900)
+    assert prior.choose() == ONE_HOUR  # the window keeps the last 8: p = 6/8
+    for _ in range(3):
+        prior.observe(7200)
+    assert prior.choose() == FIVE_MINUTES  # p = 5/8, q = 3/8 (over an hour expires both)
+
+
+def _turn(tracker: MissTracker, conv: str, ts: float, family: str | None, turn: int) -> None:
+    body = {"model": "claude-sonnet-4-5", "system": "You help.",
+            "messages": [{"role": "user", "content": f"{conv} step {i}"} for i in range(turn + 1)]}
+    p = tracker.observe(body, shape="anthropic", model="claude-sonnet-4-5",
+                        host="api.anthropic.com", keys=(conv,), signal=None, ts=ts, family=family)
+    tracker.verdict(p, Usage(input_tokens=5000, cache_write_tokens=5000), ts + 1,
+                    response_cache=False, provider_reason=None, dry_run=False)
+
+
+def test_a_new_conversation_starts_on_its_familys_rhythm() -> None:
+    tracker = MissTracker()
+    asked: list[str] = []
+
+    def family(name: str):
+        return lambda: asked.append(name) or name
+
+    assert tracker.hint("a", family=family("slow")) is None  # unknown family: 5m (no hint)
+    ts = 0.0
+    for turn in range(4):  # conversation a: 10-minute pauses; its family is on record from turn 1
+        _turn(tracker, "a", ts, "slow" if turn == 0 else None, turn)
+        ts += 600
+    assert tracker.rhythms.get("a").family == "slow"
+    asked.clear()
+    tracker.hint("a", now=ts, family=family("slow"))
+    assert asked == []  # a known conversation's family is not hashed again
+    hint = tracker.hint("b", now=ts, family=family("slow"))
+    assert hint is not None and hint.ttl == ONE_HOUR and hint.previous == ()
+    assert tracker.hint("c", now=ts, family=family("fast")) is None  # another family: 5m
+    for turn in range(4):  # conversation d of family "fast": 30-second pauses
+        _turn(tracker, "d", ts, "fast" if turn == 0 else None, turn)
+        ts += 30
+    hint = tracker.hint("e", now=ts, family=family("fast"))
+    assert hint is not None and hint.ttl == FIVE_MINUTES
+    assert len(tracker.families) == 2
 
 
 def test_report_shows_what_the_ttl_cost(tmp_path, capsys) -> None:

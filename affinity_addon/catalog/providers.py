@@ -1,6 +1,7 @@
 """Loads `providers.yaml`: provider facts as one immutable value, checked once at import."""
 
 import fnmatch
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,6 +9,23 @@ from typing import Any
 
 from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.yamlsource import line_of, load_yaml
+from affinity_addon.durations import parse_duration
+from affinity_addon.models import model_family, normalize_model
+
+_FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionDirective:
+    """One way to ask a model for a longer prompt-cache retention: set `field` to `value`."""
+
+    field: str  # dotted body path
+    value: str
+    seconds: float  # how long it keeps a prefix
+    models: tuple[str, ...]  # globs on normalized, undated model names
+
+    def fits(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in self.models)
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +36,26 @@ class ProviderFacts:
     last_marker_only_models: tuple[str, ...]
     one_hour_ttl_models: tuple[str, ...]
     key_rpm_limits: Mapping[str, int]  # host glob -> requests a minute per prompt_cache_key
+    cache_retention: tuple[RetentionDirective, ...] = ()
+    no_cache_directives: tuple[tuple[str, str], ...] = ()  # (host glob, path glob)
+
+    @property
+    def retention_fields(self) -> tuple[str, ...]:
+        """Every field that asks for a retention: a request carries at most one of them."""
+        return tuple(dict.fromkeys(d.field for d in self.cache_retention))
+
+    def retention_for(self, model: str | None, seconds: float) -> RetentionDirective | None:
+        """The longest retention `model` takes at no extra cost, up to `seconds`."""
+        if not isinstance(model, str):
+            return None
+        name = normalize_model(model_family(model))
+        fits = [d for d in self.cache_retention if d.seconds <= seconds and d.fits(name)]
+        return max(fits, key=lambda d: d.seconds, default=None)
+
+    def rejects_cache_directives(self, host: str, path: str) -> bool:
+        host = host.lower()
+        return any(fnmatch.fnmatch(host, h) and fnmatch.fnmatchcase(path, p)
+                   for h, p in self.no_cache_directives)
 
     def key_rpm_limit(self, host: str) -> int | None:
         """The documented overflow rate of a host's prompt_cache_key routing, if it has one."""
@@ -33,6 +71,36 @@ def _strings(raw: Any, what: str, path: Path) -> tuple[str, ...]:
     if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
         raise ValueError(f"{path}:{line_of(raw, default=1)}: {what} must be a list of strings")
     return tuple(raw)
+
+
+def _retention(raw: Any, path: Path) -> tuple[RetentionDirective, ...]:
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}:{line_of(raw, default=1)}: cache_retention must be a list")
+    out = []
+    for i, d in enumerate(raw):
+        where = f"{path}:{line_of(raw, i, 1)}: cache_retention[{i}]"
+        if not isinstance(d, Mapping) or set(d) != {"field", "value", "retention", "models"}:
+            raise ValueError(f"{where}: needs exactly field, value, retention and models")
+        if not isinstance(d["field"], str) or not _FIELD_PATH.match(d["field"]):
+            raise ValueError(f"{where}: field must be a dotted body path like a.b")
+        if not isinstance(d["value"], str) or not d["value"]:
+            raise ValueError(f"{where}: value must be a non-empty string")
+        try:
+            seconds = parse_duration(d["retention"])
+        except ValueError as e:
+            raise ValueError(f"{where}: retention: {e}") from None
+        out.append(RetentionDirective(d["field"], d["value"], seconds,
+                                      _strings(d["models"], "models", path)))
+    return tuple(out)
+
+
+def _endpoints(raw: Any, path: Path) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, list) or not all(
+            isinstance(e, Mapping) and set(e) == {"host", "path"}
+            and all(isinstance(v, str) and v for v in e.values()) for e in raw):
+        raise ValueError(f"{path}:{line_of(raw, default=1)}: no_cache_directives must be a list "
+                         "of {host: glob, path: glob}")
+    return tuple((e["host"].lower(), e["path"]) for e in raw)
 
 
 def parse_provider_facts(path: Path) -> ProviderFacts:
@@ -64,6 +132,8 @@ def parse_provider_facts(path: Path) -> ProviderFacts:
         one_hour_ttl_models=_strings(data.get("one_hour_ttl_models", []),
                                      "one_hour_ttl_models", path),
         key_rpm_limits={str(k).lower(): v for k, v in limits.items()},
+        cache_retention=_retention(data.get("cache_retention", []), path),
+        no_cache_directives=_endpoints(data.get("no_cache_directives", []), path),
     )
 
 

@@ -13,10 +13,14 @@ still continues its thread (that is a prefix change to report). A conversation n
 tracker is matched against recent ones by what lies outside its root (same tools, same first
 message, its history continued), so a system prompt whose date rolled over reads as
 `prefix-changed` against the conversation it continues, not as a new one.
+
+For `ttl: auto`, each conversation keeps its rhythm (gaps and growth), and each prompt family (an
+agent: model, tools, system prompt, as a keyed hash from the rewrite) the last gaps of its
+conversations, which choose the first write of its next conversation (`ttl_policy.FamilyPrior`).
 """
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
@@ -42,7 +46,7 @@ from affinity_addon.diagnosis.verdicts import (
 )
 from affinity_addon.record.schema import Usage
 from affinity_addon.request.breakpoint_spec import PlanHint, min_tokens_for
-from affinity_addon.ttl_policy import Rhythm
+from affinity_addon.ttl_policy import FamilyPrior, Rhythm
 
 PROFILES = catalog_file("cache_profiles.yaml")
 
@@ -109,16 +113,18 @@ class Pending:
     ttl_seconds: float
     min_tokens: int
     shape: str
+    family: str | None = None  # its prompt family, when the rewrite computed one (`ttl: auto`)
     # The fingerprint unpacked, once, while the request is upstream (None: unpack when judged).
     blocks: Blocks | None = None
 
 
 THREADS = 8  # threads kept per conversation ID (main, memory, title, compaction, subagents)
 LINEAGE = 4096  # recent threads indexed by (tools, first message), to find what a new ID continues
-LINEAGE_SECONDS = 86_400.0
+LINEAGE_SECONDS = 86_400.0  # a date rollover is at most a day after the previous request
 # Unpacked fingerprints kept for the next turn's verdict: ~300 bytes a block, so ~15 MB at most.
-UNPACKED_BLOCKS = 50_000  # a date rollover is at most a day after the previous request
+UNPACKED_BLOCKS = 50_000
 TRAILER = 2  # blocks an agent may drop from the end of its history (per-turn context)
+FAMILIES = 1024  # prompt families whose recent gaps are kept (agents x models: a few)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,8 @@ class MissTracker:
         self.lineage: ConversationStore[Stored] = ConversationStore(min(capacity, LINEAGE))
         # Conversation ID -> its gaps and growth, for `ttl: auto` (a few floats each).
         self.rhythms: ConversationStore[Rhythm] = ConversationStore(capacity)
+        # Prompt family -> its conversations' last gaps, for the first write of the next one.
+        self.families: ConversationStore[FamilyPrior] = ConversationStore(min(capacity, FAMILIES))
         # The latest stored fingerprints, unpacked: the next turn of a busy conversation is
         # judged against its previous request without decoding it again. Bounded by blocks.
         self.unpacked: dict[int, tuple[Fingerprint, Blocks]] = {}
@@ -170,15 +178,23 @@ class MissTracker:
             return hit[1]
         return fp.unpack()
 
-    def hint(self, key: str | None, now: float | None = None) -> PlanHint | None:
+    def hint(self, key: str | None, now: float | None = None,
+             family: Callable[[], str | None] | None = None) -> PlanHint | None:
         """The planner's view of this conversation's previous requests (one per thread) and the
-        cache TTL its rhythm calls for, counting the pause before this request (`now`)."""
+        cache TTL its rhythm calls for, counting the pause before this request (`now`). For a
+        conversation new to the tracker, the TTL its prompt family's recent pauses call for.
+        `family` computes the request's family; it is called only while the conversation has
+        none on record (its verdict records the one computed here)."""
         if not key:
             return None
         threads = self.store.get(key)
         rhythm = self.rhythms.get(key)
+        name = None
+        if family is not None and (rhythm is None or rhythm.family is None):
+            name = family()
         if not threads and rhythm is None:
-            return None
+            prior = self.families.get(name) if name else None
+            return PlanHint((), prior.choose()) if prior is not None else None
         return PlanHint(tuple(t.plan for t in threads or () if t.plan),
                         rhythm.choose(now=now) if rhythm is not None else None)
 
@@ -205,7 +221,8 @@ class MissTracker:
         return None, "new"
 
     def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
-                keys: tuple[str, ...], signal: str | None, ts: float) -> Pending:
+                keys: tuple[str, ...], signal: str | None, ts: float,
+                family: str | None = None) -> Pending:
         prof = profile_for(host, shape, model)
         fp = fingerprint(body, shape, model)
         ttl = prof.ttl_seconds
@@ -215,7 +232,8 @@ class MissTracker:
             except ValueError:
                 pass
         min_tokens = prof.min_tokens if prof.min_tokens is not None else min_tokens_for(model)
-        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, fp.unpack())
+        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, family,
+                       fp.unpack())
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool,
@@ -239,8 +257,13 @@ class MissTracker:
                                           shape=p.shape, unpacked=unpacked)
         if usage is not None and p.keys:
             rhythm = self.rhythms.get(p.keys[0]) or Rhythm()
-            rhythm.observe_at(p.ts, usage.cache_read_tokens + usage.cache_write_tokens)
+            gap = rhythm.observe_at(p.ts, usage.cache_read_tokens + usage.cache_write_tokens)
+            rhythm.family = p.family or rhythm.family  # known from its first request on
             self.rhythms.put(p.keys[0], rhythm)
+            if rhythm.family and gap is not None:
+                prior = self.families.get(rhythm.family) or FamilyPrior()
+                prior.observe(gap)
+                self.families.put(rhythm.family, prior)
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds,
                               automatic=p.automatic, unpacked=cur)

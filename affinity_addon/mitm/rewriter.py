@@ -87,7 +87,7 @@ class Rewriter:
         # is computed once the request has been sent, while the provider works on it.
         work = partial(state.tracker.observe, body, shape=outcome.shape, model=model,
                        host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
-                       ts=flow.request.timestamp_start or time.time())
+                       ts=flow.request.timestamp_start or time.time(), family=outcome.family)
         state.pending[flow.id] = work
         state.defer(partial(self._fingerprint, flow.id, work))
 

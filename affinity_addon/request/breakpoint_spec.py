@@ -5,9 +5,10 @@ minimums and per-model facts (catalog). Pure parsing; the planning is in `breakp
 import fnmatch
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import yaml
 
@@ -85,6 +86,15 @@ class PlanHint:
 
     previous: tuple[bytes, ...] = ()
     ttl: str | None = None  # for `ttl: auto`: what the conversation's rhythm calls for
+
+
+class HintFor(Protocol):
+    """What the tracker knows of a conversation (`MissTracker.hint`): its previous requests and
+    the TTL its rhythm, or its prompt family's (`family()` makes the family on demand), calls
+    for."""
+
+    def __call__(self, key: str | None, *,
+                 family: Callable[[], str | None] | None = None) -> PlanHint | None: ...
 
 
 class Placement(NamedTuple):

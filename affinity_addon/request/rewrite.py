@@ -1,4 +1,4 @@
-"""Applies matching rules to one request: affinity headers, body fields, cache breakpoints.
+"""Applies matching rules to one request: affinity headers, body fields, cache retention, markers.
 
 The request body is parsed at most once, and only when a rule whose host and path fit needs
 it. It is written back through mitmproxy's decoded `content`, so a zstd/gzip/br body stays
@@ -9,7 +9,7 @@ and every other byte of the body stays exactly as the client sent it.
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,9 @@ from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.request import affinity_id
-from affinity_addon.request.family_key import FamilyRates, family_key
+from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor
+from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
+from affinity_addon.request.retention import retention_action
 from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
 
 logger = logging.getLogger(__name__)
@@ -176,6 +178,8 @@ class Outcome:
     problems: list[str] = field(default_factory=list)  # logged as one warning per request
     signal: str | None = None  # the routing value the provider will see (None: none at all)
     key: dict[str, Any] | None = None  # {family_key}: {"strategy", "bucket", "buckets"}
+    # The prompt family (keyed hash), when the tracker asked for it (`ttl: auto`); not logged.
+    family: str | None = None
 
     def to_meta(self, *, host: str, path: str, method: str) -> dict[str, Any]:
         """The request's facts as plain data for `flow.metadata` (the record is built from it)."""
@@ -262,6 +266,14 @@ class _Rewrite:
             facts["family_key"] = fk
         return _render(a, facts)
 
+    def family(self) -> str | None:
+        """The request's prompt family (model family, tools, system prompt: a keyed hash), made
+        once and before any marker is added (markers are left out of it anyway)."""
+        out = self.out
+        if out.family is None and self.body is not None and out.shape is not None:
+            out.family = family_hash(self.body, out.shape, self.key)
+        return out.family
+
     def headers(self, rule: Rule) -> None:
         out = self.out
         for a in rule.set_headers:
@@ -286,32 +298,45 @@ class _Rewrite:
             out.headers[a.target] = value
 
     def fields(self, rule: Rule) -> None:
+        for a in rule.set_fields:
+            self.set_field(rule, a)
+
+    def set_field(self, rule: Rule, a: SetAction) -> None:
         out, body = self.out, self.body
         assert body is not None
-        for a in rule.set_fields:
-            if a.needs_affinity and out.affinity_id is None:
-                continue
+        if a.needs_affinity and out.affinity_id is None:
+            return
+        current = get_path(body, parse_path(a.target))
+        present_as_null = current is None and "." not in a.target and a.target in body
+        if current is not None and a.on_conflict == KEEP:
+            if a.target not in out.fields:
+                out.kept.append(f"field:{a.target}")
+            return
+        value = self.render(a)
+        if current == value:
+            return
+        if "." in a.target or current is not None or present_as_null or a.target in self.new_top:
+            body = self._exact()  # this body will be re-encoded, not spliced
             current = get_path(body, parse_path(a.target))
-            present_as_null = current is None and "." not in a.target and a.target in body
-            if current is not None and a.on_conflict == KEEP:
-                if a.target not in out.fields:
-                    out.kept.append(f"field:{a.target}")
-                continue
-            value = self.render(a)
-            if current == value:
-                continue
-            if "." in a.target or current is not None or present_as_null or a.target in self.new_top:
-                body = self._exact()  # this body will be re-encoded, not spliced
-                current = get_path(body, parse_path(a.target))
-            if not set_path(body, parse_path(a.target), value):
-                out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
-                continue
-            out.fields[a.target] = value
-            self.body_changed = True
-            if "." in a.target or current is not None or present_as_null or a.target in self.new_top:
-                self.must_reserialize = True
-            else:
-                self.new_top[a.target] = value
+        if not set_path(body, parse_path(a.target), value):
+            out.problems.append(f"rule {rule.name!r}: cannot set {a.target}: a parent is not an object")
+            return
+        out.fields[a.target] = value
+        self.body_changed = True
+        if "." in a.target or current is not None or present_as_null or a.target in self.new_top:
+            self.must_reserialize = True
+        else:
+            self.new_top[a.target] = value
+
+    def retention(self, rule: Rule) -> None:
+        if rule.cache_retention is None or self.body is None:
+            return
+        action, kept = retention_action(rule.cache_retention, self.body, self.out.model,
+                                        self.facts["host"], self.facts["path"])
+        if kept is not None and kept not in self.out.fields:  # kept: the client's, not a rule's
+            self.out.kept.append(f"field:{kept}")
+        if action is not None:
+            self.set_field(rule, action)
 
     def _exact(self) -> dict[str, Any]:
         """The body as it must be before a re-encode (`ParsedBody.exact`); keys already added
@@ -324,7 +349,7 @@ class _Rewrite:
             self.body = obj
         return obj
 
-    def breakpoints(self, rule: Rule, hint_for: Callable[[str | None], Any] | None) -> None:
+    def breakpoints(self, rule: Rule, hint_for: HintFor | None) -> None:
         from affinity_addon.request import breakpoints
 
         out, body = self.out, self.body
@@ -335,7 +360,11 @@ class _Rewrite:
             out.problems.append(f"rule {rule.name!r}: {blocks} prompt blocks are too many to "
                                 "plan breakpoints for; none added")
             return
-        hint = hint_for(out.affinity_id) if hint_for is not None else None
+        hint = None
+        if hint_for is not None:
+            # Only `ttl: auto` reads the family's rhythm; the hash is made only if asked for.
+            auto = rule.cache_control.ttl == AUTO_TTL
+            hint = hint_for(out.affinity_id, family=self.family if auto else None)
         body = self._exact()  # markers mean a re-encode
         added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint)
         if added:
@@ -367,13 +396,14 @@ def apply_rules(
     key: str,
     dry_run: bool = False,
     parsed: ParsedBody | None = None,
-    hint_for: Callable[[str | None], Any] | None = None,
+    hint_for: HintFor | None = None,
     rates: FamilyRates | None = None,
 ) -> tuple[Outcome, ParsedBody] | None:
     """Rewrite `request` in place (unless dry_run). None when no rule matches.
 
-    `hint_for(affinity_id)`: what the tracker knows of the conversation's previous requests
-    (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable.
+    `hint_for(affinity_id, family=...)`: what the tracker knows of the conversation's previous
+    requests (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable,
+    and the TTL `ttl: auto` should use.
     `rates`: this proxy's request rates per prompt family, for `{family_key}` (a fresh count
     when None)."""
     host, method = request.pretty_host, request.method
@@ -402,11 +432,12 @@ def apply_rules(
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
              "path": path, "method": method, "rule": matched[0].name}
     rw = _Rewrite(request, parsed, out, facts, key, rates)
-    for rule in matched:  # 3. headers, fields and breakpoints, rule by rule
+    for rule in matched:  # 3. headers, fields, retention and breakpoints, rule by rule
         facts["rule"] = rule.name
         rw.headers(rule)
         if body is not None:
             rw.fields(rule)
+            rw.retention(rule)
             rw.breakpoints(rule, hint_for)
     new = rw.encode()  # 4. the body, encoded once
     if not dry_run:  # 5. apply: nothing before this line touched the request

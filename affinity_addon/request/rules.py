@@ -18,11 +18,14 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from affinity_addon.catalog.yamlsource import line_of, load_yaml
 from affinity_addon.request import affinity_id
 from affinity_addon.shapes import SHAPES
+
+if TYPE_CHECKING:
+    from affinity_addon.request.retention import RetentionSpec
 
 
 def default_rules_file() -> Path:
@@ -54,7 +57,7 @@ SHAPE_BY_PATH: tuple[tuple[str, str], ...] = (
 
 _RULE_KEYS = frozenset(
     {"name", "match", "set_headers", "set_fields", "on_conflict", "cache_control",
-     "affinity", "stop", "enabled", "description"}
+     "cache_retention", "affinity", "stop", "enabled", "description"}
 )
 _MATCH_KEYS = frozenset({"host", "path", "model", "method", "api"})
 _TOP_KEYS = frozenset({"version", "affinity", "rules"})
@@ -152,6 +155,7 @@ class Rule:
     set_headers: tuple[SetAction, ...] = ()
     set_fields: tuple[SetAction, ...] = ()
     cache_control: Any = None  # breakpoints.CacheControlSpec
+    cache_retention: "RetentionSpec | None" = None
     affinity: affinity_id.AffinityConfig | None = None
     stop: bool = False
 
@@ -167,7 +171,8 @@ class Rule:
 
     @property
     def needs_body(self) -> bool:
-        return bool(self.model or self.set_fields or self.cache_control is not None)
+        return bool(self.model or self.set_fields or self.cache_control is not None
+                    or self.cache_retention is not None)
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,14 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             cache_control = parse_cache_control(raw["cache_control"])
         except ValueError as e:
             raise where.error(raw, "cache_control", f"cache_control: {e}", name) from None
+    retention = None
+    if raw.get("cache_retention") not in (None, False):
+        from affinity_addon.request.retention import parse_retention
+
+        try:
+            retention = parse_retention(raw["cache_retention"], policy)
+        except ValueError as e:
+            raise where.error(raw, "cache_retention", f"cache_retention: {e}", name) from None
     aff = None
     if "affinity" in raw:
         try:
@@ -325,7 +338,8 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
     return Rule(
         name=name, line=line_of(raw), host=host, path=globs.get("path"),
         model=globs.get("model"), methods=methods, api=api, set_headers=set_headers,
-        set_fields=set_fields, cache_control=cache_control, affinity=aff, stop=stop,
+        set_fields=set_fields, cache_control=cache_control, cache_retention=retention,
+        affinity=aff, stop=stop,
     )
 
 

@@ -65,27 +65,35 @@ class Recorder:
             return
         try:
             tap = live.tap if live is not None else None
-            problem = None
-            if live is not None and tap is None and flow.response.raw_content:
-                try:
-                    body = decode_body(flow.response.raw_content,
-                                       flow.response.headers.get("content-encoding"))
-                    live.reader.feed_json(json.loads(body or b""))
-                except DecodeLimit as e:  # a bomb: bounded decoding stopped it
-                    problem = f"response not inspected: {e}"
-                    logger.warning("affinity: %s %s", flow.request.pretty_host, problem)
-                except (ValueError, RecursionError):
-                    problem = "JSON body not readable"  # an error page, or a body we don't know
             if tap is not None and flow.response.raw_content is None and tap.kept is not None:
                 flow.response.raw_content = tap.kept  # visible in mitmweb; already sent
-            # A stream that ended without its terminal event was cut short upstream.
-            complete = tap is None or (tap.ended and live is not None and live.reader.terminal)
-            if tap is not None:
-                problem = tap_problem(tap)
-            self._finish(flow, meta, live, stream=tap is not None, complete=complete, error=None,
-                         usage_problem=problem)
+            # Reading the body and judging it wait until the response is on its way.
+            pending = self.state.pending.pop(flow.id, None)
+            self.state.defer(lambda: self._answered(flow, meta, live, pending))
         except Exception:
             logger.exception("affinity: could not record this response")
+
+    def _answered(self, flow: http.HTTPFlow, meta: dict[str, Any], live: Live | None,
+                  pending: Pending | Callable[[], Pending] | None) -> None:
+        assert flow.response is not None
+        tap = live.tap if live is not None else None
+        problem = None
+        if live is not None and tap is None and flow.response.raw_content:
+            try:
+                body = decode_body(flow.response.raw_content,
+                                   flow.response.headers.get("content-encoding"))
+                live.reader.feed_json(json.loads(body or b""))
+            except DecodeLimit as e:  # a bomb: bounded decoding stopped it
+                problem = f"response not inspected: {e}"
+                logger.warning("affinity: %s %s", flow.request.pretty_host, problem)
+            except (ValueError, RecursionError):
+                problem = "JSON body not readable"  # an error page, or a body we don't know
+        # A stream that ended without its terminal event was cut short upstream.
+        complete = tap is None or (tap.ended and live is not None and live.reader.terminal)
+        if tap is not None:
+            problem = tap_problem(tap)
+        self._finish(flow, meta, live, stream=tap is not None, complete=complete, error=None,
+                     usage_problem=problem, pending=pending)
 
     def error(self, flow: http.HTTPFlow) -> None:
         live = self.state.live.pop(flow.id, None)
@@ -96,7 +104,9 @@ class Recorder:
         try:
             stream = live is not None and live.tap is not None
             msg = flow.error.msg if flow.error else "error"
-            self._finish(flow, meta, live, stream=stream, complete=False, error=msg)
+            pending = self.state.pending.pop(flow.id, None)
+            self.state.defer(lambda: self._finish(flow, meta, live, stream=stream, complete=False,
+                                                  error=msg, pending=pending))
         except Exception:
             logger.exception("affinity: could not record this failed response")
 
@@ -125,7 +135,8 @@ class Recorder:
 
     def _finish(self, flow: http.HTTPFlow, meta: dict[str, Any], live: Live | None, *,
                 stream: bool, complete: bool, error: str | None, transport: str = "http",
-                usage_problem: str | None = None) -> None:
+                usage_problem: str | None = None,
+                pending: Pending | Callable[[], Pending] | None = None) -> None:
         reader = live.reader if live else None
         resp = flow.response
         usage = reader.usage() if reader else None
@@ -138,8 +149,7 @@ class Recorder:
             extras=reader.extras if reader else None,
         )
         record.usage_problem = usage_problem
-        pending = self.state.pending.pop(flow.id, None) if transport == "http" else None
-        self.state.defer(lambda: self._record(flow, meta, record, usage, pending))
+        self._record(flow, meta, record, usage, pending)
 
     def _record(self, flow: http.HTTPFlow, meta: dict[str, Any], record: Record,
                 usage: Usage | None, pending: Pending | Callable[[], Pending] | None) -> None:

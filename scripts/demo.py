@@ -1,6 +1,6 @@
 """See what the addon does in about 20 seconds: the same coding-agent session, twice.
 
-    scripts/demo [--agent grok|openrouter-claude] [--no-live]
+    scripts/demo [--agent grok|openrouter-claude|openai-team] [--no-live]
 
 Starts a simulated provider (4 replicas, each with its own prompt cache) behind each of two
 proxies, a bare mitmdump and a mitmdump with the addon, all on 127.0.0.1 ephemeral ports. Then it
@@ -11,6 +11,14 @@ provider cached, with and without the addon, next to the addon's own log verdict
 Each proxy gets its own simulator so that neither session can warm the other's cache. Nothing
 leaves the machine: the proxies run in reverse mode and `--map-remote` sends the provider's host
 to the simulator, like the end-to-end tests do.
+
+`--agent openai-team` is issue 11's OpenAI case instead: a solo agent (6 conversations one after
+another, ~3 RPM) and a team (24 agents at once, ~70 RPM for 10 minutes) sharing one ~8k-token
+prompt, through three mitmdumps (without the addon, one `prompt_cache_key` per conversation as
+the old default, the shipped `{family_key}`) against a simulator of OpenAI's routing (8
+machines). The traffic runs on virtual time: every request carries `x-sim-time`, which the
+simulator serves it at and `tests/sim/clock_addon.py` makes the flow's start time, so ten minutes
+of a team take seconds. It prints the token-weighted hit ratio over all turns.
 """
 
 from __future__ import annotations
@@ -44,8 +52,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.procs import free_port, listening_port  # noqa: E402
+from tests.sim.workload import SOLO, TEAM, HttpUpstream, Result, Workload, run  # noqa: E402
 
 ADDON = ROOT / "affinity_addon" / "addon.py"
+CLOCK = ROOT / "tests" / "sim" / "clock_addon.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 EVENT_DELAY = 0.05  # seconds between SSE events: a short stream, long enough to see buffering
 
@@ -217,10 +227,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, output: Path 
     raise RuntimeError(f"{what} did not start listening on 127.0.0.1:{port}\n{tail}")
 
 
-def start_simulator(procs: Processes, err: Path) -> subprocess.Popen[bytes]:
+def start_simulator(procs: Processes, err: Path, replicas: int = 4, seed: int = 0,
+                    event_delay: float = EVENT_DELAY) -> subprocess.Popen[bytes]:
     with err.open("wb") as f:
         return procs.start([sys.executable, "-m", "tests.sim", "--port", "0",
-                            "--replicas", "4", "--event-delay", str(EVENT_DELAY)],
+                            "--replicas", str(replicas), "--seed", str(seed),
+                            "--event-delay", str(event_delay)],
                            stdout=subprocess.PIPE, stderr=f, cwd=ROOT)
 
 
@@ -234,7 +246,9 @@ class Proxy:
 
 
 def start_proxy(procs: Processes, d: Path, name: str, agent: Agent, sim_port: int,
-                addon: bool) -> Proxy:
+                addon: bool, scripts: tuple[Path, ...] = (),
+                options: dict[str, str] | None = None) -> Proxy:
+    """`scripts` load before the addon; `options` are more `--set`s."""
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
     args = [str(MITMDUMP), "--set", f"confdir={d / 'confdir'}",
@@ -243,11 +257,15 @@ def start_proxy(procs: Processes, d: Path, name: str, agent: Agent, sim_port: in
             "--mode", f"reverse:https://{agent.host}@127.0.0.1:{port}",
             "--map-remote",
             f"#^https?://{re.escape(agent.host)}(:443)?/#http://127.0.0.1:{sim_port}/p/{agent.provider}/"]
+    for script in scripts:
+        args += ["-s", str(script)]
     log = None
     if addon:
         log = d / "affinity.jsonl"
         args += ["-s", str(ADDON), "--set", f"affinity_log={log}",
                  "--set", "affinity_summary=false"]
+    for k, v in (options or {}).items():
+        args += ["--set", f"{k}={v}"]
     output = d / f"{name}-output.txt"
     with output.open("wb") as f:
         proc = procs.start(args, stdout=f, stderr=subprocess.STDOUT, cwd=d)
@@ -411,21 +429,24 @@ NEXT_STEPS = """Try it with your own agent:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--agent", choices=sorted(AGENTS), default="grok",
-                   help="which agent to play (default grok)")
+    p.add_argument("--agent", choices=sorted([*AGENTS, "openai-team"]), default="grok",
+                   help="which agent to play (default grok); openai-team: issue 11's solo "
+                        "agent and team on OpenAI, three key strategies")
     p.add_argument("--no-live", action="store_true",
                    help="plain line-by-line output, no live table (for CI and logs)")
     p.add_argument("--turns", type=int, default=len(STEPS) + 1,
                    help=f"requests per session, 2..{len(STEPS) + 1} (default {len(STEPS) + 1})")
     args = p.parse_args(argv)
     args.turns = min(max(args.turns, 2), len(STEPS) + 1)
-    agent = AGENTS[args.agent]
     live_mode = not args.no_live
     # Plain mode: no colours and no wrapping, one line per turn for CI logs.
     console = Console(highlight=False) if live_mode else Console(
         highlight=False, no_color=True, soft_wrap=True)
     if live_mode and not console.is_terminal:
         live_mode = False
+    if args.agent == "openai-team":
+        return openai_team(console, plain=not live_mode)
+    agent = AGENTS[args.agent]
 
     # SIGTERM unwinds through the finally below like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -516,6 +537,147 @@ def play(console: Console, live_mode: bool, agent: Agent, bare: Proxy, addon: Pr
                   "which holds a stream back until it ends; "
                   f"{ttft['addon'] * 1e3:.0f} ms with the addon, which streams it through.")
     return 0 if after > before else 1
+
+
+# --- openai-team: key strategies for a solo agent and a team (issue 11) ------------------------
+
+OPENAI = Agent("OpenAI agents on api.openai.com", "api.openai.com", "openai", "/v1", "gpt-5.5",
+               "prompt_cache_key")
+TEAM_DEMO = Workload("team", agents=TEAM.agents, rpm=TEAM.rpm, turns=TEAM.turns, duration=600.0)
+FAMILY = 'prompt_cache_key: "{family_key}"'
+# (row, proxy, prompt_cache_key of the openai rule; None: the shipped rules as they are)
+STRATEGIES = (("without addon", "bare", None),
+              ("key per conversation (old default)", "conversation", '"{affinity_id}"'),
+              ("{family_key} (shipped default)", "shipped", None))
+
+
+def _health(sim_port: int) -> dict[str, Any]:
+    """The simulator's control endpoint: its request and overflow counts."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", sim_port, timeout=10)
+    try:
+        conn.request("GET", "/_sim/health")
+        return dict(json.loads(conn.getresponse().read()))
+    finally:
+        conn.close()
+
+
+def _reset(sim_port: int) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", sim_port, timeout=10)
+    try:
+        conn.request("POST", "/_sim/reset")
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def _buckets(proxy: Proxy, skip: int) -> str:
+    """The most `{family_key}` buckets the addon used in its records after the first `skip`."""
+    if proxy.log is None or not proxy.log.exists():
+        return ""
+    lines = [ln for ln in proxy.log.read_text().splitlines() if ln.strip()][skip:]
+    counts = [(json.loads(ln).get("key") or {}).get("buckets") for ln in lines]
+    return str(max((c for c in counts if isinstance(c, int)), default="")) or ""
+
+
+def openai_team(console: Console, plain: bool) -> int:
+    """Both workloads through the three proxies; a table each (plain: one line per row)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for k in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        del os.environ[k]  # loopback only, never the caller's proxy
+    tmp = Path(tempfile.mkdtemp(prefix="affinity-demo-"))
+    procs = Processes()
+    try:
+        console.print("[bold]affinity demo[/]: OpenAI's prompt_cache_key for a solo agent and a "
+                      "team sharing one ~8k-token prompt (8 simulated machines; a prefix+key "
+                      "pair above ~15 RPM overflows to other machines).")
+        sim = start_simulator(procs, tmp / "sim.err", replicas=TEAM.replicas, seed=TEAM.seed,
+                              event_delay=0.0)
+        sim_port = listening_port(sim)
+        shipped = (ROOT / "rules" / "default.yaml").read_text()
+        proxies: dict[str, Proxy] = {}
+        for _, name, key in STRATEGIES:
+            options: dict[str, str] = {}
+            if key is not None:
+                rules = tmp / f"{name}.yaml"
+                rules.write_text(shipped.replace(FAMILY, f"prompt_cache_key: {key}"))
+                options["affinity_rules"] = str(rules)
+            proxies[name] = start_proxy(procs, tmp / name, name, OPENAI, sim_port,
+                                        addon=name != "bare", scripts=(CLOCK,), options=options)
+        for proxy in proxies.values():
+            wait_port(proxy.port, proxy.proc, f"mitmdump ({proxy.name})", proxy.output)
+        console.print(f"started: simulator (pid {sim.pid}), "
+                      + ", ".join(f"mitmdump {n} :{p.port} (pid {p.proc.pid})"
+                                  for n, p in proxies.items()))
+        ok = True
+        for epoch, w in enumerate((SOLO, TEAM_DEMO)):
+            results: list[tuple[str, Result, float, str]] = []
+            for row, name, _ in STRATEGIES:
+                proxy = proxies[name]
+                _reset(sim_port)
+                skip = len(proxy.log.read_text().splitlines()) \
+                    if proxy.log and proxy.log.exists() else 0
+                # A day between the workloads: no rate window of a proxy spans both.
+                up = HttpUpstream(f"http://127.0.0.1:{proxy.port}",
+                                  lambda: int(_health(sim_port)["overflowed"]),
+                                  epoch=86_400.0 * epoch)
+                t0 = time.perf_counter()
+                with console.status(f"{w.name}: {row}…"):
+                    try:
+                        r = run(w, "none", upstream=up)
+                    finally:
+                        up.close()
+                wall = time.perf_counter() - t0
+                time.sleep(0.2)  # the addon writes its last record right after the response
+                results.append((row, r, wall, _buckets(proxy, skip)))
+            if plain:
+                console.print(f"{w.name}: {team_title(w)}")
+                for row, r, wall, buckets in results:
+                    console.print(f"  {row:<36} all turns {r.ratio:.2f}   first turns "
+                                  f"{r.first_ratio:.2f}   requests {r.requests:>4}   overflowed "
+                                  f"{r.overflowed:>4}   buckets {buckets or '-':>2}   "
+                                  f"wall {wall:.1f} s")
+            else:
+                console.print(team_table(w, results))
+            bare, family = results[0][1], results[-1][1]
+            ok = ok and family.ratio >= bare.ratio
+        console.print("Token-weighted hit ratio over all turns, first turns included. One key "
+                      "per conversation sends every turn 1 to a machine that never saw the "
+                      "shared prompt; no key puts a whole team on one machine, where most "
+                      "requests overflow. {family_key} keeps a solo agent on one machine and "
+                      "shards a team into buckets under the limit (`affinity report` shows them). "
+                      "Which bucket a conversation gets follows the addon's key, random per "
+                      "confdir: the team's ratio moves by about 0.01 from one run to the next.")
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def team_title(w: Workload) -> str:
+    what = f"{w.conversations} conversations one after another" if w.conversations else \
+        f"{w.duration / 60:.0f} minutes"
+    return f"{w.agents} agent(s), ~{w.rpm:g} RPM, {what}"
+
+
+def team_table(w: Workload, results: list[tuple[str, Result, float, str]]) -> Table:
+    t = Table(box=box.SIMPLE_HEAD, title_justify="left",
+              title=f"[bold]{w.name}[/]: {team_title(w)}")
+    for col in ("prompt_cache_key", "hit ratio\nall turns", "hit ratio\nfirst turns",
+                "requests", "overflowed", "buckets", "wall"):
+        t.add_column(col, justify="left" if col == "prompt_cache_key" else "right",
+                     no_wrap=col == "prompt_cache_key")
+    for row, r, wall, buckets in results:
+        t.add_row(row, Text(f"{r.ratio:.2f}", style=ratio_style(r.ratio)),
+                  f"{r.first_ratio:.2f}", str(r.requests), str(r.overflowed), buckets,
+                  f"{wall:.1f} s")
+    return t
 
 
 if __name__ == "__main__":

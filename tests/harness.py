@@ -88,7 +88,9 @@ def start_proxy(
     extra_args: Iterable[str] = (),
     web: bool = False,
     hosts: Iterable[str] = HOSTS,
+    scripts: Iterable[Path] = (),
 ) -> Proxy:
+    """`scripts`: more `-s` scripts, loaded before the addon (e.g. tests/sim/clock_addon.py)."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     confdir = tmp / "confdir"
@@ -107,6 +109,8 @@ def start_proxy(
         args += ["--mode", f"{mode}@{port}"]
     if sim_url:
         args += map_remote_args(sim_url, hosts)
+    for script in scripts:
+        args += ["-s", str(script)]
     if addon:
         args += ["-s", str(ADDON), "--set", f"affinity_log={log}"]
     for k, v in (options or {}).items():

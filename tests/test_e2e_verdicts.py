@@ -7,8 +7,8 @@ to `python -m affinity_addon report --json`.
 
 `ttl-expired` is driven in-process (the addons of `addon.py` under `mitmproxy.test.taddons`,
 with the simulator's real responses attached to the flows): the simulator's clock can be moved,
-but the addon measures the gap from `flow.request.timestamp_start` to wall time, and a real gap
-above the TTL (5 minutes for Anthropic markers) is too long for a test; in-process, turn 1's
+but the addon measures the gap between the flows' `timestamp_start` (wall time through
+mitmdump), and a real gap above the TTL (5 minutes for Anthropic markers) is too long for a test; in-process, turn 1's
 flow can say it started 400 s ago. `response-cache` runs both ways: through mitmdump, where
 modify_headers adds `X-OpenRouter-Cache-Status: HIT` (the simulator never sends it) but the
 usage is the simulator's, and in-process with the zero usage OpenRouter really reports. The

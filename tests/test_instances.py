@@ -62,11 +62,11 @@ def test_two_instances_seeing_half_each_pick_the_buckets_of_one_seeing_all():
     with proxies(2, 1) as pair:
         unscaled = team(pair)
     settled = slice(140, None)  # the third minute: the busiest minute is known everywhere
-    assert {r["buckets"] for r in alone[settled]} == {6}  # ceil(70 / 12)
+    assert {r["buckets"] for r in alone[settled]} == {9}  # ceil(70 / 8)
     assert [r["buckets"] for r in shared[settled]] == [r["buckets"] for r in alone[settled]]
     assert [r["key"] for r in shared[settled]] == [r["key"] for r in alone[settled]]
-    # without the option each instance sees 35 RPM and halves the buckets: two keys of ~23 RPM
-    assert {r["buckets"] for r in unscaled[settled]} == {3}
+    # without the option each instance sees 35 RPM and halves the buckets: five keys of ~14 RPM
+    assert {r["buckets"] for r in unscaled[settled]} == {5}
 
 
 def test_the_option_is_validated():

@@ -50,7 +50,7 @@ def test_busiest_minute_per_key_and_family_and_the_buckets_it_calls_for():
     d = key_rates(team_log()).to_dict()
     assert (d["keys"], d["families"], d["keys_overflow_likely"]) == (3, 1, 1)
     assert d["by_family"] == [{"family": FAM, "requests": 36, "busiest_rpm": 30,
-                               "buckets_used": 2, "buckets_recommended": 3}]  # ceil(30 / 12)
+                               "buckets_used": 2, "buckets_recommended": 4}]  # ceil(30 / 8)
     assert [(k["key"], k["requests"], k["busiest_rpm"], k["overflow_likely"])
             for k in d["by_key"]] == [(f"fam-{FAM}-0", 26, 20, True),
                                       (f"fam-{FAM}-1", 10, 10, False), ("conv-42", 4, 2, False)]
@@ -104,10 +104,10 @@ def test_report_text_and_json_show_the_rates(tmp_path):
     path = write(tmp_path, team_log())
     text = render(path)
     assert "Request rate per prompt_cache_key (busiest minute)" in text
-    assert "family 01234567…" in text and "2 -> 3" in text and "recommended 3" in text
+    assert "family 01234567…" in text and "2 -> 4" in text and "recommended 4" in text
     assert "fam-01234567…-0" in text and "overflow likely" in text
     doc = report_document(build_report([path]))
-    assert doc["key_rates"]["by_family"][0]["buckets_recommended"] == 3
+    assert doc["key_rates"]["by_family"][0]["buckets_recommended"] == 4
     # no prompt_cache_key traffic: no table
     assert "prompt_cache_key" not in render(write(tmp_path, [rec(0, None)]))
 

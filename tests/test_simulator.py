@@ -973,6 +973,7 @@ def control(url: str, method: str, path: str) -> tuple[int, Any]:
 def test_control_api(sim: Simulator, clock: SimClock) -> None:
     status, health = control(sim.url, "GET", "/_sim/health")
     assert status == 200 and health["ok"] is True and health["replicas"] == 4
+    assert health["overflowed"] == 0  # requests an RPM limit sent off their home machine
     body = chat(convo(0), prompt_cache_key="k")
     post(sim, "/p/openai/v1/chat/completions", body, {"Authorization": "Bearer sk-secret"})
     _, listed = control(sim.url, "GET", "/_sim/requests")

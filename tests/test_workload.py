@@ -82,3 +82,26 @@ def test_gpt_5_6_first_turns_need_a_breakpoint_at_the_end_of_the_shared_prompt()
     marked = run(replace(SOLO, model="gpt-5.6", system_breakpoint=True), "none")
     assert plain.first_read == 0 and marked.first_ratio > 0.75
     assert marked.ratio > plain.ratio + 0.05
+
+
+def test_clock_addon_puts_a_flow_on_the_workloads_time():
+    from mitmproxy.test import tflow
+
+    from tests.sim.clock_addon import VirtualClock
+
+    clock = VirtualClock()
+    f = tflow.tflow()
+    f.request.headers["x-sim-time"] = "120.5"
+    upload = f.request.timestamp_end - f.request.timestamp_start
+    clock.requestheaders(f)
+    clock.request(f)
+    assert f.request.timestamp_start == 120.5
+    assert f.request.timestamp_end - 120.5 == pytest.approx(upload)
+    for value in (None, "soon", "nan", "inf", "-1"):  # no (usable) virtual time: wall time stays
+        g = tflow.tflow()
+        if value is not None:
+            g.request.headers["x-sim-time"] = value
+        start, end = g.request.timestamp_start, g.request.timestamp_end
+        clock.requestheaders(g)
+        clock.request(g)
+        assert (g.request.timestamp_start, g.request.timestamp_end) == (start, end), value

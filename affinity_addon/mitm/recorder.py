@@ -4,7 +4,6 @@ frames, the miss verdict, and one record per response (JSONL, flow comment, live
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -163,8 +162,11 @@ class Recorder:
                 logger.exception("affinity: cannot fingerprint this request; no verdict for it")
                 pending = None
         if pending is not None:
+            # The gap to the conversation's previous request runs from that request's start to
+            # this one's (when the provider looked the prefix up), both on the flow's clock as
+            # the tracker stored them: not to the wall clock at the end of this response.
             verdict, predicted = state.tracker.verdict(
-                pending, usage, time.time(), response_cache=record.response_cache,
+                pending, usage, pending.ts, response_cache=record.response_cache,
                 provider_reason=record.provider_miss_reason, dry_run=record.dry_run,
                 load=meta.get("load"))  # the key's rate when sent: the `overflow` check's evidence
             record.miss_reason, record.miss_detail = verdict.reason, verdict.detail

@@ -27,9 +27,12 @@ from affinity_addon.request.affinity_id import keyed_hash
 from affinity_addon.request.prompt import canonical, iter_segments, root_segments
 
 # OpenAI's documented overflow point: ~15 requests a minute per prefix+key pair (per key on
-# GPT-5.6+). TARGET_RPM stays under it with a margin for bursts within a minute.
+# GPT-5.6+). TARGET_RPM is the mean per bucket: conversations fill the buckets unevenly (a hash
+# decides, and an agent's requests come in bursts), so the busiest bucket runs well above the
+# mean; at about mean + 2*sqrt(mean) it stays under 15 when the mean is 8. Measured on the team
+# workload over eight addon keys: mean 12 -> all-turn hit ratio 0.894-0.906, 8 -> 0.906-0.921.
 OVERFLOW_RPM = 15
-TARGET_RPM = 12
+TARGET_RPM = 8
 HOLD_MINUTES = 10  # how long a busy minute keeps its bucket count
 _SLOT = 20.0
 SLOTS_PER_MINUTE = 3

@@ -321,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
         status, payload = 200, None
         if path == "/_sim/health":
             payload = {"ok": True, "replicas": sim.engine.replicas, "now": sim.clock.now(),
-                       "requests": len(sim.requests)}
+                       "requests": len(sim.requests), "overflowed": sim.engine.overflowed}
         elif path == "/_sim/requests":
             bodies = params.get("bodies", ["0"])[0] not in ("0", "", "false")
             payload = [r.to_json(bodies) for r in sim.requests]

@@ -1,5 +1,6 @@
-"""Agent workloads driven straight into the simulator's `Engine` (no sockets, no proxy), on
-virtual time (`x-sim-time`), so half an hour of a team's traffic runs in seconds.
+"""Agent workloads on virtual time (`x-sim-time`), so half an hour of a team's traffic runs in
+seconds: straight into the simulator's `Engine` (no sockets, no proxy), or over HTTP through a
+proxy (`HttpUpstream`; a mitmdump that loads `tests/sim/clock_addon.py` takes the same time).
 
 Issue 11's two shapes of OpenAI traffic, both sharing one ~8k-token agent prompt (tools + system):
 - solo: one agent, 6 conversations one after another, ~3 requests a minute;
@@ -17,15 +18,17 @@ The measure is the token-weighted hit ratio over ALL turns, first turns included
 """
 
 import hashlib
+import http.client
 import json
 import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from tests.sim.clock import SimClock
-from tests.sim.engine import Engine
+from tests.sim.engine import TIME_HEADER, Engine
 
 PATH = "/p/openai/v1/chat/completions"
 CHARS = 4  # the simulator's characters per token
@@ -164,10 +167,87 @@ class _Conversation:
 Through = Callable[[dict[str, Any], float], dict[str, Any]]
 
 
-def run(w: Workload, strategy_name: str, through: Through | None = None) -> Result:
-    """Drive workload `w` with one key strategy against a fresh simulator. `through(body, now)`
-    returns the body as it reaches the provider (e.g. after a proxy's rewrite)."""
-    engine = Engine(w.replicas, SimClock(), w.seed, "openai")
+@dataclass(frozen=True, slots=True)
+class Sent:
+    usage: dict[str, Any]  # as the provider reported it (Chat Completions)
+    key: str | None  # the prompt_cache_key the provider saw, when the sender can know it
+
+
+class Upstream(Protocol):
+    """Where a workload's requests go, each served at its virtual time `now`."""
+
+    def send(self, body: dict[str, Any], now: float) -> Sent: ...
+
+    @property
+    def overflowed(self) -> int: ...
+
+
+class EngineUpstream:
+    """A fresh simulator engine, called directly: no sockets, no proxy."""
+
+    def __init__(self, w: Workload) -> None:
+        self.engine = Engine(w.replicas, SimClock(), w.seed, "openai")
+
+    def send(self, body: dict[str, Any], now: float) -> Sent:
+        out = self.engine.handle("POST", PATH, "", [(TIME_HEADER, f"{now:.3f}")], body)
+        assert out.usage is not None, out.reply.body
+        key = body.get("prompt_cache_key")
+        return Sent(out.usage, key if isinstance(key, str) else None)
+
+    @property
+    def overflowed(self) -> int:
+        return self.engine.overflowed
+
+
+class HttpUpstream:
+    """POST /v1/chat/completions to `base_url` over one keep-alive connection (stdlib only):
+    e.g. a mitmdump in reverse mode for api.openai.com, mapped to the simulator. The key the
+    provider saw is not known here (a proxy may set it); `overflowed()` asks whoever knows.
+    `epoch` is added to every request's time, so runs through one proxy can each have a clock
+    of their own (a day apart, the proxy's rate windows have forgotten the run before)."""
+
+    def __init__(self, base_url: str, overflowed: Callable[[], int] = lambda: 0,
+                 epoch: float = 0.0, timeout: float = 30.0) -> None:
+        url = urlsplit(base_url)
+        if url.scheme != "http" or url.hostname is None:
+            raise ValueError(f"HttpUpstream needs an http:// URL, not {base_url!r}")
+        self._conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
+        self._path = url.path.rstrip("/") + "/v1/chat/completions"
+        self._overflowed = overflowed
+        self.epoch = epoch
+
+    def send(self, body: dict[str, Any], now: float) -> Sent:
+        data = json.dumps(body).encode()
+        headers = {"content-type": "application/json", "authorization": "Bearer sk-sim-0",
+                   TIME_HEADER: f"{self.epoch + now:.3f}"}
+        for attempt in (1, 2):  # a keep-alive connection the other side closed: once more
+            try:
+                self._conn.request("POST", self._path, data, headers)
+                resp = self._conn.getresponse()
+                reply = resp.read()
+                break
+            except (ConnectionError, http.client.BadStatusLine):
+                self._conn.close()
+                if attempt == 2:
+                    raise
+        if resp.status != 200:
+            raise RuntimeError(f"upstream answered {resp.status}: {reply[:300]!r}")
+        return Sent(json.loads(reply)["usage"], None)
+
+    @property
+    def overflowed(self) -> int:
+        return self._overflowed()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def run(w: Workload, strategy_name: str, through: Through | None = None,
+        upstream: Upstream | None = None) -> Result:
+    """Drive workload `w` with one key strategy (what the client sends) against `upstream`, by
+    default a fresh simulator engine. `through(body, now)` returns the body as it reaches the
+    provider (e.g. after a proxy's rewrite, in process)."""
+    upstream = upstream if upstream is not None else EngineUpstream(w)
     key_for = strategy(strategy_name)
     system, tools = _shared(w)
     family = _digest(w.model.split("-")[0], json.dumps(tools), system)
@@ -199,13 +279,11 @@ def run(w: Workload, strategy_name: str, through: Through | None = None) -> Resu
             body["prompt_cache_key"] = key
         if through is not None:
             body = through(body, now)
-            key = body.get("prompt_cache_key")
-        if key is not None:
-            result.keys.add(key)
-        out = engine.handle("POST", PATH, "", [("x-sim-time", f"{now:.3f}")], body)
-        assert out.usage is not None, out.reply.body
-        prompt = out.usage["prompt_tokens"]
-        read = out.usage["prompt_tokens_details"]["cached_tokens"]
+        sent = upstream.send(body, now)
+        if sent.key is not None:
+            result.keys.add(sent.key)
+        prompt = sent.usage["prompt_tokens"]
+        read = sent.usage["prompt_tokens_details"]["cached_tokens"]
         result.prompt += prompt
         result.read += read
         result.requests += 1
@@ -220,7 +298,7 @@ def run(w: Workload, strategy_name: str, through: Through | None = None) -> Resu
                 {"role": "assistant", "content": _text(rng, 80, f"Step {conv.turn}:")},
                 {"role": "user", "content": _text(rng, rng.randint(200, 1200), "Output:")}]
         queue.append((now + gap * rng.uniform(0.8, 1.2), agent))
-    result.overflowed = engine.overflowed
+    result.overflowed = upstream.overflowed
     return result
 
 

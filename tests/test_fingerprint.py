@@ -3,6 +3,7 @@ import json
 import pickle
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,8 @@ from affinity_addon.diagnosis.fingerprint import (
     Fingerprint,
     compile_volatile,
     fingerprint,
+    fingerprint_steps,
+    run_steps,
 )
 from affinity_addon.diagnosis.prefix_diff import compare
 
@@ -357,3 +360,65 @@ def test_appending_never_reports_a_change(history, extra, system):
     assert compare(fp_a(body), fp_a(body)).kind == "identical"
     assert compare(fp_a(body), fp_a(longer)).kind == "appended"
     assert compare(fp_a(longer), fp_a(body)).kind in ("message-removed", "message-changed")
+
+
+CAPTURES = sorted((Path(__file__).resolve().parent / "fixtures" / "captures").glob("*/*.json"))
+SHAPE_BY_PATH = {"/v1/messages": "anthropic", "/v1/responses": "openai-responses"}
+
+
+@pytest.mark.parametrize("capture", CAPTURES, ids=lambda p: p.stem)
+def test_stepped_fingerprint_builds_the_blocks_unpack_decodes(capture):
+    """The judgement uses the blocks made while fingerprinting instead of decoding the packed
+    rows: they must be the same, field for field, and stepping must not change the result."""
+    sent = json.loads(capture.read_text())
+    shape = SHAPE_BY_PATH.get(sent["path"].split("?")[0], "openai-chat")
+    body = sent["body"]
+    fp, blocks = run_steps(fingerprint_steps(body, shape, body.get("model"), every=3))
+    assert fp == fingerprint(body, shape, body.get("model"))
+    assert blocks == fp.unpack()
+
+
+SYNTHETIC = [
+    ("anthropic", {"model": "claude-sonnet-4-5", "tools": tools(3),
+                   "system": [{"type": "text", "text": system_text(),
+                               "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+                   "messages": [{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": [
+                                    {"type": "thinking", "thinking": "t", "signature": "s"},
+                                    {"type": "tool_use", "id": "t1", "name": "tool0",
+                                     "input": {"x": "y"}}]},
+                                {"role": "user", "content": [
+                                    {"type": "tool_result", "tool_use_id": "t1", "content": "ok",
+                                     "cache_control": {"type": "ephemeral"}}]}]}),
+    ("openai-responses", {"model": "gpt-5", "instructions": system_text(), "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "done"},
+        {"type": "reasoning", "summary": [], "encrypted_content": "zz"}]}),
+    ("openai-chat", {"model": "gpt-5", "messages": [
+        {"role": "system", "content": "x-anthropic-billing-header: cch=1"},
+        {"role": "user", "content": [{"type": "text", "text": "a" * 2000},
+                                     {"type": "image_url", "image_url": {"url": "data:..."}}]},
+        {"role": "assistant", "content": None, "reasoning_content": "r",
+         "tool_calls": [{"id": "1", "type": "function",
+                         "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "out"}]}),
+]
+
+
+@pytest.mark.parametrize(("shape", "body"), SYNTHETIC, ids=[s for s, _ in SYNTHETIC])
+def test_stepped_blocks_match_unpack_for_every_shape(shape, body):
+    fp, blocks = run_steps(fingerprint_steps(body, shape, body["model"], every=2))
+    assert blocks == fp.unpack() and len(blocks.all) > 3
+
+
+def test_fingerprint_steps_yield_every_so_many_blocks():
+    body = {"model": "m", "tools": tools(4), "system": system_text(),
+            "messages": [{"role": "user", "content": f"turn {i}"} for i in range(20)]}
+    steps = fingerprint_steps(body, "anthropic", "m", every=5)
+    yields = 0
+    with pytest.raises(StopIteration):
+        while True:
+            next(steps)
+            yields += 1
+    assert yields == (4 + 1 + 20) // 5

@@ -10,7 +10,7 @@ import hashlib
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -327,9 +327,34 @@ def _marker(value: Any) -> tuple[bool, str | None]:
     return False, None
 
 
+# Blocks fingerprinted between two looks at the event loop (`fingerprint_steps`): a 1 MB prompt
+# is a few thousand blocks and some milliseconds, which must not hold up the upload of the
+# request it belongs to or the answer of another.
+STEP_BLOCKS = 256
+
+Steps = Generator[None, None, "tuple[Fingerprint, Blocks]"]
+
+
 def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
                 volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None) -> Fingerprint:
     """Fingerprint a request body of API shape `shape`. O(blocks + text length); keeps no text."""
+    return run_steps(fingerprint_steps(body, shape, model, volatile=volatile))[0]
+
+
+def run_steps[T](steps: Generator[None, None, T]) -> T:
+    """Run stepped work (`fingerprint_steps`, `MissTracker.observe_steps`) to the end, at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
+                      volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None,
+                      every: int = STEP_BLOCKS) -> Steps:
+    """`fingerprint`, yielding every `every` blocks; returns the fingerprint and its blocks as
+    `unpack()` would give them (built along the way, so the judgement needs no decoding)."""
     volatile = DEFAULT_VOLATILE if volatile is None else volatile
     label_ids: dict[str, int] = {}
 
@@ -337,9 +362,12 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
         return label_ids.setdefault(s, len(label_ids))
 
     rows, chunks = bytearray(), bytearray()
+    blocks: list[BlockPrint] = []
     total = 0
     envelope_hash, reasoning = 0, False
-    for seg, first, envelope in _walk(body, shape):
+    for n, (seg, first, envelope) in enumerate(_walk(body, shape), 1):
+        if n % every == 0:
+            yield
         carrier = envelope is _CARRIES
         if carrier:
             envelope = None
@@ -357,9 +385,9 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
                 envelope_hash = zlib.crc32(env)
                 extra = estimate_tokens(len(env))
                 reasoning = not REASONING_FIELDS.isdisjoint(envelope)
+        system = seg.role in SYSTEM_ROLES or seg.section == "system"
         flags = ((_MARKED if marked else 0) | (_FIRST if first else 0) | (_CARRIER if carrier else 0)
-                 | (_REASONING if reasoning else 0)
-                 | (_SYSTEM if seg.role in SYSTEM_ROLES or seg.section == "system" else 0))
+                 | (_REASONING if reasoning else 0) | (_SYSTEM if system else 0))
         kind = seg.kind
         if field and seg.kind == "text" and any(p.search(text) for p in volatile.get(seg.section, ())):
             kind, digest, field = IGNORED, _IGNORED_DIGEST, None
@@ -370,9 +398,11 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
             chars = len(text) if field is not None else len(canon)
         tokens = FIXED_TOKENS.get(kind, estimate_tokens(chars)) + extra
         total += tokens
-        if field is not None and (mi is None or mi < CHUNKED_MESSAGES or flags & _SYSTEM):
+        block_chunks = b""
+        if field is not None and (mi is None or mi < CHUNKED_MESSAGES or system):
             flags |= _CHUNKED
-            chunks += _chunk_hashes(text)
+            block_chunks = _chunk_hashes(text)
+            chunks += block_chunks
         prefix = f"{seg.section}[{mi}]"
         if mi is not None and seg.path.startswith(prefix):
             flags |= _REL_PATH
@@ -385,8 +415,12 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
             label(ttl) + 1 if ttl is not None else 0,
             label(field) + 1 if field is not None else 0, flags,
         )
+        blocks.append(BlockPrint(seg.path, seg.section, kind, digest, chars, tokens, marked, ttl,
+                                 mi, field, system, first, envelope_hash, reasoning,
+                                 block_chunks, carrier))
     settings = tuple(
         (key, hashlib.blake2b(canonical(body[key]), digest_size=8).digest())
         for key in PREFIX_SETTINGS.get(shape, ()) if key in body
     )
-    return Fingerprint(model, total, settings, bytes(rows), tuple(label_ids), bytes(chunks))
+    fp = Fingerprint(model, total, settings, bytes(rows), tuple(label_ids), bytes(chunks))
+    return fp, Blocks(tuple(blocks), [b for b in blocks if not b.ignored])

@@ -20,7 +20,7 @@ conversations, which choose the first write of its next conversation (`ttl_polic
 """
 
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
@@ -33,7 +33,8 @@ from affinity_addon.diagnosis.fingerprint import (
     Blocks,
     Fingerprint,
     PromptParts,
-    fingerprint,
+    fingerprint_steps,
+    run_steps,
 )
 from affinity_addon.diagnosis.verdicts import (
     ConversationStore,
@@ -114,7 +115,7 @@ class Pending:
     min_tokens: int
     shape: str
     family: str | None = None  # its prompt family, when the rewrite computed one (`ttl: auto`)
-    # The fingerprint unpacked, once, while the request is upstream (None: unpack when judged).
+    # The fingerprint's blocks, as made while the request was upstream (None: unpack to judge).
     blocks: Blocks | None = None
 
 
@@ -223,8 +224,15 @@ class MissTracker:
     def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
                 keys: tuple[str, ...], signal: str | None, ts: float,
                 family: str | None = None) -> Pending:
+        return run_steps(self.observe_steps(body, shape=shape, model=model, host=host, keys=keys,
+                                            signal=signal, ts=ts, family=family))
+
+    def observe_steps(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
+                      keys: tuple[str, ...], signal: str | None, ts: float,
+                      family: str | None = None) -> Generator[None, None, Pending]:
+        """`observe` in steps (`fingerprint_steps`): the proxy runs one per event-loop turn."""
         prof = profile_for(host, shape, model)
-        fp = fingerprint(body, shape, model)
+        fp, blocks = yield from fingerprint_steps(body, shape, model)
         ttl = prof.ttl_seconds
         if not prof.automatic and fp.last_ttl:
             try:
@@ -232,8 +240,7 @@ class MissTracker:
             except ValueError:
                 pass
         min_tokens = prof.min_tokens if prof.min_tokens is not None else min_tokens_for(model)
-        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, family,
-                       fp.unpack())
+        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, family, blocks)
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool,

@@ -4,15 +4,13 @@ frames, the miss verdict, and one record per response (JSONL, flow comment, live
 
 import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, hooks, http
 
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.decoding import DecodeLimit, decode_body
-from affinity_addon.diagnosis.tracker import Pending
-from affinity_addon.mitm.state import Live, State
+from affinity_addon.mitm.state import Live, State, Stepped
 from affinity_addon.record import build
 from affinity_addon.record.schema import META, Record, Usage
 from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap
@@ -73,7 +71,7 @@ class Recorder:
             logger.exception("affinity: could not record this response")
 
     def _answered(self, flow: http.HTTPFlow, meta: dict[str, Any], live: Live | None,
-                  pending: Pending | Callable[[], Pending] | None) -> None:
+                  pending: Stepped | None) -> None:
         assert flow.response is not None
         tap = live.tap if live is not None else None
         problem = None
@@ -135,7 +133,7 @@ class Recorder:
     def _finish(self, flow: http.HTTPFlow, meta: dict[str, Any], live: Live | None, *,
                 stream: bool, complete: bool, error: str | None, transport: str = "http",
                 usage_problem: str | None = None,
-                pending: Pending | Callable[[], Pending] | None = None) -> None:
+                pending: Stepped | None = None) -> None:
         reader = live.reader if live else None
         resp = flow.response
         usage = reader.usage() if reader else None
@@ -151,22 +149,15 @@ class Recorder:
         self._record(flow, meta, record, usage, pending)
 
     def _record(self, flow: http.HTTPFlow, meta: dict[str, Any], record: Record,
-                usage: Usage | None, pending: Pending | Callable[[], Pending] | None) -> None:
+                usage: Usage | None, pending: Stepped | None) -> None:
         state = self.state
-        if callable(pending):
-            try:
-                pending = pending()
-            except RecursionError:
-                pending = None  # too deeply nested to fingerprint: no verdict for this one
-            except Exception:
-                logger.exception("affinity: cannot fingerprint this request; no verdict for it")
-                pending = None
-        if pending is not None:
+        judged = pending.finish() if pending is not None else None
+        if judged is not None:
             # The gap to the conversation's previous request runs from that request's start to
             # this one's (when the provider looked the prefix up), both on the flow's clock as
             # the tracker stored them: not to the wall clock at the end of this response.
             verdict, predicted = state.tracker.verdict(
-                pending, usage, pending.ts, response_cache=record.response_cache,
+                judged, usage, judged.ts, response_cache=record.response_cache,
                 provider_reason=record.provider_miss_reason, dry_run=record.dry_run,
                 load=meta.get("load"))  # the key's rate when sent: the `overflow` check's evidence
             record.miss_reason, record.miss_detail = verdict.reason, verdict.detail

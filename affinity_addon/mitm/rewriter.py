@@ -7,14 +7,12 @@ gone back to the client (`State.defer`).
 
 import logging
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from mitmproxy import ctx, http
 
-from affinity_addon.diagnosis.tracker import Pending
-from affinity_addon.mitm.state import State
+from affinity_addon.mitm.state import State, Stepped
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.record.schema import META
 from affinity_addon.request import affinity_id
@@ -83,22 +81,11 @@ class Rewriter:
         # The tracker keeps the model per conversation: a real name's length, not the client's.
         model = outcome.model[:MAX_MODEL_CHARS] if outcome.model else None
         # The tracker reads the body later: this request's body object is never changed again
-        # (the rewrite encoded a new one or spliced the raw bytes). Deferred, the fingerprint
-        # is computed once the request has been sent, while the provider works on it.
-        work = partial(state.tracker.observe, body, shape=outcome.shape, model=model,
-                       host=flow.request.pretty_host, keys=keys, signal=outcome.signal,
-                       ts=flow.request.timestamp_start or time.time(), family=outcome.family)
-        state.pending[flow.id] = work
-        state.defer(partial(self._fingerprint, flow.id, work))
-
-    def _fingerprint(self, flow_id: str, work: Callable[[], Pending]) -> None:
-        pending = self.state.pending
-        if pending.get(flow_id) is not work:
-            return  # answered (and judged) already, or dropped
-        try:
-            pending[flow_id] = work()
-        except RecursionError:
-            pending.pop(flow_id, None)  # too deeply nested to fingerprint: no verdict for it
-        except Exception:
-            pending.pop(flow_id, None)
-            logger.exception("affinity: cannot fingerprint this request; no verdict for it")
+        # (the rewrite encoded a new one or spliced the raw bytes). The fingerprint starts once
+        # the request is on its way, in slices, while the provider works on it.
+        job = Stepped(state.tracker.observe_steps(
+            body, shape=outcome.shape, model=model, host=flow.request.pretty_host, keys=keys,
+            signal=outcome.signal, ts=flow.request.timestamp_start or time.time(),
+            family=outcome.family))
+        state.pending[flow.id] = job
+        state.step(job)

@@ -7,7 +7,7 @@ see one `State` instead of reaching into each other.
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,39 @@ def new_ttl_advisor() -> TtlAdvisor:
     return TtlAdvisor(max_conversations=STATS_CONVERSATIONS)
 
 
+class Stepped:
+    """A request's fingerprint, computed one slice per event-loop turn (`State.step`) so that
+    socket reads and writes interleave with it; `finish` computes the rest at once (the
+    response came first, or there is no loop)."""
+
+    __slots__ = ("result", "steps")
+
+    def __init__(self, steps: Generator[None, None, Pending]) -> None:
+        self.steps: Generator[None, None, Pending] | None = steps
+        self.result: Pending | None = None
+
+    def step(self) -> bool:
+        """One slice; True when there is nothing left to do."""
+        if self.steps is None:
+            return True
+        try:
+            next(self.steps)
+            return False
+        except StopIteration as done:
+            self.result = done.value
+        except RecursionError:
+            pass  # too deeply nested to fingerprint: no verdict for this one
+        except Exception:
+            logger.exception("affinity: cannot fingerprint this request; no verdict for it")
+        self.steps = None
+        return True
+
+    def finish(self) -> Pending | None:
+        while not self.step():
+            pass
+        return self.result
+
+
 class Live:
     """Per-flow response state; lives here, never in flow.metadata (which must pickle)."""
 
@@ -57,7 +90,7 @@ class State:
     live: dict[str, Live] = field(default_factory=dict)
     # Per flow, the fingerprint still to compute (or computed, in unit tests): it needs only the
     # request body, so it waits until the response has gone back to the client.
-    pending: dict[str, Pending | Callable[[], Pending]] = field(default_factory=dict)
+    pending: dict[str, Stepped] = field(default_factory=dict)
     # Work that can wait until the response is on its way (fingerprint, verdict, record): run
     # on the event loop right after the hook that queued it, never on a thread (a worker holding
     # the GIL stalls the loop just the same, and the hand-offs cost more than the work).
@@ -92,6 +125,20 @@ class State:
         if not self.later_scheduled:
             self.later_scheduled = True
             loop.call_soon(self.run_later)
+
+    def step(self, job: Stepped) -> None:
+        """Run `job` one slice per event-loop turn; at once when there is no loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            job.finish()
+            return
+
+        def next_slice() -> None:
+            if not job.step():
+                loop.call_soon(next_slice)
+
+        loop.call_soon(next_slice)
 
     def run_later(self) -> None:
         """Run the deferred work, in order (also on shutdown: no record is lost)."""

@@ -22,7 +22,7 @@ conversations, which choose the first write of its next conversation (`ttl_polic
 import fnmatch
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import yaml
@@ -95,6 +95,7 @@ def default_profiles() -> tuple[Profile, ...]:
     return parse_profiles(yaml.safe_load(PROFILES.read_text()))
 
 
+@lru_cache(maxsize=1024)  # a few hosts x shapes x models; the globs cost more than the lookup
 def profile_for(host: str, shape: str | None, model: str | None) -> Profile:
     for p in default_profiles():
         if p.matches(host, shape, model):

@@ -174,16 +174,18 @@ def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, An
     return None
 
 
-# A system prompt is tens of KB that every turn repeats, and the root patterns scan all of
-# it: remember the scan of long texts (compared whole, so never a wrong answer) for a few.
-_SCAN_MEMO_MIN_CHARS = 2048
-_SCAN_MEMO_SIZE = 64
+# A system prompt is up to tens of KB that every turn (and every conversation of an agent)
+# repeats, and each root pattern scans all of it: remember the scans of recent texts (compared
+# whole, so never a wrong answer). In memory only, bounded in entries and size, never logged.
+_SCAN_MEMO_MIN_CHARS = 256  # shorter: the scan is cheaper than the lookup
+_SCAN_MEMO_MAX_CHARS = 256 * 1024
+_SCAN_MEMO_SIZE = 256
 _scan_memo: "OrderedDict[tuple[int, str], tuple[AffinityConfig, bool, str]]" = OrderedDict()
 
 
 def _scan(text: str, config: "AffinityConfig") -> tuple[bool, str]:
     """(left out of the root?, the text with volatile parts masked)."""
-    memo = len(text) >= _SCAN_MEMO_MIN_CHARS
+    memo = _SCAN_MEMO_MIN_CHARS <= len(text) <= _SCAN_MEMO_MAX_CHARS
     if memo:
         hit = _scan_memo.get((id(config), text))
         if hit is not None and hit[0] is config:

@@ -123,8 +123,10 @@ class Pending:
 THREADS = 8  # threads kept per conversation ID (main, memory, title, compaction, subagents)
 LINEAGE = 4096  # recent threads indexed by (tools, first message), to find what a new ID continues
 LINEAGE_SECONDS = 86_400.0  # a date rollover is at most a day after the previous request
-# Unpacked fingerprints kept for the next turn's verdict: ~300 bytes a block, so ~15 MB at most.
-UNPACKED_BLOCKS = 50_000
+# Unpacked fingerprints kept for the next turn's verdict (~350 bytes a block): the conversations
+# in play right now, not every one the tracker remembers, so at most ~7 MB.
+UNPACKED_BLOCKS = 20_000
+UNPACKED_ENTRIES = 64
 TRAILER = 2  # blocks an agent may drop from the end of its history (per-turn context)
 FAMILIES = 1024  # prompt families whose recent gaps are kept (agents x models: a few)
 
@@ -169,7 +171,8 @@ class MissTracker:
             self.unpacked_blocks -= len(old[1].all)
         self.unpacked[id(fp)] = (fp, blocks)
         self.unpacked_blocks += len(blocks.all)
-        while self.unpacked_blocks > UNPACKED_BLOCKS and len(self.unpacked) > 1:
+        while len(self.unpacked) > 1 and (self.unpacked_blocks > UNPACKED_BLOCKS
+                                          or len(self.unpacked) > UNPACKED_ENTRIES):
             oldest = next(iter(self.unpacked))  # dicts keep insertion order: the oldest first
             self.unpacked_blocks -= len(self.unpacked.pop(oldest)[1].all)
 

@@ -18,7 +18,7 @@ that each stays under the limit.
 
 import hashlib
 import threading
-from collections import deque
+from array import array
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,39 +69,42 @@ def jump_hash(key: int, buckets: int) -> int:
 class FamilyRates:
     """Requests per family per minute seen by this proxy, and the bucket count they call for.
 
-    Counts are kept per whole minute for the last ten (a few integers per family), so a request
-    costs O(1) however busy the family is. `instances`: how many proxies behind a load balancer
-    share the traffic, each seeing about 1/N of it (the count is scaled back up)."""
+    Counts are kept per 20 s slot for the last ten minutes (a ring of 30 integers per family),
+    so a request costs O(1) however busy the family is. `instances`: how many proxies behind a
+    load balancer share the traffic, each seeing about 1/N of it (the count is scaled back up)."""
 
     def __init__(self, instances: int = 1) -> None:
         self.instances = max(instances, 1)
-        self._slots: dict[str, deque[list[int]]] = {}  # family -> [[20 s slot, count], ...]
+        # family -> [its latest 20 s slot, counts of the last HOLD_SLOTS slots by slot % HOLD]:
+        # a fixed ring of small integers, so ten thousand quiet families cost ~2 MB, not ~30.
+        self._slots: dict[str, list[Any]] = {}
         self._lock = threading.Lock()
 
     def buckets(self, family: str, now: float) -> int:
         """Count this request and return the bucket count for its family."""
         slot = int(now // _SLOT)
         with self._lock:
-            slots = self._slots.get(family)
-            if slots is None:
+            entry = self._slots.get(family)
+            if entry is None:
                 if len(self._slots) >= MAX_FAMILIES:  # drop the families nobody sends any more
                     horizon = slot - HOLD_SLOTS
-                    self._slots = {f: s for f, s in self._slots.items() if s[-1][0] > horizon}
-                slots = self._slots[family] = deque()
-            if slots and slots[-1][0] >= slot:
-                slots[-1][1] += 1  # this slot (or a flow that started a few ms out of order)
-            else:
-                slots.append([slot, 1])
-            while slots[0][0] <= slot - HOLD_SLOTS:
-                slots.popleft()
+                    self._slots = {f: e for f, e in self._slots.items() if e[0] > horizon}
+                entry = self._slots[family] = [slot, array("I", bytes(4 * HOLD_SLOTS))]
+            last, ring = entry
+            if slot > last:  # a new slot: the ones skipped since and the new one start at zero
+                for k in range(max(last + 1, slot - HOLD_SLOTS + 1), slot + 1):
+                    ring[k % HOLD_SLOTS] = 0
+                entry[0] = last = slot
+            # a flow that started a few ms out of order counts in the latest slot
+            ring[last % HOLD_SLOTS] = min(ring[last % HOLD_SLOTS] + 1, 0xFFFFFFFF)
             # The busiest 60 s, as any 3 consecutive 20 s slots: close to a sliding window, and
             # additive, so instances that each see 1/N of the traffic agree with one seeing all.
-            busiest, window, start = 0, 0, 0
-            for k, n in slots:
-                window += n
-                while slots[start][0] <= k - SLOTS_PER_MINUTE:
-                    window -= slots[start][1]
-                    start += 1
+            busiest = window = 0
+            first = last - HOLD_SLOTS + 1
+            for k in range(first, last + 1):
+                window += ring[k % HOLD_SLOTS]
+                if k - SLOTS_PER_MINUTE >= first:
+                    window -= ring[(k - SLOTS_PER_MINUTE) % HOLD_SLOTS]
                 busiest = max(busiest, window)
         return min(max(1, -(-busiest * self.instances // TARGET_RPM)), MAX_BUCKETS)
 

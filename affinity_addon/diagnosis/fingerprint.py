@@ -352,10 +352,11 @@ def run_steps[T](steps: Generator[None, None, T]) -> T:
 
 def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
                       volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None,
-                      every: int = STEP_BLOCKS) -> Steps:
+                      every: int | None = None) -> Steps:
     """`fingerprint`, yielding every `every` blocks; returns the fingerprint and its blocks as
     `unpack()` would give them (built along the way, so the judgement needs no decoding)."""
     volatile = DEFAULT_VOLATILE if volatile is None else volatile
+    every = STEP_BLOCKS if every is None else every
     label_ids: dict[str, int] = {}
 
     def label(s: str) -> int:

@@ -52,6 +52,17 @@ def _show(name: str, recs: list[dict[str, Any]]) -> None:
               f"write={u.get('cache_write_tokens')} {r['miss_reason']}: {r['miss_detail']}")
 
 
+def _reads_back_and_pays_only_the_new_part(recs: list[dict[str, Any]]) -> None:
+    for prev, cur in zip(recs, recs[1:], strict=False):
+        p, c = prev["usage"], cur["usage"]
+        # Reads back (nearly) everything the previous turn sent...
+        assert c["cache_read_tokens"] >= 0.95 * p["input_tokens"], (p, c)
+        # ...and pays for little more than what this turn added.
+        added = c["input_tokens"] - p["input_tokens"]
+        paid = c["input_tokens"] - c["cache_read_tokens"]
+        assert paid <= added + 300, (p, c)
+
+
 def _no_contradiction(recs: list[dict[str, Any]]) -> None:
     for r in recs:
         assert not (r["miss_reason"] == "hit" and "prefix changed" in (r["miss_detail"] or "")), r
@@ -65,15 +76,8 @@ def test_openclaw_without_markers_reads_the_history_back(proxy_factory, sim):
     _no_contradiction(recs)
     assert len({r["affinity_id"] for r in recs}) == 1
     assert {r.body["session_id"] for r in sim.requests} == {recs[0]["affinity_id"]}
-    for prev, cur in zip(recs, recs[1:], strict=False):
-        p, c = prev["usage"], cur["usage"]
-        # Reads back (nearly) everything the previous turn sent...
-        assert c["cache_read_tokens"] >= 0.95 * p["input_tokens"], (p, c)
-        # ...and pays for little more than what this turn added.
-        added = c["input_tokens"] - p["input_tokens"]
-        paid = c["input_tokens"] - c["cache_read_tokens"]
-        assert paid <= added + 300, (p, c)
-        assert cur["miss_reason"] == "hit", cur
+    _reads_back_and_pays_only_the_new_part(recs)
+    assert all(cur["miss_reason"] == "hit" for cur in recs[1:]), recs
     # The marker never lands on the trailing internal-context message.
     for r in recs:
         marked = {m["path"] for m in r["added"]["markers"]}
@@ -158,9 +162,4 @@ def test_openclaw_long_tool_turns_read_back_and_pay_only_the_new_part(proxy_fact
     recs = replay(proxy_factory("openclaw-long"), _long_turns(4, 25))
     _show("openclaw-long", recs)
     _no_contradiction(recs)
-    for prev, cur in zip(recs, recs[1:], strict=False):
-        p, c = prev["usage"], cur["usage"]
-        assert c["cache_read_tokens"] >= 0.95 * p["input_tokens"], (p, c)
-        added = c["input_tokens"] - p["input_tokens"]
-        paid = c["input_tokens"] - c["cache_read_tokens"]
-        assert paid <= added + 300, (p, c)
+    _reads_back_and_pays_only_the_new_part(recs)

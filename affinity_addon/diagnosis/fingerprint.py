@@ -14,13 +14,17 @@ from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
+
 from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, block_digest
 from affinity_addon.request.prompt import (
     MARKER_KEYS,
+    MESSAGES_KEY,
     SYSTEM_ROLES,
     Segment,
     canonical,
-    iter_segments,
+    head_segments,
+    message_segments,
 )
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.tokens import estimate_tokens
@@ -259,42 +263,148 @@ _Unit = tuple[Segment, bool, dict[str, Any] | None]
 _CARRIES: dict[str, Any] = {}  # the envelope marker of a message iter_segments skips
 
 
+def _message_units(section: str, i: int, msg: dict[str, Any]) -> tuple[list[_Unit], bool]:
+    """(the units of message `i`, is it a carrier?). A carrier is a message the prompt walker
+    skips for having no content (an assistant turn that is only `tool_calls`): a change there
+    breaks the prefix just the same, so it is a block of its own."""
+    segs = list(message_segments(section, i, msg))
+    if not segs:
+        kind = "tool_calls" if "tool_calls" in msg else "message"
+        role = msg.get("role") if isinstance(msg.get("role"), str) else None
+        return [(Segment(f"{section}[{i}]", section, kind, role, i, msg), True, _CARRIES)], True
+    first = segs[0]
+    envelope = None
+    if first.path not in (section, f"{section}[{i}]"):  # not its own segment: a content part
+        envelope = {k: v for k, v in msg.items() if k not in _CONTENT_KEYS}
+    return [(first, True, envelope), *((seg, False, None) for seg in segs[1:])], False
+
+
 def _walk(body: dict[str, Any], shape: str) -> Iterator[_Unit]:
-    """(segment, first block of its message?, the message's non-content fields when first).
+    """(segment, first block of its message?, the message's non-content fields when first), in
+    prompt order. Messages without content are carriers (`_message_units`), kept once the
+    conversation has content at all."""
+    for seg in head_segments(body, shape):
+        yield seg, False, None
+    for units, _ in _message_walk(body, shape, 0):
+        yield from units
 
-    Also yields messages the walker skips for having no content (an assistant turn that is only
-    `tool_calls`), since a change there breaks the prefix just the same.
-    """
-    done: dict[str, int] = {}  # section -> last message index seen
 
-    def skipped(section: str, upto: int | None) -> Iterator[_Unit]:
-        msgs = body.get(section)
-        if not isinstance(msgs, list):
-            return
-        end = len(msgs) if upto is None else upto
-        for i in range(done.get(section, -1) + 1, end):
-            msg = msgs[i]
-            if isinstance(msg, dict):
-                kind = "tool_calls" if "tool_calls" in msg else "message"
-                role = msg.get("role") if isinstance(msg.get("role"), str) else None
-                yield Segment(f"{section}[{i}]", section, kind, role, i, msg), True, _CARRIES
-
-    for seg in iter_segments(body, shape):
-        mi = seg.message_index
-        if mi is None:
-            yield seg, False, None
+def _message_walk(body: dict[str, Any], shape: str,
+                  start: int) -> Iterator[tuple[list[_Unit], bool]]:
+    """The conversation's units message by message from message `start` on (a checkpoint:
+    everything before it is done), each with "nothing waits": carriers before the first message
+    with content wait for it, and are dropped if none comes."""
+    section = MESSAGES_KEY.get(shape)
+    if section is None:
+        return
+    msgs = body.get(section)
+    if isinstance(msgs, str) and section == "input":  # Responses: one user message
+        if start == 0:
+            yield [(Segment(section, section, "string", "user", 0, msgs), True, None)], True
+        return
+    if not isinstance(msgs, list):
+        return
+    waiting: list[_Unit] = []
+    seen = start > 0
+    for i in range(start, len(msgs)):
+        msg = msgs[i]
+        if not isinstance(msg, dict):
+            yield [], seen
             continue
-        first, envelope = done.get(seg.section) != mi, None
-        if first:
-            yield from skipped(seg.section, mi)
-            done[seg.section] = mi
-            msgs = body.get(seg.section)
-            whole = seg.path in (seg.section, f"{seg.section}[{mi}]")  # item is its own segment
-            if not whole and isinstance(msgs, list) and isinstance(msgs[mi], dict):
-                envelope = {k: v for k, v in msgs[mi].items() if k not in _CONTENT_KEYS}
-        yield seg, first, envelope
-    for section in list(done):
-        yield from skipped(section, None)
+        units, carrier = _message_units(section, i, msg)
+        if carrier and not seen:
+            waiting += units
+            yield [], False
+            continue
+        if waiting:
+            units = waiting + units
+            waiting = []
+        seen = True
+        yield units, True
+
+
+# Top-level fields the prompt's head (tools, system prompt) is read from, in any shape.
+_HEAD_KEYS = ("tools", "system", "instructions", "systemInstruction", "system_instruction")
+# Checkpoints kept per fingerprint: before its last, second-to-last and third-to-last message.
+# The next turn appends to the conversation (the whole previous prompt is its prefix), a retry
+# or a moved cache marker changes the last message or two.
+CHECKPOINTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A fingerprint's state after message `k`: a prefix of its rows, chunks, labels, blocks."""
+
+    rows: bytes
+    chunks: bytes
+    labels: tuple[str, ...]
+    blocks: tuple[BlockPrint, ...]
+    n_rows: int  # bytes of rows, chunks; count of labels, blocks; tokens so far
+    n_chunks: int
+    n_labels: int
+    n_blocks: int
+    total: int
+
+
+class FingerprintMemo:
+    """Recent fingerprints' checkpoints, by a chained hash of the prompt up to each one, so that
+    a conversation's next turn fingerprints only what it added (issue 12): turn N+1 resumes
+    where turn N's prompt ended instead of canonicalising and hashing the whole prompt again.
+
+    The chain is one orjson encoding and one keyed hash per message (C speed, ~0.5 ms a MB);
+    the full fingerprint costs ten times that in Python per block. It holds no text: keys are
+    64-bit hashes, keyed per process like the block digests, so a collision (vanishingly rare)
+    would reuse another prompt's blocks in one diagnosis, as a digest collision would. Bounded
+    by entries and by the blocks they hold (counted per entry: the up to CHECKPOINTS entries
+    of one prompt share its blocks, so ~20k distinct blocks, ~7 MB, in the worst case). Sized
+    for a gateway's conversations in play: ~1,000 short ones, or a few long ones."""
+
+    def __init__(self, max_entries: int = 4096, max_blocks: int = 60_000) -> None:
+        self.max_entries, self.max_blocks = max_entries, max_blocks
+        self.entries: dict[int, Checkpoint] = {}
+        self.blocks = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def chain(body: dict[str, Any], shape: str, volatile: object) -> list[int] | None:
+        """keys[k]: the prompt's head and its first k messages; None when there is nothing to
+        chain (no conversation list) or a value JSON cannot encode."""
+        section = MESSAGES_KEY.get(shape)
+        msgs = body.get(section) if section else None
+        if not isinstance(msgs, list):
+            return None
+        try:
+            key = hash((shape, id(volatile), orjson.dumps([body.get(k) for k in _HEAD_KEYS])))
+            keys = [key]
+            for msg in msgs:
+                key = hash((key, orjson.dumps(msg)))
+                keys.append(key)
+        except (TypeError, orjson.JSONEncodeError):  # ints beyond 64 bits, lone surrogates
+            return None
+        return keys
+
+    def resume(self, keys: list[int]) -> tuple[int, Checkpoint] | None:
+        """The latest checkpoint this prompt's chain passes through: (messages done, state)."""
+        entries = self.entries
+        for k in range(len(keys) - 1, 0, -1):
+            cp = entries.pop(keys[k], None)
+            if cp is not None:
+                entries[keys[k]] = cp  # most recently used last
+                self.hits += 1
+                return k, cp
+        self.misses += 1
+        return None
+
+    def keep(self, key: int, cp: Checkpoint) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.blocks -= len(old.blocks)
+        self.entries[key] = cp
+        self.blocks += len(cp.blocks)
+        while len(self.entries) > 1 and (len(self.entries) > self.max_entries
+                                         or self.blocks > self.max_blocks):
+            oldest = next(iter(self.entries))
+            self.blocks -= len(self.entries.pop(oldest).blocks)
 
 
 def _text(value: Any) -> tuple[str | None, str]:
@@ -352,9 +462,11 @@ def run_steps[T](steps: Generator[None, None, T]) -> T:
 
 def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
                       volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None,
-                      every: int | None = None) -> Steps:
+                      every: int | None = None, memo: FingerprintMemo | None = None) -> Steps:
     """`fingerprint`, yielding every `every` blocks; returns the fingerprint and its blocks as
-    `unpack()` would give them (built along the way, so the judgement needs no decoding)."""
+    `unpack()` would give them (built along the way, so the judgement needs no decoding).
+    With a `memo`, resumes from the latest checkpoint of an earlier prompt this one extends,
+    and leaves checkpoints of its own for the next turn: the result is the same either way."""
     volatile = DEFAULT_VOLATILE if volatile is None else volatile
     every = STEP_BLOCKS if every is None else every
     label_ids: dict[str, int] = {}
@@ -364,64 +476,97 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
 
     rows, chunks = bytearray(), bytearray()
     blocks: list[BlockPrint] = []
-    total = 0
+    total = start = 0
+    keys = memo.chain(body, shape, volatile) if memo is not None else None
+    if keys is not None and memo is not None:
+        found = memo.resume(keys)
+        if found is not None:
+            start, cp = found
+            label_ids = {s: i for i, s in enumerate(cp.labels[:cp.n_labels])}
+            rows, chunks = bytearray(cp.rows[:cp.n_rows]), bytearray(cp.chunks[:cp.n_chunks])
+            blocks, total = list(cp.blocks[:cp.n_blocks]), cp.total
+        if len(keys) > every:
+            yield  # the chain alone is a slice's worth on a long conversation
+    # Checkpoints after the last CHECKPOINTS - 1 messages and after all of them.
+    cut_from = max(1, len(keys) - CHECKPOINTS) if keys is not None else 1 << 62
+    cuts: list[tuple[int, int, int, int, int, int]] = []
+    units: Iterable[_Unit] = (((seg, False, None) for seg in head_segments(body, shape))
+                              if start == 0 else ())
+    walk = _message_walk(body, shape, start)
+    k, clean, n = start, start > 0, 0
     envelope_hash, reasoning = 0, False
-    for n, (seg, first, envelope) in enumerate(_walk(body, shape), 1):
-        if n % every == 0:
-            yield
-        carrier = envelope is _CARRIES
-        if carrier:
-            envelope = None
-        field, text = _text(seg.value)
-        marked, ttl = _marker(seg.value)
-        mi = seg.message_index
-        extra = 0
-        if mi is None or first:
-            envelope_hash, reasoning = 0, False
-            if envelope:
-                role = envelope.get("role")
-                # Most envelopes are just {"role": ...}: skip the JSON encoder for those.
-                env = (b"r\x00" + role.encode("utf-8", "surrogatepass")
-                       if len(envelope) == 1 and isinstance(role, str) else canonical(envelope))
-                envelope_hash = zlib.crc32(env)
-                extra = estimate_tokens(len(env))
-                reasoning = not REASONING_FIELDS.isdisjoint(envelope)
-        system = seg.role in SYSTEM_ROLES or seg.section == "system"
-        flags = ((_MARKED if marked else 0) | (_FIRST if first else 0) | (_CARRIER if carrier else 0)
-                 | (_REASONING if reasoning else 0) | (_SYSTEM if system else 0))
-        kind = seg.kind
-        if field and seg.kind == "text" and any(p.search(text) for p in volatile.get(seg.section, ())):
-            kind, digest, field = IGNORED, _IGNORED_DIGEST, None
-            chars = len(text)
-        else:
-            canon = canonical(seg.value)
-            digest = block_digest(seg.role, canon)  # the planner's digest: its hint compares them
-            chars = len(text) if field is not None else len(canon)
-        tokens = FIXED_TOKENS.get(kind, estimate_tokens(chars)) + extra
-        total += tokens
-        block_chunks = b""
-        if field is not None and (mi is None or mi < CHUNKED_MESSAGES or system):
-            flags |= _CHUNKED
-            block_chunks = _chunk_hashes(text)
-            chunks += block_chunks
-        prefix = f"{seg.section}[{mi}]"
-        if mi is not None and seg.path.startswith(prefix):
-            flags |= _REL_PATH
-            path = label(seg.path[len(prefix):])
-        else:
-            path = label(seg.path)
-        rows += _ROW.pack(
-            digest, chars, tokens, -1 if mi is None else mi, envelope_hash,
-            path, label(kind), label(seg.section),
-            label(ttl) + 1 if ttl is not None else 0,
-            label(field) + 1 if field is not None else 0, flags,
-        )
-        blocks.append(BlockPrint(seg.path, seg.section, kind, digest, chars, tokens, marked, ttl,
-                                 mi, field, system, first, envelope_hash, reasoning,
-                                 block_chunks, carrier))
+    while True:
+        for seg, first, envelope in units:
+            n += 1
+            if n % every == 0:
+                yield
+            carrier = envelope is _CARRIES
+            if carrier:
+                envelope = None
+            field, text = _text(seg.value)
+            marked, ttl = _marker(seg.value)
+            mi = seg.message_index
+            extra = 0
+            if mi is None or first:
+                envelope_hash, reasoning = 0, False
+                if envelope:
+                    role = envelope.get("role")
+                    # Most envelopes are just {"role": ...}: skip the JSON encoder for those.
+                    env = (b"r\x00" + role.encode("utf-8", "surrogatepass")
+                           if len(envelope) == 1 and isinstance(role, str) else canonical(envelope))
+                    envelope_hash = zlib.crc32(env)
+                    extra = estimate_tokens(len(env))
+                    reasoning = not REASONING_FIELDS.isdisjoint(envelope)
+            system = seg.role in SYSTEM_ROLES or seg.section == "system"
+            flags = ((_MARKED if marked else 0) | (_FIRST if first else 0)
+                     | (_CARRIER if carrier else 0) | (_REASONING if reasoning else 0)
+                     | (_SYSTEM if system else 0))
+            kind = seg.kind
+            if field and seg.kind == "text" and any(p.search(text)
+                                                    for p in volatile.get(seg.section, ())):
+                kind, digest, field = IGNORED, _IGNORED_DIGEST, None
+                chars = len(text)
+            else:
+                canon = canonical(seg.value)
+                digest = block_digest(seg.role, canon)  # the planner's digest: its hint compares them
+                chars = len(text) if field is not None else len(canon)
+            tokens = FIXED_TOKENS.get(kind, estimate_tokens(chars)) + extra
+            total += tokens
+            block_chunks = b""
+            if field is not None and (mi is None or mi < CHUNKED_MESSAGES or system):
+                flags |= _CHUNKED
+                block_chunks = _chunk_hashes(text)
+                chunks += block_chunks
+            prefix = f"{seg.section}[{mi}]"
+            if mi is not None and seg.path.startswith(prefix):
+                flags |= _REL_PATH
+                path = label(seg.path[len(prefix):])
+            else:
+                path = label(seg.path)
+            rows += _ROW.pack(
+                digest, chars, tokens, -1 if mi is None else mi, envelope_hash,
+                path, label(kind), label(seg.section),
+                label(ttl) + 1 if ttl is not None else 0,
+                label(field) + 1 if field is not None else 0, flags,
+            )
+            blocks.append(BlockPrint(seg.path, seg.section, kind, digest, chars, tokens, marked,
+                                     ttl, mi, field, system, first, envelope_hash, reasoning,
+                                     block_chunks, carrier))
+        if clean and k >= cut_from:  # k messages done and nothing waiting: a checkpoint
+            cuts.append((k, len(rows), len(chunks), len(label_ids), len(blocks), total))
+        step = next(walk, None)
+        if step is None:
+            break
+        units, clean = step
+        k += 1
     settings = tuple(
         (key, hashlib.blake2b(canonical(body[key]), digest_size=8).digest())
         for key in PREFIX_SETTINGS.get(shape, ()) if key in body
     )
     fp = Fingerprint(model, total, settings, bytes(rows), tuple(label_ids), bytes(chunks))
-    return fp, Blocks(tuple(blocks), [b for b in blocks if not b.ignored])
+    done = tuple(blocks)
+    if memo is not None and keys is not None:
+        for at, n_rows, n_chunks, n_labels, n_blocks, tokens in cuts:
+            memo.keep(keys[at], Checkpoint(fp.rows, fp.chunks, fp.labels, done, n_rows, n_chunks,
+                                           n_labels, n_blocks, tokens))
+    return fp, Blocks(done, [b for b in blocks if not b.ignored])

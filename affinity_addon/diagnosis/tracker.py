@@ -32,6 +32,7 @@ from affinity_addon.diagnosis.fingerprint import (
     DIGEST_SIZE,
     Blocks,
     Fingerprint,
+    FingerprintMemo,
     PromptParts,
     fingerprint_steps,
     run_steps,
@@ -163,6 +164,9 @@ class MissTracker:
         # judged against its previous request without decoding it again. Bounded by blocks.
         self.unpacked: dict[int, tuple[Fingerprint, Blocks]] = {}
         self.unpacked_blocks = 0
+        # Checkpoints of recent prompts: a conversation's next turn fingerprints only its new
+        # messages (the rest is resumed, with the same result).
+        self.memo = FingerprintMemo()
 
     def _keep_unpacked(self, fp: Fingerprint, blocks: Blocks) -> None:
         # Keyed by identity, holding the fingerprint itself so that the id stays its own.
@@ -236,7 +240,7 @@ class MissTracker:
                       family: str | None = None) -> Generator[None, None, Pending]:
         """`observe` in steps (`fingerprint_steps`): the proxy runs one per event-loop turn."""
         prof = profile_for(host, shape, model)
-        fp, blocks = yield from fingerprint_steps(body, shape, model)
+        fp, blocks = yield from fingerprint_steps(body, shape, model, memo=self.memo)
         ttl = prof.ttl_seconds
         if not prof.automatic and fp.last_ttl:
             try:

@@ -2,7 +2,6 @@
 frames, the miss verdict, and one record per response (JSONL, flow comment, live summary).
 """
 
-import json
 import logging
 from typing import Any
 
@@ -14,7 +13,7 @@ from affinity_addon.mitm.state import Live, State, Stepped
 from affinity_addon.record import build
 from affinity_addon.record.schema import META, Record, Usage
 from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap
-from affinity_addon.response.usage import UsageReader
+from affinity_addon.response.usage import UsageReader, parse_json
 from affinity_addon.shapes import OPENAI_RESPONSES
 
 logger = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ class Recorder:
             try:
                 body = decode_body(flow.response.raw_content,
                                    flow.response.headers.get("content-encoding"))
-                live.reader.feed_json(json.loads(body or b""))
+                live.reader.feed_json(parse_json(body or b""))
             except DecodeLimit as e:  # a bomb: bounded decoding stopped it
                 problem = f"response not inspected: {e}"
                 logger.warning("affinity: %s %s", flow.request.pretty_host, problem)

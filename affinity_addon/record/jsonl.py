@@ -33,7 +33,9 @@ def _encode(record: dict[str, Any]) -> bytes:
 class JsonlWriter:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fd: int | None = None
+        self._inode: tuple[int, int] = (0, 0)  # of the open file: a file never changes its own
+        self._open()
         self._failing = False
         self._torn = False  # the file ends in part of a line
         self.written = 0
@@ -45,7 +47,7 @@ class JsonlWriter:
             if self._fd is not None and self._moved():
                 self.close()  # rotated or removed: write to the file at the path again
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._open()
                 self._torn = False  # a new file
             if self._torn:
                 data = b"\n" + data
@@ -78,13 +80,18 @@ class JsonlWriter:
             view = view[n:]
         self._torn = False
 
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        st = os.fstat(self._fd)
+        self._inode = (st.st_ino, st.st_dev)
+
     def _moved(self) -> bool:
+        # One stat per record (the open file's inode is known): rotated or removed is seen at once.
         try:
             st = os.stat(self.path)
         except OSError:
             return True
-        fst = os.fstat(self._fd)  # type: ignore[arg-type]
-        return (st.st_ino, st.st_dev) != (fst.st_ino, fst.st_dev)
+        return (st.st_ino, st.st_dev) != self._inode
 
     def close(self) -> None:
         if self._fd is not None:

@@ -155,12 +155,22 @@ def _top_level_system(body: dict[str, Any], shape: str) -> Iterator[Segment]:
             yield from _content("systemInstruction", "system", "system", None, si.get("parts"), "parts")
 
 
-def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
+def head_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
+    """The segments before the conversation: tools, then the top-level system prompt."""
     yield from _tools(body)
-    if shape not in MESSAGES_KEY:
-        return
-    yield from _top_level_system(body, shape)
-    yield from _messages(body, MESSAGES_KEY[shape])
+    if shape in MESSAGES_KEY:
+        yield from _top_level_system(body, shape)
+
+
+def message_segments(key: str, i: int, msg: dict[str, Any]) -> Iterator[Segment]:
+    """The segments of message `i` of the conversation under `key`."""
+    return _message(key, i, msg)
+
+
+def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
+    yield from head_segments(body, shape)
+    if shape in MESSAGES_KEY:
+        yield from _messages(body, MESSAGES_KEY[shape])
 
 
 # The root is the first blocks of the system prompt and of the first user message: enough to

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import yaml
 
 from affinity_addon.catalog import catalog_file
@@ -20,6 +21,15 @@ from affinity_addon.record.schema import Usage
 from affinity_addon.shapes import SHAPES
 
 logger = logging.getLogger(__name__)
+
+
+def parse_json(data: bytes | str) -> Any:
+    """orjson (several times faster on every response and SSE event); the stdlib takes what
+    orjson refuses (NaN, Infinity), so a provider's odd number never costs the usage."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 FIELDS_FILE = catalog_file("usage_fields.yaml")
 
@@ -245,7 +255,7 @@ class UsageReader:
                 if event in self._fields.terminal_events:
                     self.terminal = True
                 return
-            obj = json.loads(data)
+            obj = parse_json(data)
         except (ValueError, UnicodeError):
             return  # keep-alives, junk, truncated JSON: not usage
         except Exception as e:

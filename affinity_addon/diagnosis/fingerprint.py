@@ -325,9 +325,9 @@ def _message_walk(body: dict[str, Any], shape: str,
 
 # Top-level fields the prompt's head (tools, system prompt) is read from, in any shape.
 _HEAD_KEYS = ("tools", "system", "instructions", "systemInstruction", "system_instruction")
-# Checkpoints kept per fingerprint: before its last, second-to-last and third-to-last message.
-# The next turn appends to the conversation (the whole previous prompt is its prefix), a retry
-# or a moved cache marker changes the last message or two.
+# Checkpoints kept per fingerprint: after its last message, and before its last and its
+# second-to-last. The next turn appends to the conversation (the whole previous prompt is its
+# prefix); a retry, an edited last message or a moved cache marker changes the last one or two.
 CHECKPOINTS = 3
 
 
@@ -355,8 +355,8 @@ class FingerprintMemo:
     the full fingerprint costs ten times that in Python per block. It holds no text: keys are
     64-bit hashes, keyed per process like the block digests, so a collision (vanishingly rare)
     would reuse another prompt's blocks in one diagnosis, as a digest collision would. Bounded
-    by entries and by the blocks they hold (counted per entry: the up to CHECKPOINTS entries
-    of one prompt share its blocks, so ~20k distinct blocks, ~7 MB, in the worst case). Sized
+    by entries and by the blocks they hold, counted per entry: the CHECKPOINTS entries of one
+    prompt share its blocks, so ~20k distinct blocks (~7 MB) as a rule and 60k at worst. Sized
     for a gateway's conversations in play: ~1,000 short ones, or a few long ones."""
 
     def __init__(self, max_entries: int = 4096, max_blocks: int = 60_000) -> None:

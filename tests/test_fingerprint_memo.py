@@ -216,3 +216,13 @@ def test_any_edit_of_any_history_resumes_to_the_full_fingerprint(history, extra,
         fp, blocks = run_steps(fingerprint_steps(b, shape, None, memo=memo, every=2))
         assert fp == fingerprint(b, shape, None)
         assert blocks == fp.unpack()
+
+
+@pytest.mark.parametrize(("shape", "body"), BODIES)
+def test_the_head_is_read_from_head_fields_alone(shape, body):
+    """The memo keys the head by HEAD_FIELDS: any other top-level field must not change it."""
+    from affinity_addon.request.prompt import HEAD_FIELDS, head_segments
+
+    head = [(s.path, s.value) for s in head_segments(body, shape)]
+    rest = {k: v for k, v in body.items() if k in HEAD_FIELDS}
+    assert [(s.path, s.value) for s in head_segments(rest, shape)] == head

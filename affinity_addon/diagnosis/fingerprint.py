@@ -18,6 +18,7 @@ import orjson
 
 from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, block_digest
 from affinity_addon.request.prompt import (
+    HEAD_FIELDS,
     MARKER_KEYS,
     MESSAGES_KEY,
     SYSTEM_ROLES,
@@ -323,8 +324,6 @@ def _message_walk(body: dict[str, Any], shape: str,
         yield units, True
 
 
-# Top-level fields the prompt's head (tools, system prompt) is read from, in any shape.
-_HEAD_KEYS = ("tools", "system", "instructions", "systemInstruction", "system_instruction")
 # Checkpoints kept per fingerprint: after its last message, and before its last and its
 # second-to-last. The next turn appends to the conversation (the whole previous prompt is its
 # prefix); a retry, an edited last message or a moved cache marker changes the last one or two.
@@ -374,7 +373,7 @@ class FingerprintMemo:
         if not isinstance(msgs, list):
             return None
         try:
-            key = hash((shape, id(volatile), orjson.dumps([body.get(k) for k in _HEAD_KEYS])))
+            key = hash((shape, id(volatile), orjson.dumps([body.get(k) for k in HEAD_FIELDS])))
             keys = [key]
             for msg in msgs:
                 key = hash((key, orjson.dumps(msg)))

@@ -155,6 +155,11 @@ def _top_level_system(body: dict[str, Any], shape: str) -> Iterator[Segment]:
             yield from _content("systemInstruction", "system", "system", None, si.get("parts"), "parts")
 
 
+# Every top-level field `head_segments` reads, in any shape (tools; Anthropic's system,
+# Responses' instructions, Gemini's system instruction): the head is a function of these alone.
+HEAD_FIELDS = ("tools", "system", "instructions", "systemInstruction", "system_instruction")
+
+
 def head_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
     """The segments before the conversation: tools, then the top-level system prompt."""
     yield from _tools(body)

@@ -11,27 +11,15 @@ _root = str(Path(__file__).resolve().parent.parent)
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-from affinity_addon.mitm import (  # noqa: E402
-    Commands,
-    Config,
-    Instance,
-    Metrics,
-    OTel,
-    Recorder,
-    Rewriter,
-    Scope,
-    State,
-)
+from affinity_addon.mitm import Affinity  # noqa: E402
 
-state = State()
-config = Config(state)  # options, the rules file (hot reload) and the JSONL log
-addons = [
-    config,
-    Scope(state),  # decrypt only the LLM hosts the rules name
-    Instance(state),  # affinity_instance: which proxy wrote a record (gateways)
-    Rewriter(state),  # request: affinity ID, headers, body fields, cache breakpoints
-    Recorder(state),  # response: usage from JSON/SSE/WebSocket, verdict, record
-    Metrics(state),  # Prometheus /metrics, /healthz, /readyz (affinity_metrics=HOST:PORT)
-    OTel(state),  # one OpenTelemetry span per LLM response (affinity_otel=true)
-    Commands(state, config),  # affinity.stats/why/reset/reload, the shutdown summary
-]
+# One addon for mitmproxy to dispatch to; in it, in this order (mitm/bundle.py):
+#   Config    options, the rules file (hot reload) and the JSONL log
+#   Scope     decrypt only the LLM hosts the rules name
+#   Instance  affinity_instance: which proxy wrote a record (gateways)
+#   Rewriter  request: affinity ID, headers, body fields, cache breakpoints
+#   Recorder  response: usage from JSON/SSE/WebSocket, verdict, record
+#   Metrics   Prometheus /metrics, /healthz, /readyz (affinity_metrics=HOST:PORT)
+#   OTel      one OpenTelemetry span per LLM response (affinity_otel=true)
+#   Commands  affinity.stats/why/reset/reload, the shutdown summary
+addons = [Affinity()]

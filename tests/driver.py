@@ -5,20 +5,24 @@ from mitmproxy.proxy.layers import http as layers
 from mitmproxy.proxy.layers.websocket import WebsocketMessageHook
 
 from affinity_addon.diagnosis.tracker import MissTracker
+from affinity_addon.mitm import Affinity as Bundle
 from affinity_addon.mitm import Config, State, make_addons
 from affinity_addon.mitm.scope import Scope
 from affinity_addon.views.aggregate import Aggregator
 
 
 class Affinity:
-    """Use as `with taddons.context(*a.addons) as tctx: tctx.configure(a.config, ...)`; every
+    """Use as `with taddons.context(*a.addons) as tctx: tctx.configure(a.bundle, ...)`; every
     hook call goes to all registered addons, as in a running mitmproxy."""
 
     def __init__(self) -> None:
         self.state = State()
         self.addons = make_addons(self.state)
-        self.config: Config = self.addons[0]  # type: ignore[assignment]
-        self.scope: Scope = self.addons[1]  # type: ignore[assignment]
+        bundle = self.addons[0]
+        assert isinstance(bundle, Bundle)
+        self.bundle = bundle
+        self.config: Config = bundle.config
+        self.scope: Scope = bundle.scope
 
     @staticmethod
     def _trigger(hook: hooks.Hook) -> None:

@@ -174,7 +174,7 @@ def addon(tmp_path):
     p.write_text(RULES)
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(p), confdir=str(tmp_path / "conf"))
+        tctx.configure(a.bundle, affinity_rules=str(p), confdir=str(tmp_path / "conf"))
         yield a
 
 

@@ -85,7 +85,7 @@ def agent_costs(tmp: Path, shape: str, policy: str, gaps: list[float],
     a = Affinity()
     out = []
     with sim, taddons.context(*a.addons) as tctx, httpx2.Client(timeout=30) as h:
-        tctx.configure(a.config, affinity_rules=str(rules_with_ttl(tmp, policy)),
+        tctx.configure(a.bundle, affinity_rules=str(rules_with_ttl(tmp, policy)),
                        affinity_summary=False, affinity_key="ttl-test-key-0123456789")
         start = T0
         for task in range(conversations):

@@ -286,7 +286,7 @@ def in_process(lab: Lab, sim: Simulator, host: str, path: str,
     `sim`, attaching the simulator's reply (or `respond(i, reply)`) to the flow."""
     addon = Affinity()
     with taddons.context(*addon.addons) as tctx, httpx2.Client(timeout=30) as h:
-        tctx.configure(addon.config, affinity_rules=str(DEFAULT_RULES), affinity_log=str(lab.log),
+        tctx.configure(addon.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log=str(lab.log),
                        affinity_summary=False)
         for i, (body, started) in enumerate(bodies):
             if between:
@@ -307,7 +307,7 @@ def in_process(lab: Lab, sim: Simulator, host: str, path: str,
                 headers=http.Headers(content_type=r.headers["content-type"]), content=r.content)
             addon.responseheaders(f)
             addon.response(f)
-        tctx.configure(addon.config, affinity_log="")  # close the file before the report reads it
+        tctx.configure(addon.bundle, affinity_log="")  # close the file before the report reads it
     return len(bodies)
 
 

@@ -70,7 +70,7 @@ def test_key_is_stable_per_conversation_and_spreads_a_team():
 def addon() -> Iterator[Affinity]:
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(DEFAULT_RULES), affinity_log="",
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log="",
                        affinity_summary=False, affinity_diagnose=False)
         yield a
 

@@ -162,7 +162,7 @@ def rig(tmp: Path, **options: Any) -> Iterator[Rig]:
     addon = Affinity()
     try:
         with taddons.context(*addon.addons) as tctx:
-            tctx.configure(addon.config, affinity_rules=str(rules), affinity_log=str(log), **options)
+            tctx.configure(addon.bundle, affinity_rules=str(rules), affinity_log=str(log), **options)
             capture.take()
             yield Rig(addon, tctx, log, capture)
     finally:

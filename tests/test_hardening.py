@@ -39,7 +39,7 @@ def test_a_header_that_cannot_be_encoded_is_skipped_not_half_applied(tmp_path, c
     p.write_text(HEADER_RULES)
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(p), confdir=str(tmp_path / "conf"))
+        tctx.configure(a.bundle, affinity_rules=str(p), confdir=str(tmp_path / "conf"))
         # A lone surrogate in the model: valid JSON, but no header can carry it.
         f = req(b'{"model": "gpt-\\ud800", "messages": [{"role": "user", "content": "hi"}]}')
         with caplog.at_level(logging.WARNING):
@@ -191,7 +191,7 @@ def test_a_huge_model_name_is_kept_at_a_real_name_length(tmp_path):
     p.write_text(HEADER_RULES.replace('      x-model: "m-{model}"\n', ""))
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(p), confdir=str(tmp_path / "conf"))
+        tctx.configure(a.bundle, affinity_rules=str(p), confdir=str(tmp_path / "conf"))
         f = req({"model": "m" * 1_000_000, "messages": [{"role": "user", "content": "hi"}]})
         a.request(f)
     assert len(f.metadata[META]["model"]) == 256

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from mitmproxy import http
+from mitmproxy.addonmanager import traverse
 from mitmproxy.test import taddons, tflow, tutils
 
 from affinity_addon.diagnosis import fingerprint as fp_module
@@ -52,7 +53,7 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
     a = Affinity()
     log = tmp_path / "a.jsonl"
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
         f = flow(21)
         a.request(f)
         job = a.state.pending[f.id]
@@ -80,7 +81,7 @@ async def test_an_early_answer_finishes_the_fingerprint_and_shutdown_loses_no_re
     a = Affinity()
     log = tmp_path / "a.jsonl"
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
         flows = [flow(15) for _ in range(3)]
         for f in flows:  # answered before any slice ran
             a.request(f)
@@ -93,3 +94,43 @@ async def test_an_early_answer_finishes_the_fingerprint_and_shutdown_loses_no_re
     assert [r["flow_id"] for r in records] == [f.id for f in flows]
     assert all(r["miss_reason"] for r in records)
     assert not a.state.pending and not a.state.later
+
+
+def test_mitmproxy_dispatches_to_one_addon_that_reaches_every_part(tmp_path: Path) -> None:
+    # mitmproxy looks every hook up on every registered addon for every event: the parts are
+    # one addon to it, and each hook goes only to the parts that have it, in list order.
+    a = Affinity()
+    log = tmp_path / "a.jsonl"
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
+        assert [x for x in traverse(tctx.master.addons.chain)
+                if "affinity" in getattr(x, "name", "")] == [a.bundle]
+        assert a.bundle.calls["request"] == (a.bundle.rewriter.request, a.bundle.metrics.request)
+        assert a.bundle.calls["response"] == (a.bundle.recorder.response,)
+        assert {"affinity.stats", "affinity.why", "affinity.reset", "affinity.reload"} <= set(
+            tctx.master.commands.commands)
+        f = flow(3)
+        a.request(f)
+        answer(f)
+        a.responseheaders(f)
+        a.response(f)
+        a.done()
+        assert "claude-sonnet-4-5" in tctx.master.commands.call("affinity.stats")
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["flow_id"] == f.id and record["miss_reason"] == "first-write"
+
+
+def test_a_failing_part_leaves_the_others_their_hook(tmp_path: Path, caplog) -> None:
+    a = Affinity()
+    seen = []
+
+    def broken(flow: http.HTTPFlow) -> None:
+        raise RuntimeError("a part's bug")
+
+    a.bundle.calls["request"] = (broken, a.bundle.rewriter.request, seen.append)
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES))
+        f = flow(3)
+        a.request(f)
+    assert seen == [f] and META in f.metadata  # rewritten all the same
+    assert "request hook of" in caplog.text and "a part's bug" in caplog.text

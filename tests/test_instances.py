@@ -12,7 +12,6 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from affinity_addon.mitm.config import DEFAULT_RULES
 from affinity_addon.mitm.options import parse_positive_int
-from affinity_addon.mitm.rewriter import Rewriter
 from affinity_addon.record.schema import META
 from tests.driver import Affinity
 
@@ -29,7 +28,7 @@ def request(a: Affinity, conv: int, t: float) -> dict[str, Any]:
     f.request.timestamp_start = t
     # The request hook of this proxy's own rewriter: with nested test contexts, the driver's
     # dispatch would reach only the innermost proxy's addons.
-    next(x for x in a.addons if isinstance(x, Rewriter)).request(f)
+    a.bundle.rewriter.request(f)
     return {"key": json.loads(f.request.content)["prompt_cache_key"], **f.metadata[META]["key"]}
 
 
@@ -40,7 +39,7 @@ def proxies(n: int, instances: int) -> Iterator[list[Affinity]]:
         for _ in range(n):
             a = Affinity()
             tctx = stack.enter_context(taddons.context(*a.addons))
-            tctx.configure(a.config, affinity_rules=str(DEFAULT_RULES), affinity_log="",
+            tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log="",
                            affinity_summary=False, affinity_diagnose=False,
                            affinity_key="shared-tenant-key", affinity_instances=instances)
             out.append(a)
@@ -76,7 +75,7 @@ def test_the_option_is_validated():
             parse_positive_int(bad)
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(DEFAULT_RULES), affinity_instances=4)
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_instances=4)
         assert a.state.family_rates.instances == a.state.key_load.instances == 4
         with pytest.raises(exceptions.OptionsError, match="affinity_instances"):
-            tctx.configure(a.config, affinity_instances=0)
+            tctx.configure(a.bundle, affinity_instances=0)

@@ -23,7 +23,7 @@ def addon():
 def test_first_start_generates_a_private_key_and_later_starts_reuse_it(tmp_path, caplog, addon):
     a, tctx = addon
     caplog.set_level(logging.INFO)
-    tctx.configure(a.config, confdir=str(tmp_path / "conf"))
+    tctx.configure(a.bundle, confdir=str(tmp_path / "conf"))
     path = tmp_path / "conf" / keyfile.KEY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     key = path.read_text().strip()
@@ -32,8 +32,8 @@ def test_first_start_generates_a_private_key_and_later_starts_reuse_it(tmp_path,
     assert len(generated) == 1
     assert key not in caplog.text  # the key itself is never logged
     caplog.clear()
-    tctx.configure(a.config, confdir=str(tmp_path / "conf2"))
-    tctx.configure(a.config, confdir=str(tmp_path / "conf"))  # a restart on the first confdir
+    tctx.configure(a.bundle, confdir=str(tmp_path / "conf2"))
+    tctx.configure(a.bundle, confdir=str(tmp_path / "conf"))  # a restart on the first confdir
     assert a.state.key == key
     assert keyfile.resolve("", str(tmp_path / "conf")) == key
     assert keyfile.resolve("", str(tmp_path / "conf2")) != key  # another installation
@@ -41,13 +41,13 @@ def test_first_start_generates_a_private_key_and_later_starts_reuse_it(tmp_path,
 
 def test_option_overrides_the_file_and_public_or_short_keys_warn(tmp_path, caplog, addon):
     a, tctx = addon
-    tctx.configure(a.config, confdir=str(tmp_path / "conf"), affinity_key="a-long-enough-shared-gateway-key")
+    tctx.configure(a.bundle, confdir=str(tmp_path / "conf"), affinity_key="a-long-enough-shared-gateway-key")
     assert a.state.key == "a-long-enough-shared-gateway-key"
     assert not (tmp_path / "conf" / keyfile.KEY_FILE).exists()
     assert "affinity_key" not in caplog.text
     for public in (*affinity_id.PUBLIC_KEYS, "k3y"):
         caplog.clear()
-        tctx.configure(a.config, affinity_key=public)
+        tctx.configure(a.bundle, affinity_key=public)
         assert a.state.key == public
         assert "affinity_key is" in caplog.text and public not in caplog.text.replace("affinity_key", "")
 
@@ -57,10 +57,10 @@ def test_ids_differ_between_installations(tmp_path, addon):
     p = tmp_path / "rules.yaml"
     p.write_text("version: 1\nrules:\n  - name: r\n    match: {host: api.example.com}\n"
                  "    set_headers: {x-conv: '{affinity_id}'}\n")
-    tctx.configure(a.config, affinity_rules=str(p))
+    tctx.configure(a.bundle, affinity_rules=str(p))
     ids = []
     for name in ("one", "two", "one"):
-        tctx.configure(a.config, confdir=str(tmp_path / name))
+        tctx.configure(a.bundle, confdir=str(tmp_path / name))
         f = req(CHAT)
         a.request(f)
         ids.append(f.request.headers["x-conv"])
@@ -71,7 +71,7 @@ def test_unwritable_confdir_falls_back_to_a_run_key(tmp_path, caplog, addon):
     a, tctx = addon
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    tctx.configure(a.config, confdir=str(blocker / "conf"))
+    tctx.configure(a.bundle, confdir=str(blocker / "conf"))
     assert len(a.state.key) == 64 and "random key for this run only" in caplog.text
 
 

@@ -12,7 +12,6 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 from rich.console import Console
 
-from affinity_addon.mitm.commands import Commands
 from affinity_addon.record.schema import META
 from affinity_addon.views.keyrate import KeyRates, Rate, family_of, key_rates, short_key
 from affinity_addon.views.report import build_report, render_report, report_document
@@ -173,7 +172,7 @@ def run_team(tmp_path: Path, others: int) -> tuple[dict[str, Any], Affinity]:
                      "    set_fields: {prompt_cache_key: team-key}\n")
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(rules), affinity_log="",
+        tctx.configure(a.bundle, affinity_rules=str(rules), affinity_log="",
                        affinity_summary=False)
         base = (time.time() - 200) // 60 * 60 + 1  # one minute, within the 10-minute TTL
         send(a, body(0, 1), base)
@@ -188,7 +187,7 @@ def test_a_miss_on_a_hot_key_is_an_overflow_in_process(tmp_path):
     assert meta["miss_reason"] == "overflow", meta["miss_detail"]
     assert "~22 requests in the last minute" in meta["miss_detail"]
     buf = StringIO()
-    next(x for x in a.addons if isinstance(x, Commands))._summary(Console(file=buf, width=200))
+    a.bundle.commands._summary(Console(file=buf, width=200))
     assert "Keys: 1 prompt_cache_key(s), busiest 22 RPM; 1 above ~15 RPM" in buf.getvalue()
     meta, _ = run_team(tmp_path, 3)
     assert meta["load"]["key_rpm"] == 5.0 and meta["miss_reason"] == "routed-away"

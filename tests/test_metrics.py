@@ -15,7 +15,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 from prometheus_client.parser import text_string_to_metric_families
 
-from affinity_addon.mitm import make_addons
+from affinity_addon.mitm import Affinity, make_addons
 from affinity_addon.mitm.config import DEFAULT_RULES
 from affinity_addon.mitm.metrics import LabelCap, Metrics, parse_address
 from affinity_addon.mitm.state import State
@@ -98,12 +98,14 @@ def test_port_in_use_is_an_options_error() -> None:
 
 def test_readyz_reports_rules_and_log(tmp_path: Path) -> None:
     addons = make_addons()
-    config, metrics = addons[0], next(a for a in addons if isinstance(a, Metrics))
+    bundle = addons[0]
+    assert isinstance(bundle, Affinity)
+    metrics = bundle.metrics
     port = free_port()
     with taddons.context(*addons) as tctx:
-        tctx.configure(config, affinity_rules=str(DEFAULT_RULES),
+        tctx.configure(bundle, affinity_rules=str(DEFAULT_RULES),
                        affinity_log=str(tmp_path / "a.jsonl"))
-        tctx.configure(metrics, affinity_metrics=f"127.0.0.1:{port}")
+        tctx.configure(bundle, affinity_metrics=f"127.0.0.1:{port}")
         status, body = get(port, "/readyz")
         assert status == 200 and json.loads(body) == {"rules_loaded": True, "log_writable": True}
         assert get(port, "/healthz") == (200, b"ok\n")
@@ -113,7 +115,7 @@ def test_readyz_reports_rules_and_log(tmp_path: Path) -> None:
         writer._failing = True  # what a failed write leaves (root ignores file modes)
         status, body = get(port, "/readyz")
         assert status == 503 and json.loads(body)["log_writable"] is False
-        tctx.configure(metrics, affinity_metrics="")
+        tctx.configure(bundle, affinity_metrics="")
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=0.5)
 
@@ -178,11 +180,10 @@ def test_a_failing_sink_never_stops_the_record_and_instance_is_named(tmp_path: P
     a.state.sinks.append(broken)
     a.state.sinks.append(lambda record, data: seen.append(data))
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
-        instance = next(x for x in a.addons if type(x).__name__ == "Instance")
-        tctx.configure(instance, affinity_instance="gw-a1")
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
+        tctx.configure(a.bundle, affinity_instance="gw-a1")
         with pytest.raises(exceptions.OptionsError, match="affinity_instance"):
-            tctx.configure(instance, affinity_instance="no spaces please")
+            tctx.configure(a.bundle, affinity_instance="no spaces please")
         for _ in range(2):
             f = tflow.tflow(resp=True)
             f.request.host, f.request.port, f.request.scheme = "api.openai.com", 443, "https"

@@ -51,7 +51,7 @@ def test_a_stream_the_tap_cannot_read_says_why_in_the_record(tmp_path) -> None:
     log = tmp_path / "log.jsonl"
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(rules), affinity_log=str(log))
+        tctx.configure(a.bundle, affinity_rules=str(rules), affinity_log=str(log))
         body = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}
         f = tflow.tflow(req=tutils.treq(
             method=b"POST", host="api.example.com", port=443, scheme=b"https", authority=b"",

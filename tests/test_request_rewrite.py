@@ -54,7 +54,7 @@ def addon(tmp_path):
     p.write_text(RULES)
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(p))
+        tctx.configure(a.bundle, affinity_rules=str(p))
         yield a, tctx
 
 
@@ -107,7 +107,7 @@ def test_top_level_addition_splices_and_keeps_every_other_byte(tmp_path):
                  "    set_fields: {prompt_cache_key: '{affinity_id}'}\n")
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(p))
+        tctx.configure(a.bundle, affinity_rules=str(p))
         raw = b'  {"model" : "gpt-5",\n "messages":[{"role":"user","content":"caf\\u00e9 1.0e5"}], "n": 1.50}'
         f = req(raw)
         a.request(f)
@@ -187,7 +187,7 @@ def test_guard_skips_answered_dead_and_replayed_flows(addon):
 
 def test_dry_run_changes_nothing_but_records_everything(addon):
     a, tctx = addon
-    tctx.configure(a.config, affinity_dry_run=True)
+    tctx.configure(a.bundle, affinity_dry_run=True)
     f = req(CHAT)
     before_raw, before_headers = f.request.raw_content, f.request.headers.copy()
     a.request(f)
@@ -214,7 +214,7 @@ def test_bad_rules_and_options_are_options_errors(tmp_path):
     a = Affinity()
     with taddons.context(*a.addons) as tctx, \
             pytest.raises(exceptions.OptionsError, match=rf"{bad}:4: rule 'a'"):
-        tctx.configure(a.config, affinity_rules=str(bad))
+        tctx.configure(a.bundle, affinity_rules=str(bad))
 
 
 DEFAULT = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
@@ -224,7 +224,7 @@ DEFAULT = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
 def default_addon():
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(DEFAULT))
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT))
         yield a
 
 
@@ -307,7 +307,7 @@ def test_codex_websocket_frames_become_records(tmp_path):
     log = tmp_path / "ws.jsonl"
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(DEFAULT), affinity_log=str(log))
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT), affinity_log=str(log))
         f = tflow.twebsocketflow(messages=False)
         f.request.host, f.request.port, f.request.scheme = "chatgpt.com", 443, "https"
         f.request.path = "/backend-api/codex/responses"
@@ -350,7 +350,7 @@ def test_summary_prints_on_shutdown_only_not_on_script_reload(addon, capsys):
 def test_diagnosis_can_be_turned_off(addon, tmp_path):
     a, tctx = addon
     log = tmp_path / "d.jsonl"
-    tctx.configure(a.config, affinity_diagnose=False, affinity_log=str(log))
+    tctx.configure(a.bundle, affinity_diagnose=False, affinity_log=str(log))
     f = req(CHAT)
     a.request(f)
     assert f.id not in a.state.pending and "x-conv" in f.request.headers  # still rewritten

@@ -1,9 +1,11 @@
-"""The mitmproxy layer: small single-concern addons sharing one `State`.
+"""The mitmproxy layer: small single-concern addons sharing one `State`, registered with
+mitmproxy as one addon (`Affinity`, bundle.py: one hook lookup per event instead of eight).
 
-`addon.py` (the script mitmproxy loads) lists them; `make_addons()` builds the same list for tests
+`addon.py` (the script mitmproxy loads) registers it; `make_addons()` builds the same for tests
 and embedders.
 """
 
+from affinity_addon.mitm.bundle import Affinity
 from affinity_addon.mitm.commands import Commands
 from affinity_addon.mitm.config import Config
 from affinity_addon.mitm.instance import Instance
@@ -15,12 +17,9 @@ from affinity_addon.mitm.scope import Scope
 from affinity_addon.mitm.state import State
 from affinity_addon.views import contentview  # noqa: F401  (registers the mitmweb contentview)
 
-__all__ = ["Commands", "Config", "Instance", "Metrics", "OTel", "Recorder", "Rewriter", "Scope", "State", "make_addons"]
+__all__ = ["Affinity", "Commands", "Config", "Instance", "Metrics", "OTel", "Recorder", "Rewriter", "Scope", "State", "make_addons"]
 
 
 def make_addons(state: State | None = None) -> list[object]:
-    """Config first (options and rules), then the request side, the response side, commands."""
-    state = state or State()
-    config = Config(state)
-    return [config, Scope(state), Instance(state), Rewriter(state), Recorder(state),
-            Metrics(state), OTel(state), Commands(state, config)]
+    """The addon list `addon.py` registers: one `Affinity` holding all the parts."""
+    return [Affinity(state or State())]

@@ -8,6 +8,7 @@ These are properties of the order of work, checked on a real loop, not timings.
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from mitmproxy import http
@@ -15,8 +16,9 @@ from mitmproxy.addonmanager import traverse
 from mitmproxy.test import taddons, tflow, tutils
 
 from affinity_addon.diagnosis import fingerprint as fp_module
+from affinity_addon.mitm import state as state_module
 from affinity_addon.mitm.config import DEFAULT_RULES
-from affinity_addon.mitm.state import Stepped
+from affinity_addon.mitm.state import State, Stepped
 from affinity_addon.record.schema import META
 from tests.driver import Affinity
 
@@ -43,8 +45,14 @@ def answer(f: http.HTTPFlow) -> None:
 
 
 async def turns(n: int = 3) -> None:
+    """n loop turns in which this test's task is ready: the loop is never idle."""
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+async def idle() -> None:
+    """Leave the loop idle (this task waits on a timer) until the deferred work is done."""
+    await asyncio.sleep(0.02)
 
 
 async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
@@ -58,9 +66,9 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         a.request(f)
         job = a.state.pending[f.id]
         assert isinstance(job, Stepped) and job.steps is not None  # nothing done in the hook
-        await turns(1)
-        assert job.steps is not None and job.result is None  # one slice per loop turn
         await turns(10)
+        assert job.result is None and len(a.state.later) == 1  # the loop was busy: it waits
+        await idle()
         assert job.steps is None and job.result is not None  # done while "upstream"
         assert len(job.result.blocks.all) == 22
 
@@ -68,7 +76,7 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         a.responseheaders(f)
         a.response(f)
         assert not log.read_text() and "miss_reason" not in f.metadata[META]  # not yet
-        await turns(2)
+        await idle()
         (record,) = [json.loads(line) for line in log.read_text().splitlines()]
         assert record["flow_id"] == f.id and record["usage"]["input_tokens"] == 310
         assert f.metadata[META]["miss_reason"] == record["miss_reason"] == "first-write"
@@ -134,3 +142,60 @@ def test_a_failing_part_leaves_the_others_their_hook(tmp_path: Path, caplog) -> 
         a.request(f)
     assert seen == [f] and META in f.metadata  # rewritten all the same
     assert "request hook of" in caplog.text and "a part's bug" in caplog.text
+
+
+async def test_deferred_work_waits_for_idle_turns_and_runs_in_slices(monkeypatch) -> None:
+    # mitmproxy forwards a request in several loop turns; deferred work that ran a slice in
+    # each of them would delay it by the whole job. It waits while other callbacks are ready.
+    loop = asyncio.get_running_loop()
+    state = State()
+    order: list[str] = []
+
+    def job() -> Iterator[None]:
+        for k in range(3):
+            order.append(f"slice{k}")
+            yield
+
+    def io(k: int) -> None:  # a request moving through the proxy: one callback per turn
+        order.append(f"io{k}")
+        if k < 4:
+            loop.call_soon(io, k + 1)
+
+    state.defer(job())
+    loop.call_soon(io, 0)
+    await idle()
+    assert order == ["io0", "io1", "io2", "io3", "io4", "slice0", "slice1", "slice2"]
+    assert not state.later
+
+    # A saturated proxy is never idle: work that waited too long, or piled up, runs (until the
+    # backlog is back under its bounds) even while the loop is busy; it cannot grow forever.
+    monkeypatch.setattr(state_module, "IDLE_WAIT", 0.0)
+    order.clear()
+    state.defer(job())
+    loop.call_soon(io, 0)
+    await idle()
+    assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4"]
+
+    monkeypatch.setattr(state_module, "IDLE_WAIT", 60.0)
+    monkeypatch.setattr(state_module, "IDLE_BACKLOG", 2)
+    order.clear()
+    state.defer(job())
+    state.defer(job())
+    loop.call_soon(io, 0)
+    await idle()
+    assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4",
+                     "slice0", "slice1", "slice2"]
+
+
+async def test_a_failing_deferred_job_is_logged_and_the_next_runs(caplog) -> None:
+    state = State()
+    done = []
+
+    def broken() -> Iterator[None]:
+        yield
+        raise RuntimeError("bug in a record")
+
+    state.defer(broken())
+    state.defer(lambda: done.append(1))
+    await idle()
+    assert done == [1] and not state.later and "bug in a record" in caplog.text

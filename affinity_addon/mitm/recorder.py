@@ -3,13 +3,14 @@ frames, the miss verdict, and one record per response (JSONL, flow comment, live
 """
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from mitmproxy import ctx, hooks, http
 
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.decoding import DecodeLimit, decode_body
-from affinity_addon.mitm.state import Live, State, Stepped
+from affinity_addon.mitm.state import Live, State, Stepped, drain
 from affinity_addon.record import build
 from affinity_addon.record.schema import META, Record, Usage
 from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap
@@ -65,12 +66,12 @@ class Recorder:
                 flow.response.raw_content = tap.kept  # visible in mitmweb; already sent
             # Reading the body and judging it wait until the response is on its way.
             pending = self.state.pending.pop(flow.id, None)
-            self.state.defer(lambda: self._answered(flow, meta, live, pending))
+            self.state.defer(self._answered(flow, meta, live, pending))
         except Exception:
             logger.exception("affinity: could not record this response")
 
     def _answered(self, flow: http.HTTPFlow, meta: dict[str, Any], live: Live | None,
-                  pending: Stepped | None) -> None:
+                  pending: Stepped | None) -> Iterator[None]:
         assert flow.response is not None
         tap = live.tap if live is not None else None
         problem = None
@@ -88,8 +89,8 @@ class Recorder:
         complete = tap is None or (tap.ended and live is not None and live.reader.terminal)
         if tap is not None:
             problem = tap_problem(tap)
-        self._finish(flow, meta, live, stream=tap is not None, complete=complete, error=None,
-                     usage_problem=problem, pending=pending)
+        yield from self._finish(flow, meta, live, stream=tap is not None, complete=complete,
+                                error=None, usage_problem=problem, pending=pending)
 
     def error(self, flow: http.HTTPFlow) -> None:
         live = self.state.live.pop(flow.id, None)
@@ -101,8 +102,8 @@ class Recorder:
             stream = live is not None and live.tap is not None
             msg = flow.error.msg if flow.error else "error"
             pending = self.state.pending.pop(flow.id, None)
-            self.state.defer(lambda: self._finish(flow, meta, live, stream=stream, complete=False,
-                                                  error=msg, pending=pending))
+            self.state.defer(self._finish(flow, meta, live, stream=stream, complete=False,
+                                          error=msg, pending=pending))
         except Exception:
             logger.exception("affinity: could not record this failed response")
 
@@ -124,15 +125,16 @@ class Recorder:
             reader = UsageReader(meta.get("shape") or OPENAI_RESPONSES)
             reader.feed_event(None, content)
             if reader.terminal:
-                self._finish(flow, meta, Live(reader, None), stream=True, complete=True,
-                             error=None, transport="websocket")
+                drain(self._finish(flow, meta, Live(reader, None), stream=True, complete=True,
+                                   error=None, transport="websocket"))
         except Exception:
             logger.exception("affinity: could not read a WebSocket message")
 
     def _finish(self, flow: http.HTTPFlow, meta: dict[str, Any], live: Live | None, *,
                 stream: bool, complete: bool, error: str | None, transport: str = "http",
                 usage_problem: str | None = None,
-                pending: Stepped | None = None) -> None:
+                pending: Stepped | None = None) -> Iterator[None]:
+        """Build the record, judge it, write it out: a slice each (`State.defer`)."""
         reader = live.reader if live else None
         resp = flow.response
         usage = reader.usage() if reader else None
@@ -145,10 +147,11 @@ class Recorder:
             extras=reader.extras if reader else None,
         )
         record.usage_problem = usage_problem
-        self._record(flow, meta, record, usage, pending)
+        yield
+        yield from self._record(flow, meta, record, usage, pending)
 
     def _record(self, flow: http.HTTPFlow, meta: dict[str, Any], record: Record,
-                usage: Usage | None, pending: Stepped | None) -> None:
+                usage: Usage | None, pending: Stepped | None) -> Iterator[None]:
         state = self.state
         judged = pending.finish() if pending is not None else None
         if judged is not None:
@@ -164,6 +167,7 @@ class Recorder:
             record.provider_miss_reason = verdict.provider_reason
             record.predicted_hit_ratio = predicted
             meta["miss_reason"], meta["miss_detail"] = verdict.reason, verdict.detail
+            yield
         record.instance = state.instance or None
         data = record.to_json()
         if state.writer:

@@ -6,8 +6,9 @@ see one `State` instead of reaching into each other.
 
 import asyncio
 import logging
+import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,10 @@ from affinity_addon.views.ttl import TtlAdvisor
 
 logger = logging.getLogger(__name__)
 
+# Deferred work waits for an idle loop turn, unless this many jobs queue up or the oldest has
+# waited this long (a saturated proxy is never idle: then it runs a slice every turn).
+IDLE_BACKLOG = 64
+IDLE_WAIT = 0.05
 STATS_CONVERSATIONS = 2000  # live summary: conversations tracked one by one (memory bound)
 
 
@@ -66,6 +71,20 @@ class Stepped:
             pass
         return self.result
 
+    def slices(self) -> Iterator[None]:
+        while not self.step():
+            yield
+
+
+def _call(work: Callable[[], None]) -> Iterator[None]:
+    work()
+    yield from ()
+
+
+def drain(job: Iterator[None]) -> None:
+    for _ in job:
+        pass
+
 
 class Live:
     """Per-flow response state; lives here, never in flow.metadata (which must pickle)."""
@@ -91,10 +110,11 @@ class State:
     # Per flow, the fingerprint still to compute (or computed, in unit tests): it needs only the
     # request body, so it waits until the response has gone back to the client.
     pending: dict[str, Stepped] = field(default_factory=dict)
-    # Work that can wait until the response is on its way (fingerprint, verdict, record): run
-    # on the event loop right after the hook that queued it, never on a thread (a worker holding
-    # the GIL stalls the loop just the same, and the hand-offs cost more than the work).
-    later: deque[Callable[[], None]] = field(default_factory=deque)
+    # Work that can wait until the request or the response is on its way (fingerprint, verdict,
+    # record), with the time it was queued: run on the event loop in slices, when the loop has
+    # nothing else to do (`_slice`), never on a thread (a worker holding the GIL stalls the loop
+    # just the same, and the hand-offs cost more than the work).
+    later: deque[tuple[float, Iterator[None]]] = field(default_factory=deque)
     later_scheduled: bool = False
     running_later: bool = False  # True while deferred work runs (outside any hook)
     warned: set[str] = field(default_factory=set)
@@ -113,42 +133,73 @@ class State:
         rs = self.ruleset
         return rs is not None and any(r.host.matches(host) for r in rs.rules)
 
-    def defer(self, work: Callable[[], None]) -> None:
-        """Run `work` once the current hook has returned and mitmproxy has sent what it
-        unblocked; inline when there is no running loop (unit tests)."""
+    def defer(self, work: Callable[[], None] | Iterator[None]) -> None:
+        """Run `work` (a call, or a generator: one slice per `next`) once the current hook has
+        returned and the event loop has nothing else to do; at once when there is no running
+        loop (unit tests)."""
+        job = work if isinstance(work, Iterator) else _call(work)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            work()
+            drain(job)
             return
-        self.later.append(work)
+        self.later.append((time.monotonic(), job))
         if not self.later_scheduled:
             self.later_scheduled = True
-            loop.call_soon(self.run_later)
+            loop.call_soon(self._slice, loop)
 
     def step(self, job: Stepped) -> None:
-        """Run `job` one slice per event-loop turn; at once when there is no loop."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            job.finish()
+        """Run `job` one slice per idle event-loop turn; at once when there is no loop."""
+        self.defer(job.slices())
+
+    def _slice(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One slice of the oldest deferred job, when nothing else waits on the loop.
+
+        mitmproxy moves a request along in several loop turns (read, hooks, write): a slice
+        that ran in each of them would add up to the whole job again. So while other callbacks
+        are ready (a request to forward, a response to send), the slice waits for the next turn,
+        unless work piles up (a saturated proxy is never idle): then slices run until the
+        backlog is back under its bounds, so that it cannot grow without limit."""
+        self.later_scheduled = False
+        if not self.later:
             return
+        ready = getattr(loop, "_ready", None)  # asyncio's queue of callbacks to run this turn
+        if ready and not self._overdue():
+            self.later_scheduled = True
+            loop.call_soon(self._slice, loop)
+            return
+        self.running_later = True
+        try:
+            self._run_slice()
+            while ready and self.later and self._overdue():
+                self._run_slice()
+        finally:
+            self.running_later = False
+        if self.later:
+            self.later_scheduled = True
+            loop.call_soon(self._slice, loop)
 
-        def next_slice() -> None:
-            if not job.step():
-                loop.call_soon(next_slice)
+    def _overdue(self) -> bool:
+        return (len(self.later) >= IDLE_BACKLOG
+                or time.monotonic() - self.later[0][0] >= IDLE_WAIT)
 
-        loop.call_soon(next_slice)
+    def _run_slice(self) -> None:
+        try:
+            next(self.later[0][1])
+        except StopIteration:
+            self.later.popleft()
+        except Exception:  # one failing record must not stop the others
+            self.later.popleft()
+            logger.exception("affinity: could not record this response")
 
     def run_later(self) -> None:
-        """Run the deferred work, in order (also on shutdown: no record is lost)."""
-        self.later_scheduled = False
+        """Run all deferred work now, in order (on shutdown: no record is lost)."""
         self.running_later = True
         try:
             while self.later:
-                work = self.later.popleft()
+                _, job = self.later.popleft()
                 try:
-                    work()
+                    drain(job)
                 except Exception:  # one failing record must not stop the others
                     logger.exception("affinity: could not record this response")
         finally:

@@ -89,7 +89,7 @@ def run(name: str, sc: Scenario, n: int, top: int, sort: str, log: Path) -> None
     response = json.dumps(usage).encode()
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
-        tctx.configure(a.config, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log),
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log),
                        affinity_summary=False)
         bodies = [body(i) for i in range(n + 5)]
         for b in bodies[:5]:  # warm-up: rules compiled, key loaded, caches filled

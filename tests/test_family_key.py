@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -109,3 +111,24 @@ def test_client_key_is_kept(addon):
     records: list[dict[str, Any]] = []
     sent = through(addon, records)(with_(prompt_cache_key="mine"), 0.0)
     assert sent["prompt_cache_key"] == "mine" and records[0]["key"] is None
+
+
+@given(st.lists(st.tuples(st.integers(0, 900), st.sampled_from("ab")), max_size=300),
+       st.integers(1, 3))
+@settings(max_examples=200, deadline=None)
+def test_bucket_count_is_the_busiest_minute_of_the_last_ten(gaps, instances):
+    # The count is kept incrementally (one window per request, the rest once per 20 s slot);
+    # it must equal the definition: the busiest 3 consecutive 20 s slots among the last 30,
+    # counting each request in the latest slot seen (a late one counts there too).
+    rates = FamilyRates(instances=instances)
+    seen: dict[str, list[int]] = {}  # family -> the slot each of its requests counted in
+    t = 1_000_000.0
+    for gap, fam in gaps:
+        t += gap / 10
+        now = t - 25 if gap % 7 == 0 else t  # now and then a flow that started out of order
+        slot = max([int(now // 20), *seen.get(fam, [])])
+        seen.setdefault(fam, []).append(slot)
+        first = slot - 29
+        counts = [sum(1 for s in seen[fam] if s == k) for k in range(first, slot + 1)]
+        busiest = max(sum(counts[max(0, i - 2):i + 1]) for i in range(len(counts)))
+        assert rates.buckets(fam, now) == min(max(1, -(-busiest * instances // 8)), 64)

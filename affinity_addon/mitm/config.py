@@ -106,6 +106,10 @@ class Config:
                 OPTION_PARSERS[name](getattr(ctx.options, name))
             except ValueError as e:
                 raise exceptions.OptionsError(f"Cannot parse {name} option: {e}") from None
+        opts = ctx.options
+        self.state.dry_run = opts.affinity_dry_run
+        self.state.diagnose = opts.affinity_diagnose
+        self.state.keep_bodies = opts.affinity_keep_bodies
         if "affinity_key" in updated or "confdir" in updated:
             self.state.key = keyfile.resolve(ctx.options.affinity_key, ctx.options.confdir)
         if "affinity_max_conversations" in updated:

@@ -46,7 +46,7 @@ class Recorder:
             if ctype.startswith("text/event-stream") and not flow.response.stream:
                 # Stream it: mitmproxy would otherwise hold the whole answer back (G2).
                 tap = StreamTap(flow.response.headers.get("content-encoding"),
-                                reader.feed_event, keep_limit=ctx.options.affinity_keep_bodies)
+                                reader.feed_event, keep_limit=self.state.keep_bodies)
                 flow.response.stream = tap
             self.state.live[flow.id] = Live(reader, tap)
         except Exception:

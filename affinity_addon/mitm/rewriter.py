@@ -10,7 +10,7 @@ import time
 from functools import partial
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 
 from affinity_addon.mitm.state import State, Stepped
 from affinity_addon.models import MAX_MODEL_CHARS
@@ -32,12 +32,13 @@ class Rewriter:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.state.ruleset is None:
             return
+        host = flow.request.pretty_host  # a header lookup each time: read once
         try:
             result = apply_rules(
-                self.state.ruleset, flow.request, key=self.state.key,
-                dry_run=ctx.options.affinity_dry_run,
+                self.state.ruleset, flow.request, key=self.state.key, host=host,
+                dry_run=self.state.dry_run,
                 hint_for=partial(self.state.tracker.hint, now=flow.request.timestamp_start)
-                if ctx.options.affinity_diagnose else None,
+                if self.state.diagnose else None,
                 rates=self.state.family_rates,
             )
         except RecursionError:
@@ -50,22 +51,22 @@ class Rewriter:
             return
         outcome, parsed = result
         if outcome.problems:  # one line per request, whatever went wrong
-            logger.warning("affinity: %s %s: %s", flow.request.method, flow.request.pretty_host,
+            logger.warning("affinity: %s %s: %s", flow.request.method, host,
                            "; ".join(outcome.problems))
         # As the client sent them: map-remote and other addons may rewrite the URL later.
         flow.metadata[META] = outcome.to_meta(
-            host=flow.request.pretty_host, path=flow.request.path.split("?", 1)[0],
-            method=flow.request.method)
-        flow.metadata[META]["load"] = self.state.key_load.observe(outcome, flow.request)
-        if outcome.shape and parsed.obj is not None and ctx.options.affinity_diagnose:
+            host=host, path=flow.request.path.split("?", 1)[0], method=flow.request.method)
+        flow.metadata[META]["load"] = self.state.key_load.observe(outcome, flow.request, host)
+        if outcome.shape and parsed.obj is not None and self.state.diagnose:
             try:
-                self._observe(flow, outcome, parsed.obj)
+                self._observe(flow, outcome, parsed.obj, host)
             except RecursionError:
                 pass  # too deeply nested to fingerprint: no verdict for this one
             except Exception:
                 logger.exception("affinity: cannot fingerprint this request; no verdict for it")
 
-    def _observe(self, flow: http.HTTPFlow, outcome: Outcome, body: dict[str, Any]) -> None:
+    def _observe(self, flow: http.HTTPFlow, outcome: Outcome, body: dict[str, Any],
+                 host: str) -> None:
         state = self.state
         assert state.ruleset is not None and outcome.shape is not None
         if outcome.affinity_source == "root":  # derived already
@@ -84,7 +85,7 @@ class Rewriter:
         # (the rewrite encoded a new one or spliced the raw bytes). The fingerprint starts once
         # the request is on its way, in slices, while the provider works on it.
         job = Stepped(state.tracker.observe_steps(
-            body, shape=outcome.shape, model=model, host=flow.request.pretty_host, keys=keys,
+            body, shape=outcome.shape, model=model, host=host, keys=keys,
             signal=outcome.signal, ts=flow.request.timestamp_start or time.time(),
             family=outcome.family))
         state.pending[flow.id] = job

@@ -26,6 +26,7 @@ from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.yamlsource import load_yaml
 from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.models import model_family
+from affinity_addon.request.header_map import header_map
 from affinity_addon.request.prompt import canonical, root_segments, text_of
 from affinity_addon.request.volatile import compile_patterns, default_volatile, mask
 
@@ -151,7 +152,7 @@ def keyed_hash(data: bytes, key: str) -> str:
 
 def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> str | None:
     if src.kind == "header":
-        v = headers.get(src.name)
+        v = headers.get(src.name.lower())  # a HeaderMap: lowercased names
         return v.strip() if isinstance(v, str) and v.strip() else None
     if body is None:
         return None
@@ -239,13 +240,11 @@ def derive(
     key: str,
 ) -> tuple[str | None, str | None]:
     """(affinity_id, source label), or (None, None) when no source yields a value."""
-    # The header names the request has, lowercased, in one pass: most requests carry none of
-    # the session headers, and a miss through mitmproxy's Headers costs a scan each.
-    fields = getattr(headers, "fields", None)
-    names = ({n.decode("latin-1").lower() for n, _ in fields} if fields is not None
-             else {n.lower() for n in headers})
+    # One pass over the request's headers (most carry none of the session headers, and a miss
+    # through mitmproxy's Headers costs a scan each); the caller may pass the map it made.
+    hm = header_map(headers)
     for src in config.sources:
-        if src.kind == "header" and src.name.lower() not in names:
+        if src.kind == "header" and src.name.lower() not in hm:
             continue
         if src.kind == "root":
             if body is not None and shape is not None:
@@ -253,7 +252,7 @@ def derive(
                 if rid is not None:
                     return rid, "root"
             continue
-        v = _client_value(src, headers, body)
+        v = _client_value(src, hm, body)
         if v is None:
             continue
         if not _VERBATIM.match(v):

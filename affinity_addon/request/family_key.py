@@ -75,8 +75,9 @@ class FamilyRates:
 
     def __init__(self, instances: int = 1) -> None:
         self.instances = max(instances, 1)
-        # family -> [its latest 20 s slot, counts of the last HOLD_SLOTS slots by slot % HOLD]:
-        # a fixed ring of small integers, so ten thousand quiet families cost ~2 MB, not ~30.
+        # family -> [its latest 20 s slot, counts of the last HOLD_SLOTS slots by slot % HOLD,
+        # the busiest window ending before the latest slot]: a fixed ring of small integers,
+        # so ten thousand quiet families cost ~2 MB, not ~30.
         self._slots: dict[str, list[Any]] = {}
         self._lock = threading.Lock()
 
@@ -89,24 +90,36 @@ class FamilyRates:
                 if len(self._slots) >= MAX_FAMILIES:  # drop the families nobody sends any more
                     horizon = slot - HOLD_SLOTS
                     self._slots = {f: e for f, e in self._slots.items() if e[0] > horizon}
-                entry = self._slots[family] = [slot, array("I", bytes(4 * HOLD_SLOTS))]
-            last, ring = entry
+                entry = self._slots[family] = [slot, array("I", bytes(4 * HOLD_SLOTS)), 0]
+            last, ring = entry[0], entry[1]
             if slot > last:  # a new slot: the ones skipped since and the new one start at zero
                 for k in range(max(last + 1, slot - HOLD_SLOTS + 1), slot + 1):
                     ring[k % HOLD_SLOTS] = 0
                 entry[0] = last = slot
+                # The busiest window that ends before the new slot, once per slot: only the
+                # window ending at the latest slot changes with each request.
+                entry[2] = _busiest(ring, last - HOLD_SLOTS + 1, last - 1)
             # a flow that started a few ms out of order counts in the latest slot
             ring[last % HOLD_SLOTS] = min(ring[last % HOLD_SLOTS] + 1, 0xFFFFFFFF)
-            # The busiest 60 s, as any 3 consecutive 20 s slots: close to a sliding window, and
-            # additive, so instances that each see 1/N of the traffic agree with one seeing all.
-            busiest = window = 0
             first = last - HOLD_SLOTS + 1
-            for k in range(first, last + 1):
-                window += ring[k % HOLD_SLOTS]
-                if k - SLOTS_PER_MINUTE >= first:
-                    window -= ring[(k - SLOTS_PER_MINUTE) % HOLD_SLOTS]
-                busiest = max(busiest, window)
+            latest = sum(ring[k % HOLD_SLOTS]
+                         for k in range(max(first, last - SLOTS_PER_MINUTE + 1), last + 1))
+            busiest = max(entry[2], latest)
         return min(max(1, -(-busiest * self.instances // TARGET_RPM)), MAX_BUCKETS)
+
+
+def _busiest(ring: array, first: int, last: int) -> int:
+    """The busiest 60 s, as any 3 consecutive 20 s slots, among the windows ending at slots
+    first..last (a window starting before `first` counts only its slots from `first` on):
+    close to a sliding window, and additive, so instances that each see 1/N of the traffic
+    agree with one seeing all."""
+    busiest = window = 0
+    for k in range(first, last + 1):
+        window += ring[k % HOLD_SLOTS]
+        if k - SLOTS_PER_MINUTE >= first:
+            window -= ring[(k - SLOTS_PER_MINUTE) % HOLD_SLOTS]
+        busiest = max(busiest, window)
+    return busiest
 
 
 def family_key(body: Mapping[str, Any], shape: str, affinity_id: str, rates: FamilyRates,

@@ -22,6 +22,7 @@ from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.request import affinity_id
 from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor
 from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
+from affinity_addon.request.header_map import HeaderMap, header_map
 from affinity_addon.request.retention import retention_action
 from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
 
@@ -111,16 +112,17 @@ def _standard(obj: Any) -> bool:
     return True
 
 
-def parse_body(request: http.Request) -> ParsedBody:
+def parse_body(request: http.Request, headers: HeaderMap | None = None) -> ParsedBody:
     raw = request.raw_content
     if raw is None:
         return ParsedBody(problem="body was streamed (stream_large_bodies); not rewritten")
     if not raw:
         return ParsedBody()
-    ctype = request.headers.get("content-type")
+    hm = header_map(request.headers) if headers is None else headers
+    ctype = hm.get("content-type")
     if not is_json_type(ctype):
         return ParsedBody(problem=f"body is not JSON (Content-Type: {(ctype or '')[:80]!r})")
-    enc = request.headers.get("content-encoding", "")
+    enc = hm.get("content-encoding", "")
     if enc.strip().lower() not in _REENCODABLE:
         # A rewritten body is re-encoded by mitmproxy (`request.content = ...`), which knows one
         # coding at a time: a stacked or unknown one would go upstream with no Content-Encoding.
@@ -208,13 +210,17 @@ def _render(action: SetAction, facts: Mapping[str, str | None]) -> Any:
     return action.template.render(facts)
 
 
-def _routing_signal(matched: list[Rule], request: http.Request, body: dict[str, Any] | None,
+def _routing_signal(matched: list[Rule], headers: HeaderMap, body: dict[str, Any] | None,
                     out: Outcome, dry_run: bool) -> str | None:
+    """The routing value the provider will see: `headers` are the client's, and `out.headers`
+    what the rewrite set on top of them (not in a dry run)."""
     for rule in matched:
         for a in rule.set_headers:
-            v = request.headers.get(a.target)  # in a dry run: the client's own value, if any
-            if v:
-                return v
+            sent: str | None = headers.get(a.target)  # in a dry run: the client's own, if any
+            if not dry_run and a.target in out.headers:
+                sent = out.headers[a.target]
+            if sent:
+                return sent
         if body is None:
             continue
         for a in rule.set_fields:
@@ -245,9 +251,10 @@ class _Rewrite:
     body once, and only then apply, so a failure anywhere leaves the request as the client sent
     it."""
 
-    def __init__(self, request: http.Request, parsed: ParsedBody, out: Outcome,
-                 facts: dict[str, Any], key: str, rates: FamilyRates | None) -> None:
+    def __init__(self, request: http.Request, headers: HeaderMap, parsed: ParsedBody,
+                 out: Outcome, facts: dict[str, Any], key: str, rates: FamilyRates | None) -> None:
         self.request, self.parsed, self.out, self.facts = request, parsed, out, facts
+        self.client_headers = headers
         self.body = parsed.obj
         self.key, self.rates = key, rates
         self.body_changed = False
@@ -279,7 +286,7 @@ class _Rewrite:
         for a in rule.set_headers:
             if a.needs_affinity and out.affinity_id is None:
                 continue
-            present = a.target in out.headers or a.target in self.request.headers
+            present = a.target in out.headers or a.target in self.client_headers
             if present and a.on_conflict == KEEP:
                 if a.target not in out.headers:
                     out.kept.append(f"header:{a.target}")
@@ -398,6 +405,7 @@ def apply_rules(
     parsed: ParsedBody | None = None,
     hint_for: HintFor | None = None,
     rates: FamilyRates | None = None,
+    host: str | None = None,
 ) -> tuple[Outcome, ParsedBody] | None:
     """Rewrite `request` in place (unless dry_run). None when no rule matches.
 
@@ -405,14 +413,16 @@ def apply_rules(
     requests (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable,
     and the TTL `ttl: auto` should use.
     `rates`: this proxy's request rates per prompt family, for `{family_key}` (a fresh count
-    when None)."""
-    host, method = request.pretty_host, request.method
+    when None). `host`: `request.pretty_host`, when the caller has it already."""
+    host = request.pretty_host if host is None else host
+    method = request.method
     path = request.path.split("?", 1)[0]
     candidates = ruleset.candidates(host, path, method)  # host and path first: no body parse
     if not candidates:
         return None
+    headers = header_map(request.headers)  # the client's, read once
     if parsed is None:
-        parsed = parse_body(request)
+        parsed = parse_body(request, headers)
     if parsed.over_limit:  # unobserved and unchanged, with one warning
         logger.warning("affinity: %s %s: %s; sent unchanged and not recorded", method, host,
                        parsed.problem)
@@ -425,13 +435,13 @@ def apply_rules(
     # 2. the conversation: its API shape and affinity ID
     shape = next((r.api for r in matched if r.api), None) or shape_for(path)
     aff_config = next((r.affinity for r in matched if r.affinity), ruleset.affinity)
-    aff, source = affinity_id.derive(aff_config, request.headers, body, shape, key)
+    aff, source = affinity_id.derive(aff_config, headers, body, shape, key)
     out = Outcome([r.name for r in matched], shape, model, aff, source, dry_run)
     if parsed.problem and any(r.needs_body for r in matched):
         out.problems.append(parsed.problem + "; sent unchanged")
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
              "path": path, "method": method, "rule": matched[0].name}
-    rw = _Rewrite(request, parsed, out, facts, key, rates)
+    rw = _Rewrite(request, headers, parsed, out, facts, key, rates)
     for rule in matched:  # 3. headers, fields, retention and breakpoints, rule by rule
         facts["rule"] = rule.name
         rw.headers(rule)
@@ -445,5 +455,5 @@ def apply_rules(
             request.headers[name] = value
         if new is not None:
             request.content = new
-    out.signal = _routing_signal(matched, request, rw.body, out, dry_run)
+    out.signal = _routing_signal(matched, headers, rw.body, out, dry_run)
     return out, parsed

@@ -155,14 +155,16 @@ class KeyRates:
         self.count(key, start, buckets if isinstance(buckets, int) and buckets > 0 else None,
                    limit)
 
-    def observe(self, outcome: "Outcome", request: "http.Request") -> dict[str, Any] | None:
+    def observe(self, outcome: "Outcome", request: "http.Request",
+                host: str | None = None) -> dict[str, Any] | None:
         """Count a request at send time; the load its verdict needs (plain data for
         flow.metadata), or None when it carries no prompt_cache_key. The client's own key
         counts here too (the provider sees it), though the log does not keep it."""
         key = None if outcome.dry_run else outcome.fields.get(FIELD)  # a dry run sends none
         if key is None and f"field:{FIELD}" in outcome.kept:
             key = outcome.signal
-        t, limit = request.timestamp_start, PROVIDER_FACTS.key_rpm_limit(request.pretty_host)
+        t = request.timestamp_start
+        limit = PROVIDER_FACTS.key_rpm_limit(request.pretty_host if host is None else host)
         if not isinstance(key, str) or not key or t is None or limit is None:
             return None
         buckets = outcome.key.get("buckets") if outcome.key else None

@@ -46,7 +46,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from wsproto.frame_protocol import Opcode
 
 from affinity_addon.record.schema import META
-from affinity_addon.request import breakpoints
+from affinity_addon.request import breakpoints, rewrite
 from affinity_addon.request.prompt_slots import count_markers
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.driver import Affinity
@@ -539,6 +539,30 @@ def test_integers_beyond_64_bits_survive_a_reserialize(tmp_path, number):
         f, _ = _one(r, body, CHAT)
         assert f.metadata[META]["body_write"] == "reserialize"
         assert b'"seed":' + number.encode() + b"," in f.request.content
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 30)), max_size=60),
+       st.randoms(use_true_random=False))
+@settings(max_examples=400, deadline=None)
+def test_long_digit_scan_finds_every_run_of_19(runs, rnd):
+    # The sampled scan (every 9th byte first) must answer as a scan of every byte does, for
+    # runs of digits of any length at any offset, and for bodies full of digits.
+    parts = []
+    for digits, other in runs:
+        parts.append(bytes(rnd.choice(b"0123456789") for _ in range(digits)))
+        parts.append(b"x" * other)
+    text = b"".join(parts)
+    naive = b"0" * 19 in text.translate(bytes.maketrans(b"123456789", b"000000000"))
+    assert rewrite._has_long_digits(text) == naive
+
+
+@pytest.mark.parametrize("offset", range(0, 20))
+@pytest.mark.parametrize("length", [18, 19, 20, 27, 28])
+def test_long_digit_scan_at_every_alignment(offset, length):
+    text = b"a" * offset + b"1" * length + b"b" * 30
+    assert rewrite._has_long_digits(text) == (length >= 19)
+    many = (b"12345678 " * 200) + text  # many near misses first: the whole-body fallback
+    assert rewrite._has_long_digits(many) == (length >= 19)
 
 
 @pytest.mark.parametrize("exotic", [b'"x":1e400', b'"x":"\\ud800 hi"', b'"x":-1E+999'])

@@ -440,6 +440,9 @@ def _marker(value: Any) -> tuple[bool, str | None]:
 # is a few thousand blocks and some milliseconds, which must not hold up the upload of the
 # request it belongs to or the answer of another.
 STEP_BLOCKS = 256
+# ... or this many bytes of block content, whichever comes first: 256 blocks of a 1 MB prompt
+# are half of it, over a millisecond that an answer arriving meanwhile would wait for.
+STEP_BYTES = 64 << 10
 
 Steps = Generator[None, None, "tuple[Fingerprint, Blocks]"]
 
@@ -492,12 +495,13 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
     units: Iterable[_Unit] = (((seg, False, None) for seg in head_segments(body, shape))
                               if start == 0 else ())
     walk = _message_walk(body, shape, start)
-    k, clean, n = start, start > 0, 0
+    k, clean, n, size = start, start > 0, 0, 0
     envelope_hash, reasoning = 0, False
     while True:
         for seg, first, envelope in units:
             n += 1
-            if n % every == 0:
+            if n % every == 0 or size >= STEP_BYTES:
+                size = 0
                 yield
             carrier = envelope is _CARRIES
             if carrier:
@@ -529,6 +533,7 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
                 canon = canonical(seg.value)
                 digest = block_digest(seg.role, canon)  # the planner's digest: its hint compares them
                 chars = len(text) if field is not None else len(canon)
+                size += len(canon)
             tokens = FIXED_TOKENS.get(kind, estimate_tokens(chars)) + extra
             total += tokens
             block_chunks = b""

@@ -98,6 +98,12 @@ def count_markers(body: dict[str, Any], shape: str) -> int:
     return sum(1 for _ in marker_sites(body))
 
 
+def _has_text(s: str) -> bool:
+    """`bool(s.strip())` without copying the text: stops at its first non-space character
+    (strip() copied every block of a 1 MB prompt, a third of the planner's walk)."""
+    return bool(s) and not s.isspace()
+
+
 def _eligible(seg: Segment, rules: ShapeRules) -> tuple[bool, bool]:
     """(may carry a marker, must be converted to a one-part list first)."""
     v = seg.value
@@ -109,7 +115,7 @@ def _eligible(seg: Segment, rules: ShapeRules) -> tuple[bool, bool]:
         if seg.path.endswith("]"):
             return False, False  # a bare string inside a block list: no place for a marker
         kept = seg.section == "messages" and seg.role in rules.keep_string_roles
-        ok = bool(v.strip()) and not kept
+        ok = _has_text(v) and not kept
         return ok, ok
     if not isinstance(v, dict) or not isinstance(v.get("type"), str):
         return False, False
@@ -118,7 +124,7 @@ def _eligible(seg: Segment, rules: ShapeRules) -> tuple[bool, bool]:
         return False, False
     if kind == "text":
         text = v.get("text")
-        return isinstance(text, str) and bool(text.strip()), False
+        return isinstance(text, str) and _has_text(text), False
     return True, False
 
 

@@ -81,8 +81,29 @@ _ORJSON_MAX = 8 << 20
 _CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
 
 
+_STRIDE = 9  # a run of 19 digits holds two digits 9 bytes apart at multiples of 9
+_MAX_SPOTS = 64  # then the body is full of digits: scan it whole
+
+
 def _has_long_digits(text: bytes) -> bool:
-    return _LONG_DIGITS in text.translate(_DIGITS_TO_ZERO)
+    """Is there a run of 19+ ASCII digits? Looks at every 9th byte first: a run of 19 digits
+    starting at s covers m <= s + 8 and m + 9 <= s + 17, both multiples of 9, so two
+    neighbouring samples are digits; only there (the bytes around them) is the text read
+    (a 1 MB body: ~0.05 ms instead of ~0.5 ms for a scan of every byte)."""
+    sample = text[::_STRIDE].translate(_DIGITS_TO_ZERO)
+    i = sample.find(b"00")
+    spots = 0
+    while i != -1:
+        # samples i and i + 1 are bytes 9i and 9i + 9; a run whose first multiple of 9 is 9i
+        # starts at most 8 bytes before it, so its first 19 digits lie in this window
+        if _LONG_DIGITS in text[max(0, i * _STRIDE - 18):(i + 1) * _STRIDE + 19].translate(
+                _DIGITS_TO_ZERO):
+            return True
+        spots += 1
+        if spots > _MAX_SPOTS:
+            return _LONG_DIGITS in text.translate(_DIGITS_TO_ZERO)
+        i = sample.find(b"00", i + 1)
+    return False
 
 
 def loads(text: bytes, *, exact: bool = True) -> tuple[Any, bool]:

@@ -125,9 +125,11 @@ THREADS = 8  # threads kept per conversation ID (main, memory, title, compaction
 LINEAGE = 4096  # recent threads indexed by (tools, first message), to find what a new ID continues
 LINEAGE_SECONDS = 86_400.0  # a date rollover is at most a day after the previous request
 # Unpacked fingerprints kept for the next turn's verdict (~350 bytes a block): the conversations
-# in play right now, not every one the tracker remembers, so at most ~7 MB.
+# in play right now, not every one the tracker remembers, so at most ~7 MB (the blocks bound
+# it; the entries only cap the dict: a team's thousand short conversations all fit, and each
+# verdict then skips decoding its previous request, ~15 µs).
 UNPACKED_BLOCKS = 20_000
-UNPACKED_ENTRIES = 64
+UNPACKED_ENTRIES = 1024
 TRAILER = 2  # blocks an agent may drop from the end of its history (per-turn context)
 FAMILIES = 1024  # prompt families whose recent gaps are kept (agents x models: a few)
 

@@ -226,3 +226,31 @@ def test_the_head_is_read_from_head_fields_alone(shape, body):
     head = [(s.path, s.value) for s in head_segments(body, shape)]
     rest = {k: v for k, v in body.items() if k in HEAD_FIELDS}
     assert [(s.path, s.value) for s in head_segments(rest, shape)] == head
+
+
+def test_long_prompts_are_fingerprinted_in_slices_of_bytes(monkeypatch):
+    # A slice ends after 64 KB of content (or 256 blocks), in the chain of message hashes as in
+    # the walk: on a 1 MB prompt, neither holds the event loop for over a millisecond.
+    import affinity_addon.diagnosis.fingerprint as fp_module
+
+    body = anthropic_body(turns=40, marker=False)
+    for m in body["messages"]:
+        m["content"][-1]["text"] = "x" * 3000 if m["content"][-1]["type"] == "text" else "y"
+
+    def slices(memo: FingerprintMemo | None) -> tuple[int, Any]:
+        steps = fingerprint_steps(body, "anthropic", "m", memo=memo)
+        n = 0
+        try:
+            while True:
+                next(steps)
+                n += 1
+        except StopIteration as done:
+            return n, done.value[0]
+
+    size = len(json.dumps(body))
+    n_walk, fp_walk = slices(None)  # the walk alone
+    n_both, fp_both = slices(FingerprintMemo())  # the chain, then the walk
+    assert n_walk >= size // (64 << 10) - 1 and n_both >= 2 * n_walk - 1
+    monkeypatch.setattr(fp_module, "STEP_BYTES", 16 << 10)
+    assert slices(None)[0] >= 4 * n_walk - 1
+    assert fp_walk == fp_both == fingerprint(body, "anthropic", "m")

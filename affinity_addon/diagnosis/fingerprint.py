@@ -365,19 +365,28 @@ class FingerprintMemo:
         self.hits = self.misses = 0
 
     @staticmethod
-    def chain(body: dict[str, Any], shape: str, volatile: object) -> list[int] | None:
+    def chain(body: dict[str, Any], shape: str, volatile: object,
+              step_bytes: int = 1 << 62) -> Generator[None, None, list[int] | None]:
         """keys[k]: the prompt's head and its first k messages; None when there is nothing to
-        chain (no conversation list) or a value JSON cannot encode."""
+        chain (no conversation list) or a value JSON cannot encode. Yields after every
+        `step_bytes` encoded (a 1 MB prompt is over half a millisecond of encoding)."""
         section = MESSAGES_KEY.get(shape)
         msgs = body.get(section) if section else None
         if not isinstance(msgs, list):
             return None
         try:
-            key = hash((shape, id(volatile), orjson.dumps([body.get(k) for k in HEAD_FIELDS])))
+            data = orjson.dumps([body.get(k) for k in HEAD_FIELDS])
+            key = hash((shape, id(volatile), data))
             keys = [key]
+            size = len(data)
             for msg in msgs:
-                key = hash((key, orjson.dumps(msg)))
+                if size >= step_bytes:
+                    size = 0
+                    yield
+                data = orjson.dumps(msg)
+                key = hash((key, data))
                 keys.append(key)
+                size += len(data)
         except (TypeError, orjson.JSONEncodeError):  # ints beyond 64 bits, lone surrogates
             return None
         return keys
@@ -479,7 +488,7 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
     rows, chunks = bytearray(), bytearray()
     blocks: list[BlockPrint] = []
     total = start = 0
-    keys = memo.chain(body, shape, volatile) if memo is not None else None
+    keys = (yield from memo.chain(body, shape, volatile, STEP_BYTES)) if memo is not None else None
     if keys is not None and memo is not None:
         found = memo.resume(keys)
         if found is not None:

@@ -48,12 +48,17 @@ from affinity_addon.request.prompt import (
 from affinity_addon.request.prompt_slots import (
     Prompt,
     Slot,
+    SlotMemo,
     marker_sites,
+    resolve,
     text_part,
 )
 from affinity_addon.request.volatile import Volatile, default_volatile
 
 logger = logging.getLogger(__name__)
+
+# The slots of recent prompts: a conversation's next request measures only what it added.
+SLOT_MEMO = SlotMemo()
 
 # ---------------------------------------------------------------------------------------------
 # Planning
@@ -336,7 +341,8 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
     agent = spec.strategy == AGENT
     with_hint = agent and hint is not None and bool(hint.previous)
     prompt = Prompt(body, shape, rules, sites,
-                     (volatile or default_volatile()) if agent else None, digests=with_hint)
+                     (volatile or default_volatile()) if agent else None, digests=with_hint,
+                     memo=SLOT_MEMO)
     free = MAX_MARKERS - len(prompt.markers)
     last_only = spec.last_marker_only if spec.last_marker_only is not None \
         else last_marker_only(model)
@@ -368,10 +374,11 @@ def _apply(body: dict[str, Any], slot: Slot | None, ttl: str) -> AddedMarker:
     if slot is None:
         body[TOP_LEVEL] = _marker(ttl)
         return AddedMarker(TOP_LEVEL, ttl)
+    value = resolve(body, slot.seg.path)  # a slot keeps the block's path, not the block
     if not slot.convert:
-        slot.seg.value["cache_control"] = _marker(ttl)
+        value["cache_control"] = _marker(ttl)
         return AddedMarker(slot.path, ttl)
-    part = {**text_part(slot.seg.value), "cache_control": _marker(ttl)}
+    part = {**text_part(value), "cache_control": _marker(ttl)}
     if slot.seg.message_index is None:
         body["system"] = [part]
     else:

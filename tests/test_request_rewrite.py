@@ -385,3 +385,29 @@ def test_integers_beyond_64_bits_survive_splice_and_re_encode(addon, model):
         assert sent.endswith(raw[1:])  # the original bytes, untouched, after the new key
     else:
         assert rec["body_write"] == "reserialize" and out["prompt_cache_key"] == "forced-gpt-5"
+
+
+def test_family_key_reads_the_root_as_the_rules_left_it(tmp_path):
+    # The ID and the family share one walk of the prompt's root; a rule that rewrites part of
+    # the root (here the Responses `instructions`) before `{family_key}` is rendered makes it
+    # walk again: the key is that of the body as sent.
+    from affinity_addon.request.family_key import family_hash
+
+    p = tmp_path / "r.yaml"
+    p.write_text("rules:\n  - name: k\n    match: {host: api.example.com}\n"
+                 "    on_conflict: overwrite\n"
+                 "    set_fields:\n      instructions: 'house style'\n"
+                 "      prompt_cache_key: '{family_key}'\n")
+    a = Affinity()
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.bundle, affinity_rules=str(p), affinity_key="k" * 32)
+        body = {"model": "gpt-5", "instructions": "client style",
+                "input": [{"role": "user", "content": "hi"}]}
+        f = req(body, path="/v1/responses")
+        a.request(f)
+        sent = json.loads(f.request.content)
+        assert sent["instructions"] == "house style"
+        family = family_hash({k: v for k, v in sent.items() if k != "prompt_cache_key"},
+                             "openai-responses", a.state.key)
+        assert sent["prompt_cache_key"].startswith(f"fam-{family}-")
+        assert family != family_hash(body, "openai-responses", a.state.key)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from affinity_addon.catalog.yamlsource import load_yaml
 from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.models import model_family
 from affinity_addon.request.header_map import header_map
-from affinity_addon.request.prompt import canonical, root_segments, text_of
+from affinity_addon.request.prompt import Segment, canonical, root_segments, text_of
 from affinity_addon.request.volatile import compile_patterns, default_volatile, mask
 
 # Keys that were public at some point (the README, older defaults): IDs made with them can be
@@ -216,10 +216,15 @@ def _root_bytes(value: Any, config: "AffinityConfig") -> bytes | None:
     return canonical({**value, key: masked})
 
 
-def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str) -> str | None:
+Root = tuple[list[Segment], list[Segment]]
+
+
+def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str,
+            root: Callable[[], Root] | None = None) -> str | None:
     """Keyed hash of the conversation's stable root: blocks an agent rebuilds on every turn or
-    resume are left out, and dates masked, so `-c`/resume and a day rollover keep the ID."""
-    system, user = root_segments(dict(body), shape)
+    resume are left out, and dates masked, so `-c`/resume and a day rollover keep the ID.
+    `root`: the body's `root_segments`, when the caller has them (the rewrite shares them)."""
+    system, user = root() if root is not None else root_segments(dict(body), shape)
     parts = [(tag, b) for tag, segs in ((b"\x00s", system), (b"\x00u", user)) for seg in segs
              if (b := _root_bytes(seg.value, config)) is not None]
     if not parts:
@@ -238,6 +243,7 @@ def derive(
     body: Mapping[str, Any] | None,
     shape: str | None,
     key: str,
+    root: Callable[[], Root] | None = None,
 ) -> tuple[str | None, str | None]:
     """(affinity_id, source label), or (None, None) when no source yields a value."""
     # One pass over the request's headers (most carry none of the session headers, and a miss
@@ -248,7 +254,7 @@ def derive(
             continue
         if src.kind == "root":
             if body is not None and shape is not None:
-                rid = root_id(body, shape, config, key)
+                rid = root_id(body, shape, config, key, root)
                 if rid is not None:
                     return rid, "root"
             continue

@@ -24,7 +24,7 @@ from typing import Any
 
 from affinity_addon.models import model_family
 from affinity_addon.request.affinity_id import keyed_hash
-from affinity_addon.request.prompt import canonical, iter_segments, root_segments
+from affinity_addon.request.prompt import Segment, canonical, iter_segments, root_segments
 
 # OpenAI's documented overflow point: ~15 requests a minute per prefix+key pair (per key on
 # GPT-5.6+). TARGET_RPM is the mean per bucket: conversations fill the buckets unevenly (a hash
@@ -41,8 +41,10 @@ MAX_FAMILIES = 10_000
 MAX_BUCKETS = 64
 
 
-def family_hash(body: Mapping[str, Any], shape: str, key: str) -> str:
-    """Keyed hash of the shared prefix: model family, tool definitions, system prompt."""
+def family_hash(body: Mapping[str, Any], shape: str, key: str,
+                system: list[Segment] | None = None) -> str:
+    """Keyed hash of the shared prefix: model family, tool definitions, system prompt.
+    `system`: the body's `root_segments(...)[0]`, when the caller has them."""
     h = hashlib.blake2b(key=key.encode()[:64], digest_size=12)
     h.update(model_family(body.get("model")).encode())
     for seg in iter_segments(dict(body), shape):
@@ -50,7 +52,7 @@ def family_hash(body: Mapping[str, Any], shape: str, key: str) -> str:
             break  # tools come first
         h.update(b"\x00t")
         h.update(canonical(seg.value))
-    for seg in root_segments(dict(body), shape)[0]:
+    for seg in system if system is not None else root_segments(dict(body), shape)[0]:
         h.update(b"\x00s")
         h.update(canonical(seg.value))
     return h.hexdigest()
@@ -123,9 +125,9 @@ def _busiest(ring: array, first: int, last: int) -> int:
 
 
 def family_key(body: Mapping[str, Any], shape: str, affinity_id: str, rates: FamilyRates,
-               now: float, key: str) -> tuple[str, int, int]:
+               now: float, key: str, system: list[Segment] | None = None) -> tuple[str, int, int]:
     """(prompt_cache_key value, bucket, bucket count) for one request."""
-    family = family_hash(body, shape, key)
+    family = family_hash(body, shape, key, system)
     count = rates.buckets(family, now)
     bucket = jump_hash(int(keyed_hash(affinity_id.encode(), key)[:16], 16), count)
     return f"fam-{family}-{bucket}", bucket, count

@@ -14,11 +14,9 @@ from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import orjson
-
+from affinity_addon.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, block_digest
 from affinity_addon.request.prompt import (
-    HEAD_FIELDS,
     MARKER_KEYS,
     MESSAGES_KEY,
     SYSTEM_ROLES,
@@ -345,7 +343,7 @@ class Checkpoint:
     total: int
 
 
-class FingerprintMemo:
+class FingerprintMemo(PrefixMemo["Checkpoint"]):
     """Recent fingerprints' checkpoints, by a chained hash of the prompt up to each one, so that
     a conversation's next turn fingerprints only what it added (issue 12): turn N+1 resumes
     where turn N's prompt ended instead of canonicalising and hashing the whole prompt again.
@@ -359,60 +357,11 @@ class FingerprintMemo:
     for a gateway's conversations in play: ~1,000 short ones, or a few long ones."""
 
     def __init__(self, max_entries: int = 4096, max_blocks: int = 60_000) -> None:
-        self.max_entries, self.max_blocks = max_entries, max_blocks
-        self.entries: dict[int, Checkpoint] = {}
-        self.blocks = 0
-        self.hits = self.misses = 0
+        super().__init__(max_entries, max_blocks, lambda cp: len(cp.blocks))
 
-    @staticmethod
-    def chain(body: dict[str, Any], shape: str, volatile: object,
-              step_bytes: int = 1 << 62) -> Generator[None, None, list[int] | None]:
-        """keys[k]: the prompt's head and its first k messages; None when there is nothing to
-        chain (no conversation list) or a value JSON cannot encode. Yields after every
-        `step_bytes` encoded (a 1 MB prompt is over half a millisecond of encoding)."""
-        section = MESSAGES_KEY.get(shape)
-        msgs = body.get(section) if section else None
-        if not isinstance(msgs, list):
-            return None
-        try:
-            data = orjson.dumps([body.get(k) for k in HEAD_FIELDS])
-            key = hash((shape, id(volatile), data))
-            keys = [key]
-            size = len(data)
-            for msg in msgs:
-                if size >= step_bytes:
-                    size = 0
-                    yield
-                data = orjson.dumps(msg)
-                key = hash((key, data))
-                keys.append(key)
-                size += len(data)
-        except (TypeError, orjson.JSONEncodeError):  # ints beyond 64 bits, lone surrogates
-            return None
-        return keys
-
-    def resume(self, keys: list[int]) -> tuple[int, Checkpoint] | None:
-        """The latest checkpoint this prompt's chain passes through: (messages done, state)."""
-        entries = self.entries
-        for k in range(len(keys) - 1, 0, -1):
-            cp = entries.pop(keys[k], None)
-            if cp is not None:
-                entries[keys[k]] = cp  # most recently used last
-                self.hits += 1
-                return k, cp
-        self.misses += 1
-        return None
-
-    def keep(self, key: int, cp: Checkpoint) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.blocks -= len(old.blocks)
-        self.entries[key] = cp
-        self.blocks += len(cp.blocks)
-        while len(self.entries) > 1 and (len(self.entries) > self.max_entries
-                                         or self.blocks > self.max_blocks):
-            oldest = next(iter(self.entries))
-            self.blocks -= len(self.entries.pop(oldest).blocks)
+    @property
+    def blocks(self) -> int:
+        return self.held
 
 
 def _text(value: Any) -> tuple[str | None, str]:
@@ -462,15 +411,6 @@ def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
     return run_steps(fingerprint_steps(body, shape, model, volatile=volatile))[0]
 
 
-def run_steps[T](steps: Generator[None, None, T]) -> T:
-    """Run stepped work (`fingerprint_steps`, `MissTracker.observe_steps`) to the end, at once."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
 def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
                       volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None,
                       every: int | None = None, memo: FingerprintMemo | None = None) -> Steps:
@@ -488,7 +428,10 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
     rows, chunks = bytearray(), bytearray()
     blocks: list[BlockPrint] = []
     total = start = 0
-    keys = (yield from memo.chain(body, shape, volatile, STEP_BYTES)) if memo is not None else None
+    section = MESSAGES_KEY.get(shape)
+    msgs = body.get(section) if section else None
+    keys = ((yield from memo.chain(body, msgs, (shape, volatile), STEP_BYTES))
+            if memo is not None and isinstance(msgs, list) else None)
     if keys is not None and memo is not None:
         found = memo.resume(keys)
         if found is not None:

@@ -4,21 +4,18 @@ and the cache_control markers the client already put on them.
 
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, NamedTuple
 
-import orjson
-
+from affinity_addon.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.breakpoint_spec import (
     NEVER_MARKED,
     ShapeRules,
     block_digest,
 )
 from affinity_addon.request.prompt import (
-    HEAD_FIELDS,
     MARKER_KEYS,
     MESSAGES_KEY,
     Segment,
@@ -161,7 +158,7 @@ class Prompt:
         msgs = body.get(section) if section else None
         keys = None
         if memo is not None and isinstance(msgs, list):
-            keys = memo.chain(body, msgs, (shape, rules, volatile, digests))
+            keys = run_steps(memo.chain(body, msgs, (shape, rules, volatile, digests)))
         if keys is not None:
             found = memo.resume(keys) if memo is not None else None
             if found is not None:
@@ -265,62 +262,19 @@ class _Checkpoint:
     total: int  # estimated tokens up to there
 
 
-class SlotMemo:
-    """Checkpoints of recent prompts' slots, keyed by a chained hash of the prompt up to there
-    (its head, then each message as JSON): a conversation's next request resumes from the
-    latest checkpoint its own chain passes through. Slots keep paths, sizes and digests, never
-    text. The chain costs one JSON encoding of each message (~0.5 ms a MB); the walk it saves
-    canonicalises, measures and classifies every block (~2 ms a MB)."""
+class SlotMemo(PrefixMemo[_Checkpoint]):
+    """Checkpoints of recent prompts' slots (prefix_memo): a conversation's next request
+    resumes from the latest one its own chain passes through. Slots keep paths, sizes and
+    digests, never text; the walk the chain saves canonicalises, measures and classifies every
+    block (~2 ms a MB). ~300 bytes a slot: at most ~18 MB, counted per entry (a prompt's three
+    checkpoints share one tuple), ~8 MB measured at the bound."""
 
-    # ~300 bytes a slot: at most ~18 MB (counted per entry, so a prompt's three checkpoints,
-    # which share one tuple, count thrice: in practice far less).
     def __init__(self, max_entries: int = 1024, max_slots: int = 60_000) -> None:
-        self.entries: OrderedDict[int, _Checkpoint] = OrderedDict()
-        self.max_entries, self.max_slots = max_entries, max_slots
-        self.slots = 0  # slots held, counted per entry (shared tuples counted once each)
-        self.hits = self.misses = 0
-        # What the head key names by identity (rules, volatile patterns), held so that no other
-        # object can take its id while a key names it.
-        self._pinned: dict[int, object] = {}
+        super().__init__(max_entries, max_slots, lambda cp: cp.n)
 
-    def chain(self, body: dict[str, Any], msgs: list[Any], context: tuple[Any, ...]
-              ) -> list[int] | None:
-        """keys[k]: the head and the first k messages; None for a value JSON cannot encode."""
-        ids = []
-        for obj in context:
-            if obj is not None and not isinstance(obj, str | bool):
-                self._pinned.setdefault(id(obj), obj)
-                obj = id(obj)
-            ids.append(obj)
-        try:
-            key = hash((*ids, orjson.dumps([body.get(k) for k in HEAD_FIELDS])))
-            keys = [key]
-            for msg in msgs:
-                key = hash((key, orjson.dumps(msg)))
-                keys.append(key)
-        except (TypeError, orjson.JSONEncodeError):  # ints beyond 64 bits, lone surrogates
-            return None
-        return keys
-
-    def resume(self, keys: list[int]) -> "tuple[int, _Checkpoint] | None":
-        for k in range(len(keys) - 1, 0, -1):
-            cp = self.entries.get(keys[k])
-            if cp is not None:
-                self.entries.move_to_end(keys[k])
-                self.hits += 1
-                return k, cp
-        self.misses += 1
-        return None
-
-    def keep(self, key: int, cp: _Checkpoint) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.slots -= old.n
-        self.entries[key] = cp
-        self.slots += cp.n
-        while len(self.entries) > 1 and (len(self.entries) > self.max_entries
-                                         or self.slots > self.max_slots):
-            self.slots -= self.entries.popitem(last=False)[1].n
+    @property
+    def slots(self) -> int:
+        return self.held
 
 
 _PATH_TOKEN = re.compile(r"([A-Za-z_]+)|\[(\d+)\]")

@@ -1,6 +1,7 @@
 """Benchmark the affinity addon against bare mitmdump, in one run on this machine.
 
     scripts/bench [--quick] [--requests N] [--out bench.json]
+    scripts/bench --ceiling [--quick]   only the throughput, of the addon's variants
 
 Starts the simulator, a bare mitmdump and a mitmdump with the addon (same binary, same flags,
 the only difference is `-s affinity_addon/addon.py`), all on 127.0.0.1 ephemeral ports, and
@@ -124,6 +125,8 @@ class Proxy:
     ports: dict[str, int]
     log: Path | None
     output: Path
+    options: dict[str, str] | None = None
+    script: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -131,7 +134,7 @@ class Proxy:
 
 
 def start_proxy(procs: Processes, tmp: Path, name: str, sim_port: int, *, addon: bool,
-                options: dict[str, str] | None = None) -> Proxy:
+                options: dict[str, str] | None = None, script: Path | None = None) -> Proxy:
     d = tmp / name
     d.mkdir()
     ports = {route: free_port() for route in ROUTES}
@@ -147,7 +150,7 @@ def start_proxy(procs: Processes, tmp: Path, name: str, sim_port: int, *, addon:
     log = None
     if addon:
         log = d / "affinity.jsonl"
-        args += ["-s", str(ADDON), "--set", f"affinity_log={log}",
+        args += ["-s", str(script or ADDON), "--set", f"affinity_log={log}",
                  "--set", "affinity_summary=false"]
     for k, v in (options or {}).items():
         args += ["--set", f"{k}={v}"]
@@ -156,7 +159,7 @@ def start_proxy(procs: Processes, tmp: Path, name: str, sim_port: int, *, addon:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=d, env=clean_env())
     procs.add(name, proc)
-    return Proxy(name, proc, ports, log, output)
+    return Proxy(name, proc, ports, log, output, options, script)
 
 
 def wait_proxy(proxy: Proxy) -> None:
@@ -181,7 +184,8 @@ def restart_until_listening(procs: Processes, proxy: Proxy, tmp: Path, sim_port:
                     proxy.output.read_text(errors="replace").lower()):
                 raise
             shutil.rmtree(tmp / proxy.name, ignore_errors=True)
-            proxy = start_proxy(procs, tmp, proxy.name, sim_port, addon=proxy.log is not None)
+            proxy = start_proxy(procs, tmp, proxy.name, sim_port, addon=proxy.log is not None,
+                                options=proxy.options, script=proxy.script)
     raise AssertionError("unreachable")
 
 
@@ -635,13 +639,42 @@ def conversations_body(conversations: int) -> Callable[[int], bytes]:
     return body
 
 
-async def measure_throughput(bare: Proxy, addon: Proxy, sim_port: int, total: int,
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and of the children it waits for (the ceiling's
+    worker process is a live child: counted too, below)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu(pid: int) -> float:
+    total = 0.0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError, ValueError):
+                    total += proc_cpu(int(child))
+    return total
+
+
+def idle_seconds() -> float:
+    """Idle CPU seconds of the whole machine so far (all cores)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_throughput(proxies: list[Proxy], sim_port: int, total: int,
                              concurrency: int, rounds: int) -> dict[str, Any]:
+    """Each proxy in turn serves `total` requests from `concurrency` clients, `rounds` times,
+    the order rotated every round so that no proxy always runs first or last. Ratios are to
+    proxies[0] in the same round; CPU per request is read from /proc (the proxy, and any worker
+    process it started), with the machine's idle cores over the run."""
     body = conversations_body(1000)
+    names = [p.name for p in proxies]
     out: dict[str, Any] = {"requests": total, "concurrency": concurrency, "rounds": rounds,
-                           "bare_rps": [], "addon_rps": [], "errors": 0, "non_200": 0}
-    # Warm both up (connections, imports, first flows) before anything is timed.
-    for p in (bare, addon):
+                           "errors": 0, "non_200": 0, "baseline": names[0],
+                           "runs": {n: [] for n in names}}
+    # Warm all up (connections, imports, first flows) before anything is timed.
+    for p in proxies:
         await run_load(p.ports["openai"], CHAT_PATH, concurrency * 4, concurrency, body,
                        sim_port=sim_port, reset_every=0)
     direct = await run_load(sim_port, "/p/openai" + CHAT_PATH, total, concurrency, body,
@@ -649,18 +682,32 @@ async def measure_throughput(bare: Proxy, addon: Proxy, sim_port: int, total: in
     out["direct_rps"] = direct.rps
     await sim_reset(sim_port)
     for r in range(rounds):
-        order = (("bare", bare), ("addon", addon))
-        for which, p in order if r % 2 == 0 else reversed(order):
+        shift = r % len(proxies)
+        for p in proxies[shift:] + proxies[:shift]:
+            cpu0, kids0, idle0 = proc_cpu(p.pid), children_cpu(p.pid), idle_seconds()
             with no_gc():
                 res = await run_load(p.ports["openai"], CHAT_PATH, total, concurrency, body,
                                      sim_port=sim_port, reset_every=2000)
+            cpu1, kids1, idle1 = proc_cpu(p.pid), children_cpu(p.pid), idle_seconds()
             await sim_reset(sim_port)
-            out[f"{which}_rps"].append(res.rps)
+            n = max(res.requests, 1)
+            out["runs"][p.name].append({
+                "rps": res.rps, "cpu_ms": (cpu1 - cpu0) / n * 1e3,
+                "worker_cpu_ms": max(kids1 - kids0, 0.0) / n * 1e3,
+                "idle_cores": (idle1 - idle0) / res.seconds})
             out["errors"] += res.errors
-            out["non_200"] += sum(n for s, n in res.statuses.items() if s != 200)
-    out["bare_rps_median"] = statistics.median(out["bare_rps"])
-    out["addon_rps_median"] = statistics.median(out["addon_rps"])
-    out["ratio"] = out["addon_rps_median"] / out["bare_rps_median"]
+            out["non_200"] += sum(k for s, k in res.statuses.items() if s != 200)
+    base = out["runs"][names[0]]
+    out["summary"] = {}
+    for name, runs in out["runs"].items():
+        ratios = [x["rps"] / b["rps"] for x, b in zip(runs, base, strict=True)]
+        out["summary"][name] = {
+            "rps_median": statistics.median(x["rps"] for x in runs),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "cpu_ms_median": statistics.median(x["cpu_ms"] for x in runs),
+            "worker_cpu_ms_median": statistics.median(x["worker_cpu_ms"] for x in runs),
+            "idle_cores_median": statistics.median(x["idle_cores"] for x in runs)}
     return out
 
 
@@ -727,7 +774,7 @@ def check_addon_log(proxy: Proxy) -> dict[str, Any]:
                 with contextlib.suppress(ValueError):
                     recs.append(json.loads(line))
     by_rule: dict[str, int] = {}
-    spliced = markers = usage = streamed = unmatched = 0
+    spliced = markers = usage = streamed = unmatched = judged = 0
     for r in recs:
         by_rule[r.get("rule") or "?"] = by_rule.get(r.get("rule") or "?", 0) + 1
         added = r.get("added") or {}
@@ -736,9 +783,30 @@ def check_addon_log(proxy: Proxy) -> dict[str, Any]:
         usage += r.get("usage") is not None
         streamed += bool(r.get("stream") and r.get("usage"))
         unmatched += r.get("host") == ROUTES["unlisted"][0]
+        judged += r.get("miss_reason") is not None
     return {"records": len(recs), "by_rule": by_rule, "prompt_cache_key_added": spliced,
             "markers_added": markers, "with_usage": usage, "streams_with_usage": streamed,
-            "unmatched_records": unmatched}
+            "unmatched_records": unmatched, "with_verdict": judged}
+
+
+def throughput_table(th: dict[str, Any], title: str) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=f"{title}: {th['concurrency']} concurrent keep-alive clients, "
+                    f"{th['requests']} small matched requests per run, {th['rounds']} round(s), "
+                    f"order rotated; ratio: to {th['baseline']} in the same round, median "
+                    f"(min-max); CPU from /proc; simulator direct {th['direct_rps']:.0f} req/s",
+              box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
+    for col in ("proxy", "req/s", "ratio", "min-max", "proxy CPU ms/req", "worker CPU ms/req",
+                "idle cores"):
+        t.add_column(col, justify="left" if col == "proxy" else "right", no_wrap=True)
+    for name, v in th["summary"].items():
+        t.add_row(name, f"{v['rps_median']:.0f}", f"{v['ratio_median']:.3f}x",
+                  f"{v['ratio_min']:.3f}-{v['ratio_max']:.3f}", f"{v['cpu_ms_median']:.2f}",
+                  f"{v['worker_cpu_ms_median']:.2f}" if v["worker_cpu_ms_median"] else "-",
+                  f"{v['idle_cores_median']:.2f}")
+    return t
 
 
 def print_report(console: Any, res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -784,12 +852,8 @@ def print_report(console: Any, res: dict[str, Any]) -> list[dict[str, Any]]:
     console.print(tt)
 
     th = res["throughput"]
-    console.print(
-        f"[bold]3. Throughput[/], {th['concurrency']} concurrent keep-alive clients, "
-        f"{th['requests']} small matched requests per run, {th['rounds']} round(s): "
-        f"bare {th['bare_rps_median']:.0f} req/s, addon {th['addon_rps_median']:.0f} req/s "
-        f"(ratio {th['ratio']:.3f}x); simulator direct {th['direct_rps']:.0f} req/s "
-        f"(the ceiling: the upstream is Python too)")
+    console.print(throughput_table(th, "3. Throughput"))
+    tp = th["summary"]
 
     mt = new_table("4. RSS under load (MB), one sample every "
                      f"{max(res['memory']['addon']['requests'] // 10, 1)} requests")
@@ -825,8 +889,10 @@ def print_report(console: Any, res: dict[str, Any]) -> list[dict[str, Any]]:
         f"{t['tap_delay_ms']:+.1f} ms", None)
     row("SSE first byte, bare mitmdump (buffers)", "-",
         f"{t['bare']['first_byte_median_ms']:.0f} ms", None)
+    ratio = tp["addon"]["ratio_median"]
     row(f"throughput {th['concurrency']} clients, addon/bare", f">= {TARGET_THROUGHPUT:.2f}x",
-        f"{th['ratio']:.3f}x", th["ratio"] >= TARGET_THROUGHPUT)
+        f"{ratio:.3f}x ({tp['addon']['ratio_min']:.3f}-{tp['addon']['ratio_max']:.3f})",
+        ratio >= TARGET_THROUGHPUT, f"{tp['bare2']['ratio_median']:.3f}x")
     m = res["memory"]["addon"]
     mb = res["memory"]["bare"]
     limit = max(TARGET_RSS_GROWTH * m["rss_warm_mb"], RSS_GROWTH_FLOOR_MB)
@@ -861,6 +927,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32,
                    help="concurrent keep-alive clients for throughput and memory (default 32)")
     p.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
+    p.add_argument("--ceiling", action="store_true",
+                   help="only the throughput, for the addon's variants (diagnosis off, rewrite "
+                        "only, deferred work in a worker process): what bounds it")
+    p.add_argument("--ceiling-requests", type=int, default=None,
+                   help="throughput requests per run (default 2000; quick 500)")
+    p.add_argument("--ceiling-rounds", type=int, default=None,
+                   help="throughput rounds (default 6; quick 2)")
     a = p.parse_args(argv)
     q = a.quick
     a.requests = a.requests or (2000 if q else 100_000)
@@ -869,9 +942,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.small_n = 40 if q else 150
     a.big_n = 8 if q else 40
     a.ttfb_runs = 3 if q else 7
-    a.tp_requests = 500 if q else 4000
-    a.tp_rounds = 1 if q else 3
+    a.tp_requests = a.ceiling_requests or (500 if q else 2000)
+    a.tp_rounds = a.ceiling_rounds or (2 if q else 6)
     return a
+
+
+VARIANTS = ROOT / "scripts" / "variants"
+
+
+async def run_ceiling(args: argparse.Namespace, procs: Processes, tmp: Path,
+                      console: Any) -> dict[str, Any]:
+    """Throughput of the addon's variants against bare mitmdump: how much of the addon's cost
+    under load is the rewrite (which must run on mitmproxy's loop) and how much the deferred
+    work (which could move), and whether moving it to a second process wins it back."""
+    info = machine_info()
+    console.print(f"[bold]affinity bench --ceiling[/] CPU {info['cpu']}, {info['cores']} cores, "
+                  f"Python {info['python']}, mitmproxy {info['mitmproxy']}")
+    t_start = time.perf_counter()
+    _, sim_port = start_simulator(procs, tmp)
+    specs: list[tuple[str, bool, dict[str, str] | None, Path | None]] = [
+        ("bare", False, None, None),
+        ("bare (A/A)", False, None, None),
+        ("addon", True, None, None),
+        ("diagnosis off", True, {"affinity_diagnose": "false"}, None),
+        ("rewrite only", True, None, VARIANTS / "rewrite_only.py"),
+        ("worker process", True, None, VARIANTS / "worker_split.py"),
+    ]
+    proxies = []
+    for name, addon, options, script in specs:
+        proxies.append(start_proxy(procs, tmp, name.replace(" ", "-").replace("/", ""),
+                                   sim_port, addon=addon, options=options, script=script))
+    proxies = [restart_until_listening(procs, p, tmp, sim_port) for p in proxies]
+    for p, (name, *_) in zip(proxies, specs, strict=True):
+        p.name = name
+    res: dict[str, Any] = {"machine": info, "config": {
+        k: v for k, v in vars(args).items() if k != "out"}}
+    res["throughput"] = await measure_throughput(proxies, sim_port, args.tp_requests,
+                                                 args.concurrency, args.tp_rounds)
+    res["errors"] = res["throughput"]["errors"] + res["throughput"]["non_200"]
+    # The worker's records are the proof that it did the deferred work, verdicts included.
+    res["worker_log"] = check_addon_log(proxies[-1])
+    res["seconds"] = time.perf_counter() - t_start
+    return res
 
 
 async def run(args: argparse.Namespace, procs: Processes, tmp: Path, console: Any) -> dict[str, Any]:
@@ -963,8 +1075,10 @@ async def run(args: argparse.Namespace, procs: Processes, tmp: Path, console: An
     phase("ttfb")
 
     console.print(f"[bold]3. throughput[/], {args.concurrency} clients ...")
-    res["throughput"] = await measure_throughput(bare, addon, sim_port, args.tp_requests,
-                                                 args.concurrency, args.tp_rounds)
+    # The second bare proxy too: its ratio to the first is the A/A noise of this figure.
+    res["throughput"] = await measure_throughput([bare, addon, bare2], sim_port,
+                                                 args.tp_requests, args.concurrency,
+                                                 args.tp_rounds)
     phase("throughput")
 
     console.print(f"[bold]4. memory[/]: {args.requests} requests over {args.conversations} "
@@ -996,6 +1110,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     tmp = Path(tempfile.mkdtemp(prefix="affinity-bench-"))
     try:
+        if args.ceiling:
+            res = asyncio.run(run_ceiling(args, procs, tmp, console))
+            console.print(throughput_table(res["throughput"], "Throughput ceiling"))
+            log = res["worker_log"]
+            console.print(f"worker process log: {log['records']} records, "
+                          f"{log['with_verdict']} with a verdict; errors / non-200 "
+                          f"{res['errors']}; finished in {res['seconds']:.0f} s")
+            if args.out:
+                args.out.write_text(json.dumps(res, indent=1) + "\n")
+                console.print(f"wrote {args.out}")
+            return 0 if res["errors"] == 0 else 1
         res = asyncio.run(run(args, procs, tmp, console))
         rows = print_report(console, res)
         res["targets"] = rows

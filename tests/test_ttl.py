@@ -1,12 +1,23 @@
 """The TTL policy and the advisor, against hand computations."""
 
+import sys
+from collections import deque
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from affinity_addon.diagnosis.tracker import MissTracker
 from affinity_addon.record.schema import Usage
-from affinity_addon.ttl_policy import FIVE_MINUTES, ONE_HOUR, FamilyPrior, Multipliers, Rhythm
+from affinity_addon.ttl_policy import (
+    FIVE_MINUTES,
+    ONE_HOUR,
+    FamilyPrior,
+    Multipliers,
+    Recent,
+    Rhythm,
+)
 from affinity_addon.views.ttl import AUTO, Turn, advise, replay, summary_line
 
 T0 = datetime(2026, 11, 30, 10, 0, tzinfo=UTC).timestamp()
@@ -74,6 +85,26 @@ def test_rhythm_switches_to_1h_on_slow_turns_and_back() -> None:
     for gap in (7200, 7200, 7200):
         r2.observe(gap, 10_000)
     assert r2.choose() == FIVE_MINUTES  # gaps over an hour expire both: 1h only costs more
+
+
+@given(st.integers(min_value=1, max_value=9),
+       st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=40))
+def test_recent_keeps_what_a_bounded_deque_keeps(size: int, values: list[float]) -> None:
+    recent, want = Recent(size), deque(maxlen=size)
+    for v in values:
+        recent.append(v)
+        want.append(v)
+        assert list(recent) == list(want) and len(recent) == len(want)
+        assert bool(recent) == bool(want) and sum(recent) == sum(want)
+
+
+def test_a_rhythm_takes_the_same_memory_before_and_after_its_windows_fill() -> None:
+    r = Rhythm()
+    before = sys.getsizeof(r.gaps._values) + sys.getsizeof(r.growth._values)
+    for i in range(20):
+        r.observe(30.5 + i, 1000 + 100 * i)
+    assert len(r.gaps) == len(r.growth) == 8
+    assert sys.getsizeof(r.gaps._values) + sys.getsizeof(r.growth._values) == before < 400
 
 
 def test_family_prior_by_hand() -> None:

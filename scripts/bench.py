@@ -640,8 +640,8 @@ def conversations_body(conversations: int) -> Callable[[int], bytes]:
 
 
 def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process and of the children it waits for (the ceiling's
-    worker process is a live child: counted too, below)."""
+    """CPU seconds (user + system) of a process, with its reaped children's (a live child, such
+    as the ceiling's worker process, is counted by `children_cpu`)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 

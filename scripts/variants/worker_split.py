@@ -13,6 +13,7 @@ loop), WebSockets, errors, commands and mitmweb comments. As a script: the addon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import struct
@@ -81,16 +82,21 @@ class WorkerSplit(Affinity):
         try:
             del self.buf[:os.write(self.proc.stdin.fileno(), self.buf)]
         except BlockingIOError:
-            pass
+            pass  # the pipe is full: the worker is behind, try again in a millisecond
+        except OSError:  # the worker is gone: its records are lost, the proxy goes on
+            self.buf.clear()
+            self.proc = None
+            return
         if self.buf:
             self.flushing = True
             asyncio.get_running_loop().call_later(0.001, self._flush)
 
     def done(self) -> None:
         if self.proc is not None and self.proc.stdin is not None:
-            os.set_blocking(self.proc.stdin.fileno(), True)
-            os.write(self.proc.stdin.fileno(), self.buf)
-            self.proc.stdin.close()
+            with contextlib.suppress(OSError):
+                os.set_blocking(self.proc.stdin.fileno(), True)
+                os.write(self.proc.stdin.fileno(), self.buf)
+                self.proc.stdin.close()
             self.proc.wait(30)
         super().done()
 

@@ -930,9 +930,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ceiling", action="store_true",
                    help="only the throughput, for the addon's variants (diagnosis off, rewrite "
                         "only, deferred work in a worker process): what bounds it")
-    p.add_argument("--ceiling-requests", type=int, default=None,
-                   help="throughput requests per run (default 2000; quick 500)")
-    p.add_argument("--ceiling-rounds", type=int, default=None,
+    p.add_argument("--tp-requests", type=int, default=None,
+                   help="throughput requests per proxy and round (default 2000; quick 500)")
+    p.add_argument("--tp-rounds", type=int, default=None,
                    help="throughput rounds (default 6; quick 2)")
     a = p.parse_args(argv)
     q = a.quick
@@ -942,8 +942,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.small_n = 40 if q else 150
     a.big_n = 8 if q else 40
     a.ttfb_runs = 3 if q else 7
-    a.tp_requests = a.ceiling_requests or (500 if q else 2000)
-    a.tp_rounds = a.ceiling_rounds or (2 if q else 6)
+    a.tp_requests = a.tp_requests or (500 if q else 2000)
+    a.tp_rounds = a.tp_rounds or (2 if q else 6)
     return a
 
 
@@ -1098,6 +1098,12 @@ async def run(args: argparse.Namespace, procs: Processes, tmp: Path, console: An
     return res
 
 
+def write_out(args: argparse.Namespace, res: dict[str, Any], console: Any) -> None:
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        console.print(f"wrote {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rich.console import Console
@@ -1117,9 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"worker process log: {log['records']} records, "
                           f"{log['with_verdict']} with a verdict; errors / non-200 "
                           f"{res['errors']}; finished in {res['seconds']:.0f} s")
-            if args.out:
-                args.out.write_text(json.dumps(res, indent=1) + "\n")
-                console.print(f"wrote {args.out}")
+            write_out(args, res, console)
             return 0 if res["errors"] == 0 else 1
         res = asyncio.run(run(args, procs, tmp, console))
         rows = print_report(console, res)
@@ -1131,9 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"records for the unmatched host {log['unmatched_records']} (must be 0)")
         console.print(f"finished in {res['seconds']:.0f} s ("
                       + ", ".join(f"{k} {v:.0f} s" for k, v in res["phases"].items()) + ")")
-        if args.out:
-            args.out.write_text(json.dumps(res, indent=1) + "\n")
-            console.print(f"wrote {args.out}")
+        write_out(args, res, console)
         return 0 if all(r["result"] != "MISS" for r in rows) else 1
     except KeyboardInterrupt:
         console.print("interrupted")

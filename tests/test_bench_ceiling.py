@@ -15,7 +15,7 @@ def test_ceiling_run_measures_every_variant_and_the_worker_records_with_verdicts
     out = tmp_path / "ceiling.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--ceiling", "--concurrency", "4",
-         "--ceiling-requests", "40", "--ceiling-rounds", "1", "--out", str(out)],
+         "--tp-requests", "40", "--tp-rounds", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())

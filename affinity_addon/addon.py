@@ -14,9 +14,8 @@ if _root not in sys.path:
 from affinity_addon.mitm import Affinity  # noqa: E402
 
 # One addon for mitmproxy to dispatch to; in it, in this order (mitm/bundle.py):
-#   Config    options, the rules file (hot reload) and the JSONL log
+#   Config    options (mitm/options.py), the rules file (hot reload) and the JSONL log
 #   Scope     decrypt only the LLM hosts the rules name
-#   Instance  affinity_instance: which proxy wrote a record (gateways)
 #   Rewriter  request: affinity ID, headers, body fields, cache breakpoints
 #   Recorder  response: usage from JSON/SSE/WebSocket, verdict, record
 #   Metrics   Prometheus /metrics, /healthz, /readyz (affinity_metrics=HOST:PORT)

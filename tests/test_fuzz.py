@@ -426,7 +426,7 @@ def test_request_rewrite_is_valid_or_identical(tmp_path, dry):
             r.still_works()
 
         run()
-        assert not r.addon.state.pending and not r.addon.state.live
+        assert not len(r.addon.state.exchanges)
 
 
 def test_empty_body_with_json_type_passes_with_header_rules_only(tmp_path):
@@ -778,7 +778,7 @@ def test_stream_tap_passes_every_byte_and_records_once(tmp_path):
             r.still_works()
 
         run()
-        assert not r.addon.state.pending and not r.addon.state.live
+        assert not len(r.addon.state.exchanges)
 
 
 @st.composite
@@ -878,7 +878,9 @@ def test_websocket_frames_with_bad_usage(tmp_path):
         @given(frames=ws_cases())
         def run(frames: list[tuple[bool, bool, bytes]]) -> None:
             f = tflow.twebsocketflow()
-            f.metadata[META] = matched(r, OPENAI_RESPONSES).metadata[META]
+            # the exchange of a matched Responses request, moved to this WebSocket flow
+            state = r.addon.state
+            state.exchanges.start(f.id, state.exchanges.end(matched(r, OPENAI_RESPONSES).id))
             r.capture.take()
             r.new_records()
             f.websocket.messages = []
@@ -895,7 +897,7 @@ def test_websocket_frames_with_bad_usage(tmp_path):
             for rec in recs:
                 check_record(rec, f)
                 assert rec["transport"] == "websocket"
-            r.addon.state.pending.clear()  # the request flows above never got a response
+            r.addon.state.exchanges.open.clear()  # the request flows above never got a response
 
         run()
 

@@ -151,13 +151,13 @@ def measure(host: str, path: str, raw: bytes) -> tuple[float, int]:
         req = _request(host, path, raw)
         gc.collect()
         t = time.thread_time()
-        apply_rules(RULES, req, key=KEY)
+        apply_rules(RULES, req, secret=KEY)
         best = min(best, time.thread_time() - t)
     req = _request(host, path, raw)
     gc.collect()
     tracemalloc.start()
     try:
-        apply_rules(RULES, req, key=KEY)
+        apply_rules(RULES, req, secret=KEY)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

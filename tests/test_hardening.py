@@ -195,5 +195,6 @@ def test_a_huge_model_name_is_kept_at_a_real_name_length(tmp_path):
         f = req({"model": "m" * 1_000_000, "messages": [{"role": "user", "content": "hi"}]})
         a.request(f)
     assert len(f.metadata[META]["model"]) == 256
-    fp = getattr(a.state.pending[f.id], "fingerprint", None)  # what the tracker will keep
+    job = a.state.exchanges.get(f.id).fingerprint
+    fp = getattr(job.result if job else None, "fingerprint", None)  # what the tracker will keep
     assert fp is None or len(fp.model) <= 256

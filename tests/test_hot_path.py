@@ -16,9 +16,9 @@ from mitmproxy.addonmanager import traverse
 from mitmproxy.test import taddons, tflow, tutils
 
 from affinity_addon.diagnosis import fingerprint as fp_module
-from affinity_addon.mitm import state as state_module
+from affinity_addon.mitm import scheduler as scheduler_module
 from affinity_addon.mitm.config import DEFAULT_RULES
-from affinity_addon.mitm.state import State, Stepped
+from affinity_addon.mitm.scheduler import Scheduler, Stepped
 from affinity_addon.record.schema import META
 from tests.driver import Affinity
 
@@ -64,10 +64,10 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
         f = flow(21)
         a.request(f)
-        job = a.state.pending[f.id]
+        job = a.state.exchanges.get(f.id).fingerprint
         assert isinstance(job, Stepped) and job.steps is not None  # nothing done in the hook
         await turns(10)
-        assert job.result is None and len(a.state.later) == 1  # the loop was busy: it waits
+        assert job.result is None and len(a.state.scheduler.queue) == 1  # hooks came: it waits
         await idle()
         assert job.steps is None and job.result is not None  # done while "upstream"
         assert len(job.result.blocks.all) == 22
@@ -80,7 +80,7 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         (record,) = [json.loads(line) for line in log.read_text().splitlines()]
         assert record["flow_id"] == f.id and record["usage"]["input_tokens"] == 310
         assert f.metadata[META]["miss_reason"] == record["miss_reason"] == "first-write"
-        assert f.id not in a.state.pending and not a.state.later
+        assert a.state.exchanges.get(f.id) is None and not a.state.scheduler.queue
 
 
 async def test_an_early_answer_finishes_the_fingerprint_and_shutdown_loses_no_record(
@@ -101,7 +101,7 @@ async def test_an_early_answer_finishes_the_fingerprint_and_shutdown_loses_no_re
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["flow_id"] for r in records] == [f.id for f in flows]
     assert all(r["miss_reason"] for r in records)
-    assert not a.state.pending and not a.state.later
+    assert not len(a.state.exchanges) and not a.state.scheduler.queue
 
 
 def test_mitmproxy_dispatches_to_one_addon_that_reaches_every_part(tmp_path: Path) -> None:
@@ -114,6 +114,7 @@ def test_mitmproxy_dispatches_to_one_addon_that_reaches_every_part(tmp_path: Pat
         assert [x for x in traverse(tctx.master.addons.chain)
                 if "affinity" in getattr(x, "name", "")] == [a.bundle]
         assert a.bundle.calls["request"] == (a.bundle.rewriter.request, a.bundle.metrics.request)
+        assert "update" not in a.bundle.calls  # no part has it: mitmproxy finds nothing
         assert a.bundle.calls["response"] == (a.bundle.recorder.response,)
         assert {"affinity.stats", "affinity.why", "affinity.reset", "affinity.reload"} <= set(
             tctx.master.commands.commands)
@@ -144,11 +145,12 @@ def test_a_failing_part_leaves_the_others_their_hook(tmp_path: Path, caplog) -> 
     assert "request hook of" in caplog.text and "a part's bug" in caplog.text
 
 
-async def test_deferred_work_waits_for_idle_turns_and_runs_in_slices(monkeypatch) -> None:
-    # mitmproxy forwards a request in several loop turns; deferred work that ran a slice in
-    # each of them would delay it by the whole job. It waits while other callbacks are ready.
+async def test_deferred_work_waits_while_hooks_come_and_runs_in_slices(monkeypatch) -> None:
+    # mitmproxy forwards a request in several loop turns right after its hooks; deferred work
+    # that ran a slice in each of them would delay it by the whole job. It waits while the
+    # proxy's hooks keep coming (each `touch` is one).
     loop = asyncio.get_running_loop()
-    state = State()
+    sched = Scheduler()
     order: list[str] = []
 
     def job() -> Iterator[None]:
@@ -156,31 +158,35 @@ async def test_deferred_work_waits_for_idle_turns_and_runs_in_slices(monkeypatch
             order.append(f"slice{k}")
             yield
 
-    def io(k: int) -> None:  # a request moving through the proxy: one callback per turn
+    def io(k: int) -> None:  # a request moving through the proxy: one hook per turn
+        sched.touch()
         order.append(f"io{k}")
         if k < 4:
             loop.call_soon(io, k + 1)
 
-    state.defer(job())
+    sched.touch()  # deferred from inside a hook
+    sched.defer(job())
     loop.call_soon(io, 0)
     await idle()
     assert order == ["io0", "io1", "io2", "io3", "io4", "slice0", "slice1", "slice2"]
-    assert not state.later
+    assert not sched.queue
 
-    # A saturated proxy is never idle: work that waited too long, or piled up, runs (until the
-    # backlog is back under its bounds) even while the loop is busy; it cannot grow forever.
-    monkeypatch.setattr(state_module, "IDLE_WAIT", 0.0)
+    # A saturated proxy is never quiet: work that waited too long, or piled up, runs (until the
+    # backlog is back under its bounds) even while hooks come; it cannot grow forever.
+    monkeypatch.setattr(scheduler_module, "IDLE_WAIT", 0.0)
     order.clear()
-    state.defer(job())
+    sched.touch()
+    sched.defer(job())
     loop.call_soon(io, 0)
     await idle()
     assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4"]
 
-    monkeypatch.setattr(state_module, "IDLE_WAIT", 60.0)
-    monkeypatch.setattr(state_module, "IDLE_BACKLOG", 2)
+    monkeypatch.setattr(scheduler_module, "IDLE_WAIT", 60.0)
+    monkeypatch.setattr(scheduler_module, "IDLE_BACKLOG", 2)
     order.clear()
-    state.defer(job())
-    state.defer(job())
+    sched.touch()
+    sched.defer(job())
+    sched.defer(job())
     loop.call_soon(io, 0)
     await idle()
     assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4",
@@ -188,14 +194,14 @@ async def test_deferred_work_waits_for_idle_turns_and_runs_in_slices(monkeypatch
 
 
 async def test_a_failing_deferred_job_is_logged_and_the_next_runs(caplog) -> None:
-    state = State()
+    sched = Scheduler()
     done = []
 
     def broken() -> Iterator[None]:
         yield
         raise RuntimeError("bug in a record")
 
-    state.defer(broken())
-    state.defer(lambda: done.append(1))
+    sched.defer(broken())
+    sched.defer(lambda: done.append(1))
     await idle()
-    assert done == [1] and not state.later and "bug in a record" in caplog.text
+    assert done == [1] and not sched.queue and "bug in a record" in caplog.text

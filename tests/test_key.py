@@ -27,14 +27,14 @@ def test_first_start_generates_a_private_key_and_later_starts_reuse_it(tmp_path,
     path = tmp_path / "conf" / keyfile.KEY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     key = path.read_text().strip()
-    assert a.state.key == key and len(key) == 64
+    assert a.state.secret == key and len(key) == 64
     generated = [r for r in caplog.records if "generated" in r.getMessage()]
     assert len(generated) == 1
     assert key not in caplog.text  # the key itself is never logged
     caplog.clear()
     tctx.configure(a.bundle, confdir=str(tmp_path / "conf2"))
     tctx.configure(a.bundle, confdir=str(tmp_path / "conf"))  # a restart on the first confdir
-    assert a.state.key == key
+    assert a.state.secret == key
     assert keyfile.resolve("", str(tmp_path / "conf")) == key
     assert keyfile.resolve("", str(tmp_path / "conf2")) != key  # another installation
 
@@ -42,13 +42,13 @@ def test_first_start_generates_a_private_key_and_later_starts_reuse_it(tmp_path,
 def test_option_overrides_the_file_and_public_or_short_keys_warn(tmp_path, caplog, addon):
     a, tctx = addon
     tctx.configure(a.bundle, confdir=str(tmp_path / "conf"), affinity_key="a-long-enough-shared-gateway-key")
-    assert a.state.key == "a-long-enough-shared-gateway-key"
+    assert a.state.secret == "a-long-enough-shared-gateway-key"
     assert not (tmp_path / "conf" / keyfile.KEY_FILE).exists()
     assert "affinity_key" not in caplog.text
     for public in (*affinity_id.PUBLIC_KEYS, "k3y"):
         caplog.clear()
         tctx.configure(a.bundle, affinity_key=public)
-        assert a.state.key == public
+        assert a.state.secret == public
         assert "affinity_key is" in caplog.text and public not in caplog.text.replace("affinity_key", "")
 
 
@@ -72,7 +72,7 @@ def test_unwritable_confdir_falls_back_to_a_run_key(tmp_path, caplog, addon):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     tctx.configure(a.bundle, confdir=str(blocker / "conf"))
-    assert len(a.state.key) == 64 and "random key for this run only" in caplog.text
+    assert len(a.state.secret) == 64 and "random key for this run only" in caplog.text
 
 
 def test_long_keys_are_hashed_not_truncated():

@@ -155,13 +155,15 @@ def send(a: Affinity, b: dict[str, Any], t: float) -> dict[str, Any]:
         headers=http.Headers(content_type="application/json")))
     f.request.timestamp_start = t
     a.request(f)
+    exchange = a.state.exchanges.get(f.id)
+    assert exchange is not None
     usage = {"prompt_tokens": 2400, "completion_tokens": 5,
              "prompt_tokens_details": {"cached_tokens": 0}}  # nothing read, every time
     f.response = tutils.tresp(headers=http.Headers(content_type="application/json"),
                               content=json.dumps({"choices": [], "usage": usage}).encode())
     a.responseheaders(f)
     a.response(f)
-    return f.metadata[META]
+    return {**f.metadata[META], "load": exchange.load}  # the key's rate when it was sent
 
 
 def run_team(tmp_path: Path, others: int) -> tuple[dict[str, Any], Affinity]:

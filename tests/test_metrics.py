@@ -16,8 +16,10 @@ from mitmproxy.test import taddons
 from prometheus_client.parser import text_string_to_metric_families
 
 from affinity_addon.mitm import Affinity, make_addons
+from affinity_addon.mitm import Affinity as Bundle
 from affinity_addon.mitm.config import DEFAULT_RULES
-from affinity_addon.mitm.metrics import LabelCap, Metrics, parse_address
+from affinity_addon.mitm.metrics import LabelCap
+from affinity_addon.mitm.options import parse_address
 from affinity_addon.mitm.state import State
 from affinity_addon.models import model_family
 from affinity_addon.record.jsonl import JsonlWriter
@@ -80,9 +82,9 @@ def test_label_values_are_capped() -> None:
     ("127.0.0.1:70000", "port out of range"),
 ])
 def test_bad_address_is_an_options_error(value: str, message: str) -> None:
-    m = Metrics(State())
-    with taddons.context(m) as tctx, pytest.raises(exceptions.OptionsError, match=message):
-        tctx.configure(m, affinity_metrics=value)
+    b = Bundle(State())
+    with taddons.context(b) as tctx, pytest.raises(exceptions.OptionsError, match=message):
+        tctx.configure(b, affinity_metrics=value)
 
 
 def test_port_in_use_is_an_options_error() -> None:
@@ -90,10 +92,10 @@ def test_port_in_use_is_an_options_error() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        m = Metrics(State())
-        with taddons.context(m) as tctx, pytest.raises(exceptions.OptionsError,
+        b = Bundle(State())
+        with taddons.context(b) as tctx, pytest.raises(exceptions.OptionsError,
                                                         match="Cannot serve affinity_metrics"):
-            tctx.configure(m, affinity_metrics=f"127.0.0.1:{port}")
+            tctx.configure(b, affinity_metrics=f"127.0.0.1:{port}")
 
 
 def test_readyz_reports_rules_and_log(tmp_path: Path) -> None:
@@ -112,7 +114,7 @@ def test_readyz_reports_rules_and_log(tmp_path: Path) -> None:
         assert get(port, "/nope")[0] == 404
         writer = metrics.state.writer
         assert isinstance(writer, JsonlWriter)
-        writer._failing = True  # what a failed write leaves (root ignores file modes)
+        writer.failing = True  # what a failed write leaves (root ignores file modes)
         status, body = get(port, "/readyz")
         assert status == 503 and json.loads(body)["log_writable"] is False
         tctx.configure(bundle, affinity_metrics="")

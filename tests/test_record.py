@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from affinity_addon.record import build
-from affinity_addon.record.schema import RECORD_FIELDS, Usage
+from affinity_addon.record.schema import NOTHING_ADDED, RECORD_FIELDS, RequestFacts, Usage
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "log-format.md"
 
@@ -24,10 +24,12 @@ def test_log_format_doc_lists_exactly_the_record_fields_in_order() -> None:
 
 
 def test_record_json_has_the_documented_fields_and_is_plain_json() -> None:
-    meta = {"rule": "r", "rules": ["r"], "shape": "openai-chat", "model": "gpt-5",
-            "affinity_id": "aff-1", "affinity_source": "root", "dry_run": False,
-            "host": "api.openai.com", "path": "/v1/chat/completions", "method": "POST"}
-    rec = build.build(meta=meta, flow_id="f", status=200,
+    facts = RequestFacts(rule="r", rules=("r",), shape="openai-chat", model="gpt-5",
+                         affinity_id="aff-1", affinity_source="root", dry_run=False,
+                         added=NOTHING_ADDED, kept=(), body_write="none", warning=None,
+                         host="api.openai.com", path="/v1/chat/completions", method="POST",
+                         key=None)
+    rec = build.build(request=facts, flow_id="f", status=200,
                       usage=Usage(input_tokens=2000, cache_read_tokens=1536),
                       usage_raw={"prompt_tokens": 2000}, stream=False, transport="http",
                       complete=True, error=None, started=99.0, response_cache=False, now=100.0)

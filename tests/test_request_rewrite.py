@@ -353,7 +353,8 @@ def test_diagnosis_can_be_turned_off(addon, tmp_path):
     tctx.configure(a.bundle, affinity_diagnose=False, affinity_log=str(log))
     f = req(CHAT)
     a.request(f)
-    assert f.id not in a.state.pending and "x-conv" in f.request.headers  # still rewritten
+    # not fingerprinted, still rewritten
+    assert a.state.exchanges.get(f.id).fingerprint is None and "x-conv" in f.request.headers
     f.response = tutils.tresp(content=json.dumps({"usage": {"prompt_tokens": 10}}).encode(),
                               headers=Headers(content_type="application/json"))
     a.responseheaders(f)
@@ -408,6 +409,6 @@ def test_family_key_reads_the_root_as_the_rules_left_it(tmp_path):
         sent = json.loads(f.request.content)
         assert sent["instructions"] == "house style"
         family = family_hash({k: v for k, v in sent.items() if k != "prompt_cache_key"},
-                             "openai-responses", a.state.key)
+                             "openai-responses", a.state.secret)
         assert sent["prompt_cache_key"].startswith(f"fam-{family}-")
-        assert family != family_hash(body, "openai-responses", a.state.key)
+        assert family != family_hash(body, "openai-responses", a.state.secret)

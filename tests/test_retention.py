@@ -41,7 +41,7 @@ def send(rules: RuleSet, body: dict[str, Any] | bytes, host: str = "api.openai.c
     request = tutils.treq(method=b"POST", host=host, port=443, scheme=b"https", authority=b"",
                           path=path.encode(), content=raw,
                           headers=http.Headers(content_type="application/json"))
-    result = apply_rules(rules, request, key=KEY, dry_run=dry_run)
+    result = apply_rules(rules, request, secret=KEY, dry_run=dry_run)
     assert result is not None
     return request, result[0], raw
 

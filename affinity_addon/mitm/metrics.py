@@ -11,13 +11,13 @@ Labels are bounded: provider, model family, rule, verdict and token kind, each c
 import json
 import logging
 import os
-import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
+from affinity_addon.mitm.options import parse_address
 from affinity_addon.mitm.state import State
 from affinity_addon.models import model_family
 from affinity_addon.record.schema import META, Record
@@ -27,21 +27,6 @@ logger = logging.getLogger(__name__)
 MAX_LABEL_VALUES = 50
 OTHER = "other"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
-
-
-def parse_address(raw: str) -> tuple[str, int] | None:
-    """`host:port` (`[::1]:9464`, `:9464` = 127.0.0.1) -> (host, port); empty -> None."""
-    raw = raw.strip()
-    if not raw:
-        return None
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]*):(\d{1,5})", raw)
-    if not m:
-        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464, not {raw!r}")
-    host = m.group(1) or m.group(3) or "127.0.0.1"
-    port = int(m.group(2) or m.group(4))
-    if port > 65535:
-        raise ValueError(f"port out of range: {port}")
-    return host, port
 
 
 class LabelCap:
@@ -136,22 +121,10 @@ class Metrics:
         self.server: _Server | None = None
         self.address: tuple[str, int] | None = None
 
-    def load(self, loader: Any) -> None:
-        loader.add_option(
-            "affinity_metrics", str, "",
-            """
-            Serve Prometheus metrics (/metrics) and health checks (/healthz, /readyz) on this
-            HOST:PORT, e.g. 127.0.0.1:9464. Empty: off.
-            """,
-        )
-
     def configure(self, updated: set[str]) -> None:
         if "affinity_metrics" not in updated:
             return
-        try:
-            address = parse_address(ctx.options.affinity_metrics)
-        except ValueError as e:
-            raise exceptions.OptionsError(f"Cannot parse affinity_metrics option: {e}") from None
+        address = parse_address(ctx.options.affinity_metrics)  # checked by Config already
         if address == self.address and self.server is not None:
             return
         self._stop()
@@ -202,7 +175,7 @@ class Metrics:
         else:
             path = writer.path
             target = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
-            log_ok = os.access(target, os.W_OK) and not getattr(writer, "_failing", False)
+            log_ok = os.access(target, os.W_OK) and not writer.failing
         return {"rules_loaded": rs is not None and bool(rs.rules), "log_writable": log_ok}
 
     # --- hooks (only counter bumps: the request path pays microseconds) -----------------------

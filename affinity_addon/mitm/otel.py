@@ -85,15 +85,6 @@ class OTel:
         self.tracer: Any = None
         self.endpoint = ""
 
-    def load(self, loader: Any) -> None:
-        loader.add_option(
-            "affinity_otel", bool, False,
-            """
-            Send one OpenTelemetry span per LLM response (GenAI attributes, cache verdict) over
-            OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT. Needs: pip install 'affinity-addon[otel]'.
-            """,
-        )
-
     def configure(self, updated: set[str]) -> None:
         if "affinity_otel" not in updated:
             return

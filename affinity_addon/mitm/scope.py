@@ -24,7 +24,7 @@ class Scope:
         self.state = state
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if ctx.options.affinity_scope != "rules" or data.ignore_connection:
+        if self.state.settings.scope != "rules" or data.ignore_connection:
             return
         # The SNI names the host in regular mode; in reverse mode the client may send any SNI
         # (or none) and the upstream address is what the rules are about.

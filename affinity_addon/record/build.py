@@ -5,10 +5,11 @@ never prompt text.
 """
 
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from affinity_addon.record.schema import Record, Usage
+from affinity_addon.record.schema import Record, RequestFacts, Usage
 from affinity_addon.tokens import format_tokens
 
 # Marker for flows that missed the cache, so `~marked` (or `~marker`) finds them in mitmweb.
@@ -31,7 +32,7 @@ def iso(ts: float) -> str:
 
 def build(
     *,
-    meta: dict[str, Any],
+    request: RequestFacts,
     flow_id: str,
     status: int | None,
     usage: Usage | None,
@@ -42,25 +43,32 @@ def build(
     error: str | None,
     started: float | None,
     response_cache: bool,
-    extras: dict[str, Any] | None = None,
+    extras: Mapping[str, Any] | None = None,
+    verdict: Mapping[str, Any] | None = None,
+    predicted_hit_ratio: float | None = None,
+    usage_problem: str | None = None,
+    instance: str | None = None,
     now: float | None = None,
 ) -> Record:
-    """The record of one response, from the request's plain-data facts in `flow.metadata`."""
+    """The record of one response, whole: the request's facts, the response's usage and the
+    verdict (`Verdict.to_log()`: miss_reason, miss_detail, expected_cacheable_tokens,
+    provider_miss_reason), when there is one."""
     now = time.time() if now is None else now
     extras = extras or {}
+    judged = verdict or {}
     return Record(
         ts=iso(now),
         flow_id=flow_id,
-        rule=meta.get("rule"),
-        rules=list(meta.get("rules", [])),
-        provider=meta.get("shape"),
-        host=meta.get("host", ""),
-        path=meta.get("path", ""),
-        method=meta.get("method", ""),
-        model=meta.get("model") or extras.get("model"),
-        affinity_id=meta.get("affinity_id"),
-        affinity_source=meta.get("affinity_source"),
-        key=meta.get("key"),
+        rule=request.rule,
+        rules=list(request.rules),
+        provider=request.shape,
+        host=request.host,
+        path=request.path,
+        method=request.method,
+        model=request.model or extras.get("model"),
+        affinity_id=request.affinity_id,
+        affinity_source=request.affinity_source,
+        key=dict(request.key) if request.key else None,
         stream=stream,
         transport=transport,
         status=status,
@@ -71,9 +79,16 @@ def build(
         usage_raw=usage_raw,
         hit_ratio=round(usage.hit_ratio, 4) if usage and usage.hit_ratio is not None else None,
         response_cache=response_cache,
-        added=meta.get("added", {"headers": {}, "fields": {}, "markers": []}),
-        dry_run=bool(meta.get("dry_run")),
-        provider_miss_reason=extras.get("provider_miss_reason"),
+        added=request.to_json()["added"],
+        dry_run=request.dry_run,
+        miss_reason=judged.get("miss_reason"),
+        miss_detail=judged.get("miss_detail"),
+        expected_cacheable_tokens=judged.get("expected_cacheable_tokens"),
+        predicted_hit_ratio=predicted_hit_ratio,
+        provider_miss_reason=judged.get("provider_miss_reason",
+                                        extras.get("provider_miss_reason")),
+        usage_problem=usage_problem,
+        instance=instance or None,
     )
 
 

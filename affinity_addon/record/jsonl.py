@@ -36,7 +36,7 @@ class JsonlWriter:
         self._fd: int | None = None
         self._inode: tuple[int, int] = (0, 0)  # of the open file: a file never changes its own
         self._open()
-        self._failing = False
+        self.failing = False  # the last write failed (readiness: the log is not writable)
         self._torn = False  # the file ends in part of a line
         self.written = 0
         self.failed = 0
@@ -54,13 +54,13 @@ class JsonlWriter:
             self._write_all(data)
         except OSError as e:
             self.failed += 1
-            if not self._failing:
-                self._failing = True
+            if not self.failing:
+                self.failing = True
                 logger.warning("affinity: cannot write %s (%s); records are being dropped, "
                                "proxying continues", self.path, e)
             return False
-        if self._failing:
-            self._failing = False
+        if self.failing:
+            self.failing = False
             logger.warning("affinity: writing %s again (%d records were lost)", self.path, self.failed)
         self.written += 1
         return True

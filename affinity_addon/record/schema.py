@@ -1,6 +1,8 @@
-"""The record's types: normalized cache usage (and, later, the response record itself).
+"""The record's types: normalized cache usage, what the request side did, the record itself.
 
-Everything here is immutable and JSON-friendly, so it can go into `flow.metadata` and JSONL.
+Usage and the request's facts are immutable; the record is built once, from them and the
+response, and never changed after. All of it is plain data, JSON-friendly: the JSONL log and
+`flow.metadata` (which mitmproxy must be able to save) get its JSON form.
 """
 
 from dataclasses import dataclass, field
@@ -53,12 +55,52 @@ class Usage:
 
 
 # flow.metadata key of a matched flow: plain data only (mitmproxy must be able to save flows).
+# What the addon publishes there is a view for people and other addons (mitmweb, `affinity.why`,
+# saved flows): the request's facts once it has gone, with the usage and verdict once the
+# record is written. The pipeline itself never reads it back.
 META = "affinity"
+
+NOTHING_ADDED: dict[str, Any] = {"headers": {}, "fields": {}, "markers": []}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the rules did to one request, as the client sent it (host, path and method before
+    map-remote or other addons change the URL): the request side's part of the record."""
+
+    rule: str
+    rules: tuple[str, ...]
+    shape: str | None
+    model: str | None  # cut to a real model name's length (client-chosen)
+    affinity_id: str | None
+    affinity_source: str | None
+    dry_run: bool
+    added: dict[str, Any]  # {"headers": {...}, "fields": {...}, "markers": [{path, ttl}]}
+    kept: tuple[str, ...]  # the client's own values a rule left alone ("header:x", "field:y")
+    body_write: str  # none | splice | reserialize
+    warning: str | None
+    host: str
+    path: str
+    method: str
+    key: dict[str, Any] | None  # how {family_key} chose the cache key: strategy, bucket(s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule, "rules": list(self.rules), "shape": self.shape,
+            "model": self.model, "affinity_id": self.affinity_id,
+            "affinity_source": self.affinity_source, "dry_run": self.dry_run,
+            "added": {"headers": dict(self.added.get("headers", {})),
+                      "fields": dict(self.added.get("fields", {})),
+                      "markers": list(self.added.get("markers", []))},
+            "kept": list(self.kept), "body_write": self.body_write, "warning": self.warning,
+            "host": self.host, "path": self.path, "method": self.method,
+            "key": dict(self.key) if self.key else None,
+        }
 
 FORMAT_VERSION = 1
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One line of the JSONL log (docs/log-format.md): one completed or failed matched response.
 

@@ -19,6 +19,7 @@ from mitmproxy import http
 from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
+from affinity_addon.record.schema import RequestFacts
 from affinity_addon.request import affinity_id
 from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor
 from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
@@ -186,7 +187,7 @@ def splice_top_level(text: bytes, items: Mapping[str, Any], empty: bool) -> byte
 
 @dataclass
 class Outcome:
-    """What the rules did to one request; `to_meta()` is its plain-data form for flow.metadata."""
+    """What the rules did to one request, while they do it; `facts()` is its final form."""
 
     rules: list[str]
     shape: str | None
@@ -205,27 +206,19 @@ class Outcome:
     # The prompt family (keyed hash), when the tracker asked for it (`ttl: auto`); not logged.
     family: str | None = None
 
-    def to_meta(self, *, host: str, path: str, method: str) -> dict[str, Any]:
-        """The request's facts as plain data for `flow.metadata` (the record is built from it)."""
-        return {
-            "rule": self.rules[0],
-            "rules": list(self.rules),
-            "shape": self.shape,
+    def facts(self, *, host: str, path: str, method: str) -> RequestFacts:
+        """What the rules did, as the record will say it."""
+        return RequestFacts(
+            rule=self.rules[0], rules=tuple(self.rules), shape=self.shape,
             # Client-chosen: the log and the stats keep at most a real model name's length.
-            "model": self.model[:MAX_MODEL_CHARS] if self.model else self.model,
-            "affinity_id": self.affinity_id,
-            "affinity_source": self.affinity_source,
-            "dry_run": self.dry_run,
-            "added": {"headers": dict(self.headers), "fields": dict(self.fields),
-                      "markers": list(self.markers)},
-            "kept": list(self.kept),
-            "body_write": self.body_write,
-            "warning": "; ".join(self.problems) or None,
-            "host": host,
-            "path": path,
-            "method": method,
-            "key": dict(self.key) if self.key else None,
-        }
+            model=self.model[:MAX_MODEL_CHARS] if self.model else self.model,
+            affinity_id=self.affinity_id, affinity_source=self.affinity_source,
+            dry_run=self.dry_run,
+            added={"headers": dict(self.headers), "fields": dict(self.fields),
+                   "markers": list(self.markers)},
+            kept=tuple(self.kept), body_write=self.body_write,
+            warning="; ".join(self.problems) or None, host=host, path=path, method=method,
+            key=dict(self.key) if self.key else None)
 
 
 class _Roots:
@@ -301,13 +294,13 @@ class _Rewrite:
     it."""
 
     def __init__(self, request: http.Request, headers: HeaderMap, parsed: ParsedBody,
-                 out: Outcome, facts: dict[str, Any], key: str, rates: FamilyRates | None,
+                 out: Outcome, facts: dict[str, Any], secret: str, rates: FamilyRates | None,
                  root: "_Roots") -> None:
         self.request, self.parsed, self.out, self.facts = request, parsed, out, facts
         self.client_headers = headers
         self.root = root  # the body's root segments, walked once for the ID and the family
         self.body = parsed.obj
-        self.key, self.rates = key, rates
+        self.secret, self.rates = secret, rates
         self.body_changed = False
         self.must_reserialize = False
         self.new_top: dict[str, Any] = {}  # keys added at the top level, in order (the splice)
@@ -319,7 +312,7 @@ class _Rewrite:
             if out.affinity_id is not None and self.body is not None and out.shape is not None:
                 fk, bucket, count = family_key(self.body, out.shape, out.affinity_id,
                                                self.rates or FamilyRates(),
-                                               self.request.timestamp_start or 0.0, self.key,
+                                               self.request.timestamp_start or 0.0, self.secret,
                                                self.root()[0])
                 out.key = {"strategy": "family", "bucket": bucket, "buckets": count}
             facts["family_key"] = fk
@@ -330,7 +323,7 @@ class _Rewrite:
         once and before any marker is added (markers are left out of it anyway)."""
         out = self.out
         if out.family is None and self.body is not None and out.shape is not None:
-            out.family = family_hash(self.body, out.shape, self.key, self.root()[0])
+            out.family = family_hash(self.body, out.shape, self.secret, self.root()[0])
         return out.family
 
     def headers(self, rule: Rule) -> None:
@@ -454,7 +447,7 @@ def apply_rules(
     ruleset: RuleSet,
     request: http.Request,
     *,
-    key: str,
+    secret: str,
     dry_run: bool = False,
     parsed: ParsedBody | None = None,
     hint_for: HintFor | None = None,
@@ -463,6 +456,7 @@ def apply_rules(
 ) -> tuple[Outcome, ParsedBody] | None:
     """Rewrite `request` in place (unless dry_run). None when no rule matches.
 
+    `secret`: this installation's key for the hashes behind affinity IDs (`affinity_key`).
     `hint_for(affinity_id, family=...)`: what the tracker knows of the conversation's previous
     requests (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable,
     and the TTL `ttl: auto` should use.
@@ -490,13 +484,13 @@ def apply_rules(
     shape = next((r.api for r in matched if r.api), None) or shape_for(path)
     aff_config = next((r.affinity for r in matched if r.affinity), ruleset.affinity)
     root = _Roots(body, shape)
-    aff, source = affinity_id.derive(aff_config, headers, body, shape, key, root)
+    aff, source = affinity_id.derive(aff_config, headers, body, shape, secret, root)
     out = Outcome([r.name for r in matched], shape, model, aff, source, dry_run)
     if parsed.problem and any(r.needs_body for r in matched):
         out.problems.append(parsed.problem + "; sent unchanged")
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
              "path": path, "method": method, "rule": matched[0].name}
-    rw = _Rewrite(request, headers, parsed, out, facts, key, rates, root)
+    rw = _Rewrite(request, headers, parsed, out, facts, secret, rates, root)
     for rule in matched:  # 3. headers, fields, retention and breakpoints, rule by rule
         facts["rule"] = rule.name
         rw.headers(rule)

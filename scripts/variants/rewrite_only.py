@@ -6,6 +6,7 @@ else moves elsewhere.
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 _root = str(Path(__file__).resolve().parent.parent.parent)
@@ -22,8 +23,8 @@ class RewriteOnly(Affinity):
             self.calls[hook] = ()
 
     def configure(self, updated: set[str]) -> None:
-        super().configure(updated)
-        self.state.diagnose = False
+        self.dispatchers["configure"](updated)
+        self.state.settings = replace(self.state.settings, diagnose=False)
 
 
 addons = [RewriteOnly()]

@@ -28,7 +28,6 @@ if _root not in sys.path:
     sys.path.insert(0, _root)
 
 from affinity_addon.mitm import Affinity  # noqa: E402
-from affinity_addon.record.schema import META  # noqa: E402
 
 FRAME = struct.Struct("<I")
 
@@ -45,16 +44,16 @@ class WorkerSplit(Affinity):
         self.buf = bytearray()
         self.flushing = False
 
-    def _stash(self, flow: Any, outcome: Any, body: Any, host: str) -> None:
+    def _stash(self, flow: Any, exchange: Any, outcome: Any, body: Any, host: str) -> None:
         self.outcomes[flow.id] = (outcome, host)
 
     def running(self) -> None:
-        super().running()
+        self.dispatchers["running"]()
         log = self.state.writer.path if self.state.writer else os.devnull
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", log],
                                      stdin=subprocess.PIPE)
         assert self.proc.stdin is not None
-        self._frame(("init", self.state.ruleset, self.state.key))
+        self._frame(("init", self.state.ruleset, self.state.secret))
         os.write(self.proc.stdin.fileno(), self.buf)
         self.buf.clear()
         os.set_blocking(self.proc.stdin.fileno(), False)
@@ -65,13 +64,13 @@ class WorkerSplit(Affinity):
         self.buf += data
 
     def _handoff(self, flow: Any) -> None:
-        meta = flow.metadata.get(META)
+        exchange = self.state.exchanges.end(flow.id)
         observed = self.outcomes.pop(flow.id, None)
-        if meta is None or self.proc is None or flow.response is None:
+        if exchange is None or self.proc is None or flow.response is None:
             return
         rq, rs = flow.request, flow.response
-        self._frame((flow.id, observed, rq.raw_content, rq.timestamp_start, meta, rs.status_code,
-                     rs.headers.fields, rs.raw_content))
+        self._frame((flow.id, observed, rq.raw_content, rq.timestamp_start, exchange.request,
+                     exchange.load, rs.status_code, rs.headers.fields, rs.raw_content))
         if not self.flushing:
             self.flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -98,13 +97,14 @@ class WorkerSplit(Affinity):
                 os.write(self.proc.stdin.fileno(), self.buf)
                 self.proc.stdin.close()
             self.proc.wait(30)
-        super().done()
+        self.dispatchers["done"]()
 
 
 def worker(log: str) -> None:
     import orjson
     from mitmproxy import http
 
+    from affinity_addon.mitm.exchange import Exchange
     from affinity_addon.mitm.recorder import Recorder
     from affinity_addon.mitm.rewriter import Rewriter
     from affinity_addon.mitm.state import State
@@ -118,18 +118,21 @@ def worker(log: str) -> None:
             return None
         return pickle.loads(inp.read(FRAME.unpack(head)[0]))
 
-    _, ruleset, key = read()
-    state = State(ruleset=ruleset, key=key, writer=JsonlWriter(log))
+    _, ruleset, secret = read()
+    state = State(ruleset=ruleset, secret=secret, writer=JsonlWriter(log))
     rewriter, recorder = Rewriter(state), Recorder(state)
     while (msg := read()) is not None:
-        flow_id, observed, body, ts, meta, status, fields, raw = msg
+        flow_id, observed, body, ts, facts, load, status, fields, raw = msg
         flow = SimpleNamespace(
-            id=flow_id, metadata={META: meta}, websocket=None, comment="", marked="",
-            request=SimpleNamespace(timestamp_start=ts, pretty_host=meta["host"]),
+            id=flow_id, metadata={}, websocket=None, comment="", marked="",
+            request=SimpleNamespace(timestamp_start=ts, pretty_host=facts.host),
             response=SimpleNamespace(status_code=status, headers=http.Headers(fields),
                                      raw_content=raw, stream=None))
+        exchange = Exchange(facts, load=load)
+        state.exchanges.start(flow_id, exchange)
         if observed is not None:
-            rewriter._observe(flow, observed[0], orjson.loads(body), observed[1])  # type: ignore[arg-type]
+            rewriter._observe(flow, exchange, observed[0], orjson.loads(body),  # type: ignore[arg-type]
+                              observed[1])
         recorder.responseheaders(flow)  # type: ignore[arg-type]
         recorder.response(flow)  # type: ignore[arg-type]
 

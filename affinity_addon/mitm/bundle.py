@@ -2,9 +2,10 @@
 
 mitmproxy walks every registered addon for every event (a flow's request, response and the
 update after each: about eight a request), looking each hook up by name: eight addons cost
-~8 µs a event, ~60 µs a request, on a 2 KB request as much as the rewrite itself (measured,
-issue 12). Registered as one addon, each event costs one lookup, and only the parts that
-implement a hook are called for it, in the order they are listed.
+~8 µs a event, ~60 µs a request, on a 2 KB request as much as the rewrite itself (measured:
+10.1 µs an event as eight addons, 2.3 µs as one, the cost of a no-op addon). Registered as one
+addon, each event costs one lookup, and only the parts that implement a hook are called for it,
+in the order they are listed.
 """
 
 import logging

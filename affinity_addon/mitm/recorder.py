@@ -44,7 +44,8 @@ class Recorder:
             tap = None
             ctype = flow.response.headers.get("content-type", "")
             if ctype.startswith("text/event-stream") and not flow.response.stream:
-                # Stream it: mitmproxy would otherwise hold the whole answer back (G2).
+                # Stream it: mitmproxy would otherwise hold the whole answer back until its last
+                # event (docs/mitmproxy-notes.md#streaming).
                 tap = StreamTap(flow.response.headers.get("content-encoding"),
                                 reader.feed_event, keep_limit=self.state.keep_bodies)
                 flow.response.stream = tap

@@ -1,7 +1,8 @@
 """The one bounded Content-Encoding decoder for everything the addon decodes.
 
 Request bodies (the rewrite), non-streamed JSON responses (usage) and SSE streams (the tap) all
-decode through `make_decoder`/`decode_body`, so one set of bounds holds everywhere (issue 13):
+decode through `make_decoder`/`decode_body`, so one set of bounds holds everywhere (client and
+server choose the bytes and their encoding, so a decompression bomb must stay cheap anywhere):
 
 - per flow: at most `MAX_FLOW_OUTPUT` decoded bytes (64 MiB), counted at every stage of a
   stacked encoding, so a 420-byte brotli body can no longer allocate 256 MiB;

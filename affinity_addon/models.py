@@ -14,7 +14,7 @@ from typing import Any
 # for: the model string is client-controlled and runs on the event loop for every request.
 _DATED = re.compile(r"[-@]\d{8}|-\d{4}-\d{2}-\d{2}")  # @: Vertex snapshots
 # Real model names are under 100 characters; longer ones are cut before any work is done on
-# them, so a 1 MB `model` costs one slice, not a scan per suffix (issue 13).
+# them, so a 1 MB `model` (client-controlled) costs one slice, not a scan per suffix.
 MAX_MODEL_CHARS = 256
 
 

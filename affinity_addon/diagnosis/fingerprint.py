@@ -345,7 +345,7 @@ class Checkpoint:
 
 class FingerprintMemo(PrefixMemo["Checkpoint"]):
     """Recent fingerprints' checkpoints, by a chained hash of the prompt up to each one, so that
-    a conversation's next turn fingerprints only what it added (issue 12): turn N+1 resumes
+    a conversation's next turn fingerprints only what it added: turn N+1 resumes
     where turn N's prompt ended instead of canonicalising and hashing the whole prompt again.
 
     The chain is one orjson encoding and one keyed hash per message (C speed, ~0.5 ms a MB);

@@ -2,7 +2,7 @@
 
 A fixed default key would let anyone who sees an affinity ID (a log line, a mitmweb comment,
 the header sent to the provider) recompute root IDs offline and confirm a guessed first prompt,
-and would give every installation the same ID for the same root (issue 13). So the key is 32
+and would give every installation the same ID for the same root. So the key is 32
 random bytes, written on first start to `<confdir>/affinity-key` (mode 0600) and read back on
 every later start. The `affinity_key` option overrides it; gateway instances that must agree on
 IDs share the file (or set the same option).

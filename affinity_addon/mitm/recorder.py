@@ -45,7 +45,7 @@ class Recorder:
             ctype = flow.response.headers.get("content-type", "")
             if ctype.startswith("text/event-stream") and not flow.response.stream:
                 # Stream it: mitmproxy holds a whole answer back unless `stream` is set
-                # (https://docs.mitmproxy.org/stable/overview/features/#streaming).
+                # (docs/mitmproxy-notes.md#streaming).
                 ex.tap = StreamTap(flow.response.headers.get("content-encoding"),
                                    ex.reader.feed_event,
                                    keep_limit=self.state.settings.keep_bodies)

@@ -7,7 +7,7 @@ again.
 
 A write cut short (disk full, a signal) is finished in a loop; if the rest can't be written, the
 torn line is ended with a newline before the next record, so it costs one line, never the next
-record too (issue 13). The reader (`views.report`) also resyncs inside a torn line.
+record too. The reader (`views.report`) also resyncs inside a torn line.
 """
 
 import json

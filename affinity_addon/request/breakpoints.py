@@ -204,7 +204,7 @@ class _Planner:
             return found[-1] if found else None
         # Chat bodies: the leading system/developer messages are the system prompt. Count them
         # first, then one pass over the slots (was one pass per leading message: 8,000 system
-        # messages took 3 s, issue 13).
+        # messages took 3 s).
         messages = self.p.body.get("messages")
         leading = 0
         for msg in messages if isinstance(messages, list) else []:
@@ -300,7 +300,7 @@ class _Planner:
 
 # Planning costs ~10 us per prompt block on the event loop. A body may hold this many blocks
 # (~10 ms), or one per 384 bytes if that is more (~25 ms per MB): agent sessions' blocks average
-# well above that, while a body of 50,000 tiny messages took a second before (issue 13). Over
+# well above that, while a body of 50,000 tiny messages took a second before. Over
 # it, no markers are added (the request goes on with a warning).
 MAX_PLAN_BLOCKS = 1024
 BYTES_PER_BLOCK = 384

@@ -3,7 +3,7 @@
 OpenAI picks a machine from a hash of the prompt's first ~256 tokens combined with
 `prompt_cache_key`, and a prefix+key pair above ~15 requests a minute overflows to other machines
 (on GPT-5.6+ the limit counts per key); the guide says to shard keys for high volume
-(https://developers.openai.com/api/docs/guides/prompt-caching, providers.md §3). So:
+(https://developers.openai.com/api/docs/guides/prompt-caching). So:
 - one key per conversation sends turn 1 of every new conversation to a machine that never saw
   the agent's shared prompt (a solo agent loses its cross-conversation hits);
 - no key (or one key per family) puts a whole team on one machine, and most of it overflows.

@@ -2,7 +2,7 @@
 
 mitmproxy's `Headers.get(name)` scans and lowercases every field on each call; the request path
 asks for a handful of names (content type and coding, the session headers, the headers the rules
-set), several times each: about 15 µs of a 2 KB request's rewrite (measured, issue 12).
+set), several times each: about 15 µs of a 2 KB request's rewrite (measured in process).
 """
 
 from collections.abc import Mapping

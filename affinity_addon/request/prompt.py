@@ -189,8 +189,8 @@ def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list
     These stay byte-identical on every turn of one conversation (turn N+1 only appends), which is
     what makes them a stateless conversation key, the way OpenRouter's sticky routing uses them.
     Visits only what it returns: tools and every message after the first user message are never
-    walked, and the other messages before it cost one role lookup each (issue 13: 50,000 tools
-    or assistant items must not cost a segment each on the event loop).
+    walked, and the other messages before it cost one role lookup each (the client controls the
+    body: 50,000 tools or assistant items must not cost a segment each on the event loop).
     """
     key = MESSAGES_KEY.get(shape)
     if key is None:

@@ -3,8 +3,9 @@
 A rule gives only a duration; which field asks for it, and with which value, depends on the
 request's model and is data (`cache_retention` in catalog/providers.yaml): OpenAI's
 `prompt_cache_retention: "24h"` up to gpt-5.5, `prompt_cache_options.ttl` on GPT-5.6+. OpenAI
-rejects a request carrying both, and the Codex backend any of them (providers.md §3, §5), so the
-directive is never added next to another one, nor on an endpoint in `no_cache_directives`.
+rejects a request carrying both, and the Codex backend any of them (docs/providers.md, sections
+"OpenAI Chat Completions and Responses" and "ChatGPT Codex backend"), so the directive is never
+added next to another one, nor on an endpoint in `no_cache_directives`.
 """
 
 from dataclasses import dataclass

@@ -63,7 +63,8 @@ _REENCODABLE = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 
 def is_json_type(content_type: str | None) -> bool:
     """JSON media types (application/json, application/*+json) and a missing Content-Type: a
-    JSON-looking body sent as text/plain or form data is not ours to rewrite (issue 13)."""
+    JSON-looking body sent as text/plain or form data is not ours to rewrite (the upstream does
+    not read it as a JSON API request, so an added field would only alter the client's data)."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if not media:
         return True

@@ -2,9 +2,10 @@
 
 OpenAI routes a request by a hash of the prompt's first ~256 tokens combined with
 `prompt_cache_key`; a prefix+key pair above ~15 requests a minute overflows to other machines,
-which have not cached the prefix (providers.md §3). So the number to watch is each key's
-busiest minute. A `{family_key}` key is `fam-<family>-<bucket>`: the family's busiest minute
-over TARGET_RPM is the bucket count it calls for (the same rule as `request/family_key.py`).
+which have not cached the prefix (https://developers.openai.com/api/docs/guides/prompt-caching).
+So the number to watch is each key's busiest minute. A `{family_key}` key is
+`fam-<family>-<bucket>`: the family's busiest minute over TARGET_RPM is the bucket count it calls
+for (the same rule as `request/family_key.py`).
 
 Only hosts with a documented per-key limit count (catalog/providers.yaml `key_rpm_limits`:
 api.openai.com; xAI and Mistral route a key per conversation, without one). Only keys the rules

@@ -3,7 +3,7 @@
 Model names, rule names, affinity IDs, miss details and timestamps come from request bodies, the
 provider or a log file. Rendered raw they could drive the terminal (OSC 8 links, OSC 52 clipboard
 writes, CSI screen clears) or reorder text (bidi overrides); kept raw, one 1 MB model name per
-request would grow the live stats by a megabyte each (issue 13). `label` cuts and escapes them.
+request would grow the live stats by a megabyte each. `label` cuts and escapes them.
 """
 
 import re

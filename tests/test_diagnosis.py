@@ -2,7 +2,8 @@ import copy
 
 import pytest
 
-from affinity_addon.diagnosis.fingerprint import Fingerprint, fingerprint
+from affinity_addon.diagnosis.blockprint import Fingerprint
+from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.diagnosis.verdicts import (
     REASONS,
     ConversationStore,

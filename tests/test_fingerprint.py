@@ -9,10 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from affinity_addon.diagnosis.blockprint import CHUNK_CHARS, IGNORED, Fingerprint
 from affinity_addon.diagnosis.fingerprint import (
-    CHUNK_CHARS,
-    IGNORED,
-    Fingerprint,
     compile_volatile,
     fingerprint,
     fingerprint_steps,

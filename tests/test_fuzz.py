@@ -46,7 +46,8 @@ from mitmproxy.test import taddons, tflow, tutils
 from wsproto.frame_protocol import Opcode
 
 from affinity_addon.record.schema import META
-from affinity_addon.request import breakpoints, rewrite
+from affinity_addon.request import body as request_body
+from affinity_addon.request import breakpoints
 from affinity_addon.request.prompt_slots import count_markers
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.driver import Affinity
@@ -553,16 +554,16 @@ def test_long_digit_scan_finds_every_run_of_19(runs, rnd):
         parts.append(b"x" * other)
     text = b"".join(parts)
     naive = b"0" * 19 in text.translate(bytes.maketrans(b"123456789", b"000000000"))
-    assert rewrite._has_long_digits(text) == naive
+    assert request_body._has_long_digits(text) == naive
 
 
 @pytest.mark.parametrize("offset", range(0, 20))
 @pytest.mark.parametrize("length", [18, 19, 20, 27, 28])
 def test_long_digit_scan_at_every_alignment(offset, length):
     text = b"a" * offset + b"1" * length + b"b" * 30
-    assert rewrite._has_long_digits(text) == (length >= 19)
+    assert request_body._has_long_digits(text) == (length >= 19)
     many = (b"12345678 " * 200) + text  # many near misses first: the whole-body fallback
-    assert rewrite._has_long_digits(many) == (length >= 19)
+    assert request_body._has_long_digits(many) == (length >= 19)
 
 
 @pytest.mark.parametrize("exotic", [b'"x":1e400', b'"x":"\\ud800 hi"', b'"x":-1E+999'])

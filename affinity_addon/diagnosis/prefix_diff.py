@@ -6,15 +6,14 @@ from two fingerprints, without any prompt text.
 from dataclasses import dataclass
 
 # Block digests are DIGEST_SIZE (8) bytes: a collision only misreports one diagnosis.
-from affinity_addon.diagnosis.fingerprint import (
+from affinity_addon.diagnosis.blockprint import (
     CHUNK_CHARS,
     CHUNK_ROW,
-    IMAGE_KINDS,
-    THINKING_KINDS,
     BlockPrint,
     Blocks,
     Fingerprint,
 )
+from affinity_addon.diagnosis.fingerprint import IMAGE_KINDS, THINKING_KINDS
 
 MAX_SHIFT = 16  # messages inserted/removed at once that compare() still recognises as such
 

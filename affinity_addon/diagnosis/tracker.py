@@ -28,15 +28,8 @@ from typing import Any
 import yaml
 
 from affinity_addon.catalog import catalog_file
-from affinity_addon.diagnosis.fingerprint import (
-    DIGEST_SIZE,
-    Blocks,
-    Fingerprint,
-    FingerprintMemo,
-    PromptParts,
-    fingerprint_steps,
-    run_steps,
-)
+from affinity_addon.diagnosis.blockprint import Blocks, Fingerprint, PromptParts
+from affinity_addon.diagnosis.fingerprint import FingerprintMemo, fingerprint_steps, run_steps
 from affinity_addon.diagnosis.verdicts import (
     ConversationStore,
     Entry,
@@ -47,7 +40,7 @@ from affinity_addon.diagnosis.verdicts import (
     predict_hit_ratio,
 )
 from affinity_addon.record.schema import Usage
-from affinity_addon.request.breakpoint_spec import PlanHint, min_tokens_for
+from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, PlanHint, min_tokens_for
 from affinity_addon.ttl_policy import FamilyPrior, Rhythm
 
 PROFILES = catalog_file("cache_profiles.yaml")

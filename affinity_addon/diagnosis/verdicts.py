@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from affinity_addon.catalog.providers import PROVIDER_FACTS
-from affinity_addon.diagnosis.fingerprint import BlockPrint, Blocks, Fingerprint
+from affinity_addon.diagnosis.blockprint import BlockPrint, Blocks, Fingerprint
 from affinity_addon.diagnosis.prefix_diff import PrefixDiff, compare
 from affinity_addon.durations import parse_duration
 from affinity_addon.record.schema import Usage

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from affinity_addon.catalog.minimums import parse_minimums
 from affinity_addon.models import normalize_model
 from affinity_addon.request.breakpoint_spec import (
     AddedMarker,
@@ -15,7 +16,6 @@ from affinity_addon.request.breakpoint_spec import (
     Placement,
     min_tokens_for,
     parse_cache_control,
-    parse_minimums,
 )
 from affinity_addon.request.breakpoints import plan_breakpoints, strip_added
 from affinity_addon.request.prompt import iter_segments

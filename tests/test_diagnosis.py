@@ -11,9 +11,9 @@ from affinity_addon.diagnosis.verdicts import (
     Verdict,
     diagnose,
     entry_for,
-    parse_ttl,
     predict_hit_ratio,
 )
+from affinity_addon.durations import parse_duration
 from affinity_addon.record.schema import Usage
 
 MIN = 1024
@@ -100,12 +100,12 @@ def test_store_is_a_bounded_lru():
         ConversationStore(0)
 
 
-def test_parse_ttl():
-    assert parse_ttl("5m") == 300 and parse_ttl("1h") == 3600 and parse_ttl("30s") == 30
-    assert parse_ttl("24h") == 86400
+def test_parse_duration_reads_provider_ttls():
+    assert parse_duration("5m") == 300 and parse_duration("1h") == 3600 and parse_duration("30s") == 30
+    assert parse_duration("24h") == 86400
     for bad in ("", "5", "m5", "5 minutes", None):
         with pytest.raises(ValueError, match="bad duration"):
-            parse_ttl(bad)
+            parse_duration(bad)
 
 
 # --- verdicts, in the order of the table -----------------------------------------------------

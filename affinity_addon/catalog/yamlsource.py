@@ -4,6 +4,7 @@ Rules errors must name the file and line; plain `yaml.safe_load` forgets both, s
 lists are built as dict/list subclasses carrying their start line and each key's line.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,23 @@ def line_of(obj: Any, key: Any = None, default: int = 0) -> int:
     if isinstance(obj, LineList) and isinstance(key, int) and 0 <= key < len(obj.item_lines):
         return obj.item_lines[key]
     return getattr(obj, "line", default) or default
+
+
+class TableError(ValueError):
+    """A table entry that does not parse, with the YAML node it is about (for its line)."""
+
+    def __init__(self, message: str, node: Any = None, key: Any = None) -> None:
+        super().__init__(message)
+        self.line = line_of(node, key) if node is not None else 0
+
+
+def load_table[T](path: Path, parse: Callable[[Any], T]) -> T:
+    """Load a catalog table with `parse`; any problem is a ValueError naming the file and, where
+    the parser said which entry, its line."""
+    data = load_yaml(path)
+    try:
+        return parse(data)
+    except TableError as e:
+        raise ValueError(f"{path}:{e.line}: {e}" if e.line else f"{path}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -19,15 +19,11 @@ agent: model, tools, system prompt, as a keyed hash from the rewrite) the last g
 conversations, which choose the first write of its next conversation (`ttl_policy.FamilyPrior`).
 """
 
-import fnmatch
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
-from functools import cache, lru_cache
 from typing import Any
 
-import yaml
-
-from affinity_addon.catalog import catalog_file
+from affinity_addon.catalog.profiles import profile_for
 from affinity_addon.diagnosis.blockprint import Blocks, Fingerprint, PromptParts
 from affinity_addon.diagnosis.fingerprint import FingerprintMemo, fingerprint_steps, run_steps
 from affinity_addon.diagnosis.verdicts import (
@@ -36,65 +32,12 @@ from affinity_addon.diagnosis.verdicts import (
     Verdict,
     diagnose,
     entry_for,
-    parse_ttl,
     predict_hit_ratio,
 )
+from affinity_addon.durations import parse_duration
 from affinity_addon.record.schema import Usage
 from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, PlanHint, min_tokens_for
 from affinity_addon.ttl_policy import FamilyPrior, Rhythm
-
-PROFILES = catalog_file("cache_profiles.yaml")
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    hosts: tuple[str, ...]
-    models: tuple[str, ...]
-    shapes: tuple[str, ...]
-    automatic: bool
-    ttl_seconds: float
-    min_tokens: int | None  # None: by model (cache_minimums.yaml)
-
-    def matches(self, host: str, shape: str | None, model: str | None) -> bool:
-        if self.hosts and not any(fnmatch.fnmatch(host.lower(), h) for h in self.hosts):
-            return False
-        if self.shapes and shape not in self.shapes:
-            return False
-        return not self.models or (model is not None and any(fnmatch.fnmatchcase(model, m) for m in self.models))
-
-
-def _tuple(v: Any) -> tuple[str, ...]:
-    if v is None:
-        return ()
-    return (v,) if isinstance(v, str) else tuple(str(x) for x in v)
-
-
-def parse_profiles(data: Any) -> tuple[Profile, ...]:
-    if not isinstance(data, Mapping) or not isinstance(data.get("profiles"), list):
-        raise ValueError("cache profiles: expected a mapping with a 'profiles' list")
-    out = []
-    for i, p in enumerate(data["profiles"]):
-        m = p.get("match") or {}
-        mt = p.get("min_tokens", "auto")
-        if mt != "auto" and not isinstance(mt, int):
-            raise ValueError(f"cache profiles[{i}]: min_tokens must be 'auto' or a number")
-        out.append(Profile(_tuple(m.get("host")), _tuple(m.get("model")), _tuple(m.get("shape")),
-                           bool(p.get("automatic", True)), parse_ttl(p.get("ttl", "5m")),
-                           None if mt == "auto" else mt))
-    return tuple(out)
-
-
-@cache
-def default_profiles() -> tuple[Profile, ...]:
-    return parse_profiles(yaml.safe_load(PROFILES.read_text()))
-
-
-@lru_cache(maxsize=1024)  # a few hosts x shapes x models; the globs cost more than the lookup
-def profile_for(host: str, shape: str | None, model: str | None) -> Profile:
-    for p in default_profiles():
-        if p.matches(host, shape, model):
-            return p
-    return Profile((), (), (), True, 600.0, 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +182,7 @@ class MissTracker:
         ttl = prof.ttl_seconds
         if not prof.automatic and fp.last_ttl:
             try:
-                ttl = parse_ttl(fp.last_ttl)
+                ttl = parse_duration(fp.last_ttl)
             except ValueError:
                 pass
         min_tokens = prof.min_tokens if prof.min_tokens is not None else min_tokens_for(model)

@@ -14,7 +14,6 @@ from typing import Any
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.diagnosis.blockprint import BlockPrint, Blocks, Fingerprint
 from affinity_addon.diagnosis.prefix_diff import PrefixDiff, compare
-from affinity_addon.durations import parse_duration
 from affinity_addon.record.schema import Usage
 from affinity_addon.request.family_key import OVERFLOW_RPM
 
@@ -30,10 +29,6 @@ LOOKBACK_BLOCKS: Mapping[str, int] = PROVIDER_FACTS.lookback_blocks
 # A read below this share of the expected tokens is `partial`, not a `hit`. Expectations are
 # character estimates calibrated by the reported prompt size, so a few percent is noise.
 PARTIAL_BELOW = 0.9
-
-def parse_ttl(text: str) -> float:
-    """Seconds in a provider TTL string: "5m" -> 300.0, "1h", "30m", "24h"."""
-    return parse_duration(text)
 
 
 @dataclass(frozen=True, slots=True)

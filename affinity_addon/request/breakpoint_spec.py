@@ -6,12 +6,9 @@ import fnmatch
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, NamedTuple, Protocol
 
-import yaml
-
-from affinity_addon.catalog import catalog_file
+from affinity_addon.catalog.minimums import minimums
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.models import normalize_model
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT
@@ -34,7 +31,6 @@ AUTO_TTL = "auto"  # per conversation, from its rhythm (ttl_policy.py), via the 
 PLACEMENT_KINDS = ("tools", "system", "last_user", "last_n", "auto")
 TOP_LEVEL = "cache_control"  # path of Anthropic's automatic (top-level) marker
 
-MINIMUMS_FILE = catalog_file("cache_minimums.yaml")
 
 # Models that honour only the last breakpoint of a request (OpenRouter's Gemini route), matched
 # against normalized names: one marker is all they can use.
@@ -199,27 +195,10 @@ def _is_int(v: Any) -> bool:
 # Model minimums
 
 
-def parse_minimums(data: Any) -> tuple[tuple[str, int], ...]:
-    """Validates the cache_minimums table: a mapping of model glob to token count."""
-    if not isinstance(data, dict) or not data:
-        raise ValueError("cache minimums must be a non-empty mapping of model glob to tokens")
-    table: list[tuple[str, int]] = []
-    for glob, tokens in data.items():
-        if not isinstance(glob, str) or not _is_int(tokens) or tokens < 0:
-            raise ValueError(f"bad cache minimum entry {glob!r}: {tokens!r}")
-        table.append((glob.lower(), tokens))
-    return tuple(table)
-
-
-@cache
-def _minimums() -> tuple[tuple[str, int], ...]:
-    return parse_minimums(yaml.safe_load(MINIMUMS_FILE.read_text(encoding="utf-8")))
-
-
 def min_tokens_for(model: str | None) -> int:
     """The model's minimum cacheable prefix, from catalog/cache_minimums.yaml (first glob wins)."""
     name = normalize_model(model) if isinstance(model, str) else ""
-    for glob, tokens in _minimums():
+    for glob, tokens in minimums():
         if fnmatch.fnmatchcase(name, glob):
             return tokens
     return DEFAULT_MIN_TOKENS

@@ -1,0 +1,71 @@
+"""`cache_profiles.yaml`: how each route caches (automatic or at markers, TTL, minimum), for the
+per-response miss verdict. First match wins."""
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from typing import Any
+
+from affinity_addon.catalog import catalog_file
+from affinity_addon.catalog.yamlsource import TableError, load_table
+from affinity_addon.durations import parse_duration
+
+PROFILES = catalog_file("cache_profiles.yaml")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    hosts: tuple[str, ...]
+    models: tuple[str, ...]
+    shapes: tuple[str, ...]
+    automatic: bool
+    ttl_seconds: float
+    min_tokens: int | None  # None: by model (cache_minimums.yaml)
+
+    def matches(self, host: str, shape: str | None, model: str | None) -> bool:
+        if self.hosts and not any(fnmatch.fnmatch(host.lower(), h) for h in self.hosts):
+            return False
+        if self.shapes and shape not in self.shapes:
+            return False
+        return not self.models or (model is not None and any(fnmatch.fnmatchcase(model, m) for m in self.models))
+
+
+def _tuple(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    return (v,) if isinstance(v, str) else tuple(str(x) for x in v)
+
+
+def parse_profiles(data: Any) -> tuple[Profile, ...]:
+    if not isinstance(data, Mapping) or not isinstance(data.get("profiles"), list):
+        raise TableError("cache profiles: expected a mapping with a 'profiles' list")
+    out = []
+    for i, p in enumerate(data["profiles"]):
+        if not isinstance(p, Mapping):
+            raise TableError(f"profiles[{i}] must be a mapping", data["profiles"], i)
+        m = p.get("match") or {}
+        mt = p.get("min_tokens", "auto")
+        if mt != "auto" and not isinstance(mt, int):
+            raise TableError(f"profiles[{i}]: min_tokens must be 'auto' or a number", p,
+                             "min_tokens")
+        try:
+            ttl = parse_duration(p.get("ttl", "5m"))
+        except ValueError as e:
+            raise TableError(f"profiles[{i}].ttl: {e}", p, "ttl") from None
+        out.append(Profile(_tuple(m.get("host")), _tuple(m.get("model")), _tuple(m.get("shape")),
+                           bool(p.get("automatic", True)), ttl, None if mt == "auto" else mt))
+    return tuple(out)
+
+
+@cache
+def default_profiles() -> tuple[Profile, ...]:
+    return load_table(PROFILES, parse_profiles)
+
+
+@lru_cache(maxsize=1024)  # a few hosts x shapes x models; the globs cost more than the lookup
+def profile_for(host: str, shape: str | None, model: str | None) -> Profile:
+    for p in default_profiles():
+        if p.matches(host, shape, model):
+            return p
+    return Profile((), (), (), True, 600.0, 1024)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import io
 import json
 import pstats
@@ -28,17 +27,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The bench's workloads (scripts/benchlib), on the path even when this file is loaded by path.
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchlib import workloads as bench  # noqa: E402
 from mitmproxy.test import taddons, tflow, tutils  # noqa: E402
 
 from affinity_addon.mitm.config import DEFAULT_RULES  # noqa: E402
 from tests.driver import Affinity  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-assert _spec and _spec.loader
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench"] = bench
-_spec.loader.exec_module(bench)
 
 OPENAI_USAGE = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-5.6",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},

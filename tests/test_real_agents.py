@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from affinity_addon.catalog.volatile import parse_volatile
 from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.diagnosis.tracker import MissTracker
 from affinity_addon.record.schema import Usage
 from affinity_addon.request import affinity_id
 from affinity_addon.request.breakpoint_spec import CacheControlSpec, PlanHint
 from affinity_addon.request.breakpoints import plan_breakpoints
-from affinity_addon.request.volatile import parse_volatile
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT
 
 CAPTURES = Path(__file__).resolve().parent / "fixtures" / "captures"
@@ -232,12 +232,19 @@ def test_verdicts_agree_with_the_reads(turns: int, change: int, share: float) ->
 
 
 def test_volatile_catalog_parses_and_rejects_bad_data() -> None:
-    from affinity_addon.request.volatile import default_volatile
+    from affinity_addon.catalog.volatile import default_volatile
 
     shipped = default_volatile()
     assert shipped.block("<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nConversation data")
     assert shipped.block("<system-reminder>\nThe current date is: Tuesday")
     assert not shipped.block("hi")
-    for bad in ({"blocks": ["("]}, {"blocks": "x"}, {"other": []}, []):
+    # one pattern, by name, for every use of it (the fingerprint, rule actions)
+    billing = shipped.pattern("claude-code-billing")
+    assert billing.search("x-anthropic-billing-header: cc_version=2.1.197.14a; cc_entrypoint=cli;")
+    assert shipped.uncached() == {"system": (billing.pattern,)}
+    for bad in ({"blocks": ["("]}, {"blocks": "x"}, {"other": []}, [],
+                {"blocks": [{"name": "a", "pattern": "("}]},
+                {"blocks": [{"name": "a", "pattern": "x"}, {"name": "a", "pattern": "y"}]},
+                {"blocks": [{"name": "a", "pattern": "x", "uncached_in": ["nowhere"]}]}):
         with pytest.raises(ValueError):
             parse_volatile(bad)

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from affinity_addon.catalog.volatile import default_volatile
 from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.request import breakpoints
 from affinity_addon.request import prompt_slots as ps
 from affinity_addon.request.breakpoint_spec import SHAPE_RULES, PlanHint, parse_cache_control
 from affinity_addon.request.prompt import MESSAGES_KEY
 from affinity_addon.request.prompt_slots import Prompt, SlotMemo, marker_sites
-from affinity_addon.request.volatile import default_volatile
 from tests.test_fingerprint_memo import BODIES, message, turns
 
 

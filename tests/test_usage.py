@@ -7,11 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from affinity_addon import shapes
+from affinity_addon.catalog.usage_fields import parse_table
 from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.response.usage import (
     UsageReader,
     normalize,
-    parse_table,
     plain,
 )
 

@@ -13,6 +13,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from affinity_addon.catalog.volatile import default_volatile
 from affinity_addon.diagnosis.blockprint import (
     CARRIER,
     CHUNK_CHARS,
@@ -46,11 +47,9 @@ from affinity_addon.tokens import estimate_tokens
 # Block digests are DIGEST_SIZE (8) bytes: a collision only misreports one diagnosis.
 
 # Blocks that clients change on every request although the provider leaves them out of the
-# cached prefix; reporting them would blame every request on a change that costs nothing.
-VOLATILE_PATTERNS: dict[str, tuple[str, ...]] = {
-    # Claude Code's system[0] carries a per-request `cch=` value, yet its hit rates stay high.
-    "system": (r"^x-anthropic-billing-header:",),
-}
+# cached prefix (catalog/volatile.yaml `uncached_in`); reporting them would blame every request on
+# a change that costs nothing.
+VOLATILE_PATTERNS: dict[str, tuple[str, ...]] = default_volatile().uncached()
 
 # Request fields outside the prompt that are still part of the cached prefix: a change keeps
 # tools/system cached but invalidates the messages (Anthropic's documented tiers; OpenAI counts

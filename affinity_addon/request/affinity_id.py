@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from affinity_addon.catalog import catalog_file
+from affinity_addon.catalog.volatile import compile_patterns, default_volatile, mask
 from affinity_addon.catalog.yamlsource import load_yaml
 from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.models import model_family
 from affinity_addon.request.header_map import header_map
 from affinity_addon.request.prompt import Segment, canonical, root_segments, text_of
-from affinity_addon.request.volatile import compile_patterns, default_volatile, mask
 
 # Keys that were public at some point (the README, older defaults): IDs made with them can be
 # recomputed offline by anyone, so the addon warns when one is configured.

@@ -26,6 +26,7 @@ from functools import partial
 from itertools import pairwise
 from typing import Any
 
+from affinity_addon.catalog.volatile import Volatile, default_volatile
 from affinity_addon.request.breakpoint_spec import (
     AGENT,
     ANY_DIGEST,
@@ -53,7 +54,6 @@ from affinity_addon.request.prompt_slots import (
     resolve,
     text_part,
 )
-from affinity_addon.request.volatile import Volatile, default_volatile
 
 logger = logging.getLogger(__name__)
 

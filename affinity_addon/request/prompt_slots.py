@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, NamedTuple
 
+from affinity_addon.catalog.volatile import Volatile
 from affinity_addon.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.breakpoint_spec import (
     NEVER_MARKED,
@@ -25,7 +26,6 @@ from affinity_addon.request.prompt import (
     message_segments,
     text_of,
 )
-from affinity_addon.request.volatile import Volatile
 from affinity_addon.tokens import estimate_tokens
 
 logger = logging.getLogger(__name__)

@@ -8,17 +8,13 @@ values never raise, they count as absent and stay visible in `Usage.raw`.
 import json
 import logging
 import math
-import re
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import yaml
 
-from affinity_addon.catalog import catalog_file
-from affinity_addon.jsonpath import FieldPath, get_path, parse_path
+from affinity_addon.catalog.usage_fields import ShapeFields, usage_fields
+from affinity_addon.jsonpath import FieldPath, get_path
 from affinity_addon.record.schema import Usage
-from affinity_addon.shapes import SHAPES
 
 logger = logging.getLogger(__name__)
 
@@ -31,103 +27,13 @@ def parse_json(data: bytes | str) -> Any:
     except orjson.JSONDecodeError:
         return json.loads(data)
 
-FIELDS_FILE = catalog_file("usage_fields.yaml")
-
 _MAX_TOKENS = 2**53  # beyond this a count is garbage, and it would not survive JSON readers
 _MAX_EXTRA_LEN = 200
 _RAW_MAX_STR = 64  # usage objects hold numbers and short enums, never prompt text
 _RAW_MAX_DEPTH = 4
 _RAW_MAX_ITEMS = 32
 
-@dataclass(frozen=True, slots=True)
-class ShapeFields:
-    """One API shape's usage knowledge, parsed from the YAML table."""
-
-    usage_at: tuple[FieldPath, ...]
-    overlay: bool
-    input_includes_cache: bool
-    input: tuple[FieldPath, ...]
-    input_sum: tuple[FieldPath, ...]
-    cache_read: tuple[FieldPath, ...]
-    cache_write: tuple[FieldPath, ...]
-    cache_write_5m: tuple[FieldPath, ...]
-    cache_write_1h: tuple[FieldPath, ...]
-    output: tuple[FieldPath, ...]
-    output_extra: tuple[FieldPath, ...]
-    cost: tuple[FieldPath, ...]
-    terminal: tuple[tuple[tuple[FieldPath, frozenset[str] | None], ...], ...]
-    done_sentinel: bool
-    needles: re.Pattern[bytes] | None  # None: parse every event
-    terminal_events: frozenset[str]  # SSE event names that end the stream by themselves
-    extras: tuple[tuple[str, tuple[FieldPath, ...]], ...]
-
-
-_FIELD_LISTS = ("input", "input_sum", "cache_read", "cache_write", "cache_write_5m",
-                "cache_write_1h", "output", "output_extra", "cost")
-
-
-def _paths(spec: dict[str, Any], key: str, where: str) -> tuple[FieldPath, ...]:
-    value = spec.get(key, [])
-    if not isinstance(value, list):
-        raise ValueError(f"{where}.{key} must be a list of field paths")
-    return tuple(parse_path(p) for p in value)
-
-
-def parse_shape_fields(spec: Any, where: str) -> ShapeFields:
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where} must be a mapping")
-    merge = spec.get("merge", "replace")
-    if merge not in ("overlay", "replace"):
-        raise ValueError(f"{where}.merge must be 'overlay' or 'replace', got {merge!r}")
-    terminal = []
-    for i, rule in enumerate(spec.get("terminal") or []):
-        if not isinstance(rule, dict) or not rule:
-            raise ValueError(f"{where}.terminal[{i}] must be a non-empty mapping")
-        conds = []
-        for path, values in rule.items():
-            if values is not None and not isinstance(values, list):
-                raise ValueError(f"{where}.terminal[{i}].{path} must be a list or null")
-            conds.append((parse_path(path),
-                          None if values is None else frozenset(str(v) for v in values)))
-        terminal.append(tuple(conds))
-    extras = spec.get("extras") or {}
-    if not isinstance(extras, dict):
-        raise ValueError(f"{where}.extras must be a mapping")
-    needles = spec.get("needles") or []
-    if not isinstance(needles, list) or not all(isinstance(n, str) and n for n in needles):
-        raise ValueError(f"{where}.needles must be a list of non-empty strings")
-    return ShapeFields(
-        usage_at=_paths(spec, "usage_at", where),
-        overlay=merge == "overlay",
-        input_includes_cache=bool(spec.get("input_includes_cache", True)),
-        **{k: _paths(spec, k, where) for k in _FIELD_LISTS},
-        terminal=tuple(terminal),
-        done_sentinel=bool(spec.get("done_sentinel", False)),
-        needles=re.compile(b"|".join(re.escape(n.encode()) for n in needles)) if needles else None,
-        terminal_events=frozenset().union(*(
-            allowed for rule in terminal for path, allowed in rule
-            if len(rule) == 1 and path == ("type",) and allowed is not None)),
-        extras=tuple((str(k), _paths(extras, k, f"{where}.extras")) for k in extras),
-    )
-
-
-def parse_table(doc: Any) -> dict[str, ShapeFields]:
-    """The YAML document -> {shape: fields}."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), dict):
-        raise ValueError("usage fields table needs a `shapes` mapping")
-    return {name: parse_shape_fields(spec, f"shapes.{name}") for name, spec in doc["shapes"].items()}
-
-
-def _load() -> dict[str, ShapeFields]:
-    with FIELDS_FILE.open(encoding="utf-8") as f:
-        shapes = parse_table(yaml.safe_load(f))
-    missing = set(SHAPES) - set(shapes)
-    if missing:
-        raise ValueError(f"{FIELDS_FILE}: no usage fields for shapes {sorted(missing)}")
-    return shapes
-
-
-_SHAPES = _load()
+_SHAPES = usage_fields()
 
 
 def fields_for(shape: str) -> ShapeFields:

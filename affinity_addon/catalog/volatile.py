@@ -1,0 +1,117 @@
+"""`volatile.yaml`: prompt parts agents rebuild every turn or on resume, as named patterns.
+
+The planner keeps the rolling marker off such blocks, the conversation root leaves them out
+(blocks) or masks them (dates), and the miss diagnosis ignores a block where the provider leaves
+it out of the cached prefix (`uncached_in`), so none of them depends on text that moves between
+requests.
+"""
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from affinity_addon.catalog import catalog_file
+from affinity_addon.catalog.yamlsource import TableError, load_table
+
+VOLATILE_FILE = catalog_file("volatile.yaml")
+
+HEAD = 4096  # block patterns look at the start of a block: bounded regex cost per block
+SECTIONS = ("system", "tools", "messages")
+
+
+@dataclass(frozen=True, slots=True)
+class VolatileBlock:
+    name: str
+    pattern: re.Pattern[str]
+    uncached_in: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Volatile:
+    named: tuple[VolatileBlock, ...] = ()
+    root_masks: tuple[re.Pattern[str], ...] = ()
+    _any: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # One alternation, one scan per block (the planner checks every message block).
+        if self.named:
+            joined = "|".join(f"(?:{b.pattern.pattern})" for b in self.named)
+            object.__setattr__(self, "_any", re.compile(joined))
+
+    @property
+    def blocks(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(b.pattern for b in self.named)
+
+    def block(self, text: str) -> bool:
+        """Does a block starting with `text` match a volatile pattern (first HEAD chars)?"""
+        return bool(text) and self._any is not None and self._any.search(text, 0, HEAD) is not None
+
+    def pattern(self, name: str) -> re.Pattern[str]:
+        """The pattern called `name`; KeyError when the table has none."""
+        for b in self.named:
+            if b.name == name:
+                return b.pattern
+        raise KeyError(name)
+
+    def uncached(self) -> dict[str, tuple[str, ...]]:
+        """{section: regexes of blocks the provider leaves out of the cached prefix there}."""
+        out: dict[str, tuple[str, ...]] = {}
+        for b in self.named:
+            for section in b.uncached_in:
+                out[section] = (*out.get(section, ()), b.pattern.pattern)
+        return out
+
+
+def compile_patterns(raw: Any, what: str) -> tuple[re.Pattern[str], ...]:
+    """A list of regexes; raises ValueError naming the bad one."""
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise TableError(f"{what} must be a list of regexes", raw)
+    out = []
+    for i, p in enumerate(raw):
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise TableError(f"{what}: invalid regex {p!r}: {e}", raw, i) from None
+    return tuple(out)
+
+
+def _block(raw: Any, i: int, items: Any) -> VolatileBlock:
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str) or not isinstance(
+            raw.get("pattern"), str) or set(raw) - {"name", "pattern", "uncached_in"}:
+        raise TableError(f"blocks[{i}] must be a mapping with a name, a pattern and optionally "
+                         "uncached_in", items, i)
+    try:
+        pattern = re.compile(raw["pattern"])
+    except re.error as e:
+        raise TableError(f"blocks[{i}]: invalid regex {raw['pattern']!r}: {e}", raw,
+                         "pattern") from None
+    sections = raw.get("uncached_in") or []
+    if not isinstance(sections, list) or not set(sections) <= set(SECTIONS):
+        raise TableError(f"blocks[{i}].uncached_in must list sections of {SECTIONS}", raw,
+                         "uncached_in")
+    return VolatileBlock(raw["name"], pattern, tuple(sections))
+
+
+def parse_volatile(data: Any) -> Volatile:
+    if not isinstance(data, Mapping) or set(data) - {"blocks", "root_masks"}:
+        raise TableError("volatile: expected a mapping with 'blocks' and 'root_masks'")
+    items = data.get("blocks", [])
+    if not isinstance(items, list):
+        raise TableError("blocks must be a list", data, "blocks")
+    named = tuple(_block(b, i, items) for i, b in enumerate(items))
+    if len({b.name for b in named}) != len(named):
+        raise TableError("block names must be unique", data, "blocks")
+    return Volatile(named, compile_patterns(data.get("root_masks", []), "root_masks"))
+
+
+@cache
+def default_volatile() -> Volatile:
+    return load_table(VOLATILE_FILE, parse_volatile)
+
+
+def mask(text: str, patterns: Iterable[re.Pattern[str]]) -> str:
+    for p in patterns:
+        text = p.sub("", text)
+    return text

@@ -5,14 +5,8 @@ import jsonschema
 import pytest
 import yaml
 
-from affinity_addon.request.rules import (
-    KEEP,
-    OVERWRITE,
-    load_rules,
-    parse_glob,
-    parse_template,
-    shape_for,
-)
+from affinity_addon.request.actions import KEEP, OVERWRITE, parse_template
+from affinity_addon.request.rules import load_rules, parse_glob, shape_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "rules" / "default.yaml"

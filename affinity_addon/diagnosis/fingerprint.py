@@ -30,8 +30,8 @@ from affinity_addon.diagnosis.blockprint import (
     Blocks,
     Fingerprint,
 )
-from affinity_addon.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, block_digest
+from affinity_addon.request.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.prompt import (
     MARKER_KEYS,
     MESSAGES_KEY,

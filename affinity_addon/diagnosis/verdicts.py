@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from affinity_addon.buckets import OVERFLOW_RPM
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.diagnosis.blockprint import BlockPrint, Blocks, Fingerprint
 from affinity_addon.diagnosis.prefix_diff import PrefixDiff, compare
 from affinity_addon.record.schema import Usage
-from affinity_addon.request.family_key import OVERFLOW_RPM
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ mitmproxy as one addon (`Affinity`, bundle.py: one hook lookup per event instead
 and embedders.
 """
 
+from affinity_addon.mitm import contentview  # noqa: F401  (registers the mitmweb contentview)
 from affinity_addon.mitm.bundle import Affinity
 from affinity_addon.mitm.commands import Commands
 from affinity_addon.mitm.config import Config
@@ -14,7 +15,6 @@ from affinity_addon.mitm.recorder import Recorder
 from affinity_addon.mitm.rewriter import Rewriter
 from affinity_addon.mitm.scope import Scope
 from affinity_addon.mitm.state import State
-from affinity_addon.views import contentview  # noqa: F401  (registers the mitmweb contentview)
 
 __all__ = ["Affinity", "Commands", "Config", "Metrics", "OTel", "Recorder", "Rewriter", "Scope", "State", "make_addons"]
 

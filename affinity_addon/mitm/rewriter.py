@@ -12,6 +12,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.mitm.exchange import Exchange
 from affinity_addon.mitm.scheduler import Stepped
 from affinity_addon.mitm.state import State
@@ -19,8 +20,18 @@ from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.record.schema import META
 from affinity_addon.request import affinity_id
 from affinity_addon.request.rewrite import Outcome, apply_rules
+from affinity_addon.views.keyrate import FIELD as CACHE_KEY_FIELD
 
 logger = logging.getLogger(__name__)
+
+
+def sent_cache_key(outcome: Outcome) -> str | None:
+    """The `prompt_cache_key` the provider sees: the rules' (none in a dry run: nothing is sent
+    changed), or the client's own, which counts for the provider's rate just the same."""
+    key = None if outcome.dry_run else outcome.fields.get(CACHE_KEY_FIELD)
+    if key is None and f"field:{CACHE_KEY_FIELD}" in outcome.kept:
+        key = outcome.signal
+    return key if isinstance(key, str) else None
 
 
 class Rewriter:
@@ -58,7 +69,10 @@ class Rewriter:
         # As the client sent them: map-remote and other addons may rewrite the URL later.
         facts = outcome.facts(host=host, path=flow.request.path.split("?", 1)[0],
                               method=flow.request.method)
-        exchange = Exchange(facts, load=state.key_load.observe(outcome, flow.request, host))
+        load = state.key_load.observe(
+            sent_cache_key(outcome), flow.request.timestamp_start,
+            PROVIDER_FACTS.key_rpm_limit(host), outcome.key.get("buckets") if outcome.key else None)
+        exchange = Exchange(facts, load=load)
         state.exchanges.start(flow.id, exchange)
         flow.metadata[META] = facts.to_json()  # published for mitmweb, `affinity.why`, saved flows
         if outcome.shape and parsed.obj is not None and settings.diagnose:

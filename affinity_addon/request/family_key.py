@@ -22,23 +22,16 @@ from array import array
 from collections.abc import Mapping
 from typing import Any
 
+from affinity_addon.buckets import buckets_for
 from affinity_addon.models import model_family
 from affinity_addon.request.affinity_id import keyed_hash
 from affinity_addon.request.prompt import Segment, canonical, iter_segments, root_segments
 
-# OpenAI's documented overflow point: ~15 requests a minute per prefix+key pair (per key on
-# GPT-5.6+). TARGET_RPM is the mean per bucket: conversations fill the buckets unevenly (a hash
-# decides, and an agent's requests come in bursts), so the busiest bucket runs well above the
-# mean; at about mean + 2*sqrt(mean) it stays under 15 when the mean is 8. Measured on the team
-# workload over eight addon keys: mean 12 -> all-turn hit ratio 0.894-0.906, 8 -> 0.906-0.921.
-OVERFLOW_RPM = 15
-TARGET_RPM = 8
 HOLD_MINUTES = 10  # how long a busy minute keeps its bucket count
 _SLOT = 20.0
 SLOTS_PER_MINUTE = 3
 HOLD_SLOTS = HOLD_MINUTES * SLOTS_PER_MINUTE
 MAX_FAMILIES = 10_000
-MAX_BUCKETS = 64
 
 
 def family_hash(body: Mapping[str, Any], shape: str, key: str,
@@ -107,7 +100,7 @@ class FamilyRates:
             latest = sum(ring[k % HOLD_SLOTS]
                          for k in range(max(first, last - SLOTS_PER_MINUTE + 1), last + 1))
             busiest = max(entry[2], latest)
-        return min(max(1, -(-busiest * self.instances // TARGET_RPM)), MAX_BUCKETS)
+        return buckets_for(busiest * self.instances)
 
 
 def _busiest(ring: array, first: int, last: int) -> int:

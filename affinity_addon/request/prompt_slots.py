@@ -10,12 +10,12 @@ from itertools import chain
 from typing import Any, NamedTuple
 
 from affinity_addon.catalog.volatile import Volatile
-from affinity_addon.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.breakpoint_spec import (
     NEVER_MARKED,
     ShapeRules,
     block_digest,
 )
+from affinity_addon.request.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.prompt import (
     MARKER_KEYS,
     MESSAGES_KEY,

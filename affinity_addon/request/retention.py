@@ -14,7 +14,7 @@ from typing import Any
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.durations import parse_duration
 from affinity_addon.jsonpath import get_path, parse_path
-from affinity_addon.request.rules import CONFLICT_POLICIES, KEEP, SetAction, Template
+from affinity_addon.request.actions import CONFLICT_POLICIES, KEEP, SetAction, Template
 
 
 @dataclass(frozen=True, slots=True)

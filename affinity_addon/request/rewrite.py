@@ -18,6 +18,7 @@ from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.record.schema import RequestFacts
 from affinity_addon.request import affinity_id
+from affinity_addon.request.actions import KEEP, SetAction
 from affinity_addon.request.body import (
     ORJSON_MAX,
     ParsedBody,
@@ -30,7 +31,7 @@ from affinity_addon.request.family_key import FamilyRates, family_hash, family_k
 from affinity_addon.request.header_map import HeaderMap, header_map
 from affinity_addon.request.prompt import HEAD_FIELDS, MESSAGES_KEY, root_segments
 from affinity_addon.request.retention import retention_action
-from affinity_addon.request.rules import KEEP, Rule, RuleSet, SetAction, shape_for
+from affinity_addon.request.rules import Rule, RuleSet, shape_for
 
 logger = logging.getLogger(__name__)
 

@@ -14,18 +14,22 @@ wins, and `overwrite` lets a later rule replace it.
 import fnmatch
 import importlib.resources
 import re
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from affinity_addon.catalog.yamlsource import line_of, load_yaml
 from affinity_addon.request import affinity_id
+from affinity_addon.request.actions import (
+    CONFLICT_POLICIES,
+    KEEP,
+    SetAction,
+    parse_template,
+)
+from affinity_addon.request.breakpoint_spec import CacheControlSpec, parse_cache_control
+from affinity_addon.request.retention import RetentionSpec, parse_retention
 from affinity_addon.shapes import SHAPES
-
-if TYPE_CHECKING:
-    from affinity_addon.request.retention import RetentionSpec
 
 
 def default_rules_file() -> Path:
@@ -36,14 +40,6 @@ def default_rules_file() -> Path:
     return Path(str(importlib.resources.files("affinity_addon.default_rules") / "default.yaml"))
 
 
-KEEP = "keep"
-OVERWRITE = "overwrite"
-CONFLICT_POLICIES = (KEEP, OVERWRITE)
-
-# Values a template may use. All are derived from the request, never its prompt text.
-TEMPLATE_FIELDS = frozenset(
-    {"affinity_id", "affinity_source", "family_key", "model", "host", "path", "method", "rule"}
-)
 
 # API shape by request path, when a rule does not say. Host-independent on purpose: the same
 # shapes are served by many hosts (OpenRouter, DeepSeek, proxies).
@@ -94,55 +90,6 @@ def parse_glob(value: Any, *, ignore_case: bool) -> Glob:
     return Glob(patterns, regex)
 
 
-@dataclass(frozen=True, slots=True)
-class Template:
-    """A value with `{field}` placeholders (str.format syntax), or a JSON literal."""
-
-    source: Any
-    fields: frozenset[str]
-
-    def render(self, facts: Mapping[str, str | None]) -> Any:
-        if not isinstance(self.source, str) or not self.fields:
-            return self.source
-        return self.source.format_map({k: facts.get(k) or "" for k in self.fields})
-
-
-def parse_template(value: Any) -> Template:
-    if isinstance(value, bool | int | float) or value is None:
-        return Template(value, frozenset())
-    if not isinstance(value, str):
-        raise ValueError(f"value must be a string template or a scalar, not {type(value).__name__}")
-    names: set[str] = set()
-    try:
-        for _, name, spec, conv in string.Formatter().parse(value):
-            if name is None:
-                continue
-            if name not in TEMPLATE_FIELDS:
-                raise ValueError(
-                    f"unknown template field {{{name}}}; known: {', '.join(sorted(TEMPLATE_FIELDS))}"
-                )
-            if spec or conv:
-                raise ValueError(f"format specs are not supported in {{{name}}}")
-            names.add(name)
-    except ValueError as e:
-        if "template field" in str(e) or "format specs" in str(e):
-            raise
-        raise ValueError(f"bad template {value!r}: {e}") from e
-    return Template(value, frozenset(names))
-
-
-@dataclass(frozen=True, slots=True)
-class SetAction:
-    target: str  # lower-case header name, or a dotted body path
-    template: Template
-    on_conflict: str = KEEP
-
-    @property
-    def needs_affinity(self) -> bool:
-        return not self.template.fields.isdisjoint({"affinity_id", "affinity_source",
-                                                    "family_key"})
-
-
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -154,8 +101,8 @@ class Rule:
     api: str | None = None
     set_headers: tuple[SetAction, ...] = ()
     set_fields: tuple[SetAction, ...] = ()
-    cache_control: Any = None  # breakpoints.CacheControlSpec
-    cache_retention: "RetentionSpec | None" = None
+    cache_control: CacheControlSpec | None = None
+    cache_retention: RetentionSpec | None = None
     affinity: affinity_id.AffinityConfig | None = None
     stop: bool = False
 
@@ -311,7 +258,6 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
     set_fields = _parse_actions(where, raw, "set_fields", name, policy, is_header=False)
     cache_control = None
     if raw.get("cache_control") not in (None, False):
-        from affinity_addon.request.breakpoint_spec import parse_cache_control
 
         try:
             cache_control = parse_cache_control(raw["cache_control"])
@@ -319,7 +265,6 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             raise where.error(raw, "cache_control", f"cache_control: {e}", name) from None
     retention = None
     if raw.get("cache_retention") not in (None, False):
-        from affinity_addon.request.retention import parse_retention
 
         try:
             retention = parse_retention(raw["cache_retention"], policy)

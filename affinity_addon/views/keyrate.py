@@ -20,17 +20,12 @@ as untracked.
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from affinity_addon.buckets import OVERFLOW_RPM, TARGET_RPM, buckets_for
 from affinity_addon.catalog.providers import PROVIDER_FACTS
-from affinity_addon.request.family_key import MAX_BUCKETS, OVERFLOW_RPM, TARGET_RPM
 from affinity_addon.views.safe import printable
-from affinity_addon.views.ttl import _start as record_start
-
-if TYPE_CHECKING:
-    from mitmproxy import http
-
-    from affinity_addon.request.rewrite import Outcome
+from affinity_addon.views.ttl import record_start
 
 FIELD = "prompt_cache_key"
 MAX_TRACKED = 10_000
@@ -52,9 +47,7 @@ def short_key(key: str, n: int = 12) -> str:
     return key if len(key) <= n else key[:n] + "…"
 
 
-def recommended_buckets(busiest_rpm: float) -> int:
-    """Buckets a family needs so each stays under TARGET_RPM (as `FamilyRates.buckets`)."""
-    return min(max(1, -(-int(busiest_rpm) // TARGET_RPM)), MAX_BUCKETS)
+recommended_buckets = buckets_for  # the same rule as `FamilyRates.buckets`
 
 
 @dataclass(slots=True)
@@ -156,19 +149,13 @@ class KeyRates:
         self.count(key, start, buckets if isinstance(buckets, int) and buckets > 0 else None,
                    limit)
 
-    def observe(self, outcome: "Outcome", request: "http.Request",
-                host: str | None = None) -> dict[str, Any] | None:
-        """Count a request at send time; the load its verdict needs (plain data for
-        flow.metadata), or None when it carries no prompt_cache_key. The client's own key
-        counts here too (the provider sees it), though the log does not keep it."""
-        key = None if outcome.dry_run else outcome.fields.get(FIELD)  # a dry run sends none
-        if key is None and f"field:{FIELD}" in outcome.kept:
-            key = outcome.signal
-        t = request.timestamp_start
-        limit = PROVIDER_FACTS.key_rpm_limit(request.pretty_host if host is None else host)
+    def observe(self, key: str | None, t: float | None, limit: int | None,
+                buckets: int | None) -> dict[str, Any] | None:
+        """Count a request carrying `key` at send time `t`, on a host whose documented limit is
+        `limit` requests a minute per key; the load its verdict needs (plain data), or None
+        when it carries no key or the host has no limit."""
         if not isinstance(key, str) or not key or t is None or limit is None:
             return None
-        buckets = outcome.key.get("buckets") if outcome.key else None
         rate, fam = self.count(key, t, buckets, limit)
         return {
             "limit": limit,

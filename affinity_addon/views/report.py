@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from affinity_addon.buckets import OVERFLOW_RPM, TARGET_RPM
 from affinity_addon.durations import parse_duration
-from affinity_addon.request.family_key import OVERFLOW_RPM, TARGET_RPM
 from affinity_addon.views.aggregate import Aggregator, Bucket
 from affinity_addon.views.console import bucket_table, reasons_table, totals_line
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets

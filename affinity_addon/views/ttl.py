@@ -92,7 +92,7 @@ def replay(turns: list[Turn], m: Multipliers, policy: str) -> float:
     return conv.caches[policy].cost
 
 
-def _start(record: Mapping[str, Any]) -> float | None:
+def record_start(record: Mapping[str, Any]) -> float | None:
     ts = record.get("ts")
     if not isinstance(ts, str):
         return None
@@ -154,7 +154,7 @@ class TtlAdvisor:
             conv = self.conversations[key] = ConversationTtl(
                 printable(key), label(model), price.unit, Multipliers(price.read, price.write_5m, price.write_1h),
                 scale=scale)
-        start = _start(r)
+        start = record_start(r)
         if start is None:
             return
         total, read, write, _ = prompt_counts(usage)

@@ -1,5 +1,7 @@
 """One JSON-path syntax for the whole addon: `choices[0].usage`, `metadata.user_id`,
-`candidates[*].finishReason` (`[*]`: the first list item where the rest of the path resolves).
+`candidates[*].finishReason` (`[*]`: the first list item where the rest of the path resolves),
+`cacheDetails[ttl=1h].inputTokens` (`[key=value]`: the first list item, an object, whose `key`
+is that string: Bedrock lists its cache writes per TTL).
 
 Rules (`set_fields`, body ID sources) and the usage table use it alike. Paths come from our own
 data and rules, never from a request, so parsing is memoized.
@@ -9,10 +11,12 @@ import re
 from functools import lru_cache
 from typing import Any
 
-Key = str | int  # a dict key, a list index, or "*" (first list item that has the rest)
+# A dict key, a list index, "*" (first list item that has the rest) or (key, value): the first
+# list item whose `key` is `value`.
+Key = str | int | tuple[str, str]
 FieldPath = tuple[Key, ...]
 
-_SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
+_SEGMENT = re.compile(r"([^.\[\]=]+)|\[(\d+|\*)\]|\[([A-Za-z_][\w\-]*)=([^\]]+)\]")
 
 
 @lru_cache(maxsize=1024)
@@ -28,9 +32,11 @@ def parse_path(text: str) -> FieldPath:
         m = _SEGMENT.match(text, pos)
         if m is None:
             raise ValueError(f"bad field path {text!r} at character {pos}")
-        name, index = m.groups()
+        name, index, field, value = m.groups()
         if name is not None:
             keys.append(name)
+        elif field is not None:
+            keys.append((field, value))
         else:
             keys.append("*" if index == "*" else int(index))
         pos = m.end()
@@ -48,7 +54,13 @@ def get_path(obj: Any, path: FieldPath) -> Any:
                 if found is not None:
                     return found
             return None
-        if isinstance(key, int):
+        if isinstance(key, tuple):
+            if not isinstance(obj, list):
+                return None
+            field, value = key
+            obj = next((item for item in obj
+                        if isinstance(item, dict) and item.get(field) == value), None)
+        elif isinstance(key, int):
             if not isinstance(obj, list) or key >= len(obj):
                 return None
             obj = obj[key]

@@ -6,11 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.yamlsource import line_of, load_yaml
 from affinity_addon.durations import parse_duration
-from affinity_addon.models import model_family, normalize_model
+from affinity_addon.models import MAX_MODEL_CHARS, model_family, normalize_model
 
 _FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
 
@@ -38,6 +39,30 @@ class ProviderFacts:
     key_rpm_limits: Mapping[str, int]  # host glob -> requests a minute per prompt_cache_key
     cache_retention: tuple[RetentionDirective, ...] = ()
     no_cache_directives: tuple[tuple[str, str], ...] = ()  # (host glob, path glob)
+    model_in_path: tuple[re.Pattern[str], ...] = ()  # each with a `model` group
+    # (scheme name, lower-case header, value prefix) and (scheme name, query parameter)
+    signed_headers: tuple[tuple[str, str, str], ...] = ()
+    signed_queries: tuple[tuple[str, str], ...] = ()
+
+    def path_model(self, path: str) -> str | None:
+        """The model a request's URL names (Bedrock, Vertex, Azure deployments), if any."""
+        for pattern in self.model_in_path:
+            m = pattern.match(path)
+            if m is not None:
+                return unquote(m["model"])[:MAX_MODEL_CHARS]
+        return None
+
+    def signature(self, headers: Mapping[str, str], query: str) -> str | None:
+        """The signing scheme that covers this request's body, if any (never its value)."""
+        for name, header, prefix in self.signed_headers:
+            if headers.get(header, "").lstrip().startswith(prefix):
+                return name
+        if query:
+            params = {p.split("=", 1)[0].lower() for p in query.split("&")}
+            for name, param in self.signed_queries:
+                if param in params:
+                    return name
+        return None
 
     @property
     def retention_fields(self) -> tuple[str, ...]:
@@ -103,6 +128,38 @@ def _endpoints(raw: Any, path: Path) -> tuple[tuple[str, str], ...]:
     return tuple((e["host"].lower(), e["path"]) for e in raw)
 
 
+def _path_patterns(raw: Any, path: Path) -> tuple[re.Pattern[str], ...]:
+    where = f"{path}:{line_of(raw, default=1)}: model_in_path"
+    out = []
+    for p in _strings(raw, "model_in_path", path):
+        try:
+            pattern = re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{where}: {p!r}: {e}") from None
+        if "model" not in pattern.groupindex:
+            raise ValueError(f"{where}: {p!r} has no (?P<model>...) group")
+        out.append(pattern)
+    return tuple(out)
+
+
+def _signed(raw: Any, path: Path) -> tuple[tuple[tuple[str, str, str], ...],
+                                            tuple[tuple[str, str], ...]]:
+    where = f"{path}:{line_of(raw, default=1)}: signed_requests"
+    if not isinstance(raw, list):
+        raise ValueError(f"{where} must be a list")
+    headers, queries = [], []
+    for i, e in enumerate(raw):
+        ok = isinstance(e, Mapping) and all(isinstance(v, str) and v for v in e.values())
+        if ok and set(e) == {"name", "header", "prefix"}:
+            headers.append((e["name"], e["header"].lower(), e["prefix"]))
+        elif ok and set(e) == {"name", "query"}:
+            queries.append((e["name"], e["query"].lower()))
+        else:
+            raise ValueError(f"{path}:{line_of(raw, i, 1)}: signed_requests[{i}] needs name and "
+                             "either header and prefix, or query")
+    return tuple(headers), tuple(queries)
+
+
 def parse_provider_facts(path: Path) -> ProviderFacts:
     data = load_yaml(path)
     if not isinstance(data, dict):
@@ -121,6 +178,7 @@ def parse_provider_facts(path: Path) -> ProviderFacts:
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in limits.values()):
         raise ValueError(f"{path}:{line_of(data, 'key_rpm_limits', 1)}: "
                          "key_rpm_limits maps host globs to positive integers")
+    signed = _signed(data.get("signed_requests", []), path)
     return ProviderFacts(
         websocket_terminal_events=tuple(
             e.encode() for e in _strings(data.get("websocket_terminal_events"),
@@ -134,6 +192,9 @@ def parse_provider_facts(path: Path) -> ProviderFacts:
         key_rpm_limits={str(k).lower(): v for k, v in limits.items()},
         cache_retention=_retention(data.get("cache_retention", []), path),
         no_cache_directives=_endpoints(data.get("no_cache_directives", []), path),
+        model_in_path=_path_patterns(data.get("model_in_path", []), path),
+        signed_headers=signed[0],
+        signed_queries=signed[1],
     )
 
 

@@ -41,7 +41,7 @@ from affinity_addon.request.prompt import (
     head_segments,
     message_segments,
 )
-from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.tokens import estimate_tokens
 
 # Block digests are DIGEST_SIZE (8) bytes: a collision only misreports one diagnosis.
@@ -56,6 +56,8 @@ VOLATILE_PATTERNS: dict[str, tuple[str, ...]] = default_volatile().uncached()
 # structured-output schemas as prefix without saying where, so they are cut at the same place).
 PREFIX_SETTINGS: dict[str, tuple[str, ...]] = {
     ANTHROPIC: ("tool_choice", "thinking"),
+    # Converse passes Claude's `thinking` through here
+    BEDROCK_CONVERSE: ("additionalModelRequestFields",),
     OPENAI_CHAT: ("response_format",),
     OPENAI_RESPONSES: ("text",),
 }
@@ -104,11 +106,12 @@ _Unit = tuple[Segment, bool, dict[str, Any] | None]
 _CARRIES: dict[str, Any] = {}  # the envelope marker of a message iter_segments skips
 
 
-def _message_units(section: str, i: int, msg: dict[str, Any]) -> tuple[list[_Unit], bool]:
+def _message_units(section: str, i: int, msg: dict[str, Any],
+                   shape: str | None = None) -> tuple[list[_Unit], bool]:
     """(the units of message `i`, is it a carrier?). A carrier is a message the prompt walker
     skips for having no content (an assistant turn that is only `tool_calls`): a change there
     breaks the prefix just the same, so it is a block of its own."""
-    segs = list(message_segments(section, i, msg))
+    segs = list(message_segments(section, i, msg, shape))
     if not segs:
         kind = "tool_calls" if "tool_calls" in msg else "message"
         role = msg.get("role") if isinstance(msg.get("role"), str) else None
@@ -152,7 +155,7 @@ def _message_walk(body: dict[str, Any], shape: str,
         if not isinstance(msg, dict):
             yield [], seen
             continue
-        units, carrier = _message_units(section, i, msg)
+        units, carrier = _message_units(section, i, msg, shape)
         if carrier and not seen:
             waiting += units
             yield [], False
@@ -225,7 +228,11 @@ def _chunk_hashes(text: str) -> bytes:
     )
 
 
-def _marker(value: Any) -> tuple[bool, str | None]:
+def _marker(seg: Segment) -> tuple[bool, str | None]:
+    if seg.mark is not None:  # a Converse cachePoint after the block
+        ttl = seg.mark.get("ttl") if isinstance(seg.mark, dict) else None
+        return True, ttl if isinstance(ttl, str) else None
+    value = seg.value
     if not isinstance(value, dict):
         return False, None
     for key in MARKER_KEYS:
@@ -301,7 +308,7 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
             if carrier:
                 envelope = None
             field, text = _text(seg.value)
-            marked, ttl = _marker(seg.value)
+            marked, ttl = _marker(seg)
             mi = seg.message_index
             extra = 0
             if mi is None or first:

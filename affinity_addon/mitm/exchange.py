@@ -13,7 +13,7 @@ from typing import Any
 from affinity_addon.diagnosis.tracker import Pending
 from affinity_addon.mitm.scheduler import Stepped
 from affinity_addon.record.schema import RequestFacts
-from affinity_addon.response.stream_tap import StreamTap
+from affinity_addon.response.stream_tap import Tap
 from affinity_addon.response.usage import UsageReader
 
 # Flows whose answer never came (no response, no error hook: should not happen); past this
@@ -30,7 +30,7 @@ class Exchange:
     # The request's fingerprint, computed in slices while the provider works on it.
     fingerprint: Stepped[Pending] | None = None
     reader: UsageReader | None = None  # the response's usage, as it is read
-    tap: StreamTap | None = None  # the stream's tap, when the answer is SSE
+    tap: Tap | None = None  # the stream's tap, when the answer is SSE or an AWS event stream
 
 
 class Exchanges:

@@ -14,14 +14,15 @@ from affinity_addon.mitm.scheduler import drain
 from affinity_addon.mitm.state import State
 from affinity_addon.record import build
 from affinity_addon.record.schema import META, Record
-from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap
+from affinity_addon.response import eventstream
+from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap, Tap
 from affinity_addon.response.usage import UsageReader, parse_json
 from affinity_addon.shapes import OPENAI_RESPONSES
 
 logger = logging.getLogger(__name__)
 
 
-def tap_problem(tap: StreamTap) -> str | None:
+def tap_problem(tap: Tap) -> str | None:
     """Why a stream's usage may be missing: the record says so instead of a silent `no usage`."""
     if tap.failed is not None:
         return f"stream not read: {tap.failed}"
@@ -42,13 +43,19 @@ class Recorder:
             return
         try:
             ex.reader = UsageReader(ex.request.shape)
+            if flow.response.stream:
+                return
             ctype = flow.response.headers.get("content-type", "")
-            if ctype.startswith("text/event-stream") and not flow.response.stream:
-                # Stream it: mitmproxy holds a whole answer back unless `stream` is set
-                # (docs/mitmproxy-notes.md#streaming).
-                ex.tap = StreamTap(flow.response.headers.get("content-encoding"),
-                                   ex.reader.feed_event,
-                                   keep_limit=self.state.settings.keep_bodies)
+            encoding = flow.response.headers.get("content-encoding")
+            keep = self.state.settings.keep_bodies
+            # Stream it: mitmproxy holds a whole answer back unless `stream` is set
+            # (docs/mitmproxy-notes.md#streaming).
+            if ctype.startswith("text/event-stream"):
+                ex.tap = StreamTap(encoding, ex.reader.feed_event, keep_limit=keep)
+            elif ctype.startswith(eventstream.CONTENT_TYPE):  # Bedrock's streaming answers
+                ex.tap = eventstream.EventStreamTap(
+                    encoding, eventstream.bedrock_frames(ex.reader), keep_limit=keep)
+            if ex.tap is not None:
                 flow.response.stream = ex.tap
         except Exception:
             logger.exception("affinity: cannot watch this response; it passes unobserved")

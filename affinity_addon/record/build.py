@@ -81,6 +81,7 @@ def build(
         response_cache=response_cache,
         added=request.to_json()["added"],
         dry_run=request.dry_run,
+        rewrite_skipped=request.rewrite_skipped,
         miss_reason=judged.get("miss_reason"),
         miss_detail=judged.get("miss_detail"),
         expected_cacheable_tokens=judged.get("expected_cacheable_tokens"),
@@ -112,6 +113,8 @@ def comment(record: Record) -> str:
     if n_added or added.get("markers"):
         what = f"+{n_added} ids" + (f" +{len(added['markers'])} bp" if added.get("markers") else "")
         parts.append(("dry " if record.dry_run else "") + what)
+    if record.rewrite_skipped:
+        parts.append(f"unchanged: {record.rewrite_skipped}")
     reason = record.miss_reason
     if reason and reason != "hit":
         detail = record.miss_detail

@@ -83,6 +83,8 @@ class RequestFacts:
     path: str
     method: str
     key: dict[str, Any] | None  # how {family_key} chose the cache key: strategy, bucket(s)
+    # Why the rules' changes were computed but not sent outside a dry run ("signed (aws-sigv4)")
+    rewrite_skipped: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +97,7 @@ class RequestFacts:
             "kept": list(self.kept), "body_write": self.body_write, "warning": self.warning,
             "host": self.host, "path": self.path, "method": self.method,
             "key": dict(self.key) if self.key else None,
+            "rewrite_skipped": self.rewrite_skipped,
         }
 
 FORMAT_VERSION = 1
@@ -133,6 +136,7 @@ class Record:
     response_cache: bool
     added: dict[str, Any]
     dry_run: bool
+    rewrite_skipped: str | None = None  # why `added` was not sent: the body is signed
     miss_reason: str | None = None
     miss_detail: str | None = None
     expected_cacheable_tokens: int | None = None

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from affinity_addon.catalog.minimums import minimums
+from affinity_addon.catalog.platforms import platform_for
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.models import normalize_model
-from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT
-
-logger = logging.getLogger(__name__)
+from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE, OPENAI_CHAT
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +36,17 @@ TOP_LEVEL = "cache_control"  # path of Anthropic's automatic (top-level) marker
 LAST_MARKER_ONLY_MODELS = PROVIDER_FACTS.last_marker_only_models
 ONE_HOUR_TTL_MODELS = PROVIDER_FACTS.one_hour_ttl_models
 
-NEVER_MARKED = frozenset({"thinking", "redacted_thinking"})
+# Reasoning blocks (Anthropic's thinking, Converse's reasoningContent) take no marker.
+NEVER_MARKED = frozenset({"thinking", "redacted_thinking", "reasoningContent"})
 
 
 class ShapeRules(NamedTuple):
     tool_markers: bool  # may a tools[] entry carry a marker
     markable: frozenset[str] | None  # block types that may carry one; None: all but NEVER_MARKED
     keep_string_roles: frozenset[str]  # roles whose string content must stay a string
+    # Converse: blocks are one-key objects (the key is the kind) and a marker is a block of its
+    # own, `{"cachePoint": {...}}`, inserted after the block it marks.
+    point_blocks: bool = False
 
 
 SHAPE_RULES: dict[str, ShapeRules] = {
@@ -54,6 +57,9 @@ SHAPE_RULES: dict[str, ShapeRules] = {
     # OpenRouter carries them into Anthropic tool_result blocks): in an agent's tool loop the
     # newest messages are tool results, and the rolling marker must be able to follow them.
     OPENAI_CHAT: ShapeRules(False, frozenset({"text"}), frozenset()),
+    # Checkpoints go in `system`, `messages` and `toolConfig.tools`, at most 4 for Claude
+    # (https://docs.aws.amazon.com/bedrock/latest/userguide/prompt-caching.html).
+    BEDROCK_CONVERSE: ShapeRules(True, None, frozenset(), point_blocks=True),
 }
 
 
@@ -118,6 +124,7 @@ class AddedMarker:
     path: str  # "tools[3]", "system[1]", "messages[5].content[0]" or "cache_control" (top level)
     ttl: str  # "5m" | "1h"
     converted: bool = False  # string content was turned into a one-part list to carry it
+    inserted: bool = False  # `path` is a Converse cachePoint block the plan inserted
 
 
 _SPEC_KEYS = ("strategy", "placements", "ttl", "client_markers", "lookback", "min_tokens",
@@ -195,21 +202,34 @@ def _is_int(v: Any) -> bool:
 # Model minimums
 
 
-def min_tokens_for(model: str | None) -> int:
-    """The model's minimum cacheable prefix, from catalog/cache_minimums.yaml (first glob wins)."""
+def min_tokens_for(model: str | None, host: str | None = None) -> int:
+    """The model's minimum cacheable prefix: the host's platform's own number
+    (catalog/platforms.yaml), else catalog/cache_minimums.yaml (first glob wins)."""
     name = normalize_model(model) if isinstance(model, str) else ""
+    platform = platform_for(host)
+    own = platform.minimum(name) if platform is not None else None
+    if own is not None:
+        return own
     for glob, tokens in minimums():
         if fnmatch.fnmatchcase(name, glob):
             return tokens
     return DEFAULT_MIN_TOKENS
 
 
-def auto_ttl(model: str | None, hint: PlanHint | None) -> str:
+def takes_one_hour(model: str | None, host: str | None = None) -> bool:
+    """Does the model take a 1h cache TTL (on this host's platform, when it has its own list)?"""
+    name = normalize_model(model) if isinstance(model, str) else ""
+    platform = platform_for(host)
+    globs = (platform.one_hour_ttl_models if platform is not None
+             and platform.one_hour_ttl_models is not None else ONE_HOUR_TTL_MODELS)
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def auto_ttl(model: str | None, hint: PlanHint | None, host: str | None = None) -> str:
     """`ttl: auto`: 1h where the conversation's rhythm calls for it and the model takes it."""
     if hint is None or hint.ttl != "1h":
         return "5m"
-    name = normalize_model(model) if isinstance(model, str) else ""
-    return "1h" if any(fnmatch.fnmatchcase(name, g) for g in ONE_HOUR_TTL_MODELS) else "5m"
+    return "1h" if takes_one_hour(model, host) else "5m"
 
 
 def last_marker_only(model: str | None) -> bool:

@@ -1,4 +1,5 @@
-"""Plans `cache_control` breakpoints for Anthropic Messages and OpenRouter-style chat bodies.
+"""Plans cache breakpoints: `cache_control` markers for Anthropic Messages (also on Bedrock and
+Vertex) and OpenRouter-style chat bodies, `cachePoint` blocks for Bedrock Converse.
 
 Providers with explicit caching (Anthropic, and Anthropic/Gemini/Qwen behind OpenRouter) only
 cache up to a marked block, so an agent that sends no markers pays full price on every turn.
@@ -15,7 +16,9 @@ The planner adds markers without breaking what already works:
   with a `PlanHint` (the previous request of the conversation, from the tracker) a marker goes on
   the last block that stayed identical, so the next request reads what this one wrote;
 - 1h markers before 5m ones; no marker on thinking blocks or empty text; no marker whose prefix
-  is below the model's minimum cacheable length (it would cache nothing and use a slot);
+  is below the model's minimum cacheable length (it would cache nothing and use a slot); a
+  cloud's own minimums and 1h models, and never a top-level marker where the cloud refuses it
+  (catalog/platforms.yaml);
 - idempotent, and `strip_added` undoes a plan exactly (dry runs, reports).
 """
 
@@ -26,6 +29,7 @@ from functools import partial
 from itertools import pairwise
 from typing import Any
 
+from affinity_addon.catalog.platforms import platform_for
 from affinity_addon.catalog.volatile import Volatile, default_volatile
 from affinity_addon.request.breakpoint_spec import (
     AGENT,
@@ -42,8 +46,10 @@ from affinity_addon.request.breakpoint_spec import (
     auto_ttl,
     last_marker_only,
     min_tokens_for,
+    takes_one_hour,
 )
 from affinity_addon.request.prompt import (
+    CACHE_POINT,
     SYSTEM_ROLES,
 )
 from affinity_addon.request.prompt_slots import (
@@ -70,8 +76,9 @@ def _eligible_in(message_index: int, s: Slot) -> bool:
 
 class _Planner:
     def __init__(self, prompt: Prompt, spec: CacheControlSpec, minimum: int, free: int,
-                 last_only: bool, hint: PlanHint | None = None) -> None:
+                 last_only: bool, hint: PlanHint | None = None, top_level: bool = True) -> None:
         self.p = prompt
+        self.top_level = top_level  # may the automatic (top-level) marker be added here
         self.hint = hint
         self.spec = spec
         self.minimum = minimum
@@ -100,7 +107,7 @@ class _Planner:
             return False
         if top:
             anchor = self.p.last_eligible
-            if (self.top_taken or TOP_LEVEL in self.p.body or anchor is None
+            if (not self.top_level or self.top_taken or TOP_LEVEL in self.p.body or anchor is None
                     or anchor.index in self.taken):
                 return False
             position, tokens = self.p.end, anchor.prefix_tokens
@@ -309,8 +316,9 @@ BYTES_PER_BLOCK = 384
 def block_count(body: dict[str, Any], shape: str) -> int:
     """How many blocks the planner would measure, counted without building them (~0.1 us each)."""
     n = 0
-    for key in ("tools", "system"):
-        v = body.get(key)
+    config = body.get("toolConfig")  # Converse keeps its tools there
+    for v in (body.get("tools"), body.get("system"),
+              config.get("tools") if isinstance(config, dict) else None):
         n += len(v) if isinstance(v, list) else 1
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -326,14 +334,17 @@ def plan_limit(body_size: int) -> int:
 
 def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
                      spec: CacheControlSpec, hint: PlanHint | None = None,
-                     volatile: Volatile | None = None) -> list[AddedMarker]:
+                     volatile: Volatile | None = None, host: str | None = None
+                     ) -> list[AddedMarker]:
     """Adds cache_control markers to `body` in place; returns what was added, in prompt order.
 
-    `hint`: the previous requests of this conversation (tracker), for the agent strategy."""
+    `hint`: the previous requests of this conversation (tracker), for the agent strategy.
+    `host`: where the request goes: a cloud with rules of its own (catalog/platforms.yaml) has
+    its minimums and 1h models, and may refuse the top-level marker."""
     rules = SHAPE_RULES.get(shape)
     if rules is None or not isinstance(body, dict):
         return []
-    found = marker_sites(body)
+    found = marker_sites(body, shape)
     first = next(found, None)
     if spec.client_markers == SKIP and first is not None:
         return []  # before measuring the prompt: most agent traffic stops here
@@ -350,15 +361,25 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
         free = min(free, 1)
     if free <= 0:
         return []
+    platform = platform_for(host)
     if spec.ttl == AUTO_TTL:
-        spec = replace(spec, ttl=auto_ttl(model, hint))
-    minimum = spec.min_tokens if spec.min_tokens is not None else min_tokens_for(model)
-    planner = _Planner(prompt, spec, minimum, free, last_only, hint if with_hint else None)
+        spec = replace(spec, ttl=auto_ttl(model, hint, host))
+    elif spec.ttl == "1h" and platform is not None and not takes_one_hour(model, host):
+        spec = replace(spec, ttl="5m")  # the platform would refuse the request
+    minimum = spec.min_tokens if spec.min_tokens is not None else min_tokens_for(model, host)
+    planner = _Planner(prompt, spec, minimum, free, last_only, hint if with_hint else None,
+                       top_level=platform is None or platform.automatic_cache_control)
     if spec.strategy == AGENT:
         planner.agent()
     else:
         planner.explicit()
-    added = [_apply(body, slot, ttl) for _, (slot, ttl) in sorted(planner.chosen.items())]
+    chosen = sorted(planner.chosen.items())
+    if rules.point_blocks:
+        inserted: dict[str, int] = {}
+        added = [_insert_point(body, slot, ttl, inserted) for _, (slot, ttl) in chosen
+                 if slot is not None]
+    else:
+        added = [_apply(body, slot, ttl) for _, (slot, ttl) in chosen]
     if added:
         logger.debug("planned %d breakpoint(s): %s", len(added),
                      ", ".join(f"{m.path}/{m.ttl}" for m in added))
@@ -386,6 +407,32 @@ def _apply(body: dict[str, Any], slot: Slot | None, ttl: str) -> AddedMarker:
     return AddedMarker(slot.path, ttl, converted=True)
 
 
+_LIST_INDEX = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def cache_point(ttl: str) -> dict[str, Any]:
+    """A Converse checkpoint: "default" is its only type; a ttl of 5 minutes is the default and
+    is left out ("when ttl value not specified the default behavior of 5 minutes caching
+    applies": https://docs.aws.amazon.com/bedrock/latest/userguide/prompt-caching.html)."""
+    point: dict[str, Any] = {"type": "default"}
+    if ttl == "1h":
+        point["ttl"] = "1h"
+    return {CACHE_POINT: point}
+
+
+def _insert_point(body: dict[str, Any], slot: Slot, ttl: str,
+                  inserted: dict[str, int]) -> AddedMarker:
+    """Converse: a cachePoint block right after the slot's block. Slots come in prompt order,
+    so the earlier insertions of the same list shift this one by their count."""
+    m = _LIST_INDEX.match(slot.seg.path)
+    assert m is not None  # Converse blocks always sit in a list
+    owner, index = m[1], int(m[2])
+    at = index + 1 + inserted.get(owner, 0)
+    resolve(body, owner).insert(at, cache_point(ttl))
+    inserted[owner] = inserted.get(owner, 0) + 1
+    return AddedMarker(f"{owner}[{at}]", ttl, inserted=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Undo
 
@@ -409,6 +456,11 @@ def strip_added(body: dict[str, Any], added: list[AddedMarker]) -> None:
                 parent = parent[k]
             holder = parent[keys[-2]]
             block = holder[keys[-1]]
+            if m.inserted:
+                if isinstance(block, dict) and CACHE_POINT in block:
+                    del holder[keys[-1]]
+                    continue
+                raise KeyError(m.path)
             block.pop("cache_control", None)
             if m.converted:
                 parent[keys[-2]] = block["text"]

@@ -35,11 +35,12 @@ MAX_FAMILIES = 10_000
 
 
 def family_hash(body: Mapping[str, Any], shape: str, key: str,
-                system: list[Segment] | None = None) -> str:
+                system: list[Segment] | None = None, model: str | None = None) -> str:
     """Keyed hash of the shared prefix: model family, tool definitions, system prompt.
-    `system`: the body's `root_segments(...)[0]`, when the caller has them."""
+    `system`: the body's `root_segments(...)[0]`, when the caller has them; `model`: the
+    request's model when its body has none (Bedrock, Vertex and Azure name it in the URL)."""
     h = hashlib.blake2b(key=key.encode()[:64], digest_size=12)
-    h.update(model_family(body.get("model")).encode())
+    h.update(model_family(body.get("model") or model).encode())
     for seg in iter_segments(dict(body), shape):
         if seg.section != "tools":
             break  # tools come first
@@ -118,9 +119,10 @@ def _busiest(ring: array, first: int, last: int) -> int:
 
 
 def family_key(body: Mapping[str, Any], shape: str, affinity_id: str, rates: FamilyRates,
-               now: float, key: str, system: list[Segment] | None = None) -> tuple[str, int, int]:
+               now: float, key: str, system: list[Segment] | None = None,
+               model: str | None = None) -> tuple[str, int, int]:
     """(prompt_cache_key value, bucket, bucket count) for one request."""
-    family = family_hash(body, shape, key, system)
+    family = family_hash(body, shape, key, system, model)
     count = rates.buckets(family, now)
     bucket = jump_hash(int(keyed_hash(affinity_id.encode(), key)[:16], 16), count)
     return f"fam-{family}-{bucket}", bucket, count

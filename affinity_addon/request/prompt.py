@@ -6,6 +6,12 @@ fingerprints, so all three agree on what "the prefix" is. Order per shape:
 - openai-chat: tools -> messages (content parts)
 - openai-responses: tools -> instructions -> input (content items)
 - gemini: tools -> systemInstruction parts -> contents parts
+- bedrock-converse: toolConfig.tools -> system -> messages (content blocks), "Cache checkpoints are
+  processed in this order: tools -> system -> messages"
+  (https://docs.aws.amazon.com/bedrock/latest/userguide/prompt-caching.html). Its blocks are
+  one-key objects (`{"text": ...}`, `{"toolUse": ...}`), the key is the block's kind, and a
+  `{"cachePoint": {...}}` block is no content of its own: it marks the block before it
+  (`Segment.mark`).
 Bodies of the wrong type anywhere are skipped, never raised on: clients send odd things.
 """
 
@@ -17,10 +23,12 @@ from typing import Any
 
 import orjson
 
-from affinity_addon.shapes import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 
 # Keys that mark cache breakpoints: they steer caching but are not part of the cached bytes.
 MARKER_KEYS = frozenset({"cache_control", "prompt_cache_breakpoint"})
+# Bedrock Converse's breakpoint: a block of its own, after the block it marks.
+CACHE_POINT = "cachePoint"
 
 SYSTEM_ROLES = frozenset({"system", "developer"})
 
@@ -33,6 +41,8 @@ class Segment:
     role: str | None
     message_index: int | None  # index in messages/input/contents, None for tools/system
     value: Any  # the JSON value itself (a dict, or a str for string content)
+    # Converse: the `cachePoint` value of the block right after this one, which marks this one.
+    mark: Any = None
 
 
 def canonical(value: Any) -> bytes:
@@ -103,16 +113,48 @@ def _content(prefix: str, section: str, role: str | None, index: int | None,
             yield Segment(f"{prefix}.{key}[{j}]", section, _kind(block, "part"), role, index, block)
 
 
-def _tools(body: dict[str, Any]) -> Iterator[Segment]:
+def is_cache_point(block: Any) -> bool:
+    return isinstance(block, dict) and CACHE_POINT in block
+
+
+def _union_blocks(prefix: str, section: str, role: str | None, index: int | None,
+                  blocks: list[Any]) -> Iterator[Segment]:
+    """Converse's one-key blocks: a block's kind is its key; a `cachePoint` block is the mark
+    of the block before it (held back one step so it can carry it)."""
+    held: Segment | None = None
+    for j, block in enumerate(blocks):
+        if is_cache_point(block):
+            if held is not None:
+                held.mark = block[CACHE_POINT]
+            continue
+        if held is not None:
+            yield held
+        kind = next(iter(block), "part") if isinstance(block, dict) else _kind(block, "part")
+        held = Segment(f"{prefix}[{j}]", section, kind, role, index, block)
+    if held is not None:
+        yield held
+
+
+def _tools(body: dict[str, Any], shape: str | None = None) -> Iterator[Segment]:
+    if shape == BEDROCK_CONVERSE:
+        config = body.get("toolConfig")
+        tools = config.get("tools") if isinstance(config, dict) else None
+        if isinstance(tools, list):
+            yield from _union_blocks("toolConfig.tools", "tools", None, None, tools)
+        return
     tools = body.get("tools")
     if isinstance(tools, list):
         for i, tool in enumerate(tools):
             yield Segment(f"tools[{i}]", "tools", "tool", None, None, tool)
 
 
-def _message(key: str, i: int, msg: dict[str, Any]) -> Iterator[Segment]:
+def _message(key: str, i: int, msg: dict[str, Any], shape: str | None = None) -> Iterator[Segment]:
     role = msg.get("role") if isinstance(msg.get("role"), str) else None
-    if "content" in msg:
+    if shape == BEDROCK_CONVERSE:
+        content = msg.get("content")
+        if isinstance(content, list):
+            yield from _union_blocks(f"{key}[{i}].content", key, role, i, content)
+    elif "content" in msg:
         yield from _content(f"{key}[{i}]", key, role, i, msg["content"])
     elif "parts" in msg:  # gemini contents
         yield from _content(f"{key}[{i}]", key, role, i, msg["parts"], "parts")
@@ -120,7 +162,7 @@ def _message(key: str, i: int, msg: dict[str, Any]) -> Iterator[Segment]:
         yield Segment(f"{key}[{i}]", key, _kind(msg, "item"), role, i, msg)
 
 
-def _messages(body: dict[str, Any], key: str) -> Iterator[Segment]:
+def _messages(body: dict[str, Any], key: str, shape: str | None = None) -> Iterator[Segment]:
     msgs = body.get(key)
     if isinstance(msgs, str) and key == "input":  # Responses: a plain string is one user message
         yield Segment(key, key, "string", "user", 0, msgs)
@@ -129,16 +171,20 @@ def _messages(body: dict[str, Any], key: str) -> Iterator[Segment]:
         return
     for i, msg in enumerate(msgs):
         if isinstance(msg, dict):
-            yield from _message(key, i, msg)
+            yield from _message(key, i, msg, shape)
 
 
 # Where each shape keeps its conversation.
 MESSAGES_KEY = {ANTHROPIC: "messages", OPENAI_CHAT: "messages", OPENAI_RESPONSES: "input",
-                GEMINI: "contents"}
+                GEMINI: "contents", BEDROCK_CONVERSE: "messages"}
 
 
 def _top_level_system(body: dict[str, Any], shape: str) -> Iterator[Segment]:
-    if shape == ANTHROPIC:
+    if shape == BEDROCK_CONVERSE:
+        system = body.get("system")
+        if isinstance(system, list):
+            yield from _union_blocks("system", "system", "system", None, system)
+    elif shape == ANTHROPIC:
         system = body.get("system")
         if isinstance(system, str):
             yield Segment("system", "system", "string", "system", None, system)
@@ -157,25 +203,27 @@ def _top_level_system(body: dict[str, Any], shape: str) -> Iterator[Segment]:
 
 # Every top-level field `head_segments` reads, in any shape (tools; Anthropic's system,
 # Responses' instructions, Gemini's system instruction): the head is a function of these alone.
-HEAD_FIELDS = ("tools", "system", "instructions", "systemInstruction", "system_instruction")
+HEAD_FIELDS = ("tools", "toolConfig", "system", "instructions", "systemInstruction",
+               "system_instruction")
 
 
 def head_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
     """The segments before the conversation: tools, then the top-level system prompt."""
-    yield from _tools(body)
+    yield from _tools(body, shape)
     if shape in MESSAGES_KEY:
         yield from _top_level_system(body, shape)
 
 
-def message_segments(key: str, i: int, msg: dict[str, Any]) -> Iterator[Segment]:
+def message_segments(key: str, i: int, msg: dict[str, Any],
+                     shape: str | None = None) -> Iterator[Segment]:
     """The segments of message `i` of the conversation under `key`."""
-    return _message(key, i, msg)
+    return _message(key, i, msg, shape)
 
 
 def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
     yield from head_segments(body, shape)
     if shape in MESSAGES_KEY:
-        yield from _messages(body, MESSAGES_KEY[shape])
+        yield from _messages(body, MESSAGES_KEY[shape], shape)
 
 
 # The root is the first blocks of the system prompt and of the first user message: enough to
@@ -198,7 +246,7 @@ def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list
     system = list(islice(_top_level_system(body, shape), MAX_ROOT_BLOCKS))
     msgs = body.get(key)
     if isinstance(msgs, str):
-        return system, [seg for seg in _messages(body, key) if seg.role == "user"]
+        return system, [seg for seg in _messages(body, key, shape) if seg.role == "user"]
     if not isinstance(msgs, list):
         return system, []
     first_system: list[Segment] = []  # the first system-role message that has content
@@ -207,9 +255,9 @@ def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list
             continue
         role = msg.get("role")
         if role == "user":
-            user = list(islice(_message(key, i, msg), MAX_ROOT_BLOCKS))
+            user = list(islice(_message(key, i, msg, shape), MAX_ROOT_BLOCKS))
             if user:
                 return system + first_system, user
         elif not first_system and isinstance(role, str) and role in SYSTEM_ROLES:
-            first_system = list(islice(_message(key, i, msg), MAX_ROOT_BLOCKS))
+            first_system = list(islice(_message(key, i, msg, shape), MAX_ROOT_BLOCKS))
     return system + first_system, []

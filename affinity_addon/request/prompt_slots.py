@@ -17,15 +17,18 @@ from affinity_addon.request.breakpoint_spec import (
 )
 from affinity_addon.request.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.prompt import (
+    CACHE_POINT,
     MARKER_KEYS,
     MESSAGES_KEY,
     Segment,
     canonical,
     head_segments,
+    is_cache_point,
     iter_segments,
     message_segments,
     text_of,
 )
+from affinity_addon.shapes import BEDROCK_CONVERSE
 from affinity_addon.tokens import estimate_tokens
 
 logger = logging.getLogger(__name__)
@@ -69,8 +72,33 @@ def _marked(item: Any) -> bool:
     return isinstance(item, dict) and ("cache_control" in item or "prompt_cache_breakpoint" in item)
 
 
-def marker_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+def _point_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Converse's `cachePoint` blocks, each held by the block before it in its list (the list's
+    owner when it comes first: a path no slot has, so it counts at the prompt's start)."""
+    config = body.get("toolConfig")
+    # (list path, its items, who holds a point at its very start)
+    lists: list[tuple[str, Any, str]] = [
+        ("toolConfig.tools", config.get("tools") if isinstance(config, dict) else None,
+         "toolConfig"),
+        ("system", body.get("system"), "toolConfig")]
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        lists += [(f"messages[{i}].content", m.get("content"),
+                   f"messages[{i - 1}]" if i else "system")
+                  for i, m in enumerate(messages) if isinstance(m, dict)]
+    for path, items, first in lists:
+        if not isinstance(items, list):
+            continue
+        for j, item in enumerate(items):
+            if is_cache_point(item):
+                yield (f"{path}[{j - 1}]" if j else first), item[CACHE_POINT]
+
+
+def marker_sites(body: dict[str, Any], shape: str | None = None) -> Iterator[tuple[str, Any]]:
     """(holder path, marker value) of every marker; "" is the body itself (top level)."""
+    if shape == BEDROCK_CONVERSE:
+        yield from _point_sites(body)
+        return
     yield from _held("", body)
     for section in ("tools", "system"):
         items = body.get(section)
@@ -103,7 +131,7 @@ def count_markers(body: dict[str, Any], shape: str) -> int:
     """Every marker in tools, system, messages (and tool results) and at the top level."""
     if not isinstance(body, dict):
         return 0
-    return sum(1 for _ in marker_sites(body))
+    return sum(1 for _ in marker_sites(body, shape))
 
 
 def _has_text(s: str) -> bool:
@@ -117,6 +145,15 @@ def _eligible(seg: Segment, rules: ShapeRules) -> tuple[bool, bool]:
     v = seg.value
     if isinstance(v, dict) and "cache_control" in v and v["cache_control"] is None:
         return False, False  # an explicit null: marking it would not be undoable exactly
+    if rules.point_blocks:  # Converse: the walker named each block by its one key
+        if not isinstance(v, dict) or seg.kind in NEVER_MARKED:
+            return False, False
+        if seg.section == "tools":
+            return rules.tool_markers and "toolSpec" in v, False
+        if seg.kind == "text":
+            text = v.get("text")
+            return isinstance(text, str) and _has_text(text), False
+        return True, False
     if seg.section == "tools":
         return rules.tool_markers and isinstance(v, dict) and not v.get("defer_loading"), False
     if isinstance(v, str):
@@ -170,7 +207,8 @@ class Prompt:
         assert section is not None or start == 0
         segments: Iterable[Segment] = (
             chain(head_segments(body, shape) if start == 0 else (),
-                  self._messages(section, msgs, start, cuts, cut_from, slots, lambda: total))
+                  self._messages(section, shape, msgs, start, cuts, cut_from, slots,
+                                 lambda: total))
             if isinstance(msgs, list) and section is not None else iter_segments(body, shape))
         for seg in segments:
             ok, convert = _eligible(seg, rules)
@@ -207,7 +245,7 @@ class Prompt:
         self.last_eligible = eligible[-1] if eligible else None
         self.markers = self._markers(sites) if sites else []
 
-    def _messages(self, section: str, msgs: list[Any], start: int,
+    def _messages(self, section: str, shape: str, msgs: list[Any], start: int,
                   cuts: list[tuple[int, int, int]], cut_from: int, slots: list[Slot],
                   total: Callable[[], int]) -> Iterator[Segment]:
         """The segments of messages `start`... and the checkpoints before the last few: the
@@ -217,7 +255,7 @@ class Prompt:
                 cuts.append((i, len(slots), total()))
             msg = msgs[i]
             if isinstance(msg, dict):
-                yield from message_segments(section, i, msg)
+                yield from message_segments(section, i, msg, shape)
 
     def _markers(self, sites: list[tuple[str, Any]]) -> list[_Marker]:
         where = {s.seg.path: s.index for s in self.slots}

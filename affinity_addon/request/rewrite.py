@@ -14,6 +14,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.record.schema import RequestFacts
@@ -56,6 +57,9 @@ class Outcome:
     body_write: str = "none"  # none | splice | reserialize
     problems: list[str] = field(default_factory=list)  # logged as one warning per request
     signal: str | None = None  # the routing value the provider will see (None: none at all)
+    # Why the changes were computed but not sent although the proxy is not in a dry run: the
+    # request is signed over its body ("signed (aws-sigv4)").
+    rewrite_skipped: str | None = None
     key: dict[str, Any] | None = None  # {family_key}: {"strategy", "bucket", "buckets"}
     # The prompt family (keyed hash), when the tracker asked for it (`ttl: auto`); not logged.
     family: str | None = None
@@ -72,7 +76,7 @@ class Outcome:
                    "markers": list(self.markers)},
             kept=tuple(self.kept), body_write=self.body_write,
             warning="; ".join(self.problems) or None, host=host, path=path, method=method,
-            key=dict(self.key) if self.key else None)
+            key=dict(self.key) if self.key else None, rewrite_skipped=self.rewrite_skipped)
 
 
 class _Roots:
@@ -133,8 +137,6 @@ def _match(candidates: tuple[Rule, ...], body: dict[str, Any] | None,
     """Step 1: the rules whose model glob fits, in file order, until one says `stop`."""
     matched: list[Rule] = []
     for rule in candidates:
-        if rule.model is not None and body is None:
-            continue
         if rule.matches_model(model):
             matched.append(rule)
             if rule.stop:
@@ -167,7 +169,7 @@ class _Rewrite:
                 fk, bucket, count = family_key(self.body, out.shape, out.affinity_id,
                                                self.rates or FamilyRates(),
                                                self.request.timestamp_start or 0.0, self.secret,
-                                               self.root()[0])
+                                               self.root()[0], out.model)
                 out.key = {"strategy": "family", "bucket": bucket, "buckets": count}
             facts["family_key"] = fk
         return _render(a, facts)
@@ -177,7 +179,8 @@ class _Rewrite:
         once and before any marker is added (markers are left out of it anyway)."""
         out = self.out
         if out.family is None and self.body is not None and out.shape is not None:
-            out.family = family_hash(self.body, out.shape, self.secret, self.root()[0])
+            out.family = family_hash(self.body, out.shape, self.secret, self.root()[0],
+                                     out.model)
         return out.family
 
     def headers(self, rule: Rule) -> None:
@@ -274,7 +277,8 @@ class _Rewrite:
             auto = rule.cache_control.ttl == AUTO_TTL
             hint = hint_for(out.affinity_id, family=self.family if auto else None)
         body = self._exact()  # markers mean a re-encode
-        added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint)
+        added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint,
+                                             host=self.facts["host"])
         if added:
             out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
             self.body_changed = self.must_reserialize = True
@@ -331,15 +335,24 @@ def apply_rules(
         return None
     body = parsed.obj
     model = body.get("model") if body is not None and isinstance(body.get("model"), str) else None
+    if model is None:  # Bedrock, Vertex and Azure deployments name it in the URL
+        model = PROVIDER_FACTS.path_model(path)
     matched = _match(candidates, body, model)  # 1. which rules
     if not matched:
         return None
+    # A body the client signed (AWS SigV4 hashes the payload into its signature) is never
+    # changed: the rules run as in a dry run, and the record says why nothing was sent.
+    signed = PROVIDER_FACTS.signature(headers, request.path.partition("?")[2])
+    if signed is not None:
+        dry_run = True
     # 2. the conversation: its API shape and affinity ID
     shape = next((r.api for r in matched if r.api), None) or shape_for(path)
     aff_config = next((r.affinity for r in matched if r.affinity), ruleset.affinity)
     root = _Roots(body, shape)
     aff, source = affinity_id.derive(aff_config, headers, body, shape, secret, root)
     out = Outcome([r.name for r in matched], shape, model, aff, source, dry_run)
+    if signed is not None:
+        out.rewrite_skipped = f"signed ({signed})"
     if parsed.problem and any(r.needs_body for r in matched):
         out.problems.append(parsed.problem + "; sent unchanged")
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,

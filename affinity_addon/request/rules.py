@@ -29,7 +29,14 @@ from affinity_addon.request.actions import (
 )
 from affinity_addon.request.breakpoint_spec import CacheControlSpec, parse_cache_control
 from affinity_addon.request.retention import RetentionSpec, parse_retention
-from affinity_addon.shapes import SHAPES
+from affinity_addon.shapes import (
+    ANTHROPIC,
+    BEDROCK_CONVERSE,
+    GEMINI,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+    SHAPES,
+)
 
 
 def default_rules_file() -> Path:
@@ -43,12 +50,19 @@ def default_rules_file() -> Path:
 
 # API shape by request path, when a rule does not say. Host-independent on purpose: the same
 # shapes are served by many hosts (OpenRouter, DeepSeek, proxies).
+# Bedrock's InvokeModel takes each model's own body, so its shape comes from the rule (`api:`);
+# Converse is one format for every model (botocore's bedrock-runtime service model), and Vertex
+# serves Claude's body under publishers/anthropic.
 SHAPE_BY_PATH: tuple[tuple[str, str], ...] = (
-    ("*/messages", "anthropic"),
-    ("*/chat/completions", "openai-chat"),
-    ("*/responses", "openai-responses"),
-    ("*:generateContent", "gemini"),
-    ("*:streamGenerateContent", "gemini"),
+    ("*/messages", ANTHROPIC),
+    ("*/chat/completions", OPENAI_CHAT),
+    ("*/responses", OPENAI_RESPONSES),
+    ("*:generateContent", GEMINI),
+    ("*:streamGenerateContent", GEMINI),
+    ("/model/*/converse", BEDROCK_CONVERSE),
+    ("/model/*/converse-stream", BEDROCK_CONVERSE),
+    ("*/publishers/anthropic/models/*:rawPredict", ANTHROPIC),
+    ("*/publishers/anthropic/models/*:streamRawPredict", ANTHROPIC),
 )
 
 _RULE_KEYS = frozenset(

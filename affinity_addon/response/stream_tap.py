@@ -11,12 +11,28 @@ raising.
 import logging
 import re
 from collections.abc import Callable
+from typing import Protocol
 
 from affinity_addon.decoding import DecodeLimit, make_decoder
 
 logger = logging.getLogger(__name__)
 
 OnEvent = Callable[[str | None, bytes], None]
+
+
+class Tap(Protocol):
+    """What the recorder reads off a stream tap, whatever the stream's framing (SSE here, AWS
+    event streams in eventstream.py)."""
+
+    ended: bool
+    events: int
+    skipped: int
+    failed: str | None
+
+    @property
+    def kept(self) -> bytes | None: ...
+
+    def __call__(self, chunk: bytes) -> bytes: ...
 
 # One SSE event bigger than this (e.g. a runaway line without a newline) stops parsing: holding
 # it would cost memory for every stream, and no usage-bearing event is anywhere near it.

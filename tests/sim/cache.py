@@ -27,7 +27,7 @@ LEAD_TOKENS = 256  # OpenAI hashes "the first ~256 prefix tokens" to pick a mach
 LOOKBACK = 20  # a marker checks its own block boundary and the 19 before it
 MAX_MARKERS = 4
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
-NOT_CACHEABLE = frozenset({"thinking", "redacted_thinking"})
+NOT_CACHEABLE = frozenset({"thinking", "redacted_thinking", "reasoningContent"})
 _PURGE_AT = 50_000  # entries per cache before expired ones are swept
 
 
@@ -41,6 +41,38 @@ ANTHROPIC_MINIMUMS: tuple[tuple[str, int], ...] = (
     ("claude-*-5*", 512),
 )
 DEFAULT_MINIMUM = 1024
+
+
+# Bedrock's own table ("Minimum number of tokens per cache checkpoint" and "Supported TTL" in the
+# Bedrock prompt-caching guide, https://docs.aws.amazon.com/bedrock/latest/userguide/prompt-caching.html),
+# on the model id without its region prefix and vendor (us.anthropic.claude-opus-4-7 ->
+# claude-opus-4-7). The 1h TTL is listed for every Claude model in it but these two.
+BEDROCK_MINIMUMS: tuple[tuple[str, int], ...] = (
+    ("claude-fable-5*", 512), ("claude-mythos-5*", 512), ("claude-mythos-preview*", 4096),
+    ("claude-opus-5*", 512), ("claude-opus-4-8*", 1024), ("claude-opus-4-7*", 4096),
+    ("claude-opus-4-6*", 4096), ("claude-opus-4-5*", 4096), ("claude-sonnet-5*", 1024),
+    ("claude-sonnet-4-6*", 1024), ("claude-sonnet-4-5*", 1024), ("claude-3-7-sonnet*", 1024),
+    ("claude-3-5-sonnet*", 1024), ("claude-haiku-4-5*", 4096),
+)
+BEDROCK_5M_ONLY = ("claude-3-7-sonnet*", "claude-3-5-sonnet*")
+
+
+def bedrock_model(model: str | None) -> str:
+    """`arn:...:inference-profile/us.anthropic.claude-opus-4-7` -> `claude-opus-4-7`."""
+    name = (model or "").lower().rsplit("/", 1)[-1]
+    while "." in name.split("claude", 1)[0]:  # region prefix ("us."), vendor ("anthropic.")
+        name = name.split(".", 1)[1]
+    return name
+
+
+def bedrock_minimum(model: str | None) -> int:
+    name = bedrock_model(model)
+    return next((m for g, m in BEDROCK_MINIMUMS if fnmatch.fnmatchcase(name, g)), DEFAULT_MINIMUM)
+
+
+def bedrock_takes_1h(model: str | None) -> bool:
+    name = bedrock_model(model)
+    return not any(fnmatch.fnmatchcase(name, g) for g in BEDROCK_5M_ONLY)
 
 
 def anthropic_minimum(model: str | None) -> int:

@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tests.sim import cache, render, wire
+from tests.sim import cache, render, sigv4, wire
 from tests.sim.clock import SimClock
-from tests.sim.providers import PROVIDERS, Behaviour, provider_for, resolve
+from tests.sim.providers import PROVIDERS, Behaviour, addressed_host, provider_for, resolve
 from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.sim.routing import Router, Signal, gpt_5_6_or_later
 
@@ -68,7 +68,33 @@ def _find_key(value: Any, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def _authorize(b: Behaviour, method: str, path: str, query: str,
+               headers: list[tuple[str, str]], raw: bytes, host: str) -> None:
+    """Who may call, as each cloud checks it: AWS recomputes the SigV4 signature from the bytes
+    it received (a changed body fails: the payload's SHA-256 is signed) or takes a Bedrock API
+    key as a bearer token; Vertex wants an OAuth bearer token; Azure an api-key or a bearer."""
+    auth = _header(headers, "authorization") or ""
+    if b.auth == "aws":
+        if auth.startswith(sigv4.ALGORITHM):
+            reason = sigv4.verify(method, path, query, headers, raw, host)
+            if reason:
+                raise RequestError(403, reason)
+        elif not auth.startswith("Bearer ") or len(auth) <= 7:
+            raise RequestError(403, "Missing Authentication Token")
+    elif b.auth == "bearer" and (not auth.startswith("Bearer ") or len(auth) <= 7):
+        raise RequestError(401, "Request is missing required authentication credential.")
+    elif b.auth == "azure" and not (_header(headers, "api-key") or auth.startswith("Bearer ")):
+        raise RequestError(401, "Access denied due to missing subscription key.")
+
+
 def _validate(b: Behaviour, body: dict[str, Any]) -> None:
+    if b.version is not None:
+        field, value = b.version
+        if body.get(field) != value:
+            raise RequestError(400, f"{field}: expected {value!r}")
+    if not b.automatic_markers and "cache_control" in body:
+        # Bedrock and Vertex take markers on blocks only
+        raise RequestError(400, "cache_control: Extra inputs are not permitted")
     if b.stream_required and body.get("stream") is not True:
         raise RequestError(400, "Stream must be set to true")
     if b.forbidden:
@@ -188,8 +214,9 @@ class Engine:
 
     def handle(self, method: str, raw_path: str, query: str, headers: list[tuple[str, str]],
                body: Any, body_error: str | None = None, *,
-               reply_text: str | None = None) -> Outcome:
-        """Serve one request. `body` is the decoded JSON; `body_error` says why there is none.
+               reply_text: str | None = None, raw: bytes | None = None) -> Outcome:
+        """Serve one request. `body` is the decoded JSON; `body_error` says why there is none;
+        `raw` the body's bytes as received (what a signature covers).
 
         `reply_text` replaces what the model says (tests trace it through a proxy).
         """
@@ -207,6 +234,10 @@ class Engine:
             errors = b.errors
             if method != "POST":
                 raise RequestError(405, f"method {method} not allowed on {path}")
+            if b.auth is not None:
+                _authorize(b, method, path, query, headers,
+                           raw if raw is not None else wire.dumps(body),
+                           addressed_host(raw_path, _header(headers, "host")))
             if not isinstance(body, dict):
                 raise RequestError(400, body_error or "request body must be a JSON object")
             _validate(b, body)
@@ -219,6 +250,10 @@ class Engine:
                     cache.check_markers(prompt)
                 except ValueError as e:
                     raise RequestError(400, str(e)) from None
+                if b.minimums == "bedrock" and not cache.bedrock_takes_1h(model_name) \
+                        and any(m.ttl == "1h" for m in prompt.markers):
+                    raise RequestError(400, f"The model {model_name} does not support a 1h "
+                                            "cache TTL")
             with self._lock:
                 replica = self._route(provider, b, headers, body, prompt, blocks, model_name,
                                       now)
@@ -235,7 +270,10 @@ class Engine:
         if reply_text is not None:
             ids = replace(ids, text=reply_text)
         stream = b.stream if b.stream is not None else body.get("stream") is True
-        if b.shape == GEMINI and stream and "alt=sse" not in query.split("&"):
+        if stream and b.framing == "eventstream":
+            frames = wire.eventstream_frames(b.shape, model_name, usage, ids)
+            reply = Reply(200, wire.EVENTSTREAM, events=tuple(frames))
+        elif b.shape == GEMINI and stream and "alt=sse" not in query.split("&"):
             # Gemini without alt=sse streams a JSON array of the same chunks.
             data = wire.json_body(b.shape, model_name, usage, ids, body, stream=True)
             reply = Reply(200, "application/json", wire.dumps(data))
@@ -251,7 +289,9 @@ class Engine:
                model: str, body: dict[str, Any], now: float) -> wire.Counts:
         if b.cache == "markers":
             mc = self._marker.setdefault((provider, replica), cache.MarkerCache())
-            got = mc.serve(prompt, cache.anthropic_minimum(model), now)
+            minimum = (cache.bedrock_minimum(model) if b.minimums == "bedrock"
+                       else cache.anthropic_minimum(model))
+            got = mc.serve(prompt, minimum, now)
             return wire.Counts(prompt.tokens, got.read, got.write_5m, got.write_1h)
         if b.gpt_breakpoints and gpt_5_6_or_later(model):
             options = body.get("prompt_cache_options")

@@ -13,6 +13,7 @@ The header holds directives separated by `;` or `,`, for example
 | `slowloris-bytes=N` | piece size for `slowloris-ms` |
 | `truncate-gzip` | gzip the body and cut the compressed stream short (no trailer, half of the last piece), but end the HTTP message normally |
 | `pad-event-bytes=N` | SSE: put one extra event first whose JSON data carries N bytes of padding |
+| `corrupt-event=N` | flip one byte in the middle of the Nth event (1-based) as sent: a bad CRC in an AWS event stream frame, garbage in an SSE event |
 
 Unknown or malformed directives are answered with 400, so a typo in a test is loud.
 """
@@ -35,6 +36,7 @@ class Faults:
     slowloris_bytes: int = 1
     truncate_gzip: bool = False
     pad_event_bytes: int = 0
+    corrupt_event: int = 0
 
     @property
     def any(self) -> bool:

@@ -11,8 +11,9 @@ import fnmatch
 import re
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
+from urllib.parse import unquote
 
-from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.sim.render import ANTHROPIC, CONVERSE, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.sim.routing import SHARED, Routing, Signal
 
 
@@ -32,6 +33,13 @@ class Behaviour:
     stream_required: bool = False
     forbidden: tuple[str, ...] = ()  # body keys, at any depth, answered with 400
     conflicts: tuple[tuple[str, str], ...] = ()  # dotted body paths that must not both be set
+    framing: str = "sse"  # how a stream goes on the wire: "sse" | "eventstream" (AWS)
+    # Who may call: None (anyone), "aws" (SigV4 checked against the payload, or a Bedrock API
+    # key as a bearer token), "bearer" (an OAuth access token), "azure" (api-key or bearer)
+    auth: str | None = None
+    version: tuple[str, str] | None = None  # (body field, the only value taken)
+    automatic_markers: bool = True  # is Anthropic's top-level `cache_control` taken
+    minimums: str = "anthropic"  # which table of marker minimums: "anthropic" | "bedrock"
 
 
 class Route(NamedTuple):
@@ -128,6 +136,48 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
               _route(r"/v1(beta|alpha)?/models/(?P<model>[^/:]+):streamGenerateContent",
                      stream=True)),
              by_model=(("gemini-2.5-*", {"auto_min": 2048}),)),
+    # Amazon Bedrock (bedrock-runtime, bedrock-mantle): InvokeModel and its stream (Claude's own
+    # body, anthropic_version bedrock-2023-05-31, the model in the URL), Converse and
+    # ConverseStream (cachePoint blocks), and the Anthropic-native /anthropic/v1/messages. Streams
+    # are AWS event streams. Caches are per account, markers only, with Bedrock's own minimums
+    # and no top-level automatic marker (Bedrock prompt-caching guide). SigV4 signs the payload.
+    Provider("bedrock", (),
+             replace(_ANTHROPIC, errors="bedrock", auth="aws", framing="eventstream",
+                     automatic_markers=False, minimums="bedrock"),
+             (_route(r"/model/(?P<model>[^/]+)/invoke", stream=False,
+                     version=("anthropic_version", "bedrock-2023-05-31")),
+              _route(r"/model/(?P<model>[^/]+)/invoke-with-response-stream", stream=True,
+                     version=("anthropic_version", "bedrock-2023-05-31")),
+              _route(r"/model/(?P<model>[^/]+)/converse", stream=False, shape=CONVERSE,
+                     usage="bedrock-converse"),
+              _route(r"/model/(?P<model>[^/]+)/converse-stream", stream=True, shape=CONVERSE,
+                     usage="bedrock-converse"),
+              _route(r"/anthropic/v1/messages", framing="sse", errors="anthropic"))),
+    # Google Cloud Vertex AI: Claude through :rawPredict / :streamRawPredict (Anthropic's body
+    # with anthropic_version vertex-2023-10-16, the model in the URL, SSE as on the API), Gemini
+    # through :generateContent. An OAuth bearer token; no top-level automatic marker.
+    Provider("vertex", (),
+             replace(_ANTHROPIC, auth="bearer", automatic_markers=False,
+                     version=("anthropic_version", "vertex-2023-10-16"), errors="gemini"),
+             (_route(r"/v1[a-z0-9]*/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/"
+                     r"(?P<model>[^/:]+):rawPredict", stream=False),
+              _route(r"/v1[a-z0-9]*/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/"
+                     r"(?P<model>[^/:]+):streamRawPredict", stream=True),
+              _route(r"/v1[a-z0-9]*/projects/[^/]+/locations/[^/]+/publishers/google/models/"
+                     r"(?P<model>[^/:]+):generateContent", stream=False, shape=GEMINI,
+                     usage="gemini", cache="auto", auto_min=2048, version=None),
+              _route(r"/v1[a-z0-9]*/projects/[^/]+/locations/[^/]+/publishers/google/models/"
+                     r"(?P<model>[^/:]+):streamGenerateContent", stream=True, shape=GEMINI,
+                     usage="gemini", cache="auto", auto_min=2048, version=None))),
+    # Azure OpenAI / Foundry: OpenAI's chat and Responses formats under /openai/deployments/<d>/
+    # and /openai/v1/; routing by a hash of the prefix combined with prompt_cache_key, ~15
+    # requests a minute per pair (Azure's prompt-caching page).
+    Provider("azure", (),
+             Behaviour(routing=Routing("prefix-key", (_PCK,)), auth="azure",
+                       gpt_breakpoints=True),
+             (_route(r"/openai/deployments/(?P<model>[^/]+)/chat/completions", **_CHAT),
+              _route(r"/openai/v1/chat/completions", **_CHAT),
+              _route(r"/openai/v1/responses", **_RESPONSES))),
     # Not a providers.md row: an Anthropic-compatible multi-account relay (each replica is an
     # account with its own cache) that pins a session by header, as the shipped example rule.
     Provider("proxy", (), replace(_ANTHROPIC, routing=_key(Signal("header", "x-session-id"),
@@ -136,7 +186,15 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
 )}
 
 _BY_HOST = {host: p.name for p in PROVIDERS.values() for host in p.hosts}
-_PREFIX = re.compile(r"/p/(?P<name>[^/]+)(?P<rest>/.*)?")
+# `/p/<provider>/...`, or `/p/<provider>@<host>/...` naming the host the client addressed (a
+# proxy's map-remote rewrites the Host header; SigV4 signed the original one).
+_PREFIX = re.compile(r"/p/(?P<name>[^/@]+)(?:@(?P<host>[^/]+))?(?P<rest>/.*)?")
+
+
+def addressed_host(path: str, headers_host: str | None) -> str:
+    """The host the client addressed: from the `/p/<provider>@<host>` prefix, else Host."""
+    m = _PREFIX.fullmatch(path)
+    return (m["host"] if m and m["host"] else None) or headers_host or ""
 
 
 def provider_for(path: str, host: str | None, default: str) -> tuple[str, str]:
@@ -162,6 +220,8 @@ def resolve(provider: str, path: str, model: str | None) -> Resolved | None:
             continue
         behaviour = replace(p.base, **route.changes)
         path_model = m.groupdict().get("model")
+        if path_model:  # Bedrock's ids arrive percent-encoded (us.anthropic...-v1%3A0)
+            path_model = unquote(path_model)
         name = model or path_model or ""
         for glob, changes in p.by_model:
             if fnmatch.fnmatchcase(name, glob):

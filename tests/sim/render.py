@@ -7,7 +7,11 @@ tests check the addon against an independent model of the provider. Order per AP
 - OpenAI Chat: tools -> messages (tools are part of the prefix, §3; the docs do not say where
   they sit, so they come first, as on Anthropic);
 - OpenAI Responses: tools -> instructions -> input;
-- Gemini: tools -> systemInstruction -> contents.
+- Gemini: tools -> systemInstruction -> contents;
+- Bedrock Converse: toolConfig.tools -> system -> messages ("Cache checkpoints are processed in
+  this order: tools -> system -> messages", Bedrock's prompt-caching guide); every block is a
+  one-key object (`{"text": ...}`, `{"toolUse": ...}`), and a `{"cachePoint": {...}}` block is
+  no content: it is the cache directive of the block before it.
 A block's `text` is what the model reads (its tokens); `head` names the section, role and message
 start, which counts no tokens but is part of the identity (a user "x" is not an assistant "x").
 Directives (`cache_control`, `prompt_cache_breakpoint`) steer caching and are never rendered, so
@@ -17,7 +21,7 @@ reordered keys in tool schemas break the cache).
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # API shapes, by their public wire format.
@@ -25,6 +29,7 @@ ANTHROPIC = "anthropic"
 OPENAI_CHAT = "openai-chat"
 OPENAI_RESPONSES = "openai-responses"
 GEMINI = "gemini"
+CONVERSE = "bedrock-converse"
 
 DIRECTIVES = frozenset({"cache_control", "prompt_cache_breakpoint"})
 SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -192,8 +197,46 @@ def _gemini(body: dict[str, Any]) -> Iterator[Block]:
     yield from _messages(body.get("contents"), "contents")
 
 
+def _converse_block(head: str, role: str, message: int | None, item: Any,
+                    path: str) -> Block:
+    kind = next(iter(item), "json") if isinstance(item, dict) else "json"
+    text = item.get("text") if isinstance(item, dict) else None
+    if kind == "text" and isinstance(text, str) and len(item) == 1:
+        return Block(head, text, "text", role, message, None, path)
+    return Block(head, dump(item), str(kind), role, message, None, path)
+
+
+def _converse(body: dict[str, Any]) -> Iterator[Block]:
+    blocks: list[Block] = []
+
+    def add(items: Any, section: str, role: str, message: int | None, path: str) -> None:
+        if not isinstance(items, list):
+            return
+        first = True
+        for j, item in enumerate(items):
+            if isinstance(item, dict) and "cachePoint" in item:
+                if blocks:  # the checkpoint caches everything up to the block before it
+                    blocks[-1] = replace(blocks[-1], directive=item["cachePoint"])
+                continue
+            head = "tools" if section == "tools" else \
+                f"{section}|{role}|{'start' if first else 'part'}"
+            first = False
+            blocks.append(_converse_block(head, role, message, item, f"{path}.{j}"))
+
+    config = body.get("toolConfig")
+    add(config.get("tools") if isinstance(config, dict) else None, "tools", "tools", None,
+        "toolConfig.tools")
+    add(body.get("system"), "system", "system", None, "system")
+    messages = body.get("messages")
+    for i, msg in enumerate(messages if isinstance(messages, list) else []):
+        if isinstance(msg, dict):
+            add(msg.get("content"), "messages", str(msg.get("role", "?")), i,
+                f"messages.{i}.content")
+    yield from blocks
+
+
 _RENDERERS = {ANTHROPIC: _anthropic, OPENAI_CHAT: _chat, OPENAI_RESPONSES: _responses,
-              GEMINI: _gemini}
+              GEMINI: _gemini, CONVERSE: _converse}
 
 
 def render(body: dict[str, Any], shape: str) -> list[Block]:

@@ -36,7 +36,7 @@ RESPONSE_ID_HEADER = "x-sim-response-id"
 DIGEST_HEADER = "x-sim-body-sha256"
 # Never echoed by the control API: a subprocess's request log may end up in CI output.
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie",
-                             "x-goog-api-key", "proxy-authorization"})
+                             "x-goog-api-key", "proxy-authorization", "x-amz-security-token"})
 _SECRET_PARAMS = frozenset({"key", "api_key", "token"})  # Gemini takes `?key=`
 
 
@@ -178,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             outcome = sim.engine.handle(self.command, url.path, url.query, headers,
                                         None if decode_error else body, decode_error,
-                                        reply_text=self.headers.get(REPLY_TEXT_HEADER))
+                                        reply_text=self.headers.get(REPLY_TEXT_HEADER), raw=raw)
         sim._record(RecordedRequest(self.command, outcome.path, url.query, headers, raw, body,
                                     outcome.provider, outcome.replica, outcome.reply.status,
                                     outcome.usage, outcome.ts))
@@ -196,6 +196,10 @@ class _Handler(BaseHTTPRequestHandler):
         if faults.pad_event_bytes:
             events.insert(0, wire.sse({"type": "ping", "padding": "x" * faults.pad_event_bytes},
                                       "ping"))
+        if 0 < faults.corrupt_event <= len(events):
+            bad = bytearray(events[faults.corrupt_event - 1])
+            bad[len(bad) // 2] ^= 0xFF
+            events[faults.corrupt_event - 1] = bytes(bad)
         encoder = wire.ENCODERS[enc_name]() if enc_name else None
         pieces = [(encoder.chunk(e) if encoder else e, True) for e in events]
         if faults.truncate_gzip and pieces:

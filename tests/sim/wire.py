@@ -6,7 +6,9 @@ hit/miss; Moonshot puts `cached_tokens` at the top level; Gemini uses `usageMeta
 shapes follow the fixtures of providers.md section 19.
 """
 
+import base64
 import json
+import struct
 import time
 import zlib
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from typing import Any
 
 import brotli
 
-from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.sim.render import ANTHROPIC, CONVERSE, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 
 REPLY_TEXT = "ok"
 OUTPUT_TOKENS = 1
@@ -121,6 +123,21 @@ def _gemini(c: Counts) -> Usage:
     return usage
 
 
+def _converse(c: Counts) -> Usage:
+    """Bedrock Converse `TokenUsage`: `inputTokens` is what was neither read nor written ("total
+    input tokens = inputTokens + cacheReadInputTokens + cacheWriteInputTokens"), `cacheDetails`
+    the writes per TTL, 1h before 5m (Bedrock prompt-caching guide; TokenUsage, CacheDetail in
+    the bedrock-runtime API reference)."""
+    usage: Usage = {"inputTokens": c.uncached, "outputTokens": c.output,
+                    "totalTokens": c.prompt + c.output, "cacheReadInputTokens": c.read,
+                    "cacheWriteInputTokens": c.write}
+    details = [{"ttl": ttl, "inputTokens": n} for ttl, n in (("1h", c.write_1h), ("5m", c.write_5m))
+               if n]
+    if details:
+        usage["cacheDetails"] = details
+    return usage
+
+
 USAGE_STYLES: dict[str, Callable[[Counts], Usage]] = {
     "anthropic": _anthropic,
     "openai-chat": _openai_chat,
@@ -134,6 +151,7 @@ USAGE_STYLES: dict[str, Callable[[Counts], Usage]] = {
     "codex": lambda c: _responses(c, write_field=False),
     "xai-responses": lambda c: _responses(c, write_field=False),
     "gemini": _gemini,
+    "bedrock-converse": _converse,
 }
 
 
@@ -156,6 +174,8 @@ ERROR_STYLES: dict[str, Callable[[int, str, str], Any]] = {
     "codex": lambda status, msg, rid: {"detail": msg},
     "gemini": lambda status, msg, rid: {
         "error": {"code": status, "message": msg, "status": _GOOGLE_STATUS.get(status, "UNKNOWN")}},
+    # Bedrock's REST-JSON errors: {"message": ...}, the type in the x-amzn-ErrorType header.
+    "bedrock": lambda status, msg, rid: {"message": msg},
 }
 
 
@@ -186,24 +206,27 @@ def _anthropic_message(model: str, usage: Usage, ids: Ids) -> dict[str, Any]:
             "stop_sequence": None, "usage": usage}
 
 
-def _anthropic_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any]) -> list[bytes]:
+def _anthropic_event_objects(model: str, usage: Usage, ids: Ids) -> list[dict[str, Any]]:
     start = _anthropic_message(model, usage | {"output_tokens": 1}, ids)
     start.update(content=[], stop_reason=None)
     # message_delta repeats the cumulative counters but has no 5m/1h breakdown.
     delta_usage = {k: usage[k] for k in ("input_tokens", "cache_creation_input_tokens",
                                          "cache_read_input_tokens", "output_tokens")}
     return [
-        sse({"type": "message_start", "message": start}, "message_start"),
-        sse({"type": "content_block_start", "index": 0,
-             "content_block": {"type": "text", "text": ""}}, "content_block_start"),
-        sse({"type": "ping"}, "ping"),
-        sse({"type": "content_block_delta", "index": 0,
-             "delta": {"type": "text_delta", "text": ids.text}}, "content_block_delta"),
-        sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-        sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-             "usage": delta_usage}, "message_delta"),
-        sse({"type": "message_stop"}, "message_stop"),
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "text_delta", "text": ids.text}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": delta_usage},
+        {"type": "message_stop"},
     ]
+
+
+def _anthropic_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any]) -> list[bytes]:
+    return [sse(e, e["type"]) for e in _anthropic_event_objects(model, usage, ids)]
 
 
 def _chat_completion(model: str, usage: Usage, ids: Ids) -> dict[str, Any]:
@@ -304,6 +327,76 @@ def _gemini_chunks(model: str, usage: Usage, ids: Ids) -> list[dict[str, Any]]:
             _gemini_chunk(model, ids.text[1:], usage, ids, True)]
 
 
+def _converse_body(usage: Usage, ids: Ids) -> dict[str, Any]:
+    return {"output": {"message": {"role": "assistant", "content": [{"text": ids.text}]}},
+            "stopReason": "end_turn", "usage": usage, "metrics": {"latencyMs": 42}}
+
+
+# --- AWS event streams (Bedrock's streaming answers) ----------------------------------------
+
+EVENTSTREAM = "application/vnd.amazon.eventstream"
+
+
+def frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One event stream message: total length, headers length, CRC32 of those 8 bytes; headers
+    (name length u8, name, type 7 = string, u16 length, value); payload; CRC32 of all before.
+    As AWS documents its event stream encoding
+    (https://docs.aws.amazon.com/lexv2/latest/dg/event-stream-encoding.html)."""
+    head = b"".join(bytes([len(k)]) + k.encode() + b"\x07" + struct.pack("!H", len(v.encode()))
+                    + v.encode() for k, v in headers.items())
+    prelude = struct.pack("!II", 16 + len(head) + len(payload), len(head))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + head + payload
+    return message + struct.pack("!I", zlib.crc32(message))
+
+
+def event_frame(event: str, data: dict[str, Any]) -> bytes:
+    return frame({":event-type": event, ":content-type": "application/json",
+                  ":message-type": "event"}, dumps(data))
+
+
+def exception_frame(kind: str, message: str) -> bytes:
+    return frame({":exception-type": kind, ":content-type": "application/json",
+                  ":message-type": "exception"}, dumps({"message": message}))
+
+
+def _pad(n: int) -> str:
+    """Bedrock pads its events with a `p` field of varying length (hides the text's size)."""
+    return "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[: 4 + n % 40]
+
+
+def invoke_stream_frames(model: str, usage: Usage, ids: Ids) -> list[bytes]:
+    """InvokeModelWithResponseStream: each of Claude's stream events as a `chunk` event,
+    `{"bytes": <base64 of the event>}`; the last one also carries
+    `amazon-bedrock-invocationMetrics` (counts without cache reads and writes)."""
+    events = _anthropic_event_objects(model, usage, ids)
+    events[-1]["amazon-bedrock-invocationMetrics"] = {
+        "inputTokenCount": usage["input_tokens"], "outputTokenCount": usage["output_tokens"],
+        "invocationLatency": 420, "firstByteLatency": 120,
+        "cacheReadInputTokenCount": usage["cache_read_input_tokens"],
+        "cacheWriteInputTokenCount": usage["cache_creation_input_tokens"]}
+    return [event_frame("chunk", {"bytes": base64.b64encode(dumps(e)).decode(), "p": _pad(i)})
+            for i, e in enumerate(events)]
+
+
+def converse_stream_frames(usage: Usage, ids: Ids) -> list[bytes]:
+    """ConverseStream: messageStart, contentBlockDelta, contentBlockStop, messageStop, then
+    `metadata` with the usage (ConverseStreamOutput in the bedrock-runtime API reference)."""
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("messageStart", {"role": "assistant"}),
+        ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": ids.text}}),
+        ("contentBlockStop", {"contentBlockIndex": 0}),
+        ("messageStop", {"stopReason": "end_turn"}),
+        ("metadata", {"usage": usage, "metrics": {"latencyMs": 42}}),
+    ]
+    return [event_frame(name, data | {"p": _pad(i)}) for i, (name, data) in enumerate(steps)]
+
+
+def eventstream_frames(shape: str, model: str, usage: Usage, ids: Ids) -> list[bytes]:
+    if shape == CONVERSE:
+        return converse_stream_frames(usage, ids)
+    return invoke_stream_frames(model, usage, ids)
+
+
 Builder = Callable[[str, Usage, Ids, dict[str, Any], str], Any]
 
 # Per API shape: (non-streaming JSON body, SSE events). Gemini's JSON is the non-SSE stream form
@@ -314,6 +407,7 @@ _JSON: dict[str, Builder] = {
     OPENAI_RESPONSES: lambda model, usage, ids, body, _: _response_object(model, usage, ids,
                                                                           body, True),
     GEMINI: lambda model, usage, ids, body, _: _gemini_chunk(model, ids.text, usage, ids, True),
+    CONVERSE: lambda model, usage, ids, body, _: _converse_body(usage, ids),
 }
 _SSE: dict[str, Builder] = {
     ANTHROPIC: lambda model, usage, ids, body, _: _anthropic_events(model, usage, ids, body),

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from affinity_addon import shapes
 from affinity_addon.catalog.usage_fields import parse_table
 from affinity_addon.jsonpath import get_path, parse_path
+from affinity_addon.response.eventstream import EventStreamTap, bedrock_frames
 from affinity_addon.response.usage import (
     UsageReader,
     normalize,
@@ -43,6 +44,12 @@ def read_fixture(name: str) -> UsageReader:
     elif name.endswith(".jsonl"):  # WebSocket messages, as the websocket_message hook sees them
         for line in raw.splitlines():
             reader.feed_event(None, line)
+    elif name.endswith(".eventstream"):  # Bedrock's AWS event stream, in uneven small chunks
+        tap = EventStreamTap(None, bedrock_frames(reader))
+        for i in range(0, len(raw), 37):
+            tap(raw[i:i + 37])
+        tap(b"")
+        assert tap.failed is None
     else:
         for event, data in sse_events(raw):
             reader.feed_event(event, data)
@@ -224,7 +231,7 @@ def test_normalize_odd_inputs() -> None:
         "input_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0, "output_tokens": 0}
     assert normalize(shapes.GEMINI, "nope").input_tokens == 0  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown API shape"):
-        normalize("bedrock-converse", {})
+        normalize("bedrock-invoke", {})  # no such shape: InvokeModel bodies are each model's own
     with pytest.raises(ValueError, match="unknown API shape"):
         UsageReader("nope")
 

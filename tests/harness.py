@@ -32,13 +32,22 @@ HOSTS: dict[str, str] = {
     "api.deepseek.com": "deepseek",
     "api.fireworks.ai": "fireworks",
     "llm.unlisted.test": "openai",  # a host no rule names
+    "bedrock-runtime.us-east-1.amazonaws.com": "bedrock",
+    "bedrock-runtime-fips.us-east-1.amazonaws.com": "bedrock",
+    "bedrock-mantle.us-east-1.api.aws": "bedrock",
+    "us-east5-aiplatform.googleapis.com": "vertex",
+    "aiplatform.googleapis.com": "vertex",
+    "res-test.openai.azure.com": "azure",
 }
 
 
 def map_remote_args(sim_url: str, hosts: Iterable[str] = HOSTS) -> list[str]:
+    """`/p/<provider>@<host>/`: the simulator learns which provider plays the host, and which
+    host the client addressed (map-remote rewrites the Host header, which SigV4 signed)."""
     args = []
     for host in hosts:
-        args += ["--map-remote", f"#^https?://{re.escape(host)}(:443)?/#{sim_url}/p/{HOSTS[host]}/"]
+        args += ["--map-remote",
+                 f"#^https?://{re.escape(host)}(:443)?/#{sim_url}/p/{HOSTS[host]}@{host}/"]
     return args
 
 

@@ -11,6 +11,7 @@ clock other requests see.
 import hashlib
 import logging
 import random
+import re
 import string
 import threading
 from dataclasses import dataclass, replace
@@ -89,8 +90,12 @@ def _authorize(b: Behaviour, method: str, path: str, query: str,
 
 def _validate(b: Behaviour, body: dict[str, Any]) -> None:
     if b.version is not None:
+        # The docs name one value (bedrock-2023-05-31, vertex-2023-10-16); the anthropic SDK's
+        # AnthropicBedrock and AnthropicVertex send the API's own dated version instead, and
+        # work: a dated version is taken too.
         field, value = b.version
-        if body.get(field) != value:
+        sent = body.get(field)
+        if sent != value and not (isinstance(sent, str) and _API_VERSION.fullmatch(sent)):
             raise RequestError(400, f"{field}: expected {value!r}")
     if not b.automatic_markers and "cache_control" in body:
         # Bedrock and Vertex take markers on blocks only
@@ -116,6 +121,7 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
 
 
 TIME_HEADER = "x-sim-time"
+_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 

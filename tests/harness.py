@@ -41,13 +41,16 @@ HOSTS: dict[str, str] = {
 }
 
 
-def map_remote_args(sim_url: str, hosts: Iterable[str] = HOSTS) -> list[str]:
+def map_remote_args(sim_url: str,
+                    hosts: Iterable[str] | Mapping[str, str] = HOSTS) -> list[str]:
     """`/p/<provider>@<host>/`: the simulator learns which provider plays the host, and which
-    host the client addressed (map-remote rewrites the Host header, which SigV4 signed)."""
+    host the client addressed (map-remote rewrites the Host header, which SigV4 signed).
+    `hosts`: names from HOSTS, or a mapping of host to simulator provider of its own."""
+    table = hosts if isinstance(hosts, Mapping) else HOSTS
     args = []
     for host in hosts:
         args += ["--map-remote",
-                 f"#^https?://{re.escape(host)}(:443)?/#{sim_url}/p/{HOSTS[host]}@{host}/"]
+                 f"#^https?://{re.escape(host)}(:443)?/#{sim_url}/p/{table[host]}@{host}/"]
     return args
 
 

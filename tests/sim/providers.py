@@ -169,6 +169,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
               _route(r"/v1[a-z0-9]*/projects/[^/]+/locations/[^/]+/publishers/google/models/"
                      r"(?P<model>[^/:]+):streamGenerateContent", stream=True, shape=GEMINI,
                      usage="gemini", cache="auto", auto_min=2048, version=None))),
+    # Google's OAuth 2.0 token endpoint (oauth2.googleapis.com/token): what Application Default
+    # Credentials refresh against before a Vertex request
+    # (https://developers.google.com/identity/protocols/oauth2/web-server#offline).
+    Provider("google-oauth", (), Behaviour(shape="oauth-token"), (_route(r"/token"),)),
     # Azure OpenAI / Foundry: OpenAI's chat and Responses formats under /openai/deployments/<d>/
     # and /openai/v1/; routing by a hash of the prefix combined with prompt_cache_key, ~15
     # requests a minute per pair (Azure's prompt-caching page).

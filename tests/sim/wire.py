@@ -335,6 +335,9 @@ def _converse_body(usage: Usage, ids: Ids) -> dict[str, Any]:
 # --- AWS event streams (Bedrock's streaming answers) ----------------------------------------
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"
+# Not an LLM API: an OAuth 2.0 token endpoint (refresh-token grant, form-encoded), where Google's
+# auth libraries get the bearer token a Vertex client then sends.
+OAUTH_TOKEN = "oauth-token"
 
 
 def frame(headers: dict[str, str], payload: bytes) -> bytes:

@@ -185,7 +185,8 @@ class MissTracker:
                 ttl = parse_duration(fp.last_ttl)
             except ValueError:
                 pass
-        min_tokens = prof.min_tokens if prof.min_tokens is not None else min_tokens_for(model)
+        min_tokens = (prof.min_tokens if prof.min_tokens is not None
+                      else min_tokens_for(model, host))
         return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, family, blocks)
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,

@@ -14,7 +14,10 @@ from affinity_addon.record.schema import META
 from affinity_addon.request.prompt import MARKER_KEYS, iter_segments, text_of
 
 
-def _marker(value: Any) -> str:
+def _marker(value: Any, mark: Any = None) -> str:
+    if mark is not None:  # Converse: a cachePoint block after this one
+        ttl = mark.get("ttl", "5m") if isinstance(mark, dict) else ""
+        return f"  <== cachePoint {ttl}".rstrip()
     if isinstance(value, dict):
         for k in MARKER_KEYS:
             if k in value:
@@ -24,13 +27,19 @@ def _marker(value: Any) -> str:
     return ""
 
 
+def _point_after(path: str) -> str:
+    """Where a cachePoint inserted right after the block at `path` sits."""
+    owner, _, index = path.rpartition("[")
+    return f"{owner}[{int(index[:-1]) + 1}]" if index[:-1].isdigit() else path
+
+
 def _request_view(body: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     added_paths = {m["path"] for m in meta.get("added", {}).get("markers", [])}
     lines = ["", f"prompt segments ({meta.get('shape')}), provider hash order:"]
     for seg in iter_segments(body, meta.get("shape") or ""):
         size = len(text_of(seg.value)) or len(json.dumps(seg.value, ensure_ascii=False))
-        mark = _marker(seg.value)
-        if mark and seg.path in added_paths:
+        mark = _marker(seg.value, seg.mark)
+        if mark and (seg.path in added_paths or _point_after(seg.path) in added_paths):
             mark += " (added)"
         role = f" {seg.role}" if seg.role else ""
         lines.append(f"  {seg.path:<34} {seg.kind:<12}{role:<11} {size:>8} chars{mark}")

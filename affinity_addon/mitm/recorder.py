@@ -155,7 +155,8 @@ class Recorder:
             judged, predicted = state.tracker.verdict(
                 pending, usage, pending.ts, response_cache=response_cache,
                 provider_reason=extras.get("provider_miss_reason"),
-                dry_run=ex.request.dry_run,
+                # a signed request's plan was undone: nothing to predict from
+                dry_run=ex.request.dry_run and not ex.request.rewrite_skipped,
                 load=ex.load)  # the key's rate when sent: the `overflow` check's evidence
             verdict = judged.to_log()
             yield

@@ -279,8 +279,14 @@ class _Rewrite:
         body = self._exact()  # markers mean a re-encode
         added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint,
                                              host=self.facts["host"])
-        if added:
-            out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
+        if not added:
+            return
+        out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)
+        if out.rewrite_skipped:
+            # A signed body goes as the client signed it: the plan is recorded, then undone,
+            # so the fingerprint and the verdict judge the prompt that was sent.
+            breakpoints.strip_added(body, added)
+        else:
             self.body_changed = self.must_reserialize = True
 
     def encode(self) -> bytes | None:

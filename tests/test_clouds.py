@@ -387,3 +387,16 @@ def test_json_path_filter() -> None:
     assert get_path(usage, parse_path("cacheDetails[ttl=5m].inputTokens")) == 3
     assert get_path(usage, parse_path("cacheDetails[ttl=1d].inputTokens")) is None
     assert get_path({"cacheDetails": "x"}, parse_path("cacheDetails[ttl=5m]")) is None
+
+
+def test_scope_rules_intercept_the_clouds(addon) -> None:
+    """`affinity_scope=rules` decrypts only hosts the rules name: these are among them."""
+    state = addon.state
+    for host in (BEDROCK, "bedrock-runtime-fips.us-gov-west-1.amazonaws.com",
+                 "bedrock-mantle.eu-west-1.api.aws", "us-east5-aiplatform.googleapis.com",
+                 "aiplatform.googleapis.com", "myres.openai.azure.com",
+                 "myres.services.ai.azure.com"):
+        assert state.in_scope(host), host
+    for host in ("bedrock.us-east-1.amazonaws.com", "oauth2.googleapis.com",
+                 "s3.us-east-1.amazonaws.com", "storage.googleapis.com"):
+        assert not state.in_scope(host), host

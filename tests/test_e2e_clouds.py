@@ -15,6 +15,7 @@ the simulator (which plays bedrock-runtime, bedrock-mantle, Vertex and Azure fro
 - A stream's first byte through the proxy is no later than direct + 5 ms.
 """
 
+import hashlib
 import json
 import ssl
 import statistics
@@ -356,3 +357,18 @@ def test_first_byte_through_the_proxy_is_within_5_ms_of_direct(sim, proxy_factor
             break
     print(f"\n{kind}: first byte " + "; ".join(seen))
     assert p <= d + 0.005, seen
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_frame_is_passed_on_untouched_and_recorded_as_a_usage_problem(sim, proxy_factory):
+    proxy = proxy_factory()
+    http = client(proxy)
+    body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 64, "system": SYSTEM,
+            "messages": [{"role": "user", "content": question(0)}]}
+    r = http.post(f"{BEDROCK}/model/{SONNET}/invoke-with-response-stream", json=body,
+                  headers={"authorization": f"Bearer {BEDROCK_KEY}", "x-sim-fault": "corrupt-event=3"})
+    assert r.status_code == 200
+    assert hashlib.sha256(r.content).hexdigest() == r.headers["x-sim-body-sha256"]  # as sent
+    rec = proxy.wait_records(1)[0]
+    assert rec["usage_problem"] == "stream not read: event stream frame 3: message CRC mismatch"
+    assert rec["complete"] is False and rec["status"] == 200

@@ -132,9 +132,11 @@ class Run:
 def rules_with(tmp: Path, name: str, value: str) -> Path:
     """The shipped rules with the openai rule's prompt_cache_key set to `value` (YAML)."""
     shipped = (ROOT / "rules" / "default.yaml").read_text()
-    assert shipped.count(FAMILY) == 1
+    start = shipped.index("  - name: openai\n")  # the openai rule's key (Azure has one too)
+    at = shipped.index(FAMILY, start)
+    assert at < shipped.index("  - name: ", start + 1)
     path = tmp / f"{name}.yaml"
-    path.write_text(shipped.replace(FAMILY, f"prompt_cache_key: {value}"))
+    path.write_text(shipped[:at] + f"prompt_cache_key: {value}" + shipped[at + len(FAMILY):])
     return path
 
 

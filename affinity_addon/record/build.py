@@ -109,8 +109,11 @@ def comment(record: Record) -> str:
         parts.append(f"aff {record.affinity_id[:8]}…")
     added = record.added
     n_added = len(added.get("headers", {})) + len(added.get("fields", {}))
-    if n_added or added.get("markers"):
-        what = f"+{n_added} ids" + (f" +{len(added['markers'])} bp" if added.get("markers") else "")
+    if n_added or added.get("markers") or added.get("removed"):
+        what = " ".join(filter(None, (
+            f"+{n_added} ids" if n_added else "",
+            f"+{len(added['markers'])} bp" if added.get("markers") else "",
+            f"-{len(added['removed'])} block" if added.get("removed") else "")))
         parts.append(("dry " if record.dry_run else "") + what)
     reason = record.miss_reason
     if reason and reason != "hit":

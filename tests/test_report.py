@@ -109,9 +109,18 @@ def test_json_totals_equal_hand_counted_sums(capsys, log, records):
     assert total["request_hit_ratio"] == pytest.approx(want["hit_requests"]
                                                        / want["prompt_requests"])
     # Per model and per rule add up to the same totals, and match a hand count per model.
-    for view in ("by_model", "by_rule", "by_conversation", "by_reason"):
+    for view in ("by_model", "by_rule", "by_host", "by_conversation", "by_reason"):
         assert sum(b["input_tokens"] for b in doc[view]) == want["input_tokens"], view
         assert sum(b["requests"] for b in doc[view]) == want["requests"], view
+    # Per host: each provider's own hit ratio, by hand.
+    by_host = {b["key"]: b for b in doc["by_host"]}
+    assert set(by_host) == {r["host"] for r in records}
+    for host, b in by_host.items():
+        mine = [r for r in records if r["host"] == host and r["usage"]
+                and not r["response_cache"]]
+        read = sum(r["usage"]["cache_read_tokens"] for r in mine)
+        total_in = sum(r["usage"]["input_tokens"] for r in mine)
+        assert b["hit_ratio"] == (pytest.approx(read / total_in) if total_in else None), host
     assert doc["conversations"] == len({r["affinity_id"] for r in records})
     by_model = {b["key"]: b for b in doc["by_model"]}
     for model in {r["model"] for r in records}:
@@ -289,10 +298,11 @@ def test_tables_are_printed(capsys, monkeypatch, log, records):
     assert main(["report", str(log), "--top", "5"]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    for title in ("Per model", "Per rule", "Top 5 of 50 conversations", "Miss reasons",
-                  "Dry run: what the rules would have saved"):
+    for title in ("Per model", "Per rule", "Per host", "Top 5 of 50 conversations",
+                  "Miss reasons", "Dry run: what the rules would have saved"):
         assert title in out, title
-    for name in {r["model"] for r in records} | {r["rule"] for r in records}:
+    for name in ({r["model"] for r in records} | {r["rule"] for r in records}
+                 | {r["host"] for r in records}):
         assert name in out, name
     report = build_report([log])
     total = report.agg.total
@@ -321,6 +331,7 @@ def test_html_is_self_contained_and_escaped(tmp_path, records):
     log = loggen.write_log(tmp_path / "x.jsonl", [*records, evil])
     page = render_html(build_report([log]))
     assert page.count("<script") == 2  # the data blob and the page script, nothing injected
+    assert "<h2>Per host</h2>" in page and f"<code>{records[0]['host']}</code>" in page
     assert "<img src=x" not in page and "&lt;img src=x" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert "<link" not in page and "@import" not in page

@@ -258,12 +258,12 @@ OLDER_KEY = "(older conversations)"
 
 
 class Aggregator:
-    """Adds records into a total and per-model/rule/conversation/verdict buckets.
+    """Adds records into a total and per-model/rule/host/conversation/verdict buckets.
 
-    Each record is added twice: to its (model, rule, conversation) cell and to its verdict's
-    bucket; the per-model, per-rule, per-conversation and total views are merged from those on
-    first access after an add. That halves the work per line of a big log. Miss examples are
-    kept for the total and per verdict only.
+    Each record is added twice: to its (model, rule, host, conversation) cell and to its
+    verdict's bucket; the per-model, per-rule, per-host, per-conversation and total views are
+    merged from those on first access after an add. That halves the work per line of a big
+    log. Miss examples are kept for the total and per verdict only.
 
     `series` keeps (ts, hit ratio, input tokens) per conversation for the hit-ratio-over-time
     chart; turn it off in a long-running proxy, where it would only grow.
@@ -281,10 +281,11 @@ class Aggregator:
         self.by_reason: dict[str, Bucket] = {}
         self.series: dict[str, list[tuple[str, float, int]]] = {}
         self.conversation_model: dict[str, str] = {}  # last model seen, to label conversations
-        self._cells: dict[tuple[str, str, str], Bucket] = {}
+        self._cells: dict[tuple[str, str, str, str], Bucket] = {}
         self._models: set[str] = set()
         self._rules: set[str] = set()
-        self._views: tuple[Bucket, dict[str, Bucket], dict[str, Bucket],
+        self._hosts: set[str] = set()
+        self._views: tuple[Bucket, dict[str, Bucket], dict[str, Bucket], dict[str, Bucket],
                            dict[str, Bucket]] | None = None
 
     def add(self, record: Mapping[str, Any]) -> None:
@@ -296,6 +297,7 @@ class Aggregator:
         # rest count as "(other)": the stats grow with the number of requests, not their size.
         model = self._bounded(self._models, label(get("model")))
         rule = self._bounded(self._rules, label(get("rule")))
+        host = self._bounded(self._hosts, label(get("host"), 253))
         conv = label(get("affinity_id"), 80)
         if obs.verdict not in self.by_reason and len(self.by_reason) >= MAX_KEYS:
             obs.verdict = OTHER_KEY
@@ -305,7 +307,7 @@ class Aggregator:
             example = Example(obs.tokens_lost, obs.ts, conv, model, rule,
                               label(get("flow_id"), 64), label(get("miss_detail"), 400))
         conv = conv or NONE_KEY
-        key = (model or NONE_KEY, rule or NONE_KEY, conv)
+        key = (model or NONE_KEY, rule or NONE_KEY, host or NONE_KEY, conv)
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = Bucket(conv)
@@ -334,14 +336,14 @@ class Aggregator:
 
     def _fold_oldest(self) -> None:
         for key in self._cells:
-            if key[2] != OLDER_KEY:
+            if key[3] != OLDER_KEY:
                 break
         else:
             return
         old = self._cells.pop(key)
-        self.conversation_model.pop(key[2], None)
-        self.series.pop(key[2], None)
-        into_key = (key[0], key[1], OLDER_KEY)
+        self.conversation_model.pop(key[3], None)
+        self.series.pop(key[3], None)
+        into_key = (key[0], key[1], key[2], OLDER_KEY)
         into = self._cells.get(into_key)
         if into is None:
             into = self._cells[into_key] = Bucket(OLDER_KEY)
@@ -361,20 +363,21 @@ class Aggregator:
         for record in records:
             self.add(record)
 
-    def _merged(self) -> tuple[Bucket, dict[str, Bucket], dict[str, Bucket], dict[str, Bucket]]:
+    def _merged(self) -> tuple[Bucket, dict[str, Bucket], dict[str, Bucket], dict[str, Bucket],
+                               dict[str, Bucket]]:
         if self._views is None:
             n = self.max_examples
             total = Bucket("total")
             for bucket in self.by_reason.values():
                 total.merge(bucket, n)
-            views: list[dict[str, Bucket]] = [{}, {}, {}]
+            views: list[dict[str, Bucket]] = [{}, {}, {}, {}]
             for cell_key, cell in self._cells.items():
                 for view, key in zip(views, cell_key, strict=True):
                     found = view.get(key)
                     if found is None:
                         found = view[key] = Bucket(key)
                     found.merge(cell, n)
-            self._views = (total, views[0], views[1], views[2])
+            self._views = (total, views[0], views[1], views[2], views[3])
         return self._views
 
     @property
@@ -390,5 +393,11 @@ class Aggregator:
         return self._merged()[2]
 
     @property
-    def by_conversation(self) -> dict[str, Bucket]:
+    def by_host(self) -> dict[str, Bucket]:
+        """Per request host as the client sent it: each provider (and each Anthropic-compatible
+        endpoint) caches on its own terms."""
         return self._merged()[3]
+
+    @property
+    def by_conversation(self) -> dict[str, Bucket]:
+        return self._merged()[4]

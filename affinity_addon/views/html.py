@@ -247,6 +247,7 @@ def render_html(report: Report, *, top: int = 10) -> str:
     sections = [
         ("Per model", bucket_rows_html(top_buckets(agg.by_model), "model")),
         ("Per rule", bucket_rows_html(top_buckets(agg.by_rule), "rule")),
+        ("Per host", bucket_rows_html(top_buckets(agg.by_host), "host")),
         (f"Top {len(convs)} of {n_conv} conversations by prompt tokens",
          bucket_rows_html(convs, "conversation", id_like=True, models=agg.conversation_model)),
     ]

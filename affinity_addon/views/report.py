@@ -219,6 +219,7 @@ def report_document(report: Report, *, top: int = 10) -> dict[str, Any]:
         "total": agg.total.to_dict(),
         "by_model": [b.to_dict(examples=False) for b in top_buckets(agg.by_model)],
         "by_rule": [b.to_dict(examples=False) for b in top_buckets(agg.by_rule)],
+        "by_host": [b.to_dict(examples=False) for b in top_buckets(agg.by_host)],
         "conversations": len(agg.by_conversation),
         "by_conversation": [b.to_dict(examples=False) for b in convs],
         "by_reason": [b.to_dict(examples=False) for b in top_buckets(agg.by_reason)],
@@ -251,6 +252,7 @@ def render_report(report: Report, console: Console, *, top: int = 10) -> None:
     width = console.width
     console.print(bucket_table("Per model", top_buckets(agg.by_model), "model", width=width))
     console.print(bucket_table("Per rule", top_buckets(agg.by_rule), "rule", width=width))
+    console.print(bucket_table("Per host", top_buckets(agg.by_host), "host", width=width))
     n_conv = len(agg.by_conversation)
     console.print(bucket_table(
         f"Top {min(top, n_conv) if top else n_conv} of {n_conv} conversations by prompt tokens",

@@ -135,6 +135,8 @@ class Record:
     usage: Usage | None
     usage_raw: dict[str, Any] | None
     hit_ratio: float | None
+    # Dollars by kind of token (catalog/prices.py), or None when nobody prices the model.
+    cost_usd: dict[str, Any] | None
     response_cache: bool
     added: dict[str, Any]
     dry_run: bool

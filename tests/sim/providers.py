@@ -146,13 +146,14 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              (_route(r"/api(/coding)?/paas/v4/chat/completions"),
               _route(r"/api/anthropic/v1/messages", **_compat()))),
     # §15, §20.3: passive caching from 512 tokens, and Anthropic-style explicit markers on its
-    # Anthropic API (20 blocks back, 1.25x writes)
-    # (https://platform.minimax.io/docs/api-reference/anthropic-api-compatible-cache); which of
-    # the two serves a marked request is not said: the explicit one here, as on DashScope.
+    # Anthropic API, prefixes built "tools -> system -> messages" as Anthropic's, 20 blocks back,
+    # 1.25x writes (https://platform.minimax.io/docs/api-reference/anthropic-api-compatible-cache);
+    # which of the two serves a marked request is not said: the explicit one here, as on
+    # DashScope.
     Provider("minimax", ("api.minimax.io", "api.minimaxi.com"),
              Behaviour(auto_min=512, ttl=300.0),
              (_route(r"/anthropic/v1/messages",
-                     **_compat(cache="explicit-or-auto", marker_min=512)),)),
+                     **_compat(cache="explicit-or-auto", marker_min=512, order=None)),)),
     # §15: x-session-affinity (or body user / prompt_cache_key) routes to the same replica.
     Provider("fireworks", ("api.fireworks.ai",),
              Behaviour(routing=_key(Signal("header", "x-session-affinity"), _PCK,
@@ -160,12 +161,14 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              (_route(r"(/inference)?/v1/chat/completions"),)),
     # §11: implicit cache, no affinity for chat; the 5-minute TTL is the explicit cache's.
     # `/apps/anthropic`: explicit cache at markers (from 1,024 tokens) or implicit (from 256),
-    # one mode a request (https://www.alibabacloud.com/help/en/model-studio/context-cache).
+    # one mode a request (https://www.alibabacloud.com/help/en/model-studio/context-cache); its
+    # markers work as Anthropic's (20 blocks back, Claude Code's own placement serves it: the
+    # explicit-cache best-practice page), so the prompt is in Anthropic's order here.
     Provider("dashscope", ("dashscope-intl.aliyuncs.com", "dashscope.aliyuncs.com"),
              Behaviour(usage="dashscope", ttl=300.0, auto_min=256),
              (_route(r"/compatible-mode/v1/chat/completions"),
               _route(r"/apps/anthropic/v1/messages",
-                     **_compat(cache="explicit-or-auto", marker_min=1024)))),
+                     **_compat(cache="explicit-or-auto", marker_min=1024, order=None)))),
     # §9: implicit caching, no affinity; minimum 2,048 tokens on 2.5, 4,096 on 3.x and later.
     Provider("gemini", ("generativelanguage.googleapis.com",),
              Behaviour(shape=GEMINI, usage="gemini", errors="gemini", auto_min=4096),

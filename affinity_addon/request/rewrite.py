@@ -31,8 +31,8 @@ from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor
 from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
 from affinity_addon.request.header_map import HeaderMap, header_map
 from affinity_addon.request.prompt import HEAD_FIELDS, MESSAGES_KEY, root_segments
-from affinity_addon.request.retention import retention_action
 from affinity_addon.request.removal import HEAD, remove_blocks
+from affinity_addon.request.retention import retention_action
 from affinity_addon.request.rules import Rule, RuleSet, shape_for
 from affinity_addon.shapes import ANTHROPIC
 

@@ -1,8 +1,8 @@
 """Claude Code on Bedrock (a Bedrock API key) and on Vertex (Application Default Credentials), run
 with `affinity run` against the simulator, three turns of one session (`-c`).
 
-The agent comes from npm (`npm install --prefix /work/agents/claude @anthropic-ai/claude-code`);
-the test looks for it at $AFFINITY_CLAUDE_BIN, else there, and is skipped without it. What
+The agent comes from npm (@anthropic-ai/claude-code, as .ci/run installs it); the test looks for
+it where tests/test_e2e_claude_code.py does, and is skipped without it. What
 Claude Code 2.1.197 sent, as seen here: on Bedrock `GET bedrock.<region>/inference-profiles`
 (ListInferenceProfiles), three 1-token `invoke` probes (Opus 4.6, Sonnet 4.5, Haiku 4.5: "."),
 then the turn as `invoke-with-response-stream` with anthropic_version bedrock-2023-05-31,
@@ -27,8 +27,12 @@ from tests.procs import clean_env, free_port
 
 pytestmark = pytest.mark.slow
 
-CLAUDE = Path(os.environ.get("AFFINITY_CLAUDE_BIN",
-                             "/work/agents/claude/node_modules/.bin/claude"))
+# Where tests/test_e2e_claude_code.py and .ci/run look for it too.
+CANDIDATES = (
+    os.environ.get("AFFINITY_CLAUDE", ""),
+    str(Path.home() / ".cache" / "affinity-agents" / "claude" / "node_modules" / ".bin" / "claude"),
+    "/work/agents/claude/node_modules/.bin/claude",
+)
 BEDROCK_KEY = "ABSK" + "Q2xhdWRlQ29kZUtleQ" + "CANARY" * 3
 REFRESH_TOKEN = "1//" + "REFRESHCANARY" * 3
 
@@ -64,11 +68,20 @@ def totals(usage: dict[str, Any]) -> tuple[int, int, int]:
     return usage["input_tokens"] + read + write, read, write
 
 
-@pytest.mark.skipif(not CLAUDE.exists(), reason=f"no Claude Code at {CLAUDE} (npm install "
-                    "--prefix /work/agents/claude @anthropic-ai/claude-code)")
+@pytest.fixture(scope="module")
+def claude() -> Path:
+    for c in CANDIDATES:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    if os.environ.get("AFFINITY_REQUIRE_AGENTS") == "1":
+        pytest.fail("Claude Code is not installed (AFFINITY_CLAUDE)")
+    pytest.skip("Claude Code is not installed (AFFINITY_CLAUDE, or npm install --prefix "
+                "/work/agents/claude @anthropic-ai/claude-code)")
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("cloud", ["bedrock", "vertex"])
-def test_claude_code_through_affinity_run(sim, tmp_path: Path, cloud: str) -> None:
+def test_claude_code_through_affinity_run(sim, tmp_path: Path, cloud: str, claude: Path) -> None:
     (tmp_path / "home").mkdir()
     port, conf, log = free_port(), tmp_path / "conf", tmp_path / "affinity.jsonl"
     # The proxy `affinity run` starts: the simulator plays the cloud's hosts. Every connection
@@ -81,7 +94,7 @@ def test_claude_code_through_affinity_run(sim, tmp_path: Path, cloud: str) -> No
     for turn in range(3):
         prompt = f"Turn {turn + 1}: reply with the word ok."
         argv = [sys.executable, "-m", "affinity_addon", "run", "--port", str(port), *mitm, "--",
-                str(CLAUDE), *(["-c"] if turn else []), "-p", prompt]
+                str(claude), *(["-c"] if turn else []), "-p", prompt]
         p = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                            env=agent_env(cloud, tmp_path), stdin=subprocess.DEVNULL)
         outputs.append(p.stdout + p.stderr)

@@ -246,13 +246,11 @@ def test_request_without_markers_is_unknown():
     assert v.reason == "unknown" and "asks for no caching" in v.detail
 
 
-def test_provider_reason_is_recorded_beside_ours():
-    v = verdict(entry(anthropic_body(1)), anthropic_body(2, date="2026-11-24"),
-                provider_miss_reason="system_changed")
-    assert v.reason == "prefix-changed" and v.provider_reason == "system_changed"
+def test_verdict_log_fields_are_ours_only():
+    v = verdict(entry(anthropic_body(1)), anthropic_body(2, date="2026-11-24"))
+    assert v.reason == "prefix-changed"
     assert v.to_log() == {"miss_reason": "prefix-changed", "miss_detail": v.detail,
-                          "expected_cacheable_tokens": v.expected_cacheable_tokens,
-                          "provider_miss_reason": "system_changed"}
+                          "expected_cacheable_tokens": v.expected_cacheable_tokens}
     assert v.reason in REASONS
 
 

@@ -71,6 +71,7 @@ class DiagnosticsSource:
     request: RequestSide
     answer: AnswerSide
     rejected_if_named: tuple[str, ...]
+    error_at: tuple[FieldPath, ...]  # where a 400's JSON body has its message
 
     def serves(self, host: str, path: str) -> bool:
         host = host.lower()
@@ -99,6 +100,9 @@ class DiagnosticsTable:
     def for_target(self, host: str, path: str) -> DiagnosticsSource | None:
         """The source that serves this host and path (any model), if one does."""
         return next((s for s in self.sources if s.serves(host, path)), None)
+
+    def by_name(self, name: Any) -> DiagnosticsSource | None:
+        return next((s for s in self.sources if s.name == name), None)
 
 
 def _strings(raw: Any, what: str, node: Any, key: Any = None) -> tuple[str, ...]:
@@ -146,7 +150,7 @@ def _mapping(raw: Any, keys: set[str], optional: set[str], what: str, node: Any,
 def _source(raw: Any, i: int, items: Any) -> DiagnosticsSource:
     where = f"sources[{i}]"
     raw = _mapping(raw, {"name", "hosts", "paths", "models", "request", "answer",
-                         "rejected_if_named"}, set(), where, items, i)
+                         "rejected_if_named", "error_at"}, set(), where, items, i)
     if not isinstance(raw["name"], str) or not raw["name"]:
         raise TableError(f"{where}.name must be a non-empty string", raw, "name")
     req = _mapping(raw["request"], {"link", "first", "owner", "unless"}, set(),
@@ -178,6 +182,7 @@ def _source(raw: Any, i: int, items: Any) -> DiagnosticsSource:
                                  "missed_tokens")),
         rejected_if_named=_strings(raw["rejected_if_named"], f"{where}.rejected_if_named", raw,
                                    "rejected_if_named"),
+        error_at=_paths(raw["error_at"], f"{where}.error_at", raw, "error_at"),
     )
 
 

@@ -32,6 +32,7 @@ class Behaviour:
     stream_required: bool = False
     forbidden: tuple[str, ...] = ()  # body keys, at any depth, answered with 400
     conflicts: tuple[tuple[str, str], ...] = ()  # dotted body paths that must not both be set
+    diagnostics: str | None = None  # cache diagnostics offered: "anthropic" | "openai" (diagnostics.py)
 
 
 class Route(NamedTuple):
@@ -70,15 +71,18 @@ def _key(*signals: Signal) -> Routing:
 _GROK_CONV = _key(Signal("header", "x-grok-conv-id"))
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
-    # §1: caches are per workspace; no routing signal is documented.
-    Provider("anthropic", ("api.anthropic.com",), _ANTHROPIC, (_route(r"/v1/messages"),)),
+    # §1: caches are per workspace; no routing signal is documented. Cache diagnostics on the
+    # Claude API only (§20.1), not on third-party endpoints.
+    Provider("anthropic", ("api.anthropic.com",), replace(_ANTHROPIC, diagnostics="anthropic"),
+             (_route(r"/v1/messages"),)),
     # §3, §4: machine = hash(first ~256 tokens, prompt_cache_key); ~15 RPM per pair, then
     # overflow (per key on GPT-5.6+).
     Provider("openai", ("api.openai.com",),
              Behaviour(routing=Routing("prefix-key", (_PCK,)), gpt_breakpoints=True,
                        conflicts=(("prompt_cache_retention", "prompt_cache_options.ttl"),)),
              (_route(r"/v1/chat/completions", **_CHAT),
-              _route(r"/v1/responses", **_RESPONSES))),
+              # §20.1: cache diagnostics on the Responses API only.
+              _route(r"/v1/responses", **_RESPONSES, diagnostics="openai"))),
     # §6: x-grok-conv-id (chat) / prompt_cache_key (Responses) pin a server; else random.
     Provider("xai", ("api.x.ai",), Behaviour(),
              (_route(r"/v1/chat/completions", usage="xai-chat", routing=_GROK_CONV),

@@ -280,3 +280,37 @@ def test_report_lists_disagreements_first_and_reads_old_logs(tmp_path: Path) -> 
     page = render_html(report)
     assert "Provider diagnosis vs ours" in page
     assert page.index("system_changed") < page.index("tools_changed")
+
+
+def test_metrics_and_the_span_carry_the_providers_result(lab) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tests.procs import free_port
+    from tests.test_metrics import scrape, total
+
+    a, _, tctx = lab
+    port = free_port()
+    tctx.configure(a.bundle, affinity_metrics=f"127.0.0.1:{port}")
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    a.bundle.otel.tracer = provider.get_tracer("test")  # what affinity_otel=true sets up
+    a.state.sinks.append(a.bundle.otel._sink)
+    run(a, claude_flow(0), "msg_1", None)
+    run(a, claude_flow(1, tools=TOOLS[::-1]), "msg_2", miss("tools_changed", 321))
+    run(a, claude_flow(2, tools=TOOLS[::-1]), "msg_3", miss("system_changed"))
+    samples = scrape(port)
+    name = "affinity_provider_diagnoses_total"
+    assert total(samples, name, source="anthropic", result="tools_changed", agrees="true") == 1
+    assert total(samples, name, source="anthropic", result="system_changed",
+                 agrees="false") == 1
+    assert total(samples, name) == 2  # the opt-in compared nothing: not counted
+    attrs = [dict(s.attributes or {}) for s in spans.get_finished_spans()]
+    assert "affinity.provider_diagnosis.result" not in attrs[0]
+    assert attrs[1]["affinity.provider_diagnosis.result"] == "tools_changed"
+    assert attrs[1]["affinity.provider_diagnosis.agrees"] is True
+    assert attrs[1]["affinity.provider_diagnosis.missed_tokens"] == 321
+    assert attrs[2]["affinity.provider_diagnosis.agrees"] is False
+    tctx.configure(a.bundle, affinity_metrics="")

@@ -110,6 +110,10 @@ def test_the_record_keeps_the_providers_answer_next_to_ours(lab) -> None:
     assert f3.metadata[META]["provider_diagnosis"]["result"] == "tools_changed"
     assert f3.metadata[META]["diagnostics"] == {"source": "anthropic", "compared_to": "msg_2",
                                                 "by": "proxy"}
+    assert "provider=anthropic:tools_changed (agrees)" in a.bundle.commands.why_command([f3])
+    from affinity_addon.mitm.contentview import _summary
+    assert "provider:  anthropic says system_changed (compared to msg_3; ours disagrees)" in \
+        _summary(f4.metadata[META])
 
 
 def test_off_adds_nothing_and_records_nothing(lab) -> None:

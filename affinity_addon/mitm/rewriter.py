@@ -91,7 +91,8 @@ class Rewriter:
         if outcome.affinity_source == "root":  # derived already
             root, client = outcome.affinity_id, None
         else:
-            root = affinity_id.root_id(body, outcome.shape, state.ruleset.affinity, state.secret)
+            root = outcome.root_id or affinity_id.root_id(body, outcome.shape,
+                                                          state.ruleset.affinity, state.secret)
             client = outcome.affinity_id
         ids = tuple(i for i in (client, root) if i)
         if not ids:

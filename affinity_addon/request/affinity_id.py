@@ -228,12 +228,15 @@ def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: st
 
 
 def root_parts(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str,
-               root: Callable[[], Root] | None = None,
-               opening: bool = False) -> tuple[str | None, str | None]:
+               root: Callable[[], Root] | None = None, opening: bool = False,
+               known: str | None = None) -> tuple[str | None, str | None]:
     """(`root_id`, with `opening` also the keyed hash of the first user message alone). The
     opening outlives what the root does not: a changed system prompt or another model keeps it,
-    so a conversation whose root changed can still be found by it (its later turns only)."""
+    so a conversation whose root changed can still be found by it (its later turns only).
+    `known`: the root ID, when the caller has it (then only the opening is hashed)."""
     system, user = root() if root is not None else root_segments(dict(body), shape)
+    if known is not None:
+        system = []  # the system prompt is only in the root, which is known
     parts = [(tag, b) for tag, segs in ((b"\x00s", system), (b"\x00u", user)) for seg in segs
              if (b := _root_bytes(seg.value, config)) is not None]
     if not parts:
@@ -249,7 +252,8 @@ def root_parts(body: Mapping[str, Any], shape: str, config: AffinityConfig, key:
         if first is not None and tag == b"\x00u":
             first.update(b)
             opened = True
-    return "aff-" + h.hexdigest(), first.hexdigest() if first is not None and opened else None
+    return (known or "aff-" + h.hexdigest(),
+            first.hexdigest() if first is not None and opened else None)
 
 
 def derive(

@@ -60,7 +60,8 @@ class Outcome:
     key: dict[str, Any] | None = None  # {family_key}: {"strategy", "bucket", "buckets"}
     # The prompt family (keyed hash), when the tracker asked for it (`ttl: auto`); not logged.
     family: str | None = None
-    # The conversation's root ID, when the provider-diagnostics link computed it (not logged).
+    # The conversation's root ID under the rules file's affinity config, when the provider-
+    # diagnostics link computed it (the tracker's key then needs no second hash; not logged).
     root_id: str | None = None
     # Provider cache diagnostics: what the request asks the provider, and the conversation
     # thread whose response id the next request will name.
@@ -268,8 +269,9 @@ class _Rewrite:
         own = has_path(body, req.owner)
         if not own and not source.takes(out.model):
             return
+        known = out.affinity_id if out.affinity_source == "root" else None  # hashed already
         root, opening = affinity_id.root_parts(body, out.shape, self.affinity, self.secret,
-                                               self.root, opening=True)
+                                               self.root, opening=True, known=known)
         out.root_id = root
         msgs = body.get(MESSAGES_KEY.get(out.shape, ""))
         keys = LinkKeys(out.affinity_id, root, opening, isinstance(msgs, list) and len(msgs) > 1)
@@ -433,4 +435,6 @@ def apply_rules(
         if new is not None:
             request.content = new
     out.signal = _routing_signal(matched, headers, rw.body, out, dry_run)
+    if aff_config is not ruleset.affinity:
+        out.root_id = None  # a rule's own affinity config: not the root the tracker keys by
     return out, parsed

@@ -9,6 +9,7 @@ from typing import Any
 
 from mitmproxy import ctx, hooks, http
 
+from affinity_addon.catalog import prices
 from affinity_addon.catalog.diagnostics import DiagnosticsSource
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.decoding import DecodeLimit, decode_body
@@ -44,6 +45,9 @@ class Recorder:
 
     def __init__(self, state: State) -> None:
         self.state = state
+
+    def running(self) -> None:
+        prices.warm_up()
 
     def _source(self, ex: Exchange) -> DiagnosticsSource | None:
         """The provider diagnostics the request asked for, if it asked."""

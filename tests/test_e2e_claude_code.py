@@ -177,6 +177,23 @@ def test_claude_code_on_anthropic_sends_the_block_as_it_was_sent(
     assert all(BILLING in body for body in got)
 
 
+def test_claude_code_on_anthropic_names_its_sessions_previous_response(
+        claude: str, tmp_path: Path, proxy_factory: Any, sim: Simulator) -> None:
+    """Provider-verified verdicts with the real agent: each session opts in on its first
+    request; the resumed one names its previous response (in a new process: the proxy links
+    it), and the provider's answer agrees with ours. Only the billing block's per-request
+    `cch=` differs between the two, which Anthropic's API removes."""
+    proxy = proxy_factory(hosts=["api.anthropic.com"])
+    a, b1, b2 = three_calls(claude, proxy, tmp_path, None)
+    asked = [r.body["diagnostics"] for r in sim.requests if r.path.endswith("/messages")]
+    assert asked[:2] == [{"previous_message_id": None}] * 2
+    previous = asked[2]["previous_message_id"]
+    assert isinstance(previous, str) and previous.startswith("msg_")
+    assert [r["provider_diagnosis"]["compared_to"] for r in (a, b1, b2)] == [None, None, previous]
+    assert b2["provider_diagnosis"]["result"] == "no-divergence"
+    assert b2["provider_diagnosis"]["agrees"] is True and b2["miss_reason"] == "hit"
+
+
 DIAGNOSTICS = b'{"diagnostics":'
 
 

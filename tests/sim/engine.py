@@ -270,7 +270,7 @@ class Engine:
             _validate(b, body)
             asked = _asked(b, body, reject_diagnostics)
             model_name = model if isinstance(model, str) else (resolved.path_model or "unknown")
-            blocks = render.render(body, b.shape, b.order)
+            blocks = render.render(render.stripped(body, b.strips), b.shape, b.order)
             automatic = body.get("cache_control") if b.cache == "markers" else None
             prompt = cache.analyze(blocks, _cache_identity(b, body, model_name), b.auto_step,
                                    automatic)

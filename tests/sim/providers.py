@@ -37,6 +37,8 @@ class Behaviour:
     forbidden: tuple[str, ...] = ()  # body keys, at any depth, answered with 400
     conflicts: tuple[tuple[str, str], ...] = ()  # dotted body paths that must not both be set
     diagnostics: str | None = None  # cache diagnostics offered: "anthropic" | "openai" (diagnostics.py)
+    # Leading system blocks the API removes before it reads the prompt (prefixes, render.py).
+    strips: tuple[str, ...] = ()
 
 
 class Route(NamedTuple):
@@ -84,7 +86,11 @@ _GROK_CONV = _key(Signal("header", "x-grok-conv-id"))
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     # §1: caches are per workspace; no routing signal is documented. Cache diagnostics on the
     # Claude API only (§20.1), not on third-party endpoints.
-    Provider("anthropic", ("api.anthropic.com",), replace(_ANTHROPIC, diagnostics="anthropic"),
+    # Claude Code's billing block: "Anthropic's API removes" it; any other upstream "receives it
+    # as part of the prompt" (https://code.claude.com/docs/en/llm-gateway-protocol).
+    Provider("anthropic", ("api.anthropic.com",),
+             replace(_ANTHROPIC, diagnostics="anthropic",
+                     strips=("x-anthropic-billing-header:",)),
              (_route(r"/v1/messages"),)),
     # §3, §4: machine = hash(first ~256 tokens, prompt_cache_key); ~15 RPM per pair, then
     # overflow (per key on GPT-5.6+).

@@ -280,6 +280,12 @@ def test_report_lists_disagreements_first_and_reads_old_logs(tmp_path: Path) -> 
     assert table.index("system_changed") < table.index("tools_changed")
     assert "1 disagree" in table
 
+    from affinity_addon.views.console import render_summary
+    summary = Console(width=200, record=True, color_system=None)
+    render_summary(report.agg, summary)  # the proxy's shutdown summary
+    assert "provider diagnosis: 8 request(s) the provider diagnosed itself: 5 agree" in \
+        summary.export_text()
+
     from affinity_addon.views.html import render_html
     page = render_html(report)
     assert "Provider diagnosis vs ours" in page

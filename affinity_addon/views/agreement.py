@@ -103,6 +103,12 @@ class Agreement:
         return sorted(self.pairs.values(),
                       key=lambda p: (order[p.agrees], -p.requests, p.source, p.provider, p.ours))
 
+    def summary(self) -> str:
+        return (f"{self.compared} request(s) the provider diagnosed itself: {self.agree} agree "
+                f"with our verdict, {self.disagree} disagree, {self.unjudged} not weighed "
+                "(nothing compared, pending, not found, unavailable, or a different previous "
+                "request)")
+
     def to_dict(self) -> dict[str, Any]:
         return {"compared": self.compared, "agree": self.agree, "disagree": self.disagree,
                 "unjudged": self.unjudged, "pairs": [p.to_dict() for p in self.rows()]}

@@ -20,7 +20,7 @@ from affinity_addon.views.agreement import Agreement
 from affinity_addon.views.console import unpriced_note
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
 from affinity_addon.views.pricing import USD
-from affinity_addon.views.report import Report, agreement_summary, dry_run_rows
+from affinity_addon.views.report import Report, dry_run_rows
 from affinity_addon.views.ttl import summary_line
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def reasons_html(b: Bucket) -> str:
 def agreement_html(a: Agreement) -> str:
     """The provider's own diagnosis next to ours, disagreements first."""
     marks = {False: ("no", "bad"), True: ("yes", "good"), None: ("–", "")}
-    out = [f'<p class="sub">{_e(agreement_summary(a))}</p>',
+    out = [f'<p class="sub">{_e(a.summary())}</p>',
            '<table class="sortable"><thead><tr><th>agrees</th><th>provider said</th>'
            '<th>we said</th><th class="num">requests</th><th>examples</th></tr></thead><tbody>']
     for rank, p in enumerate(a.rows()):

@@ -281,17 +281,11 @@ def render_report(report: Report, console: Console, *, top: int = 10) -> None:
                   "share of requests that read any.[/]")
 
 
-def agreement_summary(a: Agreement) -> str:
-    return (f"{a.compared} request(s) the provider diagnosed itself: {a.agree} agree with our "
-            f"verdict, {a.disagree} disagree, {a.unjudged} not weighed (nothing compared, "
-            "pending, not found, unavailable, or a different previous request)")
-
-
 def agreement_table(a: Agreement, *, top: int | None = None) -> Table:
     """The provider's own answer next to our verdict, disagreements first: each is a blind
     spot of our diagnosis or a provider surprise worth a look."""
     table = Table(title="Provider diagnosis vs ours (disagreements first)", box=box.SIMPLE_HEAD,
-                  title_justify="left", title_style="bold", caption=agreement_summary(a),
+                  title_justify="left", title_style="bold", caption=a.summary(),
                   caption_justify="left")
     for col in ("agrees", "provider said", "we said", "req", "examples (ts · conversation · "
                 "compared to · our detail)"):

@@ -1,7 +1,7 @@
 """The request path's cost is bounded per case, in time and memory (issue 13).
 
-tests/test_fuzz.py checks that bad input never breaks traffic; this suite checks that no input
-stalls the proxy. Hypothesis (derandomized: the same cases on every run) generates request
+tests/test_fuzz_requests.py checks that bad input never breaks traffic; this suite checks that
+no input stalls the proxy. Hypothesis (derandomized: the same cases on every run) generates request
 bodies, agent-shaped and adversarial: huge and suffix-laden model names, thousands of system
 messages, deep nesting, giant strings, many tiny messages or tools, client markers. Each goes
 through `apply_rules` with the shipped default rules (what runs on mitmproxy's event loop for

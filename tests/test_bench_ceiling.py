@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs scripts/bench --ceiling: a simulator and five mitmdump processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

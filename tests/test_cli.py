@@ -109,6 +109,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a fresh venv, the simulator and `affinity run`
 def test_installed_affinity_run_drives_an_sdk_script(installed: Path, sim_url: str,
                                                      tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
@@ -138,6 +139,7 @@ def test_installed_affinity_run_drives_an_sdk_script(installed: Path, sim_url: s
         __import__("socket").create_connection(("127.0.0.1", port), timeout=0.5)
 
 
+@pytest.mark.slow  # a fresh venv, the simulator and `affinity proxy`
 def test_installed_affinity_proxy_serves_and_run_reuses_it(installed: Path, sim_url: str,
                                                            tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
@@ -167,6 +169,7 @@ def test_installed_affinity_proxy_serves_and_run_reuses_it(installed: Path, sim_
     assert len(recs) == 2 and all(r["usage"] for r in recs)
 
 
+@pytest.mark.slow  # starts mitmweb
 def test_affinity_proxy_web_shows_the_comment_column(tmp_path: Path) -> None:
     port, web = free_port(), free_port()
     env = clean_env() | {"AFFINITY_PORT": str(port), "MITMPROXY_CONFDIR": str(tmp_path / "conf")}
@@ -192,6 +195,7 @@ def test_affinity_proxy_web_shows_the_comment_column(tmp_path: Path) -> None:
         stop_pid(proc)
 
 
+@pytest.mark.slow  # starts `affinity run` and its proxy
 def test_run_passes_sigterm_to_the_agent_and_stops_its_proxy(tmp_path: Path) -> None:
     import signal
     import socket

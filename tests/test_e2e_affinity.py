@@ -7,6 +7,8 @@ import pytest
 
 from tests.harness import Proxy
 
+pytestmark = pytest.mark.slow  # every test starts mitmdump
+
 SYSTEM = "You are a careful coding agent. " * 40
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import pytest
 from mitmproxy.net import encoding
+
+pytestmark = pytest.mark.slow  # starts mitmdump
 
 
 def _sim_request(sim: Any, marker: str) -> Any:

@@ -33,6 +33,8 @@ from tests.harness import ROOT, Proxy, start_proxy
 from tests.sim import Simulator
 from tests.sim.workload import SOLO, TEAM, HttpUpstream, Result, Workload, run
 
+pytestmark = pytest.mark.slow  # every test starts mitmdump
+
 CONVERSATIONS, TURNS = 4, 3
 
 

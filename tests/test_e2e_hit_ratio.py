@@ -37,6 +37,8 @@ from tests.conversations import (
 from tests.harness import Proxy
 from tests.sim import RecordedRequest, Simulator
 
+pytestmark = pytest.mark.slow  # every test starts two mitmdump processes
+
 TURNS = 6
 KEY = "sk-test-not-a-real-key"
 

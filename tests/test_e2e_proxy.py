@@ -14,6 +14,8 @@ import trustme
 
 from tests.harness import Proxy
 
+pytestmark = pytest.mark.slow  # every test starts mitmdump or mitmweb
+
 BIG = "You are a meticulous assistant. Follow the house style. " * 200
 
 

@@ -43,6 +43,8 @@ from tests.driver import Affinity
 from tests.harness import ROOT, Proxy, start_proxy
 from tests.sim import SimClock, Simulator
 
+pytestmark = pytest.mark.slow  # the module starts mitmdump
+
 # OpenRouter's response cache, played by mitmdump's own modify_headers: it sets response
 # headers in `responseheaders`, before the addon reads them in `response`, on the replies to
 # requests that carry this test header only.

@@ -32,6 +32,7 @@ from mitmproxy.test import tutils
 from affinity_addon.request import breakpoints
 from affinity_addon.request.rewrite import apply_rules
 from affinity_addon.request.rules import default_rules_file, load_rules
+from tests.budgets import examples
 
 MS_PER_MB = 50.0
 CONST_MS = 20.0
@@ -175,12 +176,16 @@ def check(host: str, path: str, raw: bytes) -> None:
                                 f"extra ({peak / size:.1f}x)")
 
 
-@settings(max_examples=40, derandomize=True, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.large_base_example])
-@given(bodies())
-def test_every_generated_body_is_handled_within_its_budget(case):
-    check(*case)
+@pytest.mark.parametrize("n", examples(3, 40))
+def test_every_generated_body_is_handled_within_its_budget(n):
+    @settings(max_examples=n, derandomize=True, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.large_base_example])
+    @given(bodies())
+    def run(case: tuple[str, str, bytes]) -> None:
+        check(*case)
+
+    run()
 
 
 # The findings of the review, as fixed cases (each took seconds before).
@@ -214,12 +219,14 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # each case is a timing and memory benchmark
 @pytest.mark.parametrize("name", list(CASES))
 def test_review_findings_are_within_budget(name):
     host, path, body = CASES[name]
     check(host, path, json.dumps(body).encode())
 
 
+@pytest.mark.slow  # a timing benchmark
 def test_deep_nesting_is_refused_cheaply():
     raw = b'{"model":"c","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     check("api.anthropic.com", "/v1/messages", raw)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from mitmproxy.net import encoding
 
 from affinity_addon.record.schema import META
+from tests.budgets import examples
 from tests.fuzz_rig import (
     ANY_JSON,
     CHAT,
@@ -144,10 +145,11 @@ def request_cases(draw: Any) -> tuple[str, bytes, dict[str, str]]:
 
 # -- request fuzzing ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dry", [False, True], ids=["rewrite", "dry-run"])
-def test_request_rewrite_is_valid_or_identical(tmp_path, dry):
+@pytest.mark.parametrize("dry, n", [*examples(50, 500, False, id="rewrite"),
+                                     *examples(20, 150, True, id="dry-run")])
+def test_request_rewrite_is_valid_or_identical(tmp_path, dry, n):
     with rig(tmp_path, affinity_dry_run=dry) as r:
-        @settings(FUZZ, max_examples=150 if dry else 500)
+        @settings(FUZZ, max_examples=n)
         @given(case=request_cases())
         def run(case: tuple[str, bytes, dict[str, str]]) -> None:
             path, body, headers = case

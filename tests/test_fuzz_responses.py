@@ -20,6 +20,7 @@ from wsproto.frame_protocol import Opcode
 
 from affinity_addon.record.schema import META
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.budgets import examples
 from tests.fuzz_rig import (
     ANY_JSON,
     ENCODINGS,
@@ -153,9 +154,10 @@ def check_record(rec: dict[str, Any], f: http.HTTPFlow) -> None:
 
 # -- response fuzzing --------------------------------------------------------------------------------
 
-def test_stream_tap_passes_every_byte_and_records_once(tmp_path):
+@pytest.mark.parametrize("n", examples(40, 300))
+def test_stream_tap_passes_every_byte_and_records_once(tmp_path, n):
     with rig(tmp_path) as r:
-        @settings(FUZZ, max_examples=300)
+        @settings(FUZZ, max_examples=n)
         @given(case=sse_cases())
         def run(case: dict[str, Any]) -> None:
             f = matched(r, case["shape"])
@@ -226,9 +228,10 @@ def json_cases(draw: Any) -> dict[str, Any]:
             "status": status, "sound": sound and status == 200}
 
 
-def test_json_responses_with_bad_bodies_and_usage(tmp_path):
+@pytest.mark.parametrize("n", examples(30, 200))
+def test_json_responses_with_bad_bodies_and_usage(tmp_path, n):
     with rig(tmp_path) as r:
-        @FUZZ
+        @settings(FUZZ, max_examples=n)
         @given(case=json_cases())
         def run(case: dict[str, Any]) -> None:
             f = matched(r, case["shape"])

@@ -28,7 +28,8 @@ from tests.test_metrics import scrape, total
 
 # Debian puts it in /usr/sbin, which a non-login PATH may lack.
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
-pytestmark = pytest.mark.skipif(HAPROXY is None, reason="needs haproxy (apt-get install haproxy)")
+pytestmark = [pytest.mark.slow,  # HAProxy, the simulator and two `affinity proxy` processes
+              pytest.mark.skipif(HAPROXY is None, reason="needs haproxy (apt-get install haproxy)")]
 
 CFG = ROOT / "deploy" / "haproxy.cfg"
 KEY = "team-shared-key-for-tests"

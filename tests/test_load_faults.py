@@ -214,6 +214,7 @@ def check_load(results: dict[str, tuple[str, dict[str, Any]]], records: list[dic
 
 # -- load -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(240)
 def test_two_hundred_concurrent_streams_arrive_byte_identical_with_one_record_each(
         sim, proxy_factory):
@@ -228,6 +229,7 @@ def test_two_hundred_concurrent_streams_arrive_byte_identical_with_one_record_ea
     assert_healthy(proxy.stop())
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(240)
 def test_two_proxies_append_to_one_log(sim, proxy_factory, tmp_path):
     shared = tmp_path / "shared.jsonl"
@@ -287,6 +289,7 @@ FAULTS = {  # name: (shape, x-sim-fault, other headers)
 }
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(180)
 def test_upstream_faults_and_client_hangups_never_crash_the_proxy(sim, proxy_factory):
     proxy = proxy_factory()
@@ -333,6 +336,7 @@ def test_upstream_faults_and_client_hangups_never_crash_the_proxy(sim, proxy_fac
     assert_healthy(proxy.stop())
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(120)
 def test_slowloris_upstream_bytes_reach_the_client_promptly(sim, proxy_factory):
     proxy = proxy_factory()
@@ -363,6 +367,7 @@ def test_slowloris_upstream_bytes_reach_the_client_promptly(sim, proxy_factory):
     assert_healthy(proxy.stop())
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(120)
 def test_log_on_a_full_disk_keeps_proxying_and_says_so_once(sim, proxy_factory):
     proxy = proxy_factory(**with_log(Path("/dev/full")))
@@ -383,6 +388,7 @@ def test_log_on_a_full_disk_keeps_proxying_and_says_so_once(sim, proxy_factory):
     assert_healthy(output)
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(120)
 def test_a_removed_log_file_is_recreated_or_reported(sim, proxy_factory):
     proxy = proxy_factory()
@@ -400,6 +406,7 @@ def test_a_removed_log_file_is_recreated_or_reported(sim, proxy_factory):
     assert len(proxy.records()) == 1  # the second record went to a new file at the path
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.parametrize("where", ["missing-directory", "a-directory"])
 def test_unwritable_log_at_startup_exits_1_with_a_message(tmp_path, where):
     log = tmp_path / "no" / "such" / "dir" / "a.jsonl" if where == "missing-directory" else tmp_path

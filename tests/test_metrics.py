@@ -120,6 +120,7 @@ def test_readyz_reports_rules_and_log(tmp_path: Path) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=0.5)
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_metrics_add_up_through_real_mitmdump(monkeypatch, proxy_factory) -> None:
     mport = free_port()
     proxy = proxy_factory(options={"affinity_metrics": f"127.0.0.1:{mport}"})
@@ -154,6 +155,7 @@ def test_metrics_add_up_through_real_mitmdump(monkeypatch, proxy_factory) -> Non
     assert get(mport, "/healthz")[0] == 200 and get(mport, "/readyz")[0] == 200
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_bad_metrics_address_stops_mitmdump(tmp_path: Path) -> None:
     r = subprocess.run([str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(free_port()),
                         "--set", f"confdir={tmp_path}", "-s", str(ADDON),

@@ -100,6 +100,7 @@ def _turns(client: openai.OpenAI, n: int) -> None:
         client.chat.completions.create(model="gpt-5", messages=messages)
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_one_span_per_response_with_genai_attributes(monkeypatch, proxy_factory,
                                                      receiver: Receiver) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.port}")
@@ -133,6 +134,7 @@ def test_one_span_per_response_with_genai_attributes(monkeypatch, proxy_factory,
     assert "sk-secret-test" not in dump and "meticulous" not in dump  # no key, no prompt text
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_unreachable_collector_is_a_warning_and_traffic_flows(monkeypatch, proxy_factory) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
@@ -151,6 +153,7 @@ def test_unreachable_collector_is_a_warning_and_traffic_flows(monkeypatch, proxy
     assert "collector" in out and "unreachable" in out
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_malformed_endpoint_stops_startup(tmp_path: Path) -> None:
     env = clean_env() | {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}
     r = subprocess.run([str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(free_port()),

@@ -18,6 +18,8 @@ import pytest
 from tests.harness import ROOT, map_remote_args
 from tests.procs import clean_env, free_port, listening_port, stop_pid, wait_port
 
+pytestmark = pytest.mark.slow  # builds a wheel into a fresh venv and starts mitmdump from it
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -30,6 +30,8 @@ from mitmproxy import io as mio
 from affinity_addon.record.schema import META
 from tests.harness import ROOT, Proxy
 
+pytestmark = pytest.mark.slow  # starts mitmdump
+
 TOKEN = secrets.token_hex(6).upper()
 ANTHROPIC_KEY = "sk-" + "ant-api03-" + "SECRETKEY" + "CANARY" * 4 + TOKEN
 OPENAI_KEY = "sk-" + "proj-" + "SECRET" + "CANARY" * 4 + TOKEN

@@ -104,6 +104,7 @@ def test_keep_alive_connection_reused(sim: Simulator) -> None:
     assert len(sim.requests) == 3
 
 
+@pytest.mark.slow  # a load test
 def test_two_hundred_concurrent_streams(sim: Simulator) -> None:
     n = 200
     results: list[bytes | Exception] = [b""] * n
@@ -171,6 +172,7 @@ def test_control_api(sim: Simulator, clock: SimClock) -> None:
     assert control(sim.url, "GET", "/_sim/nope")[0] == 404
 
 
+@pytest.mark.slow  # starts the simulator as a process
 def test_cli_subprocess() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "tests.sim", "--port", "0",

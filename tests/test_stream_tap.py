@@ -404,6 +404,7 @@ def test_reader_in_websocket_hook() -> None:
     assert reader.terminal
 
 
+@pytest.mark.slow  # a benchmark
 def test_microbenchmark_1mb_stream(capsys: pytest.CaptureFixture[str]) -> None:
     rnd = random.Random(1)
     words = ["cache", "prefix", "token", "stream", "proxy", "usage", "the", "a", "of", "model"]

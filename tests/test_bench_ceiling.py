@@ -1,5 +1,5 @@
 """`scripts/bench --ceiling`: the throughput of the addon's variants, the evidence for what bounds
-the addon under load (issue 12). A short run: every variant serves every request, and the
+the addon under load. A short run: every variant serves every request, and the
 worker-process prototype really does the deferred work (its records carry verdicts)."""
 
 import json

@@ -1,4 +1,4 @@
-"""Decompression bombs are bounded everywhere the addon decodes (issue 13).
+"""Decompression bombs are bounded everywhere the addon decodes.
 
 Each bomb is a few hundred bytes to ~80 KB that inflates to 80 MiB of zeros (more than the
 64 MiB per-flow cap). Through the request rewrite, the JSON response path and the SSE tap, the

@@ -156,7 +156,7 @@ def test_grok_via_openrouter(monkeypatch, sim, proxy_factory):
     assert pair.without.ratio < 0.8
 
 
-# --- 3: OpenRouter Claude, plain strings, no markers (issue 4) ----------------------------------
+# --- 3: OpenRouter Claude, plain strings, no markers: only a text part can carry a marker -----
 
 def test_openrouter_claude_plain_strings_get_breakpoints(monkeypatch, sim, proxy_factory):
     system = big_prompt("openrouter claude")

@@ -1,4 +1,5 @@
-"""The request path's cost is bounded per case, in time and memory (issue 13).
+"""The request path's cost is bounded per case, in time and memory (it runs on mitmproxy's
+event loop: a slow request stalls every other connection).
 
 tests/test_fuzz_requests.py checks that bad input never breaks traffic; this suite checks that
 no input stalls the proxy. Hypothesis (derandomized: the same cases on every run) generates request
@@ -13,7 +14,7 @@ every matched request), and each case must stay within
   CONST_MEM. orjson reserves an arena of ~13x the body while parsing (mostly never touched), and
   a JSON value of 3 bytes ({}, "") is a 50-64 byte Python object: that is the factor.
 
-Before issue 13, a 20,000-character model name cost ~1 s, 8,000 system messages 3 s and 50,000
+Before these bounds, a 20,000-character model name cost ~1 s, 8,000 system messages 3 s and 50,000
 tiny messages 4 s on the event loop.
 """
 

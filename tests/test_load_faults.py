@@ -1,4 +1,4 @@
-"""Load and faults (issue 7, guarantee 5), through real mitmdump processes and the simulator.
+"""Load and faults, through real mitmdump processes and the simulator.
 
 - 200 concurrent streaming requests: every client gets exactly the bytes the simulator wrote
   (SHA-256 of the raw, possibly gzip-compressed body against the simulator's own digest of what

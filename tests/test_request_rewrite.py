@@ -144,7 +144,8 @@ def test_compressed_bodies_stay_compressed(addon, enc):
         (b'{"model": "gpt-5", "x": "\xff\xfe"}', {}, "not valid JSON"),
         (b"\x1f\x8b garbage", {"content-encoding": "gzip"}, "could not be decoded"),
         (encoding.encode(b'{"model":"gpt-5"}', "gzip"), {"content-encoding": "gzip, br"}, "could not be decoded"),
-        # A JSON body under a non-JSON type is not ours to rewrite (issue 13).
+        # A JSON body under a non-JSON type is not ours to rewrite (a form or text the server
+        # parses its own way).
         (json.dumps(CHAT).encode(), {"content-type": "text/plain"}, "not JSON"),
         (json.dumps(CHAT).encode(), {"content-type": "application/x-www-form-urlencoded"}, "not JSON"),
     ],

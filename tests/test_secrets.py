@@ -1,4 +1,4 @@
-"""Secrets and privacy (issue 7, guarantee 2): keys, cookies and prompt text never leave the flow.
+"""Secrets and privacy: keys, cookies and prompt text never leave the flow.
 
 Recognizable canaries (an Anthropic key in `x-api-key`, an OpenAI project key in
 `Authorization: Bearer`, a cookie, a unique string in the system prompt, in the user message

@@ -86,7 +86,8 @@ def test_gpt_5_6_caches_at_breakpoints_only(sim: Simulator) -> None:
     two = send(convo(1))  # the implicit breakpoint on turn 1's latest message is read
     assert two["read"] == one["prompt"] and two["write"] == two["prompt"] - one["prompt"]
     # Another conversation with the same system prompt: thousands of shared tokens, but no
-    # breakpoint ever ended there, so nothing is read (providers.md §3 pitfall)...
+    # breakpoint ever ended there, so nothing is read (the pitfall https://developers.openai.com/api/docs/guides/prompt-caching
+    # warns of)...
     other = [{"role": "system", "content": BIG}, {"role": "user", "content": "other"}]
     assert send(other)["read"] == 0
     # ...until a request marks the end of the stable prefix.

@@ -244,7 +244,7 @@ def test_openai_rejects_retention_with_options_ttl(sim: Simulator) -> None:
 
 
 def test_gemini_native_usage(sim: Simulator) -> None:
-    big = BIG * 2  # Gemini 2.5 caches from 2,048 tokens (providers.md §9)
+    big = BIG * 2  # Gemini 2.5 caches from 2,048 tokens: https://ai.google.dev/gemini-api/docs/caching
     body = {"systemInstruction": {"parts": [{"text": big}]},
             "contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     path = "/p/gemini/v1beta/models/gemini-2.5-flash:generateContent"

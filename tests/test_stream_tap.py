@@ -343,7 +343,7 @@ class TapAddon:
         if tap is None:
             reader.feed_json(flow.response.json())
         elif tap.kept is not None:
-            flow.response.raw_content = tap.kept  # visible in mitmweb (mitmproxy.md 3.4)
+            flow.response.raw_content = tap.kept  # mitmproxy keeps no streamed body: mitmweb shows this
         self.results[flow.id] = reader.usage()
         flow.metadata["affinity_terminal"] = reader.terminal
 

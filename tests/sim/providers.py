@@ -3,8 +3,8 @@
 Every behaviour difference (routing scheme, cache model, usage field names, streaming usage
 placement, error JSON, body constraints) is a field of `Behaviour`. A provider row holds a base
 `Behaviour`, per-path changes and per-model changes (OpenRouter routes `anthropic/*` with Claude's
-marker semantics). Facts follow the shared providers.md reference (section numbers below), never
-the addon's code.
+marker semantics). Facts follow the providers' public documentation (linked per row), never the
+addon's code.
 """
 
 import fnmatch
@@ -70,65 +70,74 @@ def _key(*signals: Signal) -> Routing:
 _GROK_CONV = _key(Signal("header", "x-grok-conv-id"))
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
-    # §1: caches are per workspace; no routing signal is documented.
+    # Caches are per workspace; no routing signal is documented:
+    # https://platform.claude.com/docs/en/build-with-claude/prompt-caching
     Provider("anthropic", ("api.anthropic.com",), _ANTHROPIC, (_route(r"/v1/messages"),)),
-    # §3, §4: machine = hash(first ~256 tokens, prompt_cache_key); ~15 RPM per pair, then
-    # overflow (per key on GPT-5.6+).
+    # Machine = hash(first ~256 tokens, prompt_cache_key); ~15 RPM per pair, then overflow (per
+    # key on GPT-5.6+): https://developers.openai.com/api/docs/guides/prompt-caching
     Provider("openai", ("api.openai.com",),
              Behaviour(routing=Routing("prefix-key", (_PCK,)), gpt_breakpoints=True,
                        conflicts=(("prompt_cache_retention", "prompt_cache_options.ttl"),)),
              (_route(r"/v1/chat/completions", **_CHAT),
               _route(r"/v1/responses", **_RESPONSES))),
-    # §6: x-grok-conv-id (chat) / prompt_cache_key (Responses) pin a server; else random.
+    # x-grok-conv-id (chat) / prompt_cache_key (Responses) pin a server; else random:
+    # https://docs.x.ai/developers/advanced-api-usage/prompt-caching/maximizing-cache-hits
     Provider("xai", ("api.x.ai",), Behaviour(),
              (_route(r"/v1/chat/completions", usage="xai-chat", routing=_GROK_CONV),
               _route(r"/v1/responses", shape=OPENAI_RESPONSES, usage="xai-responses",
                      routing=_key(_PCK)))),
-    # §7: sticky routing on the first system + first non-system message, ~10 min idle expiry.
-    # Grok models keep xAI's own header routing (providers.md is silent on what OpenRouter
+    # Sticky routing on the first system + first non-system message, ~10 min idle expiry:
+    # https://openrouter.ai/docs/guides/best-practices/prompt-caching
+    # Grok models keep xAI's own header routing (OpenRouter's docs do not say which headers it
     # forwards; the shipped rules cite Hermes agent issue 22705).
     Provider("openrouter", ("openrouter.ai",),
              Behaviour(usage="openrouter", stream_usage="always", routing=Routing("sticky")),
              (_route(r"/api/v1/chat/completions"),),
              by_model=(("anthropic/*", {"cache": "markers"}),
                        ("x-ai/*", {"routing": _GROK_CONV}),
-                       # §7: GPT-5.6+ breakpoints and cache options are passed through.
+                       # GPT-5.6+ breakpoints and cache options are passed through (same page).
                        ("openai/*", {"gpt_breakpoints": True}))),
-    # §5: "ChatGPT derives Responses cache affinity from the session-id header" (= the body's
+    # "ChatGPT derives Responses cache affinity from the session-id header" (= the body's
     # prompt_cache_key). Without either: not documented, random here.
+    # https://github.com/openai/codex/pull/44862
     Provider("codex", ("chatgpt.com",),
              Behaviour(shape=OPENAI_RESPONSES, usage="codex", errors="codex",
                        routing=_key(Signal("header", "session-id"), _PCK), stream_required=True,
                        forbidden=("prompt_cache_retention", "prompt_cache_options",
                                   "prompt_cache_breakpoint")),
              (_route(r"/backend-api/codex/responses"),)),
-    # §8: a best-effort disk cache shared by everyone, cleared after hours to days unused.
+    # A best-effort disk cache shared by everyone, cleared after hours to days unused:
+    # https://api-docs.deepseek.com/guides/kv_cache
     # (Its "cache prefix units" at message ends are approximated by the chunked prefix cache.)
     Provider("deepseek", ("api.deepseek.com",),
              Behaviour(usage="deepseek", ttl=4 * 3600.0),
              (_route(r"(/v1)?/chat/completions"),)),
-    # §10: cache identity is a content-prefix hash in 256-token chunks; prompt_cache_key was
-    # observed to be ignored. No minimum is documented beyond the chunk.
+    # Cache identity is a content-prefix hash in 256-token chunks; prompt_cache_key was
+    # observed to be ignored; no minimum is documented beyond the chunk:
+    # https://github.com/Leechael/pi-provider-kimi-code/blob/main/docs/caching.md
     Provider("moonshot", ("api.moonshot.ai", "api.moonshot.cn"),
              Behaviour(usage="moonshot", stream_usage="in_choice", auto_min=256, auto_step=256),
              (_route(r"/v1/chat/completions"),)),
-    # §15: x-session-affinity (or body user / prompt_cache_key) routes to the same replica.
+    # x-session-affinity (or body user / prompt_cache_key) routes to the same replica:
+    # https://docs.fireworks.ai/guides/prompt-caching
     Provider("fireworks", ("api.fireworks.ai",),
              Behaviour(routing=_key(Signal("header", "x-session-affinity"), _PCK,
                                     Signal("body", "user"))),
              (_route(r"(/inference)?/v1/chat/completions"),)),
-    # §11: implicit cache, no affinity for chat; the 5-minute TTL is the explicit cache's.
+    # Implicit cache, no affinity for chat; the 5-minute TTL is the explicit cache's:
+    # https://www.alibabacloud.com/help/en/model-studio/context-cache
     Provider("dashscope", ("dashscope-intl.aliyuncs.com", "dashscope.aliyuncs.com"),
              Behaviour(usage="dashscope", ttl=300.0),
              (_route(r"/compatible-mode/v1/chat/completions"),)),
-    # §9: implicit caching, no affinity; minimum 2,048 tokens on 2.5, 4,096 on 3.x and later.
+    # Implicit caching, no affinity; minimum 2,048 tokens on 2.5, 4,096 on 3.x and later:
+    # https://ai.google.dev/gemini-api/docs/caching
     Provider("gemini", ("generativelanguage.googleapis.com",),
              Behaviour(shape=GEMINI, usage="gemini", errors="gemini", auto_min=4096),
              (_route(r"/v1(beta|alpha)?/models/(?P<model>[^/:]+):generateContent", stream=False),
               _route(r"/v1(beta|alpha)?/models/(?P<model>[^/:]+):streamGenerateContent",
                      stream=True)),
              by_model=(("gemini-2.5-*", {"auto_min": 2048}),)),
-    # Not a providers.md row: an Anthropic-compatible multi-account relay (each replica is an
+    # Not a public provider: an Anthropic-compatible multi-account relay (each replica is an
     # account with its own cache) that pins a session by header, as the shipped example rule.
     Provider("proxy", (), replace(_ANTHROPIC, routing=_key(Signal("header", "x-session-id"),
                                                            Signal("header", "x-session-affinity"))),

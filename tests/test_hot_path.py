@@ -8,9 +8,10 @@ These are properties of the order of work, checked on a real loop, not timings.
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from mitmproxy import http
 from mitmproxy.addonmanager import traverse
 from mitmproxy.test import taddons, tflow, tutils
@@ -50,14 +51,23 @@ async def turns(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
-async def idle() -> None:
-    """Leave the loop idle (this task waits on a timer) until the deferred work is done."""
-    await asyncio.sleep(0.02)
+async def idle(done: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Leave the loop idle (this task waits on a timer) until `done()`: an event, not a time,
+    so a slow or loaded machine only takes longer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
+        assert loop.time() < deadline, "the deferred work never finished"
+        # A long wait: this task waking every millisecond would itself keep the loop busy.
+        await asyncio.sleep(0.02)
 
 
 async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(fp_module, "STEP_BLOCKS", 4)  # 1 system + 21 messages: 6 slices
+    # Only a busy loop holds the work back here: it is never overdue (10 turns of a loaded
+    # machine can take longer than the 10 ms it may wait in production).
+    monkeypatch.setattr(state_module, "IDLE_WAIT", 60.0)
     a = Affinity()
     log = tmp_path / "a.jsonl"
     with taddons.context(*a.addons) as tctx:
@@ -68,7 +78,7 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         assert isinstance(job, Stepped) and job.steps is not None  # nothing done in the hook
         await turns(10)
         assert job.result is None and len(a.state.later) == 1  # the loop was busy: it waits
-        await idle()
+        await idle(lambda: job.steps is None)
         assert job.steps is None and job.result is not None  # done while "upstream"
         assert len(job.result.blocks.all) == 22
 
@@ -76,7 +86,7 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         a.responseheaders(f)
         a.response(f)
         assert not log.read_text() and "miss_reason" not in f.metadata[META]  # not yet
-        await idle()
+        await idle(lambda: not a.state.later)
         (record,) = [json.loads(line) for line in log.read_text().splitlines()]
         assert record["flow_id"] == f.id and record["usage"]["input_tokens"] == 310
         assert f.metadata[META]["miss_reason"] == record["miss_reason"] == "first-write"
@@ -128,6 +138,7 @@ def test_mitmproxy_dispatches_to_one_addon_that_reaches_every_part(tmp_path: Pat
     assert record["flow_id"] == f.id and record["miss_reason"] == "first-write"
 
 
+@pytest.mark.expect_addon_error(r"request hook of .*broken.* failed \(RuntimeError: a part's bug\)")
 def test_a_failing_part_leaves_the_others_their_hook(tmp_path: Path, caplog) -> None:
     a = Affinity()
     seen = []
@@ -161,9 +172,10 @@ async def test_deferred_work_waits_for_idle_turns_and_runs_in_slices(monkeypatch
         if k < 4:
             loop.call_soon(io, k + 1)
 
+    monkeypatch.setattr(state_module, "IDLE_WAIT", 60.0)  # not overdue, however slow the turns
     state.defer(job())
     loop.call_soon(io, 0)
-    await idle()
+    await idle(lambda: len(order) == 8)
     assert order == ["io0", "io1", "io2", "io3", "io4", "slice0", "slice1", "slice2"]
     assert not state.later
 
@@ -173,7 +185,7 @@ async def test_deferred_work_waits_for_idle_turns_and_runs_in_slices(monkeypatch
     order.clear()
     state.defer(job())
     loop.call_soon(io, 0)
-    await idle()
+    await idle(lambda: len(order) == 8)
     assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4"]
 
     monkeypatch.setattr(state_module, "IDLE_WAIT", 60.0)
@@ -182,11 +194,12 @@ async def test_deferred_work_waits_for_idle_turns_and_runs_in_slices(monkeypatch
     state.defer(job())
     state.defer(job())
     loop.call_soon(io, 0)
-    await idle()
+    await idle(lambda: len(order) == 11)
     assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4",
                      "slice0", "slice1", "slice2"]
 
 
+@pytest.mark.expect_addon_error(r"could not record this response \(RuntimeError: bug in a record\)")
 async def test_a_failing_deferred_job_is_logged_and_the_next_runs(caplog) -> None:
     state = State()
     done = []
@@ -197,5 +210,5 @@ async def test_a_failing_deferred_job_is_logged_and_the_next_runs(caplog) -> Non
 
     state.defer(broken())
     state.defer(lambda: done.append(1))
-    await idle()
+    await idle(lambda: not state.later)
     assert done == [1] and not state.later and "bug in a record" in caplog.text

@@ -15,6 +15,7 @@ reason why not. The simulator's fault injection (`x-sim-fault`) is checked direc
 import asyncio
 import hashlib
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from tests.addon_errors import check_output, plant_args
 from tests.harness import ADDON, MITMDUMP, Proxy, free_port
 from tests.sim import Simulator, parse_faults
 
@@ -156,7 +158,8 @@ def parse_log(path: Path) -> list[dict[str, Any]]:
 def with_log(path: Path) -> dict[str, Any]:
     """proxy_factory arguments for an addon that logs to `path` (the harness's own log path
     cannot be overridden: mitmdump refuses a second --set of one option)."""
-    return {"addon": False, "extra_args": ["-s", str(ADDON), "--set", f"affinity_log={path}"]}
+    return {"addon": False,
+            "extra_args": ["-s", str(ADDON), "--set", f"affinity_log={path}", *plant_args()]}
 
 
 def assert_healthy(output: str) -> None:
@@ -412,7 +415,7 @@ def test_unwritable_log_at_startup_exits_1_with_a_message(tmp_path, where):
     log = tmp_path / "no" / "such" / "dir" / "a.jsonl" if where == "missing-directory" else tmp_path
     args = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(free_port()),
             "--set", f"confdir={tmp_path / 'confdir'}", "-s", str(ADDON),
-            "--set", f"affinity_log={log}"]
+            "--set", f"affinity_log={log}", *plant_args()]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, cwd=tmp_path)
     try:
@@ -424,3 +427,4 @@ def test_unwritable_log_at_startup_exits_1_with_a_message(tmp_path, where):
     text = out.decode(errors="replace")
     assert proc.returncode == 1, text
     assert f"Cannot open affinity_log {log}" in text
+    check_output(text, "mitmdump", expect=[re.escape(f"Cannot open affinity_log {log}")])

@@ -2,6 +2,7 @@
 receiver that decodes the protobuf ExportTraceServiceRequest; a dead collector is a warning and
 the proxy keeps working; a malformed endpoint stops startup."""
 
+import re
 import subprocess
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from affinity_addon.mitm.otel import provider_name, traces_endpoint
+from tests.addon_errors import check_output, plant_args
 from tests.harness import ADDON, MITMDUMP
 from tests.procs import clean_env, free_port
 
@@ -158,8 +160,10 @@ def test_malformed_endpoint_stops_startup(tmp_path: Path) -> None:
     env = clean_env() | {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}
     r = subprocess.run([str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(free_port()),
                         "--set", f"confdir={tmp_path}", "-s", str(ADDON),
-                        "--set", "affinity_otel=true"],
+                        "--set", "affinity_otel=true", *plant_args()],
                        capture_output=True, text=True, timeout=60, env=env,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318'" in r.stdout + r.stderr
+    check_output(r.stdout + r.stderr, "mitmdump",
+                 expect=[re.escape("OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318'")])

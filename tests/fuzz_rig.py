@@ -36,8 +36,6 @@ from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
 from affinity_addon.record.schema import META
-from affinity_addon.request import breakpoints
-from affinity_addon.request.prompt_slots import count_markers
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.driver import Affinity
 
@@ -218,16 +216,70 @@ def _undo_field(out: dict[str, Any], orig: dict[str, Any], path: str) -> None:
             holder[parts[k - 1]] = before
 
 
-def _added_markers(orig: dict[str, Any], markers: list[dict[str, str]]
-                   ) -> list[breakpoints.AddedMarker]:
-    out = []
-    for m in markers:
-        keys = _keys(m["path"])
-        holder: Any = orig
-        for k in keys[:-1]:
-            holder = holder[k] if isinstance(holder, dict | list) else None
-        out.append(breakpoints.AddedMarker(m["path"], m["ttl"], converted=isinstance(holder, str)))
-    return out
+def _at(obj: Any, keys: list[str | int]) -> Any:
+    for k in keys:
+        obj = obj[k]
+    return obj
+
+
+def _at_or_none(obj: Any, keys: list[str | int]) -> Any:
+    for k in keys:
+        if isinstance(k, int) and isinstance(obj, list) and k < len(obj) or isinstance(k, str) and isinstance(obj, dict) and k in obj:
+            obj = obj[k]
+        else:
+            return None
+    return obj
+
+
+# Anthropic: "A maximum of 4 blocks with cache_control may be provided", the automatic top-level
+# marker included (https://platform.claude.com/docs/en/build-with-claude/prompt-caching).
+MAX_MARKERS = 4
+MARKER_KEYS = ("cache_control", "prompt_cache_breakpoint")
+
+
+def client_markers(body: Any) -> int:
+    """The markers a body carries where providers count them: the top level, tools, system
+    blocks, messages, their content blocks and a tool result's own blocks."""
+    def held(x: Any) -> int:
+        return sum(x.get(k) is not None for k in MARKER_KEYS) if isinstance(x, dict) else 0
+
+    if not isinstance(body, dict):
+        return 0
+    n = held(body)
+    for section in ("tools", "system"):
+        if isinstance(body.get(section), list):
+            n += sum(held(x) for x in body[section])
+    for msg in body.get("messages") if isinstance(body.get("messages"), list) else ():
+        n += held(msg)
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for block in content if isinstance(content, list) else ():
+            n += held(block)
+            inner = block.get("content") if isinstance(block, dict) else None
+            n += sum(held(x) for x in inner) if isinstance(inner, list) else 0
+    return n
+
+
+def unmark(out: dict[str, Any], orig: dict[str, Any], markers: list[dict[str, str]]) -> None:
+    """Takes the markers the record says were added out of the body sent, walking it by their
+    paths (not with the addon's own undo): each must be exactly the marker of its TTL, and a
+    string the rewrite turned into a one-part list to carry it goes back to the string."""
+    for m in reversed(markers):
+        want = {"type": "ephemeral", "ttl": "1h"} if m["ttl"] == "1h" else {"type": "ephemeral"}
+        *up, last = _keys(m["path"])
+        if not up:  # Anthropic's automatic marker, on the body itself
+            assert last == "cache_control" and out.get(last) == want, m
+            del out[last]
+            continue
+        holder = _at(out, up)
+        block = holder[last]
+        assert isinstance(block, dict) and block.get("cache_control") == want, \
+            f"no {want} at {m['path']}: {block!r:.200}"
+        del block["cache_control"]
+        was = _at_or_none(orig, up)
+        if isinstance(was, str):  # converted: the client sent a plain string there
+            assert last == 0 and holder == [{"type": "text", "text": was}], \
+                f"{m['path']}: the string became {holder!r:.200}"
+            _at(out, up[:-1])[up[-1]] = was
 
 
 def _reject(constant: str) -> Any:
@@ -275,8 +327,8 @@ def check_request(before_raw: bytes, before_fields: tuple, f: http.HTTPFlow, pat
         assert _lookup(obj_out, target.split("."))[1] == value, f"{target} is not what was sent"
         assert value == rec["affinity_id"]
     if rec["added"]["markers"]:
-        assert count_markers(obj_out, SHAPE_OF[path]) <= breakpoints.MAX_MARKERS
-    breakpoints.strip_added(obj_out, _added_markers(obj_in, rec["added"]["markers"]))
+        assert client_markers(obj_in) + len(rec["added"]["markers"]) <= MAX_MARKERS
+    unmark(obj_out, obj_in, rec["added"]["markers"])
     for target in reversed(list(rec["added"]["fields"])):
         _undo_field(obj_out, obj_in, target)
     assert _canon(obj_out) == _canon(obj_in)

@@ -105,7 +105,7 @@ def test_several_problems_in_one_request_make_one_warning(tmp_path):
                 "messages": [{"role": "user", "content": "hi"}]}
         f = make_flow(json.dumps(body).encode(), CHAT)
         r.addon.request(f)
-        r.quiet("a request with two problems")
+        assert r.quiet("a request with two problems") == 1
 
 
 @pytest.mark.parametrize("body", [{"system": ["a", "b"], "messages": []},
@@ -124,7 +124,8 @@ def test_deep_nesting_is_one_warning_not_a_traceback(tmp_path, where):
     body = '{"model":"gpt-5","messages":[{"role":"user","content":' + inner + "}]}"
     with rig(tmp_path) as r:
         for path in (CHAT, MESSAGES):
-            one_request(r, body.encode(), path)
+            _, warned = one_request(r, body.encode(), path)
+            assert len(warned) == 1, (path, warned)
         r.still_works()
 
 

@@ -60,7 +60,8 @@ SHAPED = st.builds(
     lambda known, extra: {**{k: v for k, v in extra.items() if k not in KNOWN}, **known},
     st.fixed_dictionaries({}, optional={
         "model": MODEL, "messages": MESSAGE_LIST, "system": SYSTEM,
-        "input": st.one_of(MESSAGE_LIST, TEXT),  # a string is a valid Responses input "instructions": st.one_of(TEXT, ANY_JSON),
+        "input": st.one_of(MESSAGE_LIST, TEXT),  # a string is a valid Responses input
+        "instructions": st.one_of(TEXT, ANY_JSON),
         "tools": TOOLS, "metadata": METADATA, "prompt_cache_key": ANY_JSON,
         "stream": st.booleans()}),
     st.dictionaries(TEXT, ANY_JSON, max_size=2))

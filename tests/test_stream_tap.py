@@ -1,10 +1,12 @@
+import asyncio
+import contextlib
 import gzip
 import json
 import logging
 import random
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,12 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from affinity_addon import shapes
-from affinity_addon.record.schema import Usage
+from affinity_addon.mitm.config import DEFAULT_RULES
+from affinity_addon.mitm.recorder import Recorder
 from affinity_addon.response.decoders import make_decoder
 from affinity_addon.response.stream_tap import StreamTap
 from affinity_addon.response.usage import UsageReader
+from tests.driver import Affinity
 
 FIXTURES = Path(__file__).parent / "fixtures" / "usage"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((FIXTURES / "expected.json").read_text())
@@ -223,7 +226,8 @@ def test_bad_compression_never_raises(garbage: bytes, encoding: str) -> None:
     chunks = [garbage[i:i + 13] for i in range(0, len(garbage), 13)] + [b"data: late\n\n"]
     tap, events = collect(chunks, encoding=encoding)
     assert tap.bytes_in == sum(len(c) for c in chunks)
-    assert tap.failed is not None  # brotli has no header, but these inputs are invalid anyway
+    # brotli has no header, but these inputs are invalid anyway
+    assert tap.failed is not None and tap.failed.startswith(f"corrupt {encoding} data: ")
     if encoding == "gzip" and garbage.startswith(b"\x1f\x8b"):
         assert events == [(None, b"x")]  # the valid member before the junk was read
 
@@ -234,7 +238,9 @@ def test_truncated_gzip_keeps_what_was_decoded() -> None:
     cut = wire[: len(wire) * 2 // 3]
     run = Run(name, "gzip").feed([cut])
     assert b"".join(run.out) == cut
-    assert run.reader.usage() is not None  # message_start was in the first part
+    u = run.reader.usage()  # message_start was in the first part: its input counts are read
+    assert u is not None and (u.input_tokens, u.cache_read_tokens, u.cache_write_tokens) \
+        == (22322, 20480, 1800)
     assert not run.reader.terminal
 
 
@@ -287,7 +293,7 @@ def test_chunks_after_end_and_odd_chunk_types() -> None:
     weird: Any = 12345  # not bytes at all: still handed back, never raised on
     tap2 = StreamTap(None, lambda n, d: None)
     assert tap2(weird) is weird
-    assert tap2.failed is not None
+    assert tap2.failed is not None and tap2.failed.startswith("internal error: TypeError")
 
 
 def test_make_decoder() -> None:
@@ -319,92 +325,107 @@ def test_decompression_bomb_is_refused(encoding: str) -> None:
     assert tap.skipped == 1
 
 
-class TapAddon:
-    """The wiring the real addon uses, reduced to what the tap and the reader need."""
-
-    def __init__(self) -> None:
-        self.readers: dict[str, UsageReader] = {}
-        self.taps: dict[str, StreamTap] = {}
-        self.results: dict[str, Usage | None] = {}
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        assert flow.response is not None
-        if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
-            reader = self.readers[flow.id] = UsageReader(shapes.ANTHROPIC)
-            tap = StreamTap(flow.response.headers.get("content-encoding"), reader.feed_event,
-                            keep_limit=1 << 20)
-            self.taps[flow.id] = tap
-            flow.response.stream = tap
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        assert flow.response is not None
-        tap = self.taps.pop(flow.id, None)
-        reader = self.readers.pop(flow.id, None) or UsageReader(shapes.ANTHROPIC)
-        if tap is None:
-            reader.feed_json(flow.response.json())
-        elif tap.kept is not None:
-            flow.response.raw_content = tap.kept  # mitmproxy keeps no streamed body: mitmweb shows this
-        self.results[flow.id] = reader.usage()
-        flow.metadata["affinity_terminal"] = reader.terminal
-
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
-        assert flow.websocket is not None
-        msg = flow.websocket.messages[-1]
-        if not msg.from_client:
-            reader = self.readers.setdefault(flow.id, UsageReader(shapes.OPENAI_RESPONSES))
-            reader.feed_event(None, msg.content)
+@contextlib.contextmanager
+def recorder(tmp: Path) -> Iterator[tuple[Affinity, Path]]:
+    """The product's Recorder on the addon's State, as `addon.py` wires it (tests.driver sends
+    each hook through mitmproxy's dispatch to the bundle), with the shipped rules and a log."""
+    log = tmp / "records.jsonl"
+    a = Affinity()
+    assert isinstance(a.bundle.recorder, Recorder) and a.bundle.recorder.state is a.state
+    with taddons.context(*a.addons) as tctx:
+        tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_log=str(log))
+        yield a, log
 
 
-def test_tap_as_mitmproxy_stream_callable() -> None:
-    addon = TapAddon()
+def records(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def anthropic_flow() -> http.HTTPFlow:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "hi"}]}
+    return tflow.tflow(req=tutils.treq(
+        method=b"POST", host="api.anthropic.com", port=443, scheme=b"https", authority=b"",
+        path=b"/v1/messages", headers=http.Headers(content_type="application/json"),
+        content=json.dumps(body).encode()))
+
+
+def test_recorder_taps_a_stream_as_mitmproxy_streams_it(tmp_path: Path) -> None:
     wire = encoded("anthropic.sse", "br")
-    with taddons.context(addon):
-        f = tflow.tflow(resp=tutils.tresp(headers=http.Headers(
-            content_type="text/event-stream", content_encoding="br"), content=None))
-        addon.responseheaders(f)
+    with recorder(tmp_path) as (a, log):
+        f = anthropic_flow()
+        a.request(f)
+        f.response = tutils.tresp(headers=http.Headers(
+            content_type="text/event-stream", content_encoding="br"), content=None)
+        a.responseheaders(f)
         stream = f.response.stream
-        assert callable(stream)
+        assert isinstance(stream, StreamTap)  # mitmproxy calls it with every chunk it forwards
         out = [stream(wire[i:i + 7]) for i in range(0, len(wire), 7)] + [stream(b"")]
         assert b"".join(out) == wire
-        addon.response(f)
-    assert addon.results[f.id] == Usage(**EXPECTED["anthropic.sse"]["usage"])
-    assert f.metadata["affinity_terminal"] is True
+        a.response(f)
+        assert not a.state.live and not a.state.later  # nothing left behind for the flow
+    (rec,) = records(log)
+    assert rec["flow_id"] == f.id and rec["stream"] is True
+    assert {k: rec["usage"][k] for k in EXPECTED["anthropic.sse"]["usage"]} \
+        == EXPECTED["anthropic.sse"]["usage"]
+    assert rec["complete"] is True  # the stream ended with its terminal event
     assert f.response.headers["content-encoding"] == "br"
-    assert f.response.text == fixture("anthropic.sse").decode()
+    assert f.response.text == fixture("anthropic.sse").decode()  # the kept body, for mitmweb
 
 
-async def test_reader_in_response_hook_via_cycle() -> None:
-    addon = TapAddon()
-    body = fixture("anthropic.json")
-    with taddons.context(addon) as tctx:
-        f = tflow.tflow(resp=tutils.tresp(headers=http.Headers(
-            content_type="application/json"), content=body))
+async def test_recorder_reads_a_json_response_after_the_hook_on_a_running_loop(
+        tmp_path: Path) -> None:
+    # On mitmproxy's loop the Recorder reads the body and writes the record after the hook has
+    # returned (the response is on its way by then), in idle turns of the loop.
+    with recorder(tmp_path) as (a, log):
+        f = anthropic_flow()
+        a.request(f)
+        f.response = tutils.tresp(headers=http.Headers(content_type="application/json"),
+                                  content=fixture("anthropic.json"))
         f.response.encode("gzip")
-        await tctx.cycle(addon, f)
-    assert addon.results[f.id] == Usage(**EXPECTED["anthropic.json"]["usage"])
-    assert f.metadata["affinity_terminal"] is True
+        a.responseheaders(f)
+        a.response(f)
+        assert records(log) == [] and a.state.later  # deferred, not done in the hook
+        for _ in range(500):  # idle turns until the deferred work is done
+            if not a.state.later:
+                break
+            await asyncio.sleep(0.02)
+        assert not a.state.later and not a.state.live
+    (rec,) = records(log)
+    assert rec["stream"] is False and rec["complete"] is True
+    assert {k: rec["usage"][k] for k in EXPECTED["anthropic.json"]["usage"]} \
+        == EXPECTED["anthropic.json"]["usage"]
 
 
-def test_reader_in_websocket_hook() -> None:
+def test_recorder_reads_websocket_frames(tmp_path: Path) -> None:
     from mitmproxy import websocket
 
-    addon = TapAddon()
-    with taddons.context(addon):
+    with recorder(tmp_path) as (a, log):
         f = tflow.twebsocketflow(messages=False)
+        f.request.host, f.request.port, f.request.scheme = "chatgpt.com", 443, "https"
+        f.request.path = "/backend-api/codex/responses"
+        resp, f.response = f.response, None
+        a.request(f)  # the upgrade request
+        f.response = resp
+        a.responseheaders(f)
+        a.response(f)
         assert f.websocket is not None
         f.websocket.messages.append(websocket.WebSocketMessage(
             1, True, b'{"type":"response.create","input":[]}'))
-        addon.websocket_message(f)
+        a.websocket_message(f)  # a client frame: not a response
         for line in fixture("codex_ws.jsonl").splitlines():
             f.websocket.messages.append(websocket.WebSocketMessage(1, False, line))
-            addon.websocket_message(f)
-    reader = addon.readers[f.id]
-    u = reader.usage()
-    assert u is not None and u.to_dict() == EXPECTED["codex_ws.jsonl"]["usage"]
-    assert reader.terminal
+            a.websocket_message(f)
+    terminal = [json.loads(line)["type"] for line in fixture("codex_ws.jsonl").splitlines()
+                if json.loads(line).get("type") in ("response.completed", "response.failed",
+                                                     "response.incomplete")]
+    recs = records(log)
+    assert len(terminal) == 2 and len(recs) == 2  # one record per terminal server frame
+    assert all(r["transport"] == "websocket" and r["stream"] for r in recs)
+    assert {k: recs[-1]["usage"][k] for k in EXPECTED["codex_ws.jsonl"]["usage"]} \
+        == EXPECTED["codex_ws.jsonl"]["usage"]
 
 
-@pytest.mark.slow  # a benchmark
 def test_microbenchmark_1mb_stream(capsys: pytest.CaptureFixture[str]) -> None:
     rnd = random.Random(1)
     words = ["cache", "prefix", "token", "stream", "proxy", "usage", "the", "a", "of", "model"]

@@ -318,6 +318,7 @@ def test_decompression_bomb_is_refused(encoding: str) -> None:
     assert tap.skipped == 1
 
 
+@pytest.mark.slow  # a benchmark
 def test_microbenchmark_1mb_stream(capsys: pytest.CaptureFixture[str]) -> None:
     rnd = random.Random(1)
     words = ["cache", "prefix", "token", "stream", "proxy", "usage", "the", "a", "of", "model"]

@@ -17,7 +17,8 @@ in process) and the check then requires that error, so the expectation cannot go
 
 AFFINITY_TEST_PLANT_ERROR=1 plants an error after every `response` of the addon: in every
 mitmproxy process the tests start (tests/plant_error.py, loaded after the addon) and in process
-(`plant_in_process`). A suite run planted shows which tests would miss a failing addon.
+(`plant_in_process`); AFFINITY_TEST_PLANT_ERROR=all after each of its traffic hooks. A suite run
+planted shows which tests would miss a failing addon.
 """
 
 import ast
@@ -25,8 +26,9 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANT_SCRIPT = Path(__file__).resolve().with_name("plant_error.py")
@@ -39,8 +41,18 @@ _RECORD_START = re.compile(r"^\[\d\d:\d\d:\d\d\.\d{3}\]")
 _ERROR_CALLS = {"error", "exception", "critical"}
 
 
+# The addon's traffic hooks; "1" plants after `response` only (where a record is made), "all"
+# after each of them (a test that never gets a response still notices a failing `request`).
+TRAFFIC_HOOKS = ("request", "responseheaders", "response", "error", "websocket_message")
+
+
+def planted_hooks() -> tuple[str, ...]:
+    value = os.environ.get(PLANT_ENV, "")
+    return {"1": ("response",), "all": TRAFFIC_HOOKS}.get(value, ())
+
+
 def planted() -> bool:
-    return os.environ.get(PLANT_ENV) == "1"
+    return bool(planted_hooks())
 
 
 def plant_args() -> list[str]:
@@ -200,22 +212,26 @@ class PlantedError(RuntimeError):
 
 
 def plant_in_process() -> Iterator[None]:
-    """While active, every `response` of the in-process addon (the bundle, or a Recorder used
-    on its own) is followed by an error logged as mitmproxy logs a later addon's exception."""
+    """While active, each planted hook of the in-process addon (the bundle, and the Rewriter and
+    Recorder parts that tests also drive on their own) is followed by an error logged as
+    mitmproxy logs a later addon's exception."""
     import pytest
     from mitmproxy.addonmanager import safecall
 
     from affinity_addon.mitm.bundle import Affinity
     from affinity_addon.mitm.recorder import Recorder
+    from affinity_addon.mitm.rewriter import Rewriter
 
-    def wrap(original):  # type: ignore[no-untyped-def]
-        def response(self, flow):  # type: ignore[no-untyped-def]
-            original(self, flow)
-            with safecall():
-                raise PlantedError(f"{PLANTED} after {type(self).__name__}.response")
-        return response
+    def wrap(hook: str, original: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        def planted_hook(self: Any, arg: Any) -> None:
+            original(self, arg)
+            with safecall():  # logs "Addon error: ..." with the traceback, as mitmproxy does
+                raise PlantedError(f"{PLANTED} after {type(self).__name__}.{hook}")
+        return planted_hook
 
     with pytest.MonkeyPatch.context() as mp:
-        for cls in (Affinity, Recorder):
-            mp.setattr(cls, "response", wrap(cls.response))
+        for hook in planted_hooks() or ("response",):
+            for cls in (Affinity, Rewriter, Recorder):
+                if callable(getattr(cls, hook, None)):
+                    mp.setattr(cls, hook, wrap(hook, getattr(cls, hook)))
         yield

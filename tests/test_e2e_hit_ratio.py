@@ -37,6 +37,8 @@ from tests.conversations import (
 from tests.harness import Proxy
 from tests.sim import RecordedRequest, Simulator
 
+pytestmark = pytest.mark.slow  # every test starts two mitmdump processes
+
 TURNS = 6
 KEY = "sk-test-not-a-real-key"
 
@@ -154,7 +156,7 @@ def test_grok_via_openrouter(monkeypatch, sim, proxy_factory):
     assert pair.without.ratio < 0.8
 
 
-# --- 3: OpenRouter Claude, plain strings, no markers (issue 4) ----------------------------------
+# --- 3: OpenRouter Claude, plain strings, no markers: only a text part can carry a marker -----
 
 def test_openrouter_claude_plain_strings_get_breakpoints(monkeypatch, sim, proxy_factory):
     system = big_prompt("openrouter claude")

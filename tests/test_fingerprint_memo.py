@@ -1,5 +1,5 @@
-"""The incremental fingerprint (issue 12): a conversation's next turn resumes from a checkpoint
-of an earlier prompt it extends. The result must be the fingerprint computed from scratch, field
+"""The incremental fingerprint: a conversation's next turn resumes from a checkpoint of an
+earlier prompt it extends (so a long conversation is not walked whole on every turn). The result must be the fingerprint computed from scratch, field
 for field, whatever the turn did; only the work differs."""
 
 import copy

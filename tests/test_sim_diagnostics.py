@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.sim import SimClock, Simulator
-from tests.test_simulator import BIG, post, sse_events
+from tests.sim_client import BIG, post, sse_events
 
 pytestmark = pytest.mark.slow  # a simulator server per test
 

@@ -106,7 +106,8 @@ def test_anthropic_without_message_stop_is_not_terminal() -> None:
     r = UsageReader(shapes.ANTHROPIC)
     for event, data in sse_events((FIXTURES / "anthropic.sse").read_bytes())[:-1]:
         r.feed_event(event, data)
-    assert r.usage() is not None
+    u = r.usage()  # message_delta came before the missing message_stop: the whole usage
+    assert u is not None and u.to_dict() == EXPECTED["anthropic.sse"]["usage"]
     assert not r.terminal
 
 
@@ -293,11 +294,14 @@ def test_raw_keeps_numbers_and_names_not_text() -> None:
     json.dumps(u.to_dict())
 
 
+INFINITE_COUNT = b'{"usage": {"prompt_tokens": 1e400}}'
+
+
 @pytest.mark.parametrize("data", [
     b"", b"   ", b"not json", b'{"truncated": ', b"[1, 2, 3]", b"42", b'"usage"', b"null",
     b"\xff\xfe usage", b'{"usage": "string"}', b'{"usage": [1]}', b'{"usage": {}}',
     b'{"response": {"usage": 5}}', b'{"choices": "x", "usage": null}', b"[DONE] trailing",
-    b'{"usage": {"prompt_tokens": 1e400}}', b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    INFINITE_COUNT, b'{"a":' * 5000 + b"1" + b"}" * 5000,
 ])
 @pytest.mark.parametrize("shape", shapes.SHAPES)
 def test_junk_events_never_raise(shape: str, data: bytes) -> None:
@@ -305,7 +309,15 @@ def test_junk_events_never_raise(shape: str, data: bytes) -> None:
     r.feed_event("message_delta", data)
     r.feed_event(None, data)
     u = r.usage()
-    assert u is None or u.input_tokens >= 0
+    # Nothing here ends a stream or names an error, and none of it is a usage object, except a
+    # `usage` with a count that is not a count (1e400 is infinite): present, every count absent.
+    assert not r.terminal and r.extras == {}
+    if data == INFINITE_COUNT and shape != shapes.GEMINI:  # Gemini's usage is usageMetadata
+        assert u is not None and u.to_dict() == {
+            "input_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
+            "output_tokens": 0}
+    else:
+        assert u is None
 
 
 def test_done_only_ends_chat_streams() -> None:

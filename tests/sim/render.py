@@ -1,18 +1,21 @@
 """How a provider reads a request body: the prompt it renders and caches, block by block.
 
-Written from the public wire formats and providers.md, never from the addon, so the end-to-end
+Written from the public wire formats and provider docs, never from the addon, so the end-to-end
 tests check the addon against an independent model of the provider. Order per API:
-- Anthropic Messages: tools -> system -> messages (providers.md §1: "byte-exact prefix in order
-  tools -> system -> messages"), one block per tool, system block and content block;
-- OpenAI Chat: tools -> messages (tools are part of the prefix, §3; the docs do not say where
+- Anthropic Messages: tools -> system -> messages (the cache prefix is "tools, system, and
+  messages (in that order)" [1]), one block per tool, system block and content block;
+- OpenAI Chat: tools -> messages (tools are part of the prefix [2]; the docs do not say where
   they sit, so they come first, as on Anthropic);
 - OpenAI Responses: tools -> instructions -> input;
 - Gemini: tools -> systemInstruction -> contents.
 A block's `text` is what the model reads (its tokens); `head` names the section, role and message
 start, which counts no tokens but is part of the identity (a user "x" is not an assistant "x").
 Directives (`cache_control`, `prompt_cache_breakpoint`) steer caching and are never rendered, so
-a marker moving between turns keeps the prefix; JSON keeps the client's key order (§17:
-reordered keys in tool schemas break the cache).
+a marker moving between turns keeps the prefix; JSON keeps the client's key order (reordered keys
+in tool schemas break the cache [2]).
+
+[1] https://platform.claude.com/docs/en/build-with-claude/prompt-caching
+[2] https://developers.openai.com/api/docs/guides/prompt-caching
 """
 
 import json
@@ -222,8 +225,9 @@ def render(body: dict[str, Any], shape: str, order: str | None = None) -> list[B
 
 
 def conversation_root(blocks: list[Block]) -> str | None:
-    """OpenRouter's sticky-routing identity (providers.md §7): the first system/developer
-    message plus the first non-system message, rendered; None when there is neither."""
+    """OpenRouter's sticky-routing identity: the first system/developer message plus the
+    first non-system message, rendered; None when there is neither.
+    https://openrouter.ai/docs/guides/best-practices/prompt-caching"""
     system: list[Block] = []
     other: list[Block] = []
     system_key: tuple[str, int | None] | None = None

@@ -3,7 +3,8 @@
 Each provider's usage convention is one function in `USAGE_STYLES` (Anthropic's `input_tokens`
 excludes cache reads and writes; OpenAI-style `prompt_tokens` includes them; DeepSeek splits
 hit/miss; Moonshot puts `cached_tokens` at the top level; Gemini uses `usageMetadata`). Response
-shapes follow the fixtures of providers.md section 19.
+shapes follow the providers' SDK types (anthropic-sdk-python `types/usage.py`, openai-python
+`types/completion_usage.py` and `types/responses/response_usage.py`).
 """
 
 import json
@@ -140,7 +141,7 @@ USAGE_STYLES: dict[str, Callable[[Counts], Usage]] = {
     "moonshot": _moonshot,
     "dashscope": _dashscope,
     "openai-responses": _responses,
-    # The Codex backend and xAI may omit cache_write_tokens (providers.md 19.4).
+    # The Codex backend and xAI may omit cache_write_tokens: it is optional in the Responses usage.
     "codex": lambda c: _responses(c, write_field=False),
     "xai-responses": lambda c: _responses(c, write_field=False),
     "gemini": _gemini,
@@ -201,7 +202,7 @@ def _anthropic_message(model: str, usage: Usage, ids: Ids, extra: Extra = None) 
 
 def _anthropic_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any],
                       extra: Extra = None) -> list[bytes]:
-    # Cache diagnostics ride on message_start only, never updated later (§20.1).
+    # Cache diagnostics ride on message_start only, never updated later (docs/providers.md#anthropic).
     start = _anthropic_message(model, usage | {"output_tokens": 1}, ids, extra)
     start.update(content=[], stop_reason=None)
     # message_delta repeats the cumulative counters but has no 5m/1h breakdown.

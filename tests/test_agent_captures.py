@@ -1,5 +1,5 @@
-"""Real agents are not append-only (issue 16): the planner's stable-block placement, side-request
-threads, lineage of a conversation whose root changed, root IDs across resume, and verdicts that
+"""Real agents are not append-only (they drop, move and re-add messages between turns): the
+planner's stable-block placement, side-request threads, lineage of a conversation whose root changed, root IDs across resume, and verdicts that
 agree with the usage. Bodies come from tests/fixtures/captures (what the agents sent)."""
 
 import copy

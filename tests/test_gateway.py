@@ -36,16 +36,9 @@ CFG = ROOT / "deploy" / "haproxy.cfg"
 KEY = "team-shared-key-for-tests"
 SYSTEM = "You are the team's careful coding assistant. Follow the house style. " * 120
 CHAT = "/v1/chat/completions"
-# A product bug this check found: HAProxy closes its health-check connection with a reset once
-# it has the status line, and the metrics endpoint (affinity_addon/mitm/metrics.py) then logs
-# the failed body write as "affinity: metrics endpoint failed" with a traceback, and fails again
-# sending a 500 to the gone client. A client hanging up is no addon error; until the endpoint
-# ignores it, the gateway's instances may log it (timing decides), and nothing else.
-HUNG_UP = [r"affinity: metrics endpoint failed\n(?s:.*)ConnectionResetError",
-           # socketserver's own report of the second failure, from the endpoint's thread: it
-           # can land after another thread's log line
-           r"Exception occurred during processing of request(?s:.*)metrics\.py"
-           r"(?s:.*)ConnectionResetError"]
+# HAProxy closes its health-check connection with a reset once it has the status line: the
+# metrics endpoint takes that as a hang-up, not an error (this check found it logging one), so
+# the instances' output is held to no addon error at all.
 
 
 @dataclass
@@ -164,7 +157,7 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         for p in reversed(procs):
             stop_pid(p)
     for name in instances:  # an addon error is logged and traffic goes on: fail on it here
-        check_file(tmp_path / f"{name}.out", f"affinity proxy {name}", tolerate=HUNG_UP)
+        check_file(tmp_path / f"{name}.out", f"affinity proxy {name}")
 
 
 def body(conv: int, turn: int, *, stream: bool = False) -> dict[str, Any]:

@@ -4,6 +4,7 @@ whose /metrics add up to the traffic sent through it."""
 import json
 import re
 import socket
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -121,6 +122,22 @@ def test_readyz_reports_rules_and_log(tmp_path: Path) -> None:
         tctx.configure(bundle, affinity_metrics="")
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=0.5)
+
+
+def test_a_client_that_hangs_up_is_no_error(capsys) -> None:
+    # HAProxy's health check resets its connection once it has the status line; the endpoint
+    # logged that as an error with a traceback, and socketserver printed a second one.
+    bundle = Bundle(State())
+    port = free_port()
+    with taddons.context(bundle) as tctx:
+        tctx.configure(bundle, affinity_metrics=f"127.0.0.1:{port}")
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+                c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert get(port, "/healthz") == (200, b"ok\n")  # and it still answers
+        tctx.configure(bundle, affinity_metrics="")
+    assert "Traceback" not in capsys.readouterr().err  # the autouse check covers the log
 
 
 @pytest.mark.slow  # starts mitmdump

@@ -12,6 +12,7 @@ diagnosis (source, result, whether ours agrees), each capped at
 import json
 import logging
 import os
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -104,9 +105,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200 if all(checks.values()) else 503, body, "application/json")
             else:
                 self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain")
+        except ConnectionError:
+            # The client hung up (HAProxy's health check closes with a reset once it has its
+            # status line): nobody to answer, and nothing wrong with the endpoint.
+            self.close_connection = True
         except Exception:
             logger.exception("affinity: metrics endpoint failed")
-            self._send(500, b"error\n", "text/plain")
+            try:
+                self._send(500, b"error\n", "text/plain")
+            except ConnectionError:
+                self.close_connection = True
 
     def _send(self, code: int, body: bytes, ctype: str) -> None:
         self.send_response(code)
@@ -122,6 +130,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: "Metrics"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints any error to stderr; a client that hung up (a health check's
+        # reset) is none of ours, anything else is logged like the handler's own errors.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            logger.exception("affinity: metrics endpoint failed")
 
 
 class Metrics:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.addon_errors import check_output, plant_args
 from tests.procs import clean_env, free_port, stop_pid, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +70,9 @@ class Proxy:
     output: Path
     web_port: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Regexes of the errors this proxy is meant to log (each must occur); any other addon
+    # error, traceback or affinity error line in its output fails `check`.
+    expect_errors: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -95,6 +99,11 @@ class Proxy:
         stop_pid(self.proc)
         return self.output.read_text(errors="replace")
 
+    def check(self) -> None:
+        """Raise AddonErrorLogged if the (stopped) process logged an addon error."""
+        check_output(self.output.read_text(errors="replace"), f"mitmdump ({self.output})",
+                     self.expect_errors)
+
 
 def start_proxy(
     tmp: Path,
@@ -107,8 +116,10 @@ def start_proxy(
     web: bool = False,
     hosts: Iterable[str] = HOSTS,
     scripts: Iterable[Path] = (),
+    expect_errors: Iterable[str] = (),
 ) -> Proxy:
-    """`scripts`: more `-s` scripts, loaded before the addon (e.g. tests/sim/clock_addon.py)."""
+    """`scripts`: more `-s` scripts, loaded before the addon (e.g. tests/sim/clock_addon.py).
+    `expect_errors`: regexes of the errors the test provokes (see `Proxy.check`)."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     confdir = tmp / "confdir"
@@ -130,7 +141,7 @@ def start_proxy(
     for script in scripts:
         args += ["-s", str(script)]
     if addon:
-        args += ["-s", str(ADDON), "--set", f"affinity_log={log}"]
+        args += ["-s", str(ADDON), "--set", f"affinity_log={log}", *plant_args()]
     for k, v in (options or {}).items():
         args += ["--set", f"{k}={v}"]
     args += list(extra_args)
@@ -145,7 +156,7 @@ def start_proxy(
     except Exception:
         stop_pid(proc)
         raise RuntimeError("mitmdump did not start:\n" + output.read_text(errors="replace")) from None
-    return Proxy(proc, port, confdir, log, output, web_port)
+    return Proxy(proc, port, confdir, log, output, web_port, expect_errors=tuple(expect_errors))
 
 
 def hit_ratio(usages: Iterable[Mapping[str, int]]) -> float:

@@ -182,9 +182,10 @@ def test_no_root_without_messages():
     {"messages": 5}, {"messages": [None, 3, "x"]}, {"system": {}, "messages": [{"role": "user", "content": None}]},
     {"input": {"a": 1}}, {"contents": [{"parts": "x"}]},
 ])
-def test_odd_bodies_never_raise(bad):
+def test_odd_bodies_never_raise_and_give_no_id(bad):
+    # None of them has a usable root (a first user message of text): no ID, no source.
     for shape in ("anthropic", "openai-chat", "openai-responses", "gemini"):
-        derive(CFG, _h({}), bad, shape)
+        assert derive(CFG, _h({}), bad, shape) == (None, None), shape
 
 
 @pytest.mark.parametrize("model", [

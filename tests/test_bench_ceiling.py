@@ -1,11 +1,15 @@
 """`scripts/bench --ceiling`: the throughput of the addon's variants, the evidence for what bounds
-the addon under load (issue 12). A short run: every variant serves every request, and the
+the addon under load. A short run: every variant serves every request, and the
 worker-process prototype really does the deferred work (its records carry verdicts)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # runs scripts/bench --ceiling: a simulator and five mitmdump processes
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
 """The bundle dispatches every hook its parts define: the hook names come from mitmproxy's own
 registry (`mitmproxy.hooks.all_hooks`), never from a list kept by hand."""
 
+import pytest
 from mitmproxy import hooks
 from mitmproxy.test import taddons, tflow
 
@@ -42,6 +43,7 @@ def test_a_new_part_gets_every_hook_it_defines_through_mitmproxy() -> None:
     assert seen == ["client_connected", "request"]
 
 
+@pytest.mark.expect_addon_error(r"request hook of .*broken.* failed \(RuntimeError: boom\)")
 def test_lifecycle_errors_reach_mitmproxy_and_traffic_errors_do_not() -> None:
     bundle = Affinity()
     assert hook_names() >= LIFECYCLE

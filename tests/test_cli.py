@@ -14,6 +14,7 @@ import pytest
 
 from affinity_addon.__main__ import build_parser, main
 from affinity_addon.cli import proxy, run
+from tests.addon_errors import check_file, check_output, plant_args
 from tests.harness import ROOT, map_remote_args
 from tests.procs import clean_env, free_port, listening_port, stop_pid, wait_port
 from tests.test_packaging import install_wheel, wheel  # noqa: F401  (wheel: module fixture)
@@ -131,6 +132,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a fresh venv, the simulator and `affinity run`
 def test_installed_affinity_run_drives_an_sdk_script(installed: Path, sim_url: str,
                                                      tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
@@ -140,7 +142,7 @@ def test_installed_affinity_run_drives_an_sdk_script(installed: Path, sim_url: s
     r = subprocess.run(
         [str(installed / "bin" / "affinity"), "run", "--port", str(port),
          "--set", "connection_strategy=lazy", *map_remote_args(sim_url, ["api.openai.com"]),
-         "--", str(installed / "bin" / "python"), "agent.py"],
+         *plant_args(), "--", str(installed / "bin" / "python"), "agent.py"],
         cwd=elsewhere, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     usages = [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("usage")]
@@ -155,11 +157,14 @@ def test_installed_affinity_run_drives_an_sdk_script(installed: Path, sim_url: s
         assert rec["usage"]["input_tokens"] > 1024
     assert recs[1]["usage"]["cache_read_tokens"] > 0
     assert "this session, 2 LLM responses" in r.stderr and "gpt-5" in r.stderr
-    assert os.fspath(ROOT) not in (tmp_path / "conf" / f"affinity-run-{port}.log").read_text()
+    proxy_log = tmp_path / "conf" / f"affinity-run-{port}.log"
+    assert os.fspath(ROOT) not in proxy_log.read_text()
+    check_file(proxy_log, "the proxy of `affinity run`")
     with pytest.raises(OSError):  # the proxy it started is gone
         __import__("socket").create_connection(("127.0.0.1", port), timeout=0.5)
 
 
+@pytest.mark.slow  # a fresh venv, the simulator and `affinity proxy`
 def test_installed_affinity_proxy_serves_and_run_reuses_it(installed: Path, sim_url: str,
                                                            tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
@@ -170,7 +175,8 @@ def test_installed_affinity_proxy_serves_and_run_reuses_it(installed: Path, sim_
     out = (tmp_path / "proxy.txt").open("wb")
     proc = subprocess.Popen(
         [str(installed / "bin" / "affinity"), "proxy", "--set", "connection_strategy=lazy",
-         *map_remote_args(sim_url, ["api.openai.com"]), "--set", "affinity_summary=false"],
+         *map_remote_args(sim_url, ["api.openai.com"]), "--set", "affinity_summary=false",
+         *plant_args()],
         cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         wait_port(port, proc, "affinity proxy")
@@ -184,11 +190,13 @@ def test_installed_affinity_proxy_serves_and_run_reuses_it(installed: Path, sim_
     finally:
         stop_pid(proc)
     banner = (tmp_path / "proxy.txt").read_text(errors="replace")
+    check_output(banner, "affinity proxy")
     assert f"HTTPS_PROXY=http://127.0.0.1:{port}" in banner and "default_rules/default.yaml" in banner
     recs = [json.loads(line) for line in (elsewhere / "affinity.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["usage"] for r in recs)
 
 
+@pytest.mark.slow  # starts mitmweb
 def test_affinity_proxy_web_shows_the_comment_column(tmp_path: Path) -> None:
     port, web = free_port(), free_port()
     env = clean_env() | {"AFFINITY_PORT": str(port), "MITMPROXY_CONFDIR": str(tmp_path / "conf")}
@@ -196,7 +204,8 @@ def test_affinity_proxy_web_shows_the_comment_column(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "affinity_addon", "proxy", "--web", "--set", "web_open_browser=false",
          "--set", f"web_port={web}", "--set", "web_host=127.0.0.1",
-         "--set", "web_password=test-token", "--set", f"affinity_log={tmp_path / 'a.jsonl'}"],
+         "--set", "web_password=test-token", "--set", f"affinity_log={tmp_path / 'a.jsonl'}",
+         *plant_args()],
         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         wait_port(port, proc, "affinity proxy --web")
@@ -212,8 +221,10 @@ def test_affinity_proxy_web_shows_the_comment_column(tmp_path: Path) -> None:
         assert options["affinity_log"]["value"] == str(tmp_path / "a.jsonl")
     finally:
         stop_pid(proc)
+    check_file(tmp_path / "web.txt", "affinity proxy --web")
 
 
+@pytest.mark.slow  # starts `affinity run` and its proxy
 def test_run_passes_sigterm_to_the_agent_and_stops_its_proxy(tmp_path: Path) -> None:
     import signal
     import socket
@@ -225,7 +236,8 @@ def test_run_passes_sigterm_to_the_agent_and_stops_its_proxy(tmp_path: Path) -> 
     env = clean_env() | {"MITMPROXY_CONFDIR": str(tmp_path / "conf")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "affinity_addon", "run", "--port", str(port),
-         "--set", f"affinity_log={tmp_path / 'a.jsonl'}", "--", sys.executable, "-c", agent],
+         "--set", f"affinity_log={tmp_path / 'a.jsonl'}", *plant_args(),
+         "--", sys.executable, "-c", agent],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -240,5 +252,6 @@ def test_run_passes_sigterm_to_the_agent_and_stops_its_proxy(tmp_path: Path) -> 
         stop_pid(proc)
     assert proc.returncode == 128 + signal.SIGTERM  # the agent's status, as a shell gives it
     assert "no LLM responses recorded in this session" in err.decode()
+    check_file(tmp_path / "conf" / f"affinity-run-{port}.log", "the proxy of `affinity run`")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=0.5)

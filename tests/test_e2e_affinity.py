@@ -1,11 +1,14 @@
 """Real mitmdump + the addon between the official openai SDK and a recording upstream."""
 
 import json
+import re
 
 import openai
 import pytest
 
 from tests.harness import Proxy
+
+pytestmark = pytest.mark.slow  # every test starts mitmdump
 
 SYSTEM = "You are a careful coding agent. " * 40
 
@@ -99,12 +102,14 @@ def test_unmatched_hosts_pass_through_untouched(monkeypatch, sim, proxy_factory)
 def test_bad_options_stop_startup(tmp_path, args, message):
     import subprocess
 
+    from tests.addon_errors import check_output, plant_args
     from tests.harness import ADDON, MITMDUMP
     r = subprocess.run([str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0",
-                        "--set", f"confdir={tmp_path}", "-s", str(ADDON), *args],
+                        "--set", f"confdir={tmp_path}", "-s", str(ADDON), *args, *plant_args()],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert message in r.stdout + r.stderr
+    check_output(r.stdout + r.stderr, "mitmdump", expect=[re.escape(message)])
 
 
 def test_reverse_mode_with_a_tls_client(sim, proxy_factory):

@@ -17,6 +17,8 @@ import pytest
 
 from tests.harness import Proxy
 
+pytestmark = pytest.mark.slow  # every test starts mitmdump
+
 CAPTURES = Path(__file__).resolve().parent / "fixtures" / "captures"
 KEY = "sk-test-not-a-real-key"
 # Hop-by-hop and transport headers the replay's own client sets.

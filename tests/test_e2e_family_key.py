@@ -1,4 +1,4 @@
-"""Issue 11 end to end: OpenAI agents on api.openai.com through a real mitmdump, against the
+"""`{family_key}` end to end: OpenAI agents on api.openai.com through a real mitmdump, against the
 simulator's documented OpenAI routing (8 machines; machine = hash(first ~256 tokens, key),
 ~15 requests a minute per prefix+key pair before overflow). Token-weighted hit ratio over ALL
 turns, first turns included; every run starts against an empty simulator.
@@ -32,6 +32,8 @@ from tests.conversations import CHAT_TOOLS, Usage, big_prompt, chat_usage
 from tests.harness import ROOT, Proxy, start_proxy
 from tests.sim import Simulator
 from tests.sim.workload import SOLO, TEAM, HttpUpstream, Result, Workload, run
+
+pytestmark = pytest.mark.slow  # every test starts mitmdump
 
 CONVERSATIONS, TURNS = 4, 3
 
@@ -183,9 +185,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, s
                         proxy.wait_records(before + r.requests)[before:]
                     out[(w.name, row)] = Run(replace(r, strategy=row), wall, recs)
         finally:
-            outputs = {name: p.stop() for name, p in proxies.items()}
-    for name, text in outputs.items():  # an addon error is logged, and the request goes on
-        assert "Traceback" not in text and "rewrite failed" not in text, f"{name}:\n{text}"
+            for p in proxies.values():
+                p.stop()
+    for p in proxies.values():  # an addon error is logged, and the request goes on
+        p.check()
     yield out
 
 
@@ -211,7 +214,7 @@ def test_team_through_mitmdump_family_key_above_90_percent(runs, capsys):
     got = shipped.result
     assert got.requests == bare.requests == conv.result.requests > 600
     assert bare.overflowed > bare.requests / 2  # one prefix at ~70 RPM: most requests overflow
-    # Issue 11's bar. The bucket a conversation lands in depends on the addon's key: over eight
+    # The bar the shipped default must clear. The bucket a conversation lands in depends on the addon's key: over eight
     # keys this workload measured 0.906-0.921 with TARGET_RPM=8 (0.894-0.906 with 12).
     assert got.ratio >= 0.90 and got.ratio >= bare.ratio + 0.1, got.line()
     assert got.overflowed < bare.overflowed / 5

@@ -37,6 +37,8 @@ from tests.conversations import (
 from tests.harness import Proxy
 from tests.sim import RecordedRequest, Simulator
 
+pytestmark = pytest.mark.slow  # every test starts two mitmdump processes
+
 TURNS = 6
 KEY = "sk-test-not-a-real-key"
 
@@ -154,7 +156,7 @@ def test_grok_via_openrouter(monkeypatch, sim, proxy_factory):
     assert pair.without.ratio < 0.8
 
 
-# --- 3: OpenRouter Claude, plain strings, no markers (issue 4) ----------------------------------
+# --- 3: OpenRouter Claude, plain strings, no markers: only a text part can carry a marker -----
 
 def test_openrouter_claude_plain_strings_get_breakpoints(monkeypatch, sim, proxy_factory):
     system = big_prompt("openrouter claude")
@@ -289,8 +291,11 @@ def test_anthropic_client_markers_left_exactly_as_sent(monkeypatch, sim, proxy_f
     assert [u["cache_read_tokens"] for u in pair.with_.usages] == \
         [u["cache_read_tokens"] for u in pair.without.usages]
     for w, wo in zip(pair.with_.requests, pair.without.requests, strict=True):
-        # Byte for byte what the client sent (the bare proxy changes nothing).
-        assert w.raw_body == wo.raw_body
+        # Byte for byte what the client sent (the bare proxy changes nothing), but for the
+        # provider's cache diagnostics field spliced in first (README, "Provider-verified
+        # verdicts").
+        asked = json.dumps({"diagnostics": w.body["diagnostics"]}, separators=(",", ":"))
+        assert w.raw_body == asked[:-1].encode() + b"," + wo.raw_body[1:]
         body = w.body
         marked = [i for i, b in enumerate(body["system"]) if "cache_control" in b]
         assert marked == [1, 2]

@@ -14,6 +14,8 @@ import trustme
 
 from tests.harness import Proxy
 
+pytestmark = pytest.mark.slow  # every test starts mitmdump or mitmweb
+
 BIG = "You are a meticulous assistant. Follow the house style. " * 200
 
 
@@ -151,7 +153,10 @@ rules:
 def test_rules_hot_reload_and_broken_edit_keeps_last_good(monkeypatch, tmp_path, sim, proxy_factory):
     rules = tmp_path / "live.yaml"
     rules.write_text(RULES_A)
-    proxy = proxy_factory(options={"affinity_rules": str(rules)})
+    # The broken edit below is logged as an error on purpose (and must be).
+    proxy = proxy_factory(options={"affinity_rules": str(rules)},
+                          expect_errors=[r"rules not reloaded, keeping the previous ones: .*"
+                                         r"rule 'broken'"])
     sdk_env(monkeypatch, proxy)
     client = openai.OpenAI(base_url="https://api.x.ai/v1", api_key="k", max_retries=0)
 

@@ -1,4 +1,4 @@
-"""`{family_key}` (issue 11): one OpenAI prompt_cache_key per prompt family, in as many buckets
+"""`{family_key}`: one OpenAI prompt_cache_key per prompt family, in as many buckets
 as the proxy's observed rate needs; the default for api.openai.com.
 
 The workload test runs the real addons of `addon.py` with the shipped rules, in process, in

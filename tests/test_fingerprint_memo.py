@@ -1,5 +1,5 @@
-"""The incremental fingerprint (issue 12): a conversation's next turn resumes from a checkpoint
-of an earlier prompt it extends. The result must be the fingerprint computed from scratch, field
+"""The incremental fingerprint: a conversation's next turn resumes from a checkpoint of an
+earlier prompt it extends (so a long conversation is not walked whole on every turn). The result must be the fingerprint computed from scratch, field
 for field, whatever the turn did; only the work differs."""
 
 import copy
@@ -188,7 +188,7 @@ def test_the_tracker_fingerprints_incrementally():
         p = tracker.observe(body, shape="anthropic", model="m", host="api.anthropic.com",
                             keys=("conv",), signal=None, ts=float(t))
         assert p.fingerprint == fingerprint(body, "anthropic", "m")
-        tracker.verdict(p, None, float(t), response_cache=False, provider_reason=None,
+        tracker.verdict(p, None, float(t), response_cache=False,
                         dry_run=False)
     assert tracker.memo.hits == 2
 

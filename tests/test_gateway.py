@@ -22,18 +22,23 @@ from typing import Any
 
 import pytest
 
+from tests.addon_errors import check_file, plant_args
 from tests.harness import ROOT, map_remote_args
 from tests.procs import clean_env, free_port, listening_port, stop_pid, wait_port
 from tests.test_metrics import scrape, total
 
 # Debian puts it in /usr/sbin, which a non-login PATH may lack.
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
-pytestmark = pytest.mark.skipif(HAPROXY is None, reason="needs haproxy (apt-get install haproxy)")
+pytestmark = [pytest.mark.slow,  # HAProxy, the simulator and two `affinity proxy` processes
+              pytest.mark.skipif(HAPROXY is None, reason="needs haproxy (apt-get install haproxy)")]
 
 CFG = ROOT / "deploy" / "haproxy.cfg"
 KEY = "team-shared-key-for-tests"
 SYSTEM = "You are the team's careful coding assistant. Follow the house style. " * 120
 CHAT = "/v1/chat/completions"
+# HAProxy closes its health-check connection with a reset once it has the status line: the
+# metrics endpoint takes that as a hang-up, not an error (this check found it logging one), so
+# the instances' output is held to no addon error at all.
 
 
 @dataclass
@@ -113,7 +118,7 @@ def start_instance(tmp: Path, name: str, sim_url: str) -> Instance:
          *map_remote_args(sim_url, ["api.openai.com"]),
          "--set", f"affinity_log={log}", "--set", f"affinity_instance={name}",
          "--set", f"affinity_key={KEY}", "--set", f"affinity_metrics=127.0.0.1:{metrics}",
-         "--set", "affinity_summary=false", "--set", "flow_detail=0"],
+         "--set", "affinity_summary=false", "--set", "flow_detail=0", *plant_args()],
         cwd=ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     wait_port(port, proc, name)
     wait_port(metrics, proc, name)
@@ -151,6 +156,8 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
     finally:
         for p in reversed(procs):
             stop_pid(p)
+    for name in instances:  # an addon error is logged and traffic goes on: fail on it here
+        check_file(tmp_path / f"{name}.out", f"affinity proxy {name}")
 
 
 def body(conv: int, turn: int, *, stream: bool = False) -> dict[str, Any]:
@@ -251,7 +258,6 @@ def test_same_conversation_same_id_on_either_instance_and_metrics_add_up(
 def test_killed_instance_loses_no_completed_response(gateway: Gateway) -> None:
     clients, per_client = 4, 15
     results: list[tuple[bool, int]] = []
-    answered: list[float] = []  # when each client had its answer (monotonic)
     lock = threading.Lock()
     done = threading.Semaphore(0)
 
@@ -262,7 +268,6 @@ def test_killed_instance_loses_no_completed_response(gateway: Gateway) -> None:
                                 {"x-sim-fault": "slowloris-ms=40; slowloris-bytes=100"})
             with lock:
                 results.append(res)
-                answered.append(time.monotonic())
             done.release()
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -271,7 +276,6 @@ def test_killed_instance_loses_no_completed_response(gateway: Gateway) -> None:
     for _ in range(clients * per_client // 3):
         assert done.acquire(timeout=60)
     victim = gateway.instances["a1"]
-    killed_at = time.monotonic()
     victim.proc.send_signal(signal.SIGKILL)  # no shutdown, no flush: the worst case
     victim.proc.wait(10)
     killed_after = len(results)
@@ -295,11 +299,12 @@ def test_killed_instance_loses_no_completed_response(gateway: Gateway) -> None:
                 assert rec["v"] == 1 and rec["instance"] == inst.name
     recs = gateway.wait_records(clients * per_client)
     ok = [r for r in recs if r["status"] == 200 and r["complete"]]
-    # A record is written once its response has left (state.IDLE_WAIT, ~10 ms, at most): every
-    # completed response has its record, on the instance that served it, but for those answered
-    # in the instant before the kill (0.25 s here: room for a slow CI machine's scheduling).
-    last_moment = sum(1 for t in answered if killed_at - 0.25 <= t <= killed_at + 0.05)
-    assert len(ok) >= clients * per_client - last_moment, (len(ok), retried, last_moment)
+    # A record is written once its response has left, in the next idle (or overdue) turn of the
+    # proxy's loop: every completed response has its record, on the instance that served it,
+    # but for the answer each client had last from a1 before the kill. A client's next answer
+    # trickles in over ~0.2 s of loop turns, so no earlier record can still be waiting; counted
+    # in answers, not in seconds, this holds however slow the machine.
+    assert len(ok) >= clients * per_client - clients, (len(ok), retried)
     assert len([r for r in survivor.records() if r["complete"]]) >= clients * per_client - killed_after
     print(f"\ngateway kill: {clients * per_client} requests, a1 SIGKILLed after {killed_after}, "
           f"{hap_retries} HAProxy retries/redispatches, {retried} client retries, all completed, "

@@ -1,4 +1,4 @@
-"""The smaller findings of issue 13's adversarial review, one test each (each failed before)."""
+"""The smaller findings of an adversarial review of the addon, one test each (each failed before)."""
 
 import io
 import json

@@ -8,9 +8,10 @@ These are properties of the order of work, checked on a real loop, not timings.
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from mitmproxy import http
 from mitmproxy.addonmanager import traverse
 from mitmproxy.test import taddons, tflow, tutils
@@ -44,20 +45,30 @@ def answer(f: http.HTTPFlow) -> None:
                               headers=http.Headers(content_type="application/json"))
 
 
-async def turns(n: int = 3) -> None:
-    """n loop turns in which this test's task is ready: the loop is never idle."""
+async def turns(a: Affinity, n: int = 3) -> None:
+    """n loop turns with a hook in each, as a busy proxy has: the proxy is never quiet."""
     for _ in range(n):
+        a.state.scheduler.touch()
         await asyncio.sleep(0)
 
 
-async def idle() -> None:
-    """Leave the loop idle (this task waits on a timer) until the deferred work is done."""
-    await asyncio.sleep(0.02)
+async def idle(done: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Leave the loop idle (this task waits on a timer) until `done()`: an event, not a time,
+    so a slow or loaded machine only takes longer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
+        assert loop.time() < deadline, "the deferred work never finished"
+        # A long wait: this task waking every millisecond would itself keep the loop busy.
+        await asyncio.sleep(0.02)
 
 
 async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(fp_module, "STEP_BLOCKS", 4)  # 1 system + 21 messages: 6 slices
+    # Only hooks hold the work back here: it is never overdue (10 turns of a loaded machine
+    # can take longer than the 10 ms it may wait in production).
+    monkeypatch.setattr(scheduler_module, "IDLE_WAIT", 60.0)
     a = Affinity()
     log = tmp_path / "a.jsonl"
     with taddons.context(*a.addons) as tctx:
@@ -66,9 +77,9 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         a.request(f)
         job = a.state.exchanges.get(f.id).fingerprint
         assert isinstance(job, Stepped) and job.steps is not None  # nothing done in the hook
-        await turns(10)
+        await turns(a, 10)
         assert job.result is None and len(a.state.scheduler.queue) == 1  # hooks came: it waits
-        await idle()
+        await idle(lambda: job.steps is None)
         assert job.steps is None and job.result is not None  # done while "upstream"
         assert len(job.result.blocks.all) == 22
 
@@ -76,7 +87,7 @@ async def test_fingerprint_waits_for_the_request_to_leave_and_runs_in_slices(
         a.responseheaders(f)
         a.response(f)
         assert not log.read_text() and "miss_reason" not in f.metadata[META]  # not yet
-        await idle()
+        await idle(lambda: not a.state.scheduler.queue)
         (record,) = [json.loads(line) for line in log.read_text().splitlines()]
         assert record["flow_id"] == f.id and record["usage"]["input_tokens"] == 310
         assert f.metadata[META]["miss_reason"] == record["miss_reason"] == "first-write"
@@ -129,6 +140,7 @@ def test_mitmproxy_dispatches_to_one_addon_that_reaches_every_part(tmp_path: Pat
     assert record["flow_id"] == f.id and record["miss_reason"] == "first-write"
 
 
+@pytest.mark.expect_addon_error(r"request hook of .*broken.* failed \(RuntimeError: a part's bug\)")
 def test_a_failing_part_leaves_the_others_their_hook(tmp_path: Path, caplog) -> None:
     a = Affinity()
     seen = []
@@ -164,10 +176,11 @@ async def test_deferred_work_waits_while_hooks_come_and_runs_in_slices(monkeypat
         if k < 4:
             loop.call_soon(io, k + 1)
 
+    monkeypatch.setattr(scheduler_module, "IDLE_WAIT", 60.0)  # not overdue, however slow the turns
     sched.touch()  # deferred from inside a hook
     sched.defer(job())
     loop.call_soon(io, 0)
-    await idle()
+    await idle(lambda: len(order) == 8)
     assert order == ["io0", "io1", "io2", "io3", "io4", "slice0", "slice1", "slice2"]
     assert not sched.queue
 
@@ -178,7 +191,7 @@ async def test_deferred_work_waits_while_hooks_come_and_runs_in_slices(monkeypat
     sched.touch()
     sched.defer(job())
     loop.call_soon(io, 0)
-    await idle()
+    await idle(lambda: len(order) == 8)
     assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4"]
 
     monkeypatch.setattr(scheduler_module, "IDLE_WAIT", 60.0)
@@ -188,11 +201,12 @@ async def test_deferred_work_waits_while_hooks_come_and_runs_in_slices(monkeypat
     sched.defer(job())
     sched.defer(job())
     loop.call_soon(io, 0)
-    await idle()
+    await idle(lambda: len(order) == 11)
     assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4",
                      "slice0", "slice1", "slice2"]
 
 
+@pytest.mark.expect_addon_error(r"could not record this response \(RuntimeError: bug in a record\)")
 async def test_a_failing_deferred_job_is_logged_and_the_next_runs(caplog) -> None:
     sched = Scheduler()
     done = []
@@ -203,5 +217,5 @@ async def test_a_failing_deferred_job_is_logged_and_the_next_runs(caplog) -> Non
 
     sched.defer(broken())
     sched.defer(lambda: done.append(1))
-    await idle()
+    await idle(lambda: not sched.queue)
     assert done == [1] and not sched.queue and "bug in a record" in caplog.text

@@ -1,5 +1,5 @@
 """`affinity_instances`: N gateway instances behind a load balancer, each seeing ~1/N of a
-team's traffic, size `{family_key}` buckets as one proxy seeing all of it would (issue 11)."""
+team's traffic, size `{family_key}` buckets as one proxy seeing all of it would."""
 
 import json
 from collections.abc import Iterator

@@ -1,4 +1,4 @@
-"""The affinity key is random per installation, kept in the confdir, and never logged (issue 13)."""
+"""The affinity key is random per installation, kept in the confdir, and never logged."""
 
 import logging
 import stat

@@ -1,4 +1,4 @@
-"""Issue 11 "see it": request rate per prompt_cache_key and per prompt family (report, --json,
+"""Seeing key load: request rate per prompt_cache_key and per prompt family (report, --json,
 live summary) and the `overflow` verdict. The logs are small and hand-computed."""
 
 import json

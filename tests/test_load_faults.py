@@ -1,4 +1,4 @@
-"""Load and faults (issue 7, guarantee 5), through real mitmdump processes and the simulator.
+"""Load and faults, through real mitmdump processes and the simulator.
 
 - 200 concurrent streaming requests: every client gets exactly the bytes the simulator wrote
   (SHA-256 of the raw, possibly gzip-compressed body against the simulator's own digest of what
@@ -15,6 +15,7 @@ reason why not. The simulator's fault injection (`x-sim-fault`) is checked direc
 import asyncio
 import hashlib
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from tests.addon_errors import check_output, plant_args
 from tests.harness import ADDON, MITMDUMP, Proxy, free_port
 from tests.sim import Simulator, parse_faults
 
@@ -156,7 +158,8 @@ def parse_log(path: Path) -> list[dict[str, Any]]:
 def with_log(path: Path) -> dict[str, Any]:
     """proxy_factory arguments for an addon that logs to `path` (the harness's own log path
     cannot be overridden: mitmdump refuses a second --set of one option)."""
-    return {"addon": False, "extra_args": ["-s", str(ADDON), "--set", f"affinity_log={path}"]}
+    return {"addon": False,
+            "extra_args": ["-s", str(ADDON), "--set", f"affinity_log={path}", *plant_args()]}
 
 
 def assert_healthy(output: str) -> None:
@@ -214,6 +217,7 @@ def check_load(results: dict[str, tuple[str, dict[str, Any]]], records: list[dic
 
 # -- load -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(240)
 def test_two_hundred_concurrent_streams_arrive_byte_identical_with_one_record_each(
         sim, proxy_factory):
@@ -228,6 +232,7 @@ def test_two_hundred_concurrent_streams_arrive_byte_identical_with_one_record_ea
     assert_healthy(proxy.stop())
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(240)
 def test_two_proxies_append_to_one_log(sim, proxy_factory, tmp_path):
     shared = tmp_path / "shared.jsonl"
@@ -287,6 +292,7 @@ FAULTS = {  # name: (shape, x-sim-fault, other headers)
 }
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(180)
 def test_upstream_faults_and_client_hangups_never_crash_the_proxy(sim, proxy_factory):
     proxy = proxy_factory()
@@ -333,6 +339,7 @@ def test_upstream_faults_and_client_hangups_never_crash_the_proxy(sim, proxy_fac
     assert_healthy(proxy.stop())
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(120)
 def test_slowloris_upstream_bytes_reach_the_client_promptly(sim, proxy_factory):
     proxy = proxy_factory()
@@ -363,6 +370,7 @@ def test_slowloris_upstream_bytes_reach_the_client_promptly(sim, proxy_factory):
     assert_healthy(proxy.stop())
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(120)
 def test_log_on_a_full_disk_keeps_proxying_and_says_so_once(sim, proxy_factory):
     proxy = proxy_factory(**with_log(Path("/dev/full")))
@@ -383,6 +391,7 @@ def test_log_on_a_full_disk_keeps_proxying_and_says_so_once(sim, proxy_factory):
     assert_healthy(output)
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.timeout(120)
 def test_a_removed_log_file_is_recreated_or_reported(sim, proxy_factory):
     proxy = proxy_factory()
@@ -400,12 +409,13 @@ def test_a_removed_log_file_is_recreated_or_reported(sim, proxy_factory):
     assert len(proxy.records()) == 1  # the second record went to a new file at the path
 
 
+@pytest.mark.slow  # starts mitmdump
 @pytest.mark.parametrize("where", ["missing-directory", "a-directory"])
 def test_unwritable_log_at_startup_exits_1_with_a_message(tmp_path, where):
     log = tmp_path / "no" / "such" / "dir" / "a.jsonl" if where == "missing-directory" else tmp_path
     args = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(free_port()),
             "--set", f"confdir={tmp_path / 'confdir'}", "-s", str(ADDON),
-            "--set", f"affinity_log={log}"]
+            "--set", f"affinity_log={log}", *plant_args()]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, cwd=tmp_path)
     try:
@@ -417,3 +427,4 @@ def test_unwritable_log_at_startup_exits_1_with_a_message(tmp_path, where):
     text = out.decode(errors="replace")
     assert proc.returncode == 1, text
     assert f"Cannot open affinity_log {log}" in text
+    check_output(text, "mitmdump", expect=[re.escape(f"Cannot open affinity_log {log}")])

@@ -2,9 +2,10 @@
 whose /metrics add up to the traffic sent through it."""
 
 import json
+import re
 import socket
+import struct
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +24,7 @@ from affinity_addon.mitm.options import parse_address
 from affinity_addon.mitm.state import State
 from affinity_addon.models import model_family
 from affinity_addon.record.jsonl import JsonlWriter
+from tests.addon_errors import check_output, plant_args
 from tests.harness import ADDON, MITMDUMP
 from tests.procs import clean_env, free_port
 
@@ -122,6 +124,23 @@ def test_readyz_reports_rules_and_log(tmp_path: Path) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=0.5)
 
 
+def test_a_client_that_hangs_up_is_no_error(capsys) -> None:
+    # HAProxy's health check resets its connection once it has the status line; the endpoint
+    # logged that as an error with a traceback, and socketserver printed a second one.
+    bundle = Bundle(State())
+    port = free_port()
+    with taddons.context(bundle) as tctx:
+        tctx.configure(bundle, affinity_metrics=f"127.0.0.1:{port}")
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+                c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert get(port, "/healthz") == (200, b"ok\n")  # and it still answers
+        tctx.configure(bundle, affinity_metrics="")
+    assert "Traceback" not in capsys.readouterr().err  # the autouse check covers the log
+
+
+@pytest.mark.slow  # starts mitmdump
 def test_metrics_add_up_through_real_mitmdump(monkeypatch, proxy_factory) -> None:
     mport = free_port()
     proxy = proxy_factory(options={"affinity_metrics": f"127.0.0.1:{mport}"})
@@ -163,15 +182,19 @@ def test_metrics_add_up_through_real_mitmdump(monkeypatch, proxy_factory) -> Non
     assert get(mport, "/healthz")[0] == 200 and get(mport, "/readyz")[0] == 200
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_bad_metrics_address_stops_mitmdump(tmp_path: Path) -> None:
     r = subprocess.run([str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(free_port()),
                         "--set", f"confdir={tmp_path}", "-s", str(ADDON),
-                        "--set", "affinity_metrics=localhost"],
+                        "--set", "affinity_metrics=localhost", *plant_args()],
                        capture_output=True, text=True, timeout=60, env=clean_env(),
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "Cannot parse affinity_metrics" in r.stdout + r.stderr
-    assert sys.executable  # the venv's mitmdump, not one on PATH
+    # The option, what it wants and what it got, and no other error than that one.
+    expected = ("Cannot parse affinity_metrics option: expected HOST:PORT such as "
+                "127.0.0.1:9464, not 'localhost'")
+    assert expected in r.stdout + r.stderr
+    check_output(r.stdout + r.stderr, "mitmdump", expect=[re.escape(expected)])
 
 
 def test_a_failing_sink_never_stops_the_record_and_instance_is_named(tmp_path: Path) -> None:

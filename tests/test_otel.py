@@ -2,6 +2,7 @@
 receiver that decodes the protobuf ExportTraceServiceRequest; a dead collector is a warning and
 the proxy keeps working; a malformed endpoint stops startup."""
 
+import re
 import subprocess
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from affinity_addon.mitm.otel import provider_name, traces_endpoint
+from tests.addon_errors import check_output, plant_args
 from tests.harness import ADDON, MITMDUMP
 from tests.procs import clean_env, free_port
 
@@ -100,6 +102,7 @@ def _turns(client: openai.OpenAI, n: int) -> None:
         client.chat.completions.create(model="gpt-5", messages=messages)
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_one_span_per_response_with_genai_attributes(monkeypatch, proxy_factory,
                                                      receiver: Receiver) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.port}")
@@ -133,6 +136,7 @@ def test_one_span_per_response_with_genai_attributes(monkeypatch, proxy_factory,
     assert "sk-secret-test" not in dump and "meticulous" not in dump  # no key, no prompt text
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_unreachable_collector_is_a_warning_and_traffic_flows(monkeypatch, proxy_factory) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
@@ -151,12 +155,15 @@ def test_unreachable_collector_is_a_warning_and_traffic_flows(monkeypatch, proxy
     assert "collector" in out and "unreachable" in out
 
 
+@pytest.mark.slow  # starts mitmdump
 def test_malformed_endpoint_stops_startup(tmp_path: Path) -> None:
     env = clean_env() | {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}
     r = subprocess.run([str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(free_port()),
                         "--set", f"confdir={tmp_path}", "-s", str(ADDON),
-                        "--set", "affinity_otel=true"],
+                        "--set", "affinity_otel=true", *plant_args()],
                        capture_output=True, text=True, timeout=60, env=env,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318'" in r.stdout + r.stderr
+    check_output(r.stdout + r.stderr, "mitmdump",
+                 expect=[re.escape("OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318'")])

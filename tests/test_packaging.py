@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.addon_errors import check_file, plant_args
 from tests.harness import ROOT, map_remote_args
 from tests.procs import clean_env, free_port, listening_port, stop_pid, wait_port
+
+pytestmark = pytest.mark.slow  # builds a wheel into a fresh venv and starts mitmdump from it
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_installed_wheel_runs_the_proxy_with_shipped_rules(wheel: Path, tmp_path
              "--listen-host", "127.0.0.1", "-p", str(port), "--set", f"confdir={tmp_path / 'conf'}",
              "--set", "connection_strategy=lazy",
              *map_remote_args(f"http://127.0.0.1:{sim_port}", ["api.openai.com"]), "-s", script,
-             "--set", f"affinity_log={log}", "--set", "affinity_summary=false"],
+             "--set", f"affinity_log={log}", "--set", "affinity_summary=false", *plant_args()],
             cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_port(port, proxy, "mitmdump")
         body = {"model": "gpt-5", "messages": [{"role": "system", "content": "Be terse."},
@@ -123,3 +126,4 @@ def test_installed_wheel_runs_the_proxy_with_shipped_rules(wheel: Path, tmp_path
         if proxy is not None:
             stop_pid(proxy)
         stop_pid(sim)
+    check_file(tmp_path / "mitmdump.txt", "the installed mitmdump")

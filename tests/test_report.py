@@ -375,6 +375,7 @@ def _run_browser(args: list[str], profile: Path, timeout: float = 120) -> str:
     return out.decode(errors="replace")
 
 
+@pytest.mark.slow  # starts chromium
 @pytest.mark.skipif(os.environ.get("AFFINITY_SKIP_BROWSER") == "1",
                     reason="AFFINITY_SKIP_BROWSER=1")
 def test_html_charts_render_in_headless_chromium(tmp_path, log, capsys):
@@ -413,6 +414,7 @@ def test_html_charts_render_in_headless_chromium(tmp_path, log, capsys):
 
 # --- performance ----------------------------------------------------------------------------
 
+@pytest.mark.slow  # a 100 MB log: a timing test
 def test_100mb_log_report_timing(tmp_path, capsys):
     path = tmp_path / "big.jsonl"
     t0 = time.perf_counter()

@@ -144,7 +144,8 @@ def test_compressed_bodies_stay_compressed(addon, enc):
         (b'{"model": "gpt-5", "x": "\xff\xfe"}', {}, "not valid JSON"),
         (b"\x1f\x8b garbage", {"content-encoding": "gzip"}, "could not be decoded"),
         (encoding.encode(b'{"model":"gpt-5"}', "gzip"), {"content-encoding": "gzip, br"}, "could not be decoded"),
-        # A JSON body under a non-JSON type is not ours to rewrite (issue 13).
+        # A JSON body under a non-JSON type is not ours to rewrite (a form or text the server
+        # parses its own way).
         (json.dumps(CHAT).encode(), {"content-type": "text/plain"}, "not JSON"),
         (json.dumps(CHAT).encode(), {"content-type": "application/x-www-form-urlencoded"}, "not JSON"),
     ],
@@ -204,8 +205,12 @@ def test_metadata_is_plain_data_and_flows_still_save(addon):
     a.request(f)
     buf = io.BytesIO()
     mio.FlowWriter(buf).add(f)
-    f.copy()
-    json.dumps(f.metadata[META])
+    buf.seek(0)
+    (loaded,) = list(mio.FlowReader(buf).stream())  # what mitmproxy -w / mitmweb save
+    assert loaded.metadata[META] == f.metadata[META]
+    assert loaded.request.content == f.request.content
+    assert f.copy().metadata[META] == f.metadata[META]
+    assert json.loads(json.dumps(f.metadata[META])) == f.metadata[META]
 
 
 def test_bad_rules_and_options_are_options_errors(tmp_path):
@@ -297,7 +302,21 @@ def test_commands_why_stats_reset_reload(addon):
     assert "1 requests" in tctx.master.commands.call("affinity.stats")
     tctx.master.commands.call("affinity.reset")
     assert a.stats.total.requests == 0
+    # reload reads the file now: an edit applies to the next request...
+    rules = Path(tctx.options.affinity_rules)
+    rules.write_text(RULES + "  - name: added\n    match: {host: api.example.com}\n"
+                             "    set_headers: {x-added: \"yes\"}\n")
     tctx.master.commands.call("affinity.reload")
+    f = req(CHAT)
+    a.request(f)
+    assert f.request.headers["x-added"] == "yes"
+    # ...and a broken file is the command's error, the rules in force stay.
+    rules.write_text("rules: [")
+    with pytest.raises(exceptions.CommandError):
+        tctx.master.commands.call("affinity.reload")
+    f = req(CHAT)
+    a.request(f)
+    assert f.request.headers["x-added"] == "yes"
 
 
 def test_codex_websocket_frames_become_records(tmp_path):

@@ -1,4 +1,4 @@
-"""`cache_retention`: OpenAI's retention directive per model, from the catalog (issue 15)."""
+"""`cache_retention`: OpenAI's retention directive per model, from the catalog."""
 
 import json
 from typing import Any

@@ -1,4 +1,4 @@
-"""Secrets and privacy (issue 7, guarantee 2): keys, cookies and prompt text never leave the flow.
+"""Secrets and privacy: keys, cookies and prompt text never leave the flow.
 
 Recognizable canaries (an Anthropic key in `x-api-key`, an OpenAI project key in
 `Authorization: Bearer`, a cookie, a unique string in the system prompt, in the user message
@@ -29,6 +29,8 @@ from mitmproxy import io as mio
 
 from affinity_addon.record.schema import META
 from tests.harness import ROOT, Proxy
+
+pytestmark = pytest.mark.slow  # starts mitmdump
 
 TOKEN = secrets.token_hex(6).upper()
 ANTHROPIC_KEY = "sk-" + "ant-api03-" + "SECRETKEY" + "CANARY" * 4 + TOKEN

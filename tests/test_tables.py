@@ -1,5 +1,5 @@
 """Tables that fit: no model name or miss reason is cut when the output is a file, a pipe or a
-narrow terminal (issue 16); `affinity report --width/--plain`."""
+narrow terminal; `affinity report --width/--plain`."""
 
 import io
 import json

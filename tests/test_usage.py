@@ -7,9 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from affinity_addon import shapes
+from affinity_addon.catalog.diagnostics import default_diagnostics
 from affinity_addon.catalog.usage_fields import parse_table
 from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.response.eventstream import EventStreamTap, bedrock_frames
+
+from affinity_addon.response.provider_answer import Answer, read_answer
 from affinity_addon.response.usage import (
     UsageReader,
     normalize,
@@ -37,7 +40,8 @@ def sse_events(text: bytes) -> list[tuple[str | None, bytes]]:
 
 def read_fixture(name: str) -> UsageReader:
     case = EXPECTED[name]
-    reader = UsageReader(case["shape"])
+    source = default_diagnostics().by_name(case["answer"]["source"]) if "answer" in case else None
+    reader = UsageReader(case["shape"], source.answer.at if source else ())
     raw = (FIXTURES / name).read_bytes()
     if name.endswith(".json"):
         reader.feed_json(json.loads(raw))
@@ -67,6 +71,12 @@ def test_fixture_usage(name: str) -> None:
         assert reader.extras.get(key) == value, key
     assert reader.terminal is case["terminal"]
     assert usage.raw  # the provider's object is kept for usage_raw
+    if "answer" in case:  # the provider's cache diagnosis, where the catalog says it is
+        source = default_diagnostics().by_name(case["answer"]["source"])
+        assert source is not None
+        answer = read_answer(source.answer, reader.answer_seen, reader.answer, compared=True)
+        assert (answer.result, answer.missed_tokens) == (case["answer"]["result"],
+                                                         case["answer"]["missed_tokens"])
 
 
 def test_every_shape_has_fixtures() -> None:
@@ -104,7 +114,8 @@ def test_anthropic_without_message_stop_is_not_terminal() -> None:
     r = UsageReader(shapes.ANTHROPIC)
     for event, data in sse_events((FIXTURES / "anthropic.sse").read_bytes())[:-1]:
         r.feed_event(event, data)
-    assert r.usage() is not None
+    u = r.usage()  # message_delta came before the missing message_stop: the whole usage
+    assert u is not None and u.to_dict() == EXPECTED["anthropic.sse"]["usage"]
     assert not r.terminal
 
 
@@ -114,16 +125,58 @@ def test_anthropic_write_split_sums_when_total_missing() -> None:
     assert (u.cache_write_tokens, u.input_tokens) == (100, 105)
 
 
-def test_diagnostics_in_stream_and_pending_null() -> None:
-    r = UsageReader(shapes.ANTHROPIC)
-    r.feed_json({"type": "message_start", "message": {
-        "id": "msg_2", "diagnostics": {"cache_miss_reason": None},
-        "usage": {"input_tokens": 1}}})
-    assert "provider_miss_reason" not in r.extras
-    r.feed_json({"type": "message_delta", "diagnostics": {"cache_miss_reason": {
-        "type": "tools_changed", "cache_missed_input_tokens": 4000}}, "usage": {"output_tokens": 3}})
-    assert r.extras["provider_miss_reason"] == "tools_changed"
-    assert r.extras["provider_missed_tokens"] == 4000
+def _answer(shape: str, source: str, *objs: Any, compared: bool = True) -> Answer:
+    spec = default_diagnostics().by_name(source)
+    assert spec is not None
+    r = UsageReader(shape, spec.answer.at)
+    for obj in objs:
+        r.feed_event(None, json.dumps(obj).encode())
+    return read_answer(spec.answer, r.answer_seen, r.answer, compared=compared)
+
+
+def test_anthropic_diagnosis_pending_null_and_nothing_asked() -> None:
+    start = {"type": "message_start", "message": {"id": "msg_2", "usage": {"input_tokens": 1}}}
+    pending = {**start, "message": {**start["message"],
+                                    "diagnostics": {"cache_miss_reason": None}}}
+    assert _answer(shapes.ANTHROPIC, "anthropic", pending).result == "pending"
+    null = {**start, "message": {**start["message"], "diagnostics": None}}
+    assert _answer(shapes.ANTHROPIC, "anthropic", null).result == "no-divergence"
+    # An opt-in without a comparison is answered with null too: nothing was compared.
+    assert _answer(shapes.ANTHROPIC, "anthropic", null, compared=False).result is None
+    assert _answer(shapes.ANTHROPIC, "anthropic", start).result is None  # not there at all
+
+
+def test_responses_diagnosis_on_the_terminal_event_wins_over_nulls() -> None:
+    created = {"type": "response.created", "response": {"id": "resp_1", "usage": None,
+                                                        "prompt_cache_diagnostics": None}}
+    done = {"type": "response.completed", "response": {
+        "id": "resp_1", "usage": {"input_tokens": 5},
+        "prompt_cache_diagnostics": {"type": "comparison_response_not_found"}}}
+    assert _answer(shapes.OPENAI_RESPONSES, "openai", created, done).result == \
+        "comparison_response_not_found"
+    # OpenAI has no "null means no divergence": a null is no answer.
+    assert _answer(shapes.OPENAI_RESPONSES, "openai", created).result is None
+
+
+@pytest.mark.parametrize("diagnostics", [
+    "oops", 42, [1, 2], {"cache_miss_reason": "tools_changed"},
+    {"cache_miss_reason": {"type": 7}}, {"cache_miss_reason": {"type": "x" * 500}},
+    {"cache_miss_reason": {"type": "\u001b[2Jcleared"}},
+])
+def test_malformed_anthropic_diagnosis_reads_as_no_result(diagnostics: Any) -> None:
+    answer = _answer(shapes.ANTHROPIC, "anthropic", {
+        "id": "msg_3", "type": "message", "diagnostics": diagnostics,
+        "usage": {"input_tokens": 1}})
+    assert answer.result is None and answer.malformed
+
+
+def test_unknown_result_type_is_kept_as_given() -> None:
+    answer = _answer(shapes.ANTHROPIC, "anthropic", {
+        "id": "msg_4", "type": "message", "usage": {"input_tokens": 1},
+        "diagnostics": {"cache_miss_reason": {"type": "speed_changed",
+                                              "cache_missed_input_tokens": True}}})
+    assert (answer.result, answer.missed_tokens, answer.malformed) == ("speed_changed", None,
+                                                                       False)
 
 
 def test_chat_last_usage_chunk_wins() -> None:
@@ -249,11 +302,14 @@ def test_raw_keeps_numbers_and_names_not_text() -> None:
     json.dumps(u.to_dict())
 
 
+INFINITE_COUNT = b'{"usage": {"prompt_tokens": 1e400}}'
+
+
 @pytest.mark.parametrize("data", [
     b"", b"   ", b"not json", b'{"truncated": ', b"[1, 2, 3]", b"42", b'"usage"', b"null",
     b"\xff\xfe usage", b'{"usage": "string"}', b'{"usage": [1]}', b'{"usage": {}}',
     b'{"response": {"usage": 5}}', b'{"choices": "x", "usage": null}', b"[DONE] trailing",
-    b'{"usage": {"prompt_tokens": 1e400}}', b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    INFINITE_COUNT, b'{"a":' * 5000 + b"1" + b"}" * 5000,
 ])
 @pytest.mark.parametrize("shape", shapes.SHAPES)
 def test_junk_events_never_raise(shape: str, data: bytes) -> None:
@@ -261,7 +317,15 @@ def test_junk_events_never_raise(shape: str, data: bytes) -> None:
     r.feed_event("message_delta", data)
     r.feed_event(None, data)
     u = r.usage()
-    assert u is None or u.input_tokens >= 0
+    # Nothing here ends a stream or names an error, and none of it is a usage object, except a
+    # `usage` with a count that is not a count (1e400 is infinite): present, every count absent.
+    assert not r.terminal and r.extras == {}
+    if data == INFINITE_COUNT and shape != shapes.GEMINI:  # Gemini's usage is usageMetadata
+        assert u is not None and u.to_dict() == {
+            "input_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
+            "output_tokens": 0}
+    else:
+        assert u is None
 
 
 def test_done_only_ends_chat_streams() -> None:

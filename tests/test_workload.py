@@ -1,6 +1,6 @@
-"""Issue 11 at simulator level: which `prompt_cache_key` strategy wins on OpenAI's documented
-routing (machine = hash(first ~256 tokens, key), ~15 RPM per pair, then overflow), for a solo
-agent and for a team. Token-weighted hit ratio over ALL turns, first turns included. Run with
+"""At simulator level: which `prompt_cache_key` strategy wins on OpenAI's documented routing
+(machine = hash(first ~256 tokens, key), ~15 RPM per pair, then overflow), for a solo agent
+and for a team. Token-weighted hit ratio over ALL turns, first turns included. Run with
 `-s` to see the numbers; `python -m tests.sim.workload` prints the whole table.
 """
 

@@ -4,13 +4,15 @@ Serves `/metrics` (requests, records, tokens and dollars by kind, errors, latenc
 answers) and `/readyz` (rules loaded, log writable) from a small HTTP server on its own thread,
 so a scrape never runs on the proxy's event loop. The hooks only bump counters (microseconds).
 
-Labels are bounded: provider, model family, rule, verdict and token kind, each capped at
+Labels are bounded: provider, model family, rule, verdict, token kind and the provider's own
+diagnosis (source, result, whether ours agrees), each capped at
 `MAX_LABEL_VALUES` distinct values (then "other"); never an affinity ID, a path or a key.
 """
 
 import json
 import logging
 import os
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -72,6 +74,10 @@ class PromMetrics:
                                 ["provider", "model_family"], registry=r)
         self.errors = Counter("affinity_errors", "Failed LLM responses by kind",
                               ["provider", "kind"], registry=r)
+        self.diagnoses = Counter(
+            "affinity_provider_diagnoses",
+            "The provider's own cache diagnosis (result) and whether our verdict fits it",
+            ["source", "result", "agrees"], registry=r)
         self.first_byte = Histogram(
             "affinity_first_byte_seconds", "Request sent to response headers (streams: first byte)",
             ["provider", "stream"], buckets=LATENCY_BUCKETS, registry=r)
@@ -99,9 +105,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200 if all(checks.values()) else 503, body, "application/json")
             else:
                 self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain")
+        except ConnectionError:
+            # The client hung up (HAProxy's health check closes with a reset once it has its
+            # status line): nobody to answer, and nothing wrong with the endpoint.
+            self.close_connection = True
         except Exception:
             logger.exception("affinity: metrics endpoint failed")
-            self._send(500, b"error\n", "text/plain")
+            try:
+                self._send(500, b"error\n", "text/plain")
+            except ConnectionError:
+                self.close_connection = True
 
     def _send(self, code: int, body: bytes, ctype: str) -> None:
         self.send_response(code)
@@ -117,6 +130,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: "Metrics"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints any error to stderr; a client that hung up (a health check's
+        # reset) is none of ours, anything else is logged like the handler's own errors.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            logger.exception("affinity: metrics endpoint failed")
 
 
 class Metrics:
@@ -236,6 +255,12 @@ class Metrics:
             prom.errors.labels(provider, outcome).inc()
         if record.duration_ms is not None:
             prom.duration.labels(provider).observe(record.duration_ms / 1000)
+        said = record.provider_diagnosis
+        if said and said.get("result"):
+            fits = said.get("agrees")
+            agrees = "true" if fits is True else "false" if fits is False else "unknown"
+            prom.diagnoses.labels(self.cap("diagnosis_source", said.get("source")),
+                                  self.cap("diagnosis_result", said.get("result")), agrees).inc()
         u = record.usage
         if u is None:
             return

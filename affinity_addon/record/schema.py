@@ -87,6 +87,9 @@ class RequestFacts:
     key: dict[str, Any] | None  # how {family_key} chose the cache key: strategy, bucket(s)
     # Why the rules' changes were computed but not sent outside a dry run ("signed (aws-sigv4)")
     rewrite_skipped: str | None = None
+    # What the request asked the provider's cache diagnostics: {source, compared_to, by}
+    # (`request/provider_link.Ask`); None when it asked nothing.
+    diagnostics: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         added = {"headers": dict(self.added.get("headers", {})),
@@ -103,6 +106,7 @@ class RequestFacts:
             "host": self.host, "path": self.path, "method": self.method,
             "key": dict(self.key) if self.key else None,
             "rewrite_skipped": self.rewrite_skipped,
+            "diagnostics": dict(self.diagnostics) if self.diagnostics else None,
         }
 
 FORMAT_VERSION = 1
@@ -148,7 +152,8 @@ class Record:
     miss_detail: str | None = None
     expected_cacheable_tokens: int | None = None
     predicted_hit_ratio: float | None = None
-    provider_miss_reason: str | None = None
+    # The provider's own answer: {source, compared_to, result, missed_tokens, agrees}.
+    provider_diagnosis: dict[str, Any] | None = None
     usage_problem: str | None = None  # why usage could not be read, when it could not
     instance: str | None = None  # which proxy instance served it (gateways)
     v: int = FORMAT_VERSION

@@ -1,18 +1,21 @@
 """The simulated caches: a prompt's prefix identities and the documented cache models.
 
-- Automatic prefix caching (OpenAI, xAI, DeepSeek, ...; providers.md §3): a hit is the longest
-  earlier prefix, token by token, counted in whole `step`-token chunks (128 on OpenAI: "hit in
-  128-token increments after 1,024"), and only when it is at least `minimum` tokens. Every
-  chunk of every prompt is stored, per replica, until idle for the TTL.
-- OpenAI breakpoints (GPT-5.6 and later, §3): writes only at breakpoints, the implicit one on
+- Automatic prefix caching (OpenAI, xAI, DeepSeek, ...; OpenAI's guide [1]): a hit is the
+  longest earlier prefix, token by token, counted in whole `step`-token chunks (128 on OpenAI:
+  "hit in 128-token increments after 1,024"), and only when it is at least `minimum` tokens.
+  Every chunk of every prompt is stored, per replica, until idle for the TTL.
+- OpenAI breakpoints (GPT-5.6 and later, [1]): writes only at breakpoints, the implicit one on
   the latest message (unless `prompt_cache_options.mode` is "explicit") and the parts marked
   `prompt_cache_breakpoint: {"mode": "explicit"}`, at most 4; a read is the longest written
   breakpoint prefix of this prompt, with no lookback limit, from 1,024 tokens. So a changed
   suffix reads nothing even with thousands of shared tokens, as the guide warns.
-- Anthropic markers (§1): only prefixes that ended at a `cache_control` block are written; a
+- Anthropic markers [2]: only prefixes that ended at a `cache_control` block are written; a
   marker reads the longest live one within its 20-block lookback.
 Prompts come from `render.render`: the identity of a prefix is the model plus the rendered
 blocks (heads and text), so a marker moving between turns does not change it.
+
+[1] https://developers.openai.com/api/docs/guides/prompt-caching
+[2] https://platform.claude.com/docs/en/build-with-claude/prompt-caching
 """
 
 import fnmatch
@@ -23,7 +26,7 @@ from tests.sim.render import CHARS_PER_TOKEN, Block
 
 AUTO_MIN_TOKENS = 1024
 AUTO_STEP = 128
-LEAD_TOKENS = 256  # OpenAI hashes "the first ~256 prefix tokens" to pick a machine (§3)
+LEAD_TOKENS = 256  # OpenAI hashes "the first ~256 prefix tokens" to pick a machine ([1])
 LOOKBACK = 20  # a marker checks its own block boundary and the 19 before it
 MAX_MARKERS = 4
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
@@ -31,8 +34,8 @@ NOT_CACHEABLE = frozenset({"thinking", "redacted_thinking", "reasoningContent"})
 _PURGE_AT = 50_000  # entries per cache before expired ones are swept
 
 
-# Minimum cacheable prefix per Claude model (providers.md section 1), first match wins. The
-# specific 4.x/3.x rows must precede the `claude-*-5*` row that catches the 5.x family.
+# Minimum cacheable prefix per Claude model ([2] in the module docstring), first match wins.
+# The specific 4.x/3.x rows must precede the `claude-*-5*` row that catches the 5.x family.
 ANTHROPIC_MINIMUMS: tuple[tuple[str, int], ...] = (
     ("claude-opus-4-5*", 4096), ("claude-opus-4-6*", 4096), ("claude-haiku-4-5*", 4096),
     ("claude-opus-4-7*", 2048), ("claude-mythos-preview*", 2048), ("claude-3-5-haiku*", 2048),
@@ -136,7 +139,7 @@ def _chunk_keys(seed: bytes, blocks: list[Block], step: int,
 def analyze(blocks: list[Block], model: str | None, step: int = AUTO_STEP,
             automatic: object = None) -> Prompt:
     """`automatic`: Anthropic's top-level `cache_control`, a marker on the last cacheable
-    block that takes one of the 4 slots (§1)."""
+    block that takes one of the 4 slots ([2])."""
     seed = f"{model or ''}\0".encode()
     digest = hashlib.sha256(seed)
     keys: list[bytes] = []

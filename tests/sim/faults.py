@@ -15,15 +15,21 @@ The header holds directives separated by `;` or `,`, for example
 | `pad-event-bytes=N` | SSE: put one extra event first whose JSON data carries N bytes of padding |
 | `corrupt-event=N` | flip one byte in the middle of the Nth event (1-based) as sent: a bad CRC in an AWS event stream frame, garbage in an SSE event |
 
+| `diagnosis=WORD` | a request that asked for cache diagnostics gets WORD as the answer (`pending`, `malformed`, or a result such as `tools_changed`: a provider surprise); see `diagnostics.py` |
+| `reject-diagnostics` | a request that carries the cache diagnostics field is answered 400 naming it |
+
 Unknown or malformed directives are answered with 400, so a typo in a test is loud.
 """
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 FAULT_HEADER = "x-sim-fault"
 
-_FLAGS = ("truncate_gzip",)
+_FLAGS = ("truncate_gzip", "reject_diagnostics")
+_WORDS = ("diagnosis",)
+_WORD = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,9 @@ class Faults:
     truncate_gzip: bool = False
     pad_event_bytes: int = 0
     corrupt_event: int = 0
+
+    diagnosis: str | None = None
+    reject_diagnostics: bool = False
 
     @property
     def any(self) -> bool:
@@ -64,6 +73,13 @@ def parse_faults(value: str | None) -> Faults:
             if sep:
                 raise ValueError(f"fault {name.strip()!r} takes no value")
             kw[key] = True
+            continue
+        if key in _WORDS:
+            word = arg.strip()
+            if not _WORD.fullmatch(word):
+                raise ValueError(f"fault {name.strip()!r} needs a word like tools_changed, "
+                                 f"got {word!r}")
+            kw[key] = word
             continue
         try:
             n = int(arg.strip())

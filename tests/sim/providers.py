@@ -3,8 +3,8 @@
 Every behaviour difference (routing scheme, cache model, usage field names, streaming usage
 placement, error JSON, body constraints) is a field of `Behaviour`. A provider row holds a base
 `Behaviour`, per-path changes and per-model changes (OpenRouter routes `anthropic/*` with Claude's
-marker semantics). Facts follow the shared providers.md reference (section numbers below), never
-the addon's code.
+marker semantics). Facts follow the providers' public docs, never the addon's code; each row's source is in
+docs/providers.md (one section per provider, every fact with its URL).
 """
 
 import fnmatch
@@ -52,6 +52,10 @@ class Behaviour:
     automatic_markers: bool = True  # is Anthropic's top-level `cache_control` taken
     minimums: str = "anthropic"  # which table of marker minimums: "anthropic" | "bedrock"
 
+    diagnostics: str | None = None  # cache diagnostics offered: "anthropic" | "openai" (diagnostics.py)
+    # Leading system blocks the API removes before it reads the prompt (prefixes, render.py).
+    strips: tuple[str, ...] = ()
+
 
 class Route(NamedTuple):
     pattern: re.Pattern[str]  # full match on the path; a `model` group names the model (Gemini)
@@ -88,7 +92,7 @@ def _key(*signals: Signal) -> Routing:
 
 def _compat(**changes: Any) -> dict[str, Any]:
     """Another provider's Anthropic-compatible endpoint: Anthropic's wire format served by the
-    provider's own model and cache (§20.3), the prompt in its model's order (system first)."""
+    provider's own model and cache (docs/providers.md), the prompt in its model's order (system first)."""
     return {"shape": ANTHROPIC, "usage": "anthropic-compat", "errors": "anthropic",
             "order": SYSTEM_FIRST} | changes
 
@@ -96,21 +100,28 @@ def _compat(**changes: Any) -> dict[str, Any]:
 _GROK_CONV = _key(Signal("header", "x-grok-conv-id"))
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
-    # §1: caches are per workspace; no routing signal is documented.
-    Provider("anthropic", ("api.anthropic.com",), _ANTHROPIC, (_route(r"/v1/messages"),)),
-    # §3, §4: machine = hash(first ~256 tokens, prompt_cache_key); ~15 RPM per pair, then
+    # caches are per workspace; no routing signal is documented. Cache diagnostics on the
+    # Claude API only (docs/providers.md), not on third-party endpoints.
+    # Claude Code's billing block: "Anthropic's API removes" it; any other upstream "receives it
+    # as part of the prompt" (https://code.claude.com/docs/en/llm-gateway-protocol).
+    Provider("anthropic", ("api.anthropic.com",),
+             replace(_ANTHROPIC, diagnostics="anthropic",
+                     strips=("x-anthropic-billing-header:",)),
+             (_route(r"/v1/messages"),)),
+    # machine = hash(first ~256 tokens, prompt_cache_key); ~15 RPM per pair, then
     # overflow (per key on GPT-5.6+).
     Provider("openai", ("api.openai.com",),
              Behaviour(routing=Routing("prefix-key", (_PCK,)), gpt_breakpoints=True,
                        conflicts=(("prompt_cache_retention", "prompt_cache_options.ttl"),)),
              (_route(r"/v1/chat/completions", **_CHAT),
-              _route(r"/v1/responses", **_RESPONSES))),
-    # §6: x-grok-conv-id (chat) / prompt_cache_key (Responses) pin a server; else random.
+              # cache diagnostics on the Responses API only.
+              _route(r"/v1/responses", **_RESPONSES, diagnostics="openai"))),
+    # x-grok-conv-id (chat) / prompt_cache_key (Responses) pin a server; else random.
     Provider("xai", ("api.x.ai",), Behaviour(),
              (_route(r"/v1/chat/completions", usage="xai-chat", routing=_GROK_CONV),
               _route(r"/v1/responses", shape=OPENAI_RESPONSES, usage="xai-responses",
                      routing=_key(_PCK)))),
-    # §7: sticky routing on the first system + first non-system message, ~10 min idle expiry.
+    # sticky routing on the first system + first non-system message, ~10 min idle expiry.
     # Grok models keep xAI's own header routing (providers.md is silent on what OpenRouter
     # forwards; the shipped rules cite Hermes agent issue 22705).
     Provider("openrouter", ("openrouter.ai",),
@@ -118,9 +129,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              (_route(r"/api/v1/chat/completions"),),
              by_model=(("anthropic/*", {"cache": "markers"}),
                        ("x-ai/*", {"routing": _GROK_CONV}),
-                       # §7: GPT-5.6+ breakpoints and cache options are passed through.
+                       # GPT-5.6+ breakpoints and cache options are passed through.
                        ("openai/*", {"gpt_breakpoints": True}))),
-    # §5: "ChatGPT derives Responses cache affinity from the session-id header" (= the body's
+    # "ChatGPT derives Responses cache affinity from the session-id header" (= the body's
     # prompt_cache_key). Without either: not documented, random here.
     Provider("codex", ("chatgpt.com",),
              Behaviour(shape=OPENAI_RESPONSES, usage="codex", errors="codex",
@@ -128,7 +139,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
                        forbidden=("prompt_cache_retention", "prompt_cache_options",
                                   "prompt_cache_breakpoint")),
              (_route(r"/backend-api/codex/responses"),)),
-    # §8: a best-effort disk cache shared by everyone, cleared after hours to days unused.
+    # a best-effort disk cache shared by everyone, cleared after hours to days unused.
     # (Its "cache prefix units" at message ends are approximated by the chunked prefix cache,
     # in its 64-token storage unit: "content less than 64 tokens will not be cached",
     # https://api-docs.deepseek.com/news/news0802.) The `/anthropic` endpoint is served by the
@@ -138,14 +149,14 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              Behaviour(usage="deepseek", ttl=4 * 3600.0, auto_min=64, auto_step=64),
              (_route(r"(/v1)?/chat/completions"),
               _route(r"/anthropic(/v1)?/messages", **_compat()))),
-    # §10: cache identity is a content-prefix hash in 256-token chunks; prompt_cache_key was
+    # cache identity is a content-prefix hash in 256-token chunks; prompt_cache_key was
     # observed to be ignored. No minimum is documented beyond the chunk. Its `/anthropic`
     # endpoint: markers are not documented, so the automatic cache alone.
     Provider("moonshot", ("api.moonshot.ai", "api.moonshot.cn"),
              Behaviour(usage="moonshot", stream_usage="in_choice", auto_min=256, auto_step=256),
              (_route(r"/v1/chat/completions"),
               _route(r"/anthropic/v1/messages", **_compat()))),
-    # §20.3, Kimi Code: the same content-prefix cache for `/coding/v1/messages` and
+    # Kimi Code (docs/providers.md): the same content-prefix cache for `/coding/v1/messages` and
     # `/coding/v1/chat/completions`, `cache_control` ignored, an entry living 300 to 1,800 s
     # (Leechael/pi-provider-kimi-code docs/caching.md).
     Provider("kimi", ("api.kimi.com",),
@@ -153,14 +164,14 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
                        ttl=600.0),
              (_route(r"/coding/v1/chat/completions"),
               _route(r"/coding/v1/messages", **_compat()))),
-    # §12, §20.3: implicit caching (https://docs.z.ai/guides/capabilities/cache), no affinity
+    # implicit caching (https://docs.z.ai/guides/capabilities/cache), no affinity
     # documented; Zhipu support advised OpenClaw that `X-Session-Id` keeps a session on one
     # inference node (openclaw/openclaw PR 68079): without it, the load balancer's pick.
     Provider("zai", ("api.z.ai", "open.bigmodel.cn"),
              Behaviour(usage="dashscope", routing=_key(Signal("header", "x-session-id"))),
              (_route(r"/api(/coding)?/paas/v4/chat/completions"),
               _route(r"/api/anthropic/v1/messages", **_compat()))),
-    # §15, §20.3: passive caching from 512 tokens, and Anthropic-style explicit markers on its
+    # passive caching from 512 tokens, and Anthropic-style explicit markers on its
     # Anthropic API, prefixes built "tools -> system -> messages" as Anthropic's, 20 blocks back,
     # 1.25x writes (https://platform.minimax.io/docs/api-reference/anthropic-api-compatible-cache);
     # which of the two serves a marked request is not said: the explicit one here, as on
@@ -169,12 +180,12 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              Behaviour(auto_min=512, ttl=300.0),
              (_route(r"/anthropic/v1/messages",
                      **_compat(cache="explicit-or-auto", marker_min=512, order=None)),)),
-    # §15: x-session-affinity (or body user / prompt_cache_key) routes to the same replica.
+    # x-session-affinity (or body user / prompt_cache_key) routes to the same replica.
     Provider("fireworks", ("api.fireworks.ai",),
              Behaviour(routing=_key(Signal("header", "x-session-affinity"), _PCK,
                                     Signal("body", "user"))),
              (_route(r"(/inference)?/v1/chat/completions"),)),
-    # §11: implicit cache, no affinity for chat; the 5-minute TTL is the explicit cache's.
+    # implicit cache, no affinity for chat; the 5-minute TTL is the explicit cache's.
     # `/apps/anthropic`: explicit cache at markers (from 1,024 tokens) or implicit (from 256),
     # one mode a request (https://www.alibabacloud.com/help/en/model-studio/context-cache); its
     # markers work as Anthropic's (20 blocks back, Claude Code's own placement serves it: the
@@ -184,7 +195,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              (_route(r"/compatible-mode/v1/chat/completions"),
               _route(r"/apps/anthropic/v1/messages",
                      **_compat(cache="explicit-or-auto", marker_min=1024, order=None)))),
-    # §9: implicit caching, no affinity; minimum 2,048 tokens on 2.5, 4,096 on 3.x and later.
+    # implicit caching, no affinity; minimum 2,048 tokens on 2.5, 4,096 on 3.x and later.
     Provider("gemini", ("generativelanguage.googleapis.com",),
              Behaviour(shape=GEMINI, usage="gemini", errors="gemini", auto_min=4096),
              (_route(r"/v1(beta|alpha)?/models/(?P<model>[^/:]+):generateContent", stream=False),

@@ -1,10 +1,10 @@
 """How a provider reads a request body: the prompt it renders and caches, block by block.
 
-Written from the public wire formats and providers.md, never from the addon, so the end-to-end
+Written from the public wire formats and provider docs, never from the addon, so the end-to-end
 tests check the addon against an independent model of the provider. Order per API:
-- Anthropic Messages: tools -> system -> messages (providers.md §1: "byte-exact prefix in order
-  tools -> system -> messages"), one block per tool, system block and content block;
-- OpenAI Chat: tools -> messages (tools are part of the prefix, §3; the docs do not say where
+- Anthropic Messages: tools -> system -> messages (the cache prefix is "tools, system, and
+  messages (in that order)" [1]), one block per tool, system block and content block;
+- OpenAI Chat: tools -> messages (tools are part of the prefix [2]; the docs do not say where
   they sit, so they come first, as on Anthropic);
 - OpenAI Responses: tools -> instructions -> input;
 - Gemini: tools -> systemInstruction -> contents;
@@ -15,8 +15,11 @@ tests check the addon against an independent model of the provider. Order per AP
 A block's `text` is what the model reads (its tokens); `head` names the section, role and message
 start, which counts no tokens but is part of the identity (a user "x" is not an assistant "x").
 Directives (`cache_control`, `prompt_cache_breakpoint`) steer caching and are never rendered, so
-a marker moving between turns keeps the prefix; JSON keeps the client's key order (§17:
-reordered keys in tool schemas break the cache).
+a marker moving between turns keeps the prefix; JSON keeps the client's key order (reordered keys
+in tool schemas break the cache [2]).
+
+[1] https://platform.claude.com/docs/en/build-with-claude/prompt-caching
+[2] https://developers.openai.com/api/docs/guides/prompt-caching
 """
 
 import json
@@ -265,8 +268,9 @@ def render(body: dict[str, Any], shape: str, order: str | None = None) -> list[B
 
 
 def conversation_root(blocks: list[Block]) -> str | None:
-    """OpenRouter's sticky-routing identity (providers.md §7): the first system/developer
-    message plus the first non-system message, rendered; None when there is neither."""
+    """OpenRouter's sticky-routing identity: the first system/developer message plus the
+    first non-system message, rendered; None when there is neither.
+    https://openrouter.ai/docs/guides/best-practices/prompt-caching"""
     system: list[Block] = []
     other: list[Block] = []
     system_key: tuple[str, int | None] | None = None
@@ -290,3 +294,14 @@ def conversation_root(blocks: list[Block]) -> str | None:
         return None
     return json.dumps([[b.head, b.text] for b in system] + [None]
                       + [[b.head, b.text] for b in other], ensure_ascii=False)
+
+
+def stripped(body: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """`body` without the system text blocks that start with one of `prefixes`, as an API that
+    removes them before reading the prompt sees it (the body itself is left alone)."""
+    system = body.get("system")
+    if not prefixes or not isinstance(system, list):
+        return body
+    kept = [b for b in system if not (isinstance(b, dict) and isinstance(b.get("text"), str)
+                                      and b["text"].startswith(prefixes))]
+    return body if len(kept) == len(system) else {**body, "system": kept}

@@ -1,18 +1,26 @@
 """Which replica (machine, server, upstream) serves a request: each provider's documented scheme.
 
-- `shared`: one cache for every replica, nothing to route on (Anthropic per workspace, §1;
-  DeepSeek's disk cache, §8; Gemini, Moonshot, DashScope: no affinity documented).
+- `shared`: one cache for every replica, nothing to route on (Anthropic per workspace [1];
+  DeepSeek's disk cache [2]; Gemini, Moonshot, DashScope: no affinity documented).
 - `key`: a per-conversation signal pins a server; without one the load balancer picks at
-  random (xAI `x-grok-conv-id` / Responses `prompt_cache_key`, §6: "without it you often land
-  on a cold server"; Fireworks `x-session-affinity`, §15; Codex `session-id`, §5).
-- `prefix-key`: OpenAI (§3, §4): the machine is a hash of the prompt's first ~256 tokens
+  random (xAI `x-grok-conv-id` / Responses `prompt_cache_key` [3]: "without it you often land
+  on a cold server"; Fireworks `x-session-affinity` [4]; Codex `session-id` [5]).
+- `prefix-key`: OpenAI [6]: the machine is a hash of the prompt's first ~256 tokens
   combined with `prompt_cache_key` (absent key: the prefix alone). A prefix+key pair gets about
   15 requests a minute on its machine; the rest overflow to other machines (which one is not
   documented: here a seeded random other one). On GPT-5.6 and later the 15 RPM count is per key
   across all its prefixes.
-- `sticky`: OpenRouter (§7): per account, per model, per conversation, where the conversation
+- `sticky`: OpenRouter [7]: per account, per model, per conversation, where the conversation
   is a hash of the first system/developer message + the first non-system message; the first
   request is load balanced (random here) and the pin expires after ~10 minutes idle.
+
+[1] https://platform.claude.com/docs/en/build-with-claude/prompt-caching
+[2] https://api-docs.deepseek.com/guides/kv_cache
+[3] https://docs.x.ai/developers/advanced-api-usage/prompt-caching/maximizing-cache-hits
+[4] https://docs.fireworks.ai/guides/prompt-caching
+[5] https://github.com/openai/codex/pull/44862
+[6] https://developers.openai.com/api/docs/guides/prompt-caching
+[7] https://openrouter.ai/docs/guides/best-practices/prompt-caching
 """
 
 import hashlib
@@ -47,7 +55,7 @@ _GPT = re.compile(r"(?:^|/)gpt-(\d+)(?:\.(\d+))?")
 
 def gpt_5_6_or_later(model: str) -> bool:
     """GPT-5.6 and later count the 15 RPM per key across all prefixes and cache at
-    breakpoints (§3)."""
+    breakpoints ([6] in the module docstring)."""
     m = _GPT.search(model.lower())
     return bool(m) and (int(m[1]), int(m[2] or 0)) >= (5, 6)
 

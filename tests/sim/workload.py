@@ -2,7 +2,7 @@
 seconds: straight into the simulator's `Engine` (no sockets, no proxy), or over HTTP through a
 proxy (`HttpUpstream`; a mitmdump that loads `tests/sim/clock_addon.py` takes the same time).
 
-Issue 11's two shapes of OpenAI traffic, both sharing one ~8k-token agent prompt (tools + system):
+Two shapes of OpenAI traffic, both sharing one ~8k-token agent prompt (tools + system):
 - solo: one agent, 6 conversations one after another, ~3 requests a minute;
 - team: 24 agents at once, ~70 requests a minute in all on the same prefix, for ~30 minutes.
 Each is run with a key strategy for `prompt_cache_key`:

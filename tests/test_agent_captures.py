@@ -1,5 +1,5 @@
-"""Real agents are not append-only (issue 16): the planner's stable-block placement, side-request
-threads, lineage of a conversation whose root changed, root IDs across resume, and verdicts that
+"""Real agents are not append-only (they drop, move and re-add messages between turns): the
+planner's stable-block placement, side-request threads, lineage of a conversation whose root changed, root IDs across resume, and verdicts that
 agree with the usage. Bodies come from tests/fixtures/captures (what the agents sent)."""
 
 import copy
@@ -145,7 +145,7 @@ def observe(tracker: MissTracker, body: dict[str, Any], keys: tuple[str, ...], t
                         keys=keys, signal=keys[0], ts=ts)
     total = p.fingerprint.total_tokens
     usage = Usage(input_tokens=total, cache_read_tokens=read, cache_write_tokens=write)
-    verdict, _ = tracker.verdict(p, usage, ts + 1, response_cache=False, provider_reason=None,
+    verdict, _ = tracker.verdict(p, usage, ts + 1, response_cache=False,
                                  dry_run=False)
     return verdict
 

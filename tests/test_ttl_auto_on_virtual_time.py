@@ -5,7 +5,8 @@ The addons run in-process so that each flow can start at a simulated time (the t
 reads `timestamp_start`), and the simulator serves each request at the same time (`x-sim-time`),
 so its cache entries expire 5 minutes or 1 hour after their last use as the providers document.
 Cost is computed from the simulator's usage and the TTL of the markers the request carried:
-uncached 1x, reads 0.1x, writes 1.25x (5m) or 2x (1h) of the base input price (providers.md §1).
+uncached 1x, reads 0.1x, writes 1.25x (5m) or 2x (1h) of the base input price
+(https://platform.claude.com/docs/en/build-with-claude/prompt-caching).
 The first conversation of an agent starts on 5m (nothing is known); the second starts on what
 the first one's pauses say (the prompt family's prior).
 """

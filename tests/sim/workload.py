@@ -46,6 +46,7 @@ class Workload:
     tool_tokens: int = 1000
     model: str = "gpt-5.5"  # before GPT-5.6: automatic prefix caching (5.6+: breakpoints)
     system_breakpoint: bool = False  # GPT-5.6+: an explicit breakpoint ends the system prompt
+    burst: bool = False  # every agent stops at `duration`, mid-conversation or not
     replicas: int = 8
     seed: int = 1
 
@@ -262,6 +263,8 @@ def run(w: Workload, strategy_name: str, through: Through | None = None,
         queue.sort()
         now, agent = queue.pop(0)
         conv = current.get(agent)
+        if w.burst and now >= w.duration:
+            continue
         if conv is None:
             if (w.conversations is not None and started[agent] >= w.conversations) or \
                     (w.conversations is None and now >= w.duration):

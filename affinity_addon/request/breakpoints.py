@@ -192,7 +192,7 @@ class _Planner:
         return None
 
     def previous_tail(self) -> Slot | None:
-        """Where the previous request's rolling marker was: the end of the messages before the
+        """Where the previous request's rolling marker was: the newest stable block before the
         last assistant reply (that reply is the previous request's answer)."""
         messages = self.p.messages
         if messages is None:
@@ -203,7 +203,7 @@ class _Planner:
             return None
         last_reply = replies[-1]
         found = self.p.messages_in(
-            lambda s: s.eligible and s.seg.message_index is not None
+            lambda s: s.eligible and not s.volatile and s.seg.message_index is not None
             and s.seg.message_index < last_reply)
         return found[-1] if found else None
 

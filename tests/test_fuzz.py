@@ -48,6 +48,7 @@ from wsproto.frame_protocol import Opcode
 from affinity_addon.record.schema import META
 from affinity_addon.request import body as request_body
 from affinity_addon.request import breakpoints
+from affinity_addon.request.breakpoint_spec import MAX_MARKERS
 from affinity_addon.request.prompt_slots import count_markers
 from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.driver import Affinity
@@ -399,7 +400,7 @@ def check_request(before_raw: bytes, before_fields: tuple, f: http.HTTPFlow, pat
         assert _lookup(obj_out, target.split("."))[1] == value, f"{target} is not what was sent"
         assert value == rec["affinity_id"]
     if rec["added"]["markers"]:
-        assert count_markers(obj_out, SHAPE_OF[path]) <= breakpoints.MAX_MARKERS
+        assert count_markers(obj_out, SHAPE_OF[path]) <= MAX_MARKERS
     breakpoints.strip_added(obj_out, _added_markers(obj_in, rec["added"]["markers"]))
     for target in reversed(list(rec["added"]["fields"])):
         _undo_field(obj_out, obj_in, target)

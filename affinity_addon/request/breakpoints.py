@@ -1,11 +1,15 @@
-"""Plans `cache_control` breakpoints for Anthropic Messages and OpenRouter-style chat bodies.
+"""Plans cache breakpoints: `cache_control` for Anthropic Messages and OpenRouter-style chat
+bodies, and a host's own form where the catalog names one (`breakpoint_spec.Markers`: OpenAI's
+`prompt_cache_breakpoint` on GPT-5.6+ Chat and Responses bodies).
 
 Providers with explicit caching (Anthropic, and Anthropic/Gemini/Qwen behind OpenRouter) only
-cache up to a marked block, so an agent that sends no markers pays full price on every turn.
-The planner adds markers without breaking what already works:
+cache up to a marked block, so an agent that sends no markers pays full price on every turn;
+GPT-5.6+ writes only at breakpoints, its own one on the latest message, so a prompt whose end
+changes every turn reads nothing. The planner adds markers without breaking what already works:
 
 - at most 4 markers in a request, counting the client's own, which are never moved or removed
-  (moving a breakpoint turn to turn is the classic way to lose every hit);
+  (moving a breakpoint turn to turn is the classic way to lose every hit), and the provider's own
+  implicit one where it has one;
 - deterministic positions, so turn N+1 reads what turn N wrote: the rolling marker goes on the
   newest block that is likely to stay, and when the new turn appended more than `lookback`
   blocks, a second one goes exactly where the previous turn's rolling marker was (the end of the

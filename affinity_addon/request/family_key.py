@@ -8,12 +8,16 @@ OpenAI picks a machine from a hash of the prompt's first ~256 tokens combined wi
   the agent's shared prompt (a solo agent loses its cross-conversation hits);
 - no key (or one key per family) puts a whole team on one machine, and most of it overflows.
 The family key is a keyed hash of what conversations share (model family, tools, system prompt),
-plus a bucket chosen by a jump consistent hash of the conversation's affinity ID, so a
-conversation keeps its bucket and a change of bucket count moves as few conversations as
-possible. The bucket count follows this proxy's observed rate for the family: the busiest minute
-of the last ten (times the number of gateway instances sharing the traffic), over TARGET_RPM (under the documented 15, with a margin). A solo agent gets one
-bucket (the same machine for all its conversations, like no key); a team gets enough buckets
-that each stays under the limit.
+plus a bucket per conversation. The bucket count follows this proxy's observed rate for the
+family: the busiest minute of the last ten (times the number of gateway instances sharing the
+traffic), over TARGET_RPM (under the documented 15, with a margin); in the first minute of a
+burst also the rate its conversations seen together project; never more than the conversations
+seen together. A solo agent gets one bucket (the same machine for all its conversations, like no
+key); a team gets enough buckets that each stays under the limit, counted as the family's whole
+rate, as GPT-5.6+ counts a key's. A lone proxy gives a new conversation the least loaded bucket
+and it keeps it; behind a load balancer each conversation takes the bucket a jump consistent hash
+of its affinity ID picks, the same on every instance, and a change of bucket count moves as few
+conversations as possible. Measured in docs/openai-caching.md.
 """
 
 import hashlib

@@ -20,8 +20,10 @@ from mitmproxy.test import tutils
 
 from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.providers import parse_provider_facts
+from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.request.breakpoint_spec import (
     CACHE_CONTROL,
+    PlanHint,
     markers_for,
     parse_cache_control,
 )
@@ -135,6 +137,23 @@ def test_responses_marks_input_text_and_leaves_instructions_and_items_alone():
     assert sim_rejects(body, OPENAI_RESPONSES) is None
     strip_added(body, added)
     assert body == before
+
+
+@pytest.mark.parametrize(("make", "shape", "reread"), [
+    (chat, OPENAI_CHAT, "messages[5].content[0]"),
+    (responses, OPENAI_RESPONSES, "input[8].content[0]")])
+def test_with_the_previous_request_it_reads_where_that_one_wrote(make, shape, reread):
+    # The tracker's hint: the block digests of the request as sent (markers and all). The
+    # string the client sends again hashes like the part the planner made of it, so the spot
+    # the previous request wrote at is found again, the trailer it had at its end notwithstanding.
+    sent = make(2)
+    first = plan_breakpoints(sent, shape, "gpt-5.6", AGENT, markers=OPENAI)
+    assert first[-1].path == reread
+    hint = PlanHint((fingerprint(sent, shape, None).plan_digests(),))
+    nxt = make(3)
+    added = plan_breakpoints(nxt, shape, "gpt-5.6", AGENT, hint, markers=OPENAI)
+    assert reread in [m.path for m in added] and len(added) <= 3
+    assert sim_rejects(nxt, shape) is None
 
 
 def test_at_most_four_writes_with_the_implicit_one_and_never_over_the_clients():

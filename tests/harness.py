@@ -31,6 +31,12 @@ HOSTS: dict[str, str] = {
     "chatgpt.com": "codex",
     "api.deepseek.com": "deepseek",
     "api.fireworks.ai": "fireworks",
+    # Anthropic-compatible endpoints of other providers (and their OpenAI-compatible paths)
+    "api.moonshot.ai": "moonshot",
+    "api.kimi.com": "kimi",
+    "api.z.ai": "zai",
+    "api.minimax.io": "minimax",
+    "dashscope-intl.aliyuncs.com": "dashscope",
     "llm.unlisted.test": "openai",  # a host no rule names
 }
 

@@ -61,6 +61,28 @@ def test_proxy_and_run_pass_unknown_arguments_to_mitmproxy_report_does_not() -> 
     assert main(["run", "--port", "9"]) == 2  # no agent command
 
 
+@pytest.mark.parametrize("env, added", [
+    ({"ANTHROPIC_BASE_URL": "https://api.deepseek.com/anthropic"}, {run.ATTRIBUTION: "0"}),
+    ({"ANTHROPIC_BASE_URL": "http://127.0.0.1:4000"}, {run.ATTRIBUTION: "0"}),  # a local gateway
+    ({"ANTHROPIC_BASE_URL": "api.z.ai/api/anthropic"}, {run.ATTRIBUTION: "0"}),
+    # the user's own choice, either way, stands
+    ({"ANTHROPIC_BASE_URL": "https://api.deepseek.com/anthropic", run.ATTRIBUTION: "1"}, {}),
+    ({"ANTHROPIC_BASE_URL": "https://api.deepseek.com/anthropic", run.ATTRIBUTION: ""}, {}),
+    # Anthropic's own API reads the block; no base URL is Anthropic's
+    ({"ANTHROPIC_BASE_URL": "https://api.anthropic.com"}, {}),
+    ({"ANTHROPIC_BASE_URL": "https://API.ANTHROPIC.COM/"}, {}),
+    ({}, {}),
+    # Bedrock or Vertex selected: ANTHROPIC_BASE_URL is not where the messages go
+    ({"ANTHROPIC_BASE_URL": "https://api.deepseek.com/anthropic",
+      "CLAUDE_CODE_USE_VERTEX": "1"}, {}),
+    ({"ANTHROPIC_BASE_URL": "https://api.deepseek.com/anthropic",
+      "CLAUDE_CODE_USE_BEDROCK": "0"}, {run.ATTRIBUTION: "0"}),
+])
+def test_run_turns_the_billing_block_off_for_other_providers(env: dict[str, str],
+                                                             added: dict[str, str]) -> None:
+    assert run.attribution_env(env) == added
+
+
 def test_agent_environment_and_bundle_keep_other_hosts_trusted(tmp_path: Path) -> None:
     ca = tmp_path / "mitmproxy-ca-cert.pem"
     ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nMITM\n-----END CERTIFICATE-----\n")

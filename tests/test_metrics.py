@@ -147,6 +147,13 @@ def test_metrics_add_up_through_real_mitmdump(monkeypatch, proxy_factory) -> Non
     assert read > 0 and total(samples, "affinity_tokens_total", kind="cache_read") == read
     assert total(samples, "affinity_tokens_total", kind="output") == sum(
         r["usage"]["output_tokens"] for r in recs)
+    # Dollars: the records' `cost_usd` (gpt-5 is in the price table), added up by kind.
+    assert all(r["cost_usd"] for r in recs)
+    for kind in ("input", "cache_read", "output"):
+        assert total(samples, "affinity_cost_usd_total", kind=kind) == pytest.approx(
+            sum(r["cost_usd"][kind] for r in recs))
+    assert total(samples, "affinity_cost_usd_total", kind="cache_read") > 0
+    assert total(samples, "affinity_unpriced_records_total") == 0
     assert total(samples, "affinity_first_byte_seconds_count", stream="true") == 2
     assert total(samples, "affinity_first_byte_seconds_count", stream="false") == 3
     assert total(samples, "affinity_errors_total") == 0

@@ -116,6 +116,8 @@ def test_installed_wheel_runs_the_proxy_with_shipped_rules(wheel: Path, tmp_path
         assert os.fspath(ROOT) not in output
         (rec,) = [json.loads(line) for line in log.read_text().splitlines()]
         assert rec["rule"] and rec["affinity_id"] and rec["usage"] is not None, rec
+        # Priced by the genai-prices dependency and the shipped catalog/prices.yaml.
+        assert rec["cost_usd"]["priced_as"] == "openai/gpt-5", rec
         assert "default_rules/default.yaml" in output  # the shipped rules, from the wheel
     finally:
         if proxy is not None:

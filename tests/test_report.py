@@ -109,9 +109,18 @@ def test_json_totals_equal_hand_counted_sums(capsys, log, records):
     assert total["request_hit_ratio"] == pytest.approx(want["hit_requests"]
                                                        / want["prompt_requests"])
     # Per model and per rule add up to the same totals, and match a hand count per model.
-    for view in ("by_model", "by_rule", "by_conversation", "by_reason"):
+    for view in ("by_model", "by_rule", "by_host", "by_conversation", "by_reason"):
         assert sum(b["input_tokens"] for b in doc[view]) == want["input_tokens"], view
         assert sum(b["requests"] for b in doc[view]) == want["requests"], view
+    # Per host: each provider's own hit ratio, by hand.
+    by_host = {b["key"]: b for b in doc["by_host"]}
+    assert set(by_host) == {r["host"] for r in records}
+    for host, b in by_host.items():
+        mine = [r for r in records if r["host"] == host and r["usage"]
+                and not r["response_cache"]]
+        read = sum(r["usage"]["cache_read_tokens"] for r in mine)
+        total_in = sum(r["usage"]["input_tokens"] for r in mine)
+        assert b["hit_ratio"] == (pytest.approx(read / total_in) if total_in else None), host
     assert doc["conversations"] == len({r["affinity_id"] for r in records})
     by_model = {b["key"]: b for b in doc["by_model"]}
     for model in {r["model"] for r in records}:
@@ -141,22 +150,25 @@ def test_json_totals_equal_hand_counted_sums(capsys, log, records):
     assert rule["saved_token_equivalents"] > 0
 
 
-def test_json_cost_is_usd_only_for_fully_priced_buckets(capsys, log):
+def test_json_costs_are_dollars_by_kind(capsys, log):
     doc = run_json(capsys, str(log))
     by_model = {b["key"]: b for b in doc["by_model"]}
-    assert by_model["grok-4"]["cost"]["unit"] == "usd"
-    assert by_model["claude-sonnet-4-5-20250929"]["cost"]["unit"] == "usd"
-    assert by_model["gpt-5.6"]["cost"]["unit"] == "input-token-equivalents"
-    assert doc["total"]["cost"]["unit"] == "input-token-equivalents"
+    # Every generated model is in the genai-prices table: all costs are dollars.
+    assert {b["cost"]["unit"] for b in by_model.values()} == {"usd"}
+    assert doc["prices"]["table"].startswith("genai-prices ")
+    assert doc["prices"]["unpriced"] == [] and doc["total"]["cost_usd"]["unpriced"] == []
     grok = by_model["grok-4"]
-    # grok-4: $3/Mtok, reads at 0.25x, no write surcharge.
-    uncached_cost = grok["input_tokens"] * 3e-6
-    with_cache = (grok["uncached_tokens"] + grok["cache_write_tokens"]
-                  + grok["cache_read_tokens"] * 0.25) * 3e-6
-    assert grok["cost"]["without_cache"] == pytest.approx(uncached_cost)
-    assert grok["cost"]["with_cache"] == pytest.approx(with_cache)
-    assert doc["total"]["cost_usd_priced"]["requests"] == sum(
-        by_model[m]["counted"] for m in by_model if by_model[m]["cost"]["unit"] == "usd")
+    # grok-4: $3/MTok input, cache reads $0.75, no write surcharge, output $15
+    # (https://docs.x.ai/docs/models).
+    out = grok["output_tokens"] * 15e-6
+    assert grok["cost"]["without_cache"] == pytest.approx(grok["input_tokens"] * 3e-6 + out)
+    assert grok["cost"]["with_cache"] == pytest.approx(
+        (grok["uncached_tokens"] + grok["cache_write_tokens"]) * 3e-6
+        + grok["cache_read_tokens"] * 0.75e-6 + out)
+    assert grok["cost_usd"]["output"] == pytest.approx(out)
+    assert doc["total"]["cost_usd"]["requests"] == doc["total"]["counted"]
+    assert doc["total"]["cost_usd"]["with_cache"] == pytest.approx(
+        sum(b["cost_usd"]["with_cache"] for b in by_model.values()))
 
 
 def test_several_logs_add_up(capsys, tmp_path, records):
@@ -289,10 +301,11 @@ def test_tables_are_printed(capsys, monkeypatch, log, records):
     assert main(["report", str(log), "--top", "5"]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    for title in ("Per model", "Per rule", "Top 5 of 50 conversations", "Miss reasons",
-                  "Dry run: what the rules would have saved"):
+    for title in ("Per model", "Per rule", "Per host", "Top 5 of 50 conversations",
+                  "Miss reasons", "Dry run: what the rules would have saved"):
         assert title in out, title
-    for name in {r["model"] for r in records} | {r["rule"] for r in records}:
+    for name in ({r["model"] for r in records} | {r["rule"] for r in records}
+                 | {r["host"] for r in records}):
         assert name in out, name
     report = build_report([log])
     total = report.agg.total
@@ -321,6 +334,7 @@ def test_html_is_self_contained_and_escaped(tmp_path, records):
     log = loggen.write_log(tmp_path / "x.jsonl", [*records, evil])
     page = render_html(build_report([log]))
     assert page.count("<script") == 2  # the data blob and the page script, nothing injected
+    assert "<h2>Per host</h2>" in page and f"<code>{records[0]['host']}</code>" in page
     assert "<img src=x" not in page and "&lt;img src=x" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert "<link" not in page and "@import" not in page
@@ -419,19 +433,22 @@ def test_100mb_log_report_timing(tmp_path, capsys):
 
 def test_custom_price_table(capsys, tmp_path, log, records):
     table = tmp_path / "prices.yaml"
-    table.write_text("prices:\n  - name: flat\n    read: 0.5\n    input_usd_per_mtok: 2\n",
+    table.write_text("overrides:\n  - name: flat\n    read: 0.5\n    input_usd_per_mtok: 2\n"
+                     "    output_usd_per_mtok: 4\n    source: https://example.com/flat\n",
                      encoding="utf-8")
     doc = run_json(capsys, str(log), "--prices", str(table))
     want = expected(records)
     cost = doc["total"]["cost"]
     assert cost["unit"] == "usd"
-    assert cost["without_cache"] == pytest.approx(want["input_tokens"] * 2e-6)
+    out = doc["total"]["output_tokens"] * 4e-6
+    assert cost["without_cache"] == pytest.approx(want["input_tokens"] * 2e-6 + out)
     assert cost["with_cache"] == pytest.approx(
         (want["uncached_tokens"] + want["cache_write_tokens"]
-         + 0.5 * want["cache_read_tokens"]) * 2e-6)
-    table.write_text("prices:\n  - name: broken\n", encoding="utf-8")
+         + 0.5 * want["cache_read_tokens"]) * 2e-6 + out)
+    assert str(table) in doc["prices"]["table"]
+    table.write_text("overrides:\n  - name: broken\n    read: 1\n", encoding="utf-8")
     assert main(["report", str(log), "--prices", str(table)]) == 2
-    assert "`read` is required" in capsys.readouterr().err
+    assert "`source` must be" in capsys.readouterr().err
 
 
 def test_junk_records_never_break_any_output(tmp_path):

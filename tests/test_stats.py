@@ -9,151 +9,171 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from affinity_addon.catalog import prices as catalog_prices
+from affinity_addon.catalog.prices import PriceBook, parse_override
 from affinity_addon.views import pricing
 from affinity_addon.views.aggregate import Aggregator, Bucket
 from affinity_addon.views.console import render_summary
 from affinity_addon.views.pricing import (
     TOKEN_EQUIVALENTS,
     USD,
-    Price,
-    PriceRule,
     PriceTable,
-    parse_prices,
-    parse_rule,
     price_for,
 )
 from tests import loggen
 
-# --- price table ----------------------------------------------------------------------------
+SOURCE = "https://example.com/prices"
+
+
+def book(*overrides: dict, equivalents: tuple[dict, ...] = ()) -> PriceTable:
+    """A price table of only these entries (no host map: the genai-prices table still prices
+    known model names)."""
+    return PriceTable(PriceBook.parse({
+        "overrides": [{"source": SOURCE, **o} for o in overrides],
+        "token_equivalents": list(equivalents)}))
+
+
+# --- multipliers (what the TTL advisor and token equivalents weigh by) ---------------------
 
 
 @pytest.mark.parametrize(("model", "provider", "host", "read", "w5", "w1h"), [
+    # Anthropic's list: 5m write 1.25x, 1h write 2x, read 0.1x
+    # (https://platform.claude.com/docs/en/about-claude/pricing).
     ("claude-sonnet-4-5-20250929", "anthropic", "api.anthropic.com", 0.1, 1.25, 2.0),
     ("claude-haiku-4-5", "anthropic", "api.anthropic.com", 0.1, 1.25, 2.0),
+    ("CLAUDE-SONNET-4-5", None, "API.ANTHROPIC.COM", 0.1, 1.25, 2.0),
+    # Via OpenRouter: the table has no 1h price there; the override adds Anthropic's 2x.
     ("anthropic/claude-sonnet-4.5", "openai-chat", "openrouter.ai", 0.1, 1.25, 2.0),
-    ("anthropic.claude-opus-4-1-20250805-v1:0", "anthropic",
-     "bedrock-runtime.us-east-1.amazonaws.com", 0.1, 1.25, 2.0),
-    ("claude-opus-5-5", "anthropic", "api.anthropic.com", 0.05, 1.25, 2.0),
-    ("claude-sonnet-5.5", "anthropic", None, 0.05, 1.25, 2.0),
-    ("claude-fable-5-1", "anthropic", None, 0.025, 1.25, 2.0),
-    ("gpt-5.6", "openai-responses", "api.openai.com", 0.1, 1.25, 1.25),
-    ("gpt-5.7-codex", "openai-responses", "chatgpt.com", 0.1, 1.25, 1.25),
-    ("gpt-5.1-codex", "openai-responses", "chatgpt.com", 0.1, 1.0, 1.0),
+    # OpenAI bills writes as input: https://platform.openai.com/docs/pricing
     ("gpt-5", "openai-chat", "api.openai.com", 0.1, 1.0, 1.0),
+    ("gpt-5.1-codex", "openai-responses", "chatgpt.com", 0.1, 1.0, 1.0),
     ("gpt-4.1-mini", "openai-chat", "api.openai.com", 0.25, 1.0, 1.0),
     ("gpt-4o", "openai-chat", "api.openai.com", 0.5, 1.0, 1.0),
     ("o3-mini", "openai-chat", "api.openai.com", 0.5, 1.0, 1.0),
     ("grok-4", "openai-chat", "api.x.ai", 0.25, 1.0, 1.0),
-    ("grok-code-fast-1", "openai-responses", "api.x.ai", 0.25, 1.0, 1.0),
-    ("deepseek-v4-flash", "openai-chat", "api.deepseek.com", 0.02, 1.0, 1.0),
-    ("deepseek-v4-pro", "openai-chat", "api.deepseek.com", 0.033, 1.0, 1.0),
-    ("deepseek/deepseek-v3.2", "openai-chat", "openrouter.ai", 0.1, 1.0, 1.0),
     ("gemini-2.5-flash", "gemini", "generativelanguage.googleapis.com", 0.1, 1.0, 1.0),
-    ("google/gemini-2.5-pro", "openai-chat", "openrouter.ai", 0.25, 1.0, 1.0),
-    ("kimi-k3", "openai-chat", "api.moonshot.ai", 0.1, 1.0, 1.0),
-    ("kimi-k2.7-code", "openai-chat", "api.kimi.com", 0.2, 1.0, 1.0),
-    ("moonshotai/kimi-k3", "openai-chat", "openrouter.ai", 0.25, 1.0, 1.0),
-    ("some-new-model", "openai-chat", "api.moonshot.ai", 0.25, 1.0, 1.0),
     ("moonshotai/kimi-k2-instruct", "openai-chat", "api.groq.com", 0.5, 1.0, 1.0),
-    ("accounts/fireworks/models/glm-5", "openai-chat", "api.fireworks.ai", 0.5, 1.0, 1.0),
+    # DashScope (not in the table): explicit-cache multipliers of prices_yaml's override.
     ("qwen3-coder-plus", "openai-chat", "dashscope-intl.aliyuncs.com", 0.1, 1.25, 1.25),
-    ("glm-5", "openai-chat", "api.z.ai", 0.19, 1.0, 1.0),
-    ("mistral-large-latest", "openai-chat", "api.mistral.ai", 0.1, 1.0, 1.0),
+    # Nobody prices it: an Anthropic-shaped request is weighed the Anthropic way...
     ("my-finetune", "anthropic", "llm.internal.example", 0.1, 1.25, 2.0),
+    # ... anything else claims no saving.
+    ("totally-unknown", "openai-chat", "llm.example", 1.0, 1.0, 1.0),
 ])
-def test_price_table_multipliers(model, provider, host, read, w5, w1h):
+def test_multipliers_follow_the_table(model, provider, host, read, w5, w1h):
     price = price_for(model, provider, host)
-    assert (price.read, price.write_5m, price.write_1h) == (read, w5, w1h), price
+    assert (price.read, price.write_5m, price.write_1h) == pytest.approx((read, w5, w1h)), price
 
 
-def test_unknown_model_gets_the_default_entry_and_matching_is_case_insensitive():
-    assert price_for("totally-unknown", "openai-chat", "llm.example").name == "default"
-    assert price_for(None).name == "default"
-    assert price_for("CLAUDE-SONNET-4-5", None, "API.ANTHROPIC.COM").read == 0.1
-
-
-def test_base_prices_from_the_reference():
-    assert price_for("grok-4", "openai-chat", "api.x.ai").input_usd_per_mtok == 3.0
-    assert price_for("kimi-k3", None, "api.moonshot.ai").input_usd_per_mtok == 3.0
-    assert price_for("z-ai/glm-latest", None, "openrouter.ai").input_usd_per_mtok == 1.40
+def test_unknown_models_are_unpriced_not_guessed():
+    assert price_for("totally-unknown", "openai-chat", "llm.example").unit == TOKEN_EQUIVALENTS
+    assert price_for(None).unit == TOKEN_EQUIVALENTS
+    assert pricing.default_table().priced("my-finetune", "anthropic", "llm.example") is None
     assert price_for("claude-sonnet-4-5", "anthropic").unit == USD
-    # DeepSeek bills peak/off-peak: no single base price, so costs stay in token equivalents.
-    assert price_for("deepseek-v4-flash", None, "api.deepseek.com").unit == TOKEN_EQUIVALENTS
+    assert price_for("claude-sonnet-4-5", "anthropic").input_usd_per_mtok == pytest.approx(3.0)
 
 
-def test_every_table_entry_cites_a_source():
-    text = pricing.DEFAULT_PRICES.read_text(encoding="utf-8")
-    entries = re.findall(r"((?:  #.*\n)*)  - name: (\S+)", text)
-    assert len(entries) == len(pricing.default_table().rules) > 20
-    missing = [name for comments, name in entries if "# source:" not in comments]
-    assert not missing, f"entries without a `# source:` comment: {missing}"
+def test_the_price_file_cites_public_sources_only():
+    text = catalog_prices.PRICES_FILE.read_text(encoding="utf-8")
+    assert "providers.md" not in text and "reference/" not in text
+    table = catalog_prices.default_book()
+    assert table.overrides and all(o.source.startswith("https://") for o in table.overrides)
+
+
+def test_every_provider_id_of_the_host_map_is_in_the_table():
+    from genai_prices.data_snapshot import get_snapshot
+
+    known = {p.id for p in get_snapshot().providers}
+    ids = {pid for _, pid in catalog_prices.default_book().routes}
+    assert ids and ids <= known, ids - known
 
 
 @pytest.mark.parametrize(("entry", "message"), [
-    ({"name": "x"}, "`read` is required"),
-    ({"name": "x", "read": -0.1}, "must not be negative"),
-    ({"name": "x", "read": "cheap"}, "must be a number"),
-    ({"name": "x", "read": True}, "must be a number"),
-    ({"name": "x", "read": 0.1, "write": 1.25, "write_5m": 1.25}, "not both"),
-    ({"name": "x", "read": 0.1, "model": 3}, "glob"),
-    ({"name": "x", "read": 0.1, "modle": "gpt-*"}, "unknown keys"),
+    ({"name": "x", "read": 0.1}, "`source` must be"),
+    ({"name": "x", "read": 0.1, "source": "providers.md"}, "`source` must be"),
+    ({"name": "x", "source": SOURCE}, "changes nothing"),
+    ({"name": "x", "read": -0.1, "source": SOURCE}, "must not be negative"),
+    ({"name": "x", "read": "cheap", "source": SOURCE}, "must be a number"),
+    ({"name": "x", "read": True, "source": SOURCE}, "must be a number"),
+    ({"name": "x", "read": 0.1, "write": 1.25, "write_5m": 1.25, "source": SOURCE}, "not both"),
+    ({"name": "x", "read": 0.1, "model": 3, "source": SOURCE}, "glob"),
+    ({"name": "x", "read": 0.1, "modle": "gpt-*", "source": SOURCE}, "unknown keys"),
+    ({"name": "x", "price_as": "gpt-5", "source": SOURCE}, "price_as"),
+    ({"name": "x", "price_as": {"model": "m"}, "input_usd_per_mtok": 1, "source": SOURCE},
+     "not both"),
     ("gpt-*", "expected a mapping"),
 ])
-def test_parse_rule_rejects_bad_entries(entry, message):
+def test_parse_override_rejects_bad_entries(entry, message):
     with pytest.raises(ValueError, match=message):
-        parse_rule(entry, 3)
+        parse_override(entry, 3)
 
 
-def test_parse_prices_first_match_wins_and_defaults():
-    table = PriceTable(parse_prices({"prices": [
-        {"name": "special", "host": "*.example", "model": ["a-*", "b-*"], "read": 0.5},
-        {"name": "anthropic-ish", "provider": "anthropic", "read": 0.1, "write_5m": 1.25},
-        {"name": "any", "read": 0.3, "input_usd_per_mtok": 2},
-    ]}))
-    assert table.price_for("a-1", "anthropic", "api.example").name == "special"
-    anth = table.price_for("z", "anthropic", "api.example")
-    # An unlisted 1h rate is at least the 5m one.
-    assert (anth.name, anth.write_5m, anth.write_1h) == ("anthropic-ish", 1.25, 1.25)
-    assert table.price_for("z", "openai-chat", "h").input_usd_per_mtok == 2.0
-    with pytest.raises(ValueError, match="prices"):
-        parse_prices({"price": []})
-    assert PriceTable(()).price_for("x") == pricing.NEUTRAL
+def test_parse_price_file_rejects_bad_sections():
+    with pytest.raises(ValueError, match="unknown keys"):
+        PriceBook.parse({"prices": []})
+    with pytest.raises(ValueError, match="expected {host"):
+        PriceBook.parse({"providers": [{"host": "x"}]})
+    with pytest.raises(ValueError, match="`read` is required"):
+        PriceBook.parse({"token_equivalents": [{"name": "x"}]})
 
 
-def test_load_price_table_file(tmp_path: Path):
+def test_overrides_first_match_wins_and_own_prices():
+    table = book({"name": "special", "host": "*.example", "model": ["a-*", "b-*"],
+                  "input_usd_per_mtok": 2, "output_usd_per_mtok": 8, "read": 0.5},
+                 {"name": "any", "input_usd_per_mtok": 1})
+    special = table.priced("a-1", "anthropic", "api.example")
+    assert special is not None and special.rates.name == "override special"
+    assert special.at(0) == pytest.approx((2e-6, 1e-6, 2e-6, 2e-6, 8e-6))
+    other = table.priced("z", "anthropic", "api.example")
+    # No cache prices given: reads and writes cost input, output is not charged.
+    assert other is not None and other.at(0) == pytest.approx((1e-6, 1e-6, 1e-6, 1e-6, 0.0))
+
+
+def test_load_price_file(tmp_path: Path):
     path = tmp_path / "p.yaml"
-    path.write_text("prices:\n  - name: flat\n    read: 0.2\n    write: 1.5\n", encoding="utf-8")
-    price = PriceTable.load(path).price_for("anything")
+    path.write_text("token_equivalents:\n  - name: flat\n    read: 0.2\n    write: 1.5\n",
+                    encoding="utf-8")
+    table = PriceTable.load(path)
+    price = table.price_for("anything")
     assert (price.read, price.write_5m, price.write_1h) == (0.2, 1.5, 1.5)
+    assert table.version.startswith("genai-prices ") and str(path) in table.version
 
 
 # --- cost estimate --------------------------------------------------------------------------
 
-ANTHROPIC_USD = Price("t", read=0.1, write_5m=1.25, write_1h=2.0, input_usd_per_mtok=3.0)
-PLAIN = Price("p", read=0.25, write_5m=1.0, write_1h=1.0)
+ANTHROPIC_USD = {"name": "t", "model": "*", "input_usd_per_mtok": 3.0, "output_usd_per_mtok": 15.0,
+                 "read": 0.1, "write_5m": 1.25, "write_1h": 2.0}
+PLAIN = {"name": "p", "read": 0.25}
 
 
-def cost_of(usage, price: Price):
-    """The cost the aggregator computes for one record with `usage`, under one price."""
-    agg = Aggregator(PriceTable([PriceRule((), ("*",), (), price)]))
+def cost_of(usage, table: PriceTable):
+    """The cost the aggregator computes for one record with `usage`, under one table."""
+    agg = Aggregator(table)
     agg.add({"model": "m", "usage": usage, "ts": "2026-11-23T10:00:00.000Z"})
     return agg.total.cost()
 
 
-def test_cost_in_usd_with_ttl_split():
+def test_cost_in_usd_by_kind_with_ttl_split_and_output():
     usage = {"input_tokens": 10_000, "cache_read_tokens": 6_000, "cache_write_tokens": 3_000,
              "cache_write_1h_tokens": 1_000, "output_tokens": 500}
-    cost = cost_of(usage, ANTHROPIC_USD)
-    # 1000 uncached + 6000*0.1 + 2000*1.25 + 1000*2.0 = 6100 equivalents at $3/Mtok.
+    agg = Aggregator(book(ANTHROPIC_USD))
+    agg.add({"model": "m", "usage": usage, "ts": "2026-11-23T10:00:00.000Z"})
+    cost = agg.total.cost()
+    # 1000 uncached at $3, 6000 reads at $0.30, 2000 5m writes at $3.75, 1000 1h writes at $6,
+    # 500 output at $15 (per million).
     assert cost.unit == USD
-    assert cost.with_cache == pytest.approx(6100 * 3e-6)
-    assert cost.without_cache == pytest.approx(10_000 * 3e-6)
-    assert cost.saved == pytest.approx(3900 * 3e-6)
+    assert cost.with_cache == pytest.approx((3000 + 1800 + 7500 + 6000 + 7500) / 1e6)
+    assert cost.without_cache == pytest.approx((30_000 + 7500) / 1e6)
+    assert cost.saved == pytest.approx(cost.without_cache - cost.with_cache)
+    by_kind = agg.total.to_dict()["cost_usd"]
+    assert by_kind["cache_write_1h"] == pytest.approx(0.006)
+    assert by_kind["output"] == pytest.approx(0.0075)
 
 
 def test_cost_token_equivalents_and_negative_saving_on_a_first_write():
+    table = book(equivalents=({"name": "t", "read": 0.1, "write_5m": 1.25, "write_1h": 2.0},))
     cost = cost_of({"input_tokens": 4000, "cache_read_tokens": 0,
-                    "cache_write_tokens": 4000}, Price("t", 0.1, 1.25, 2.0))
+                    "cache_write_tokens": 4000}, table)
     assert cost.unit == TOKEN_EQUIVALENTS
     assert (cost.with_cache, cost.without_cache) == (5000.0, 4000.0)
     assert cost.saved == -1000.0
@@ -162,12 +182,12 @@ def test_cost_token_equivalents_and_negative_saving_on_a_first_write():
 @pytest.mark.parametrize("usage", [None, {}, {"input_tokens": "12"}, {"input_tokens": -5},
                                    {"cache_read_tokens": 100}, "usage"])
 def test_cost_tolerates_junk(usage):
-    cost = cost_of(usage, PLAIN)
+    cost = cost_of(usage, book(equivalents=(PLAIN,)))
     assert (cost.with_cache, cost.without_cache, cost.saved) == (0.0, 0.0, 0.0)
 
 
 def test_cost_clamps_counters_to_the_prompt():
-    cost = cost_of({"input_tokens": 100, "cache_read_tokens": 150}, PLAIN)
+    cost = cost_of({"input_tokens": 100, "cache_read_tokens": 150}, book(equivalents=(PLAIN,)))
     assert cost.with_cache == pytest.approx(25.0)
     assert cost.without_cache == 100.0
 
@@ -187,7 +207,7 @@ def usage(i, r=0, w=0, o=10):
 
 
 def test_hit_ratios_exclude_response_cache_and_missing_usage():
-    agg = Aggregator(PriceTable(parse_prices([{"name": "flat", "read": 0.1}])))
+    agg = Aggregator(book(equivalents=({"name": "flat", "read": 0.1},)))
     agg.add(rec(usage=usage(1000, 0, 0), miss_reason="first-write", miss_detail="new",
                 ts="2026-11-23T10:00:00.000Z"))
     agg.add(rec(usage=usage(2000, 1000), miss_reason="hit", ts="2026-11-23T10:01:00.000Z"))
@@ -252,26 +272,34 @@ def test_examples_keep_the_costliest_misses():
         "f700", "f900"}
 
 
-def test_usd_only_when_every_request_is_priced():
+def test_usd_over_the_priced_requests_and_the_rest_named_unpriced():
     agg = Aggregator()
     agg.add(rec(model="claude-sonnet-4-5", provider="anthropic", host="api.anthropic.com",
-                usage=usage(1_000_000, 800_000, 100_000), miss_reason="hit"))
+                usage=usage(100_000, 80_000, 10_000, o=10), miss_reason="hit"))
     model = agg.by_model["claude-sonnet-4-5"]
     cost = model.cost()
-    # 100k uncached + 800k*0.1 + 100k*1.25 = 305k equivalents at $3/Mtok.
+    # 10k uncached at $3, 80k reads at $0.30, 10k 5m writes at $3.75, 10 output at $15 (/MTok).
     assert cost.unit == USD
-    assert cost.with_cache == pytest.approx(0.915)
-    assert cost.without_cache == pytest.approx(3.0)
+    assert cost.with_cache == pytest.approx(0.03 + 0.024 + 0.0375 + 0.00015)
+    assert cost.without_cache == pytest.approx(0.3 + 0.00015)
     agg.add(rec(model="unpriced-x", usage=usage(1000, 0)))
-    total = agg.total.cost()
-    assert total.unit == TOKEN_EQUIVALENTS
-    assert total.without_cache == 1_001_000
-    assert agg.total.usd_requests == 1
+    total = agg.total
+    assert total.cost().unit == USD and total.cost().with_cache == pytest.approx(cost.with_cache)
+    assert (total.usd_requests, total.unpriced_requests) == (1, 1)
+    assert total.to_dict()["cost_usd"]["unpriced"] == ["unpriced-x"]
+
+
+def test_long_prompts_cost_the_long_context_tier():
+    # Sonnet 4.5 above 200k prompt tokens: $6 input, $22.50 output for the whole request
+    # (https://platform.claude.com/docs/en/about-claude/pricing#long-context-pricing).
+    agg = Aggregator()
+    agg.add(rec(model="claude-sonnet-4-5", provider="anthropic", host="api.anthropic.com",
+                usage=usage(300_000, 0, 0, o=1000)))
+    assert agg.total.cost().with_cache == pytest.approx(300_000 * 6e-6 + 1000 * 22.5e-6)
 
 
 def test_dry_run_prediction_and_savings():
-    agg = Aggregator(PriceTable(parse_prices([{"name": "flat", "read": 0.1,
-                                               "input_usd_per_mtok": 1.0}])))
+    agg = Aggregator(book({"name": "flat", "read": 0.1, "input_usd_per_mtok": 1.0}))
     agg.add(rec(rule="dry", dry_run=True, predicted_hit_ratio=0.8, usage=usage(1000, 500),
                 miss_reason="prefix-changed"))
     agg.add(rec(rule="dry", dry_run=True, predicted_hit_ratio=0.5, usage=usage(1000, 500),

@@ -16,8 +16,8 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from affinity_addon import shapes
+from affinity_addon.decoding import make_decoder
 from affinity_addon.record.schema import Usage
-from affinity_addon.response.decoders import make_decoder
 from affinity_addon.response.stream_tap import StreamTap
 from affinity_addon.response.usage import UsageReader
 

@@ -24,11 +24,11 @@ T0 = datetime(2026, 11, 30, 10, 0, tzinfo=UTC).timestamp()
 
 
 def rec(conv: str, start: float, prompt: int, read: int, write: int,
-        model: str = "claude-sonnet-4-5", duration_ms: float = 1000.0) -> dict:
+        model: str = "claude-sonnet-4-5", duration_ms: float = 1000.0,
+        provider: str = "anthropic", host: str = "api.anthropic.com") -> dict:
     end = datetime.fromtimestamp(T0 + start + duration_ms / 1000, UTC)
     return {"ts": end.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z", "duration_ms": duration_ms,
-            "affinity_id": conv, "model": model, "provider": "anthropic",
-            "host": "api.anthropic.com",
+            "affinity_id": conv, "model": model, "provider": provider, "host": host,
             "usage": {"input_tokens": prompt, "cache_read_tokens": read,
                       "cache_write_tokens": write, "output_tokens": 10}}
 
@@ -55,7 +55,7 @@ def test_advisor_figures_equal_the_hand_computation_in_dollars() -> None:
                {"affinity_id": "x", "usage": None}, {"ts": "junk", "usage": {}}]
     advice = advise(records)
     totals = advice.total("usd")
-    usd = 3.0 / 1e6  # Sonnet 4.5 base input price in the shipped table
+    usd = 3.0 / 1e6  # Sonnet 4.5 base input price in the genai-prices table
     fast_5m = 4_000 * 1.25 + 4_000 * 0.1 + 100 * 1.25
     fast_1h = 4_000 * 2.0 + 4_000 * 0.1 + 100 * 2.0
     assert totals[FIVE_MINUTES] == pytest.approx((27_875 + fast_5m) * usd)
@@ -67,7 +67,9 @@ def test_advisor_figures_equal_the_hand_computation_in_dollars() -> None:
 
 
 def test_models_without_a_1h_tier_are_left_out() -> None:
-    assert advise([rec("o", 0, 5000, 0, 0, model="gpt-5")]).conversations == []
+    # gpt-5's table entry has no 1h cache-write price: no TTL choice to replay.
+    assert advise([rec("o", 0, 5000, 0, 0, model="gpt-5", provider="openai-chat",
+                       host="api.openai.com")]).conversations == []
 
 
 def test_rhythm_switches_to_1h_on_slow_turns_and_back() -> None:

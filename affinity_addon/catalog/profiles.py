@@ -13,6 +13,13 @@ from affinity_addon.durations import parse_duration
 
 PROFILES = catalog_file("cache_profiles.yaml")
 
+# What a route does with `cache_control` markers: `honoured` (they decide what is cached, or
+# add to the automatic cache), `ignored` (the provider documents or was measured to cache the
+# same without them: the planner adds none there), `unknown` (no public source says).
+HONOURED, IGNORED, UNKNOWN = "honoured", "ignored", "unknown"
+MARKERS = (HONOURED, IGNORED, UNKNOWN)
+BY_SHAPE = "by-shape"  # lookback_blocks: the API shape's own (providers.yaml `lookback_blocks`)
+
 
 @dataclass(frozen=True, slots=True)
 class Profile:
@@ -22,6 +29,10 @@ class Profile:
     automatic: bool
     ttl_seconds: float
     min_tokens: int | None  # None: by model (cache_minimums.yaml)
+    markers: str = HONOURED
+    # Blocks a marker looks back for an earlier entry: None (no limit: prefix caching),
+    # BY_SHAPE (the API shape's documented number), or a number.
+    lookback_blocks: int | str | None = BY_SHAPE
 
     def matches(self, host: str, shape: str | None, model: str | None) -> bool:
         if self.hosts and not any(fnmatch.fnmatch(host.lower(), h) for h in self.hosts):
@@ -53,9 +64,26 @@ def parse_profiles(data: Any) -> tuple[Profile, ...]:
             ttl = parse_duration(p.get("ttl", "5m"))
         except ValueError as e:
             raise TableError(f"profiles[{i}].ttl: {e}", p, "ttl") from None
+        markers = p.get("markers", HONOURED)
+        if markers not in MARKERS:
+            raise TableError(f"profiles[{i}]: markers must be one of {', '.join(MARKERS)}", p,
+                             "markers")
+        lookback = p.get("lookback_blocks", BY_SHAPE)
+        if lookback not in (None, BY_SHAPE) and (
+                not isinstance(lookback, int) or isinstance(lookback, bool) or lookback < 1):
+            raise TableError(f"profiles[{i}]: lookback_blocks must be {BY_SHAPE!r}, null (no "
+                             "limit) or a positive number", p, "lookback_blocks")
+        unknown = set(p) - _KEYS
+        if unknown:
+            k = sorted(map(str, unknown))[0]
+            raise TableError(f"profiles[{i}]: unknown key {k!r}", p, k)
         out.append(Profile(_tuple(m.get("host")), _tuple(m.get("model")), _tuple(m.get("shape")),
-                           bool(p.get("automatic", True)), ttl, None if mt == "auto" else mt))
+                           bool(p.get("automatic", True)), ttl, None if mt == "auto" else mt,
+                           markers, lookback))
     return tuple(out)
+
+
+_KEYS = frozenset({"match", "automatic", "ttl", "min_tokens", "markers", "lookback_blocks"})
 
 
 @cache

@@ -2,10 +2,12 @@
 
 The planner keeps the rolling marker off such blocks, the conversation root leaves them out
 (blocks) or masks them (dates), and the miss diagnosis ignores a block where the provider leaves
-it out of the cached prefix (`uncached_in`), so none of them depends on text that moves between
-requests.
+it out of the cached prefix (`uncached_in`, on the hosts of `stripped_by`), so none of them
+depends on text that moves between requests. A rule's `remove_blocks` names a block here to take
+it out of the request (never on a `stripped_by` host, which reads it).
 """
 
+import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +28,18 @@ class VolatileBlock:
     name: str
     pattern: re.Pattern[str]
     uncached_in: tuple[str, ...] = ()
+    # Host globs whose API reads the block and takes it out of the prompt before caching;
+    # empty: `uncached_in` holds on every host.
+    stripped_by: tuple[str, ...] = ()
+
+    def stripped_on(self, host: str) -> bool:
+        """Does `host` take this block out of the prompt before caching?"""
+        host = host.lower()
+        return any(fnmatch.fnmatchcase(host, g) for g in self.stripped_by)
+
+    def uncached_on(self, host: str | None) -> bool:
+        """Is the block left out of the cached prefix on `host` (None: any host that does)?"""
+        return host is None or not self.stripped_by or self.stripped_on(host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +62,24 @@ class Volatile:
         """Does a block starting with `text` match a volatile pattern (first HEAD chars)?"""
         return bool(text) and self._any is not None and self._any.search(text, 0, HEAD) is not None
 
-    def pattern(self, name: str) -> re.Pattern[str]:
-        """The pattern called `name`; KeyError when the table has none."""
+    def named_block(self, name: str) -> VolatileBlock:
+        """The entry called `name`; KeyError when the table has none."""
         for b in self.named:
             if b.name == name:
-                return b.pattern
+                return b
         raise KeyError(name)
 
-    def uncached(self) -> dict[str, tuple[str, ...]]:
-        """{section: regexes of blocks the provider leaves out of the cached prefix there}."""
+    def pattern(self, name: str) -> re.Pattern[str]:
+        """The pattern called `name`; KeyError when the table has none."""
+        return self.named_block(name).pattern
+
+    def uncached(self, host: str | None = None) -> dict[str, tuple[str, ...]]:
+        """{section: regexes of blocks the provider at `host` leaves out of the cached prefix
+        there}; without a host, every block that some provider leaves out."""
         out: dict[str, tuple[str, ...]] = {}
         for b in self.named:
+            if not b.uncached_on(host):
+                continue
             for section in b.uncached_in:
                 out[section] = (*out.get(section, ()), b.pattern.pattern)
         return out
@@ -77,11 +98,14 @@ def compile_patterns(raw: Any, what: str) -> tuple[re.Pattern[str], ...]:
     return tuple(out)
 
 
+_BLOCK_KEYS = frozenset({"name", "pattern", "uncached_in", "stripped_by"})
+
+
 def _block(raw: Any, i: int, items: Any) -> VolatileBlock:
     if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str) or not isinstance(
-            raw.get("pattern"), str) or set(raw) - {"name", "pattern", "uncached_in"}:
+            raw.get("pattern"), str) or set(raw) - _BLOCK_KEYS:
         raise TableError(f"blocks[{i}] must be a mapping with a name, a pattern and optionally "
-                         "uncached_in", items, i)
+                         "uncached_in and stripped_by", items, i)
     try:
         pattern = re.compile(raw["pattern"])
     except re.error as e:
@@ -91,7 +115,12 @@ def _block(raw: Any, i: int, items: Any) -> VolatileBlock:
     if not isinstance(sections, list) or not set(sections) <= set(SECTIONS):
         raise TableError(f"blocks[{i}].uncached_in must list sections of {SECTIONS}", raw,
                          "uncached_in")
-    return VolatileBlock(raw["name"], pattern, tuple(sections))
+    hosts = raw.get("stripped_by") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise TableError(f"blocks[{i}].stripped_by must be a list of host globs", raw,
+                         "stripped_by")
+    return VolatileBlock(raw["name"], pattern, tuple(sections),
+                         tuple(h.lower() for h in hosts))
 
 
 def parse_volatile(data: Any) -> Volatile:

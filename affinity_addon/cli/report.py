@@ -38,7 +38,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top", type=_count, default=10, help="conversations to list (0: all)")
     p.add_argument("--json", action="store_true", help="print one JSON document, no tables")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
-    p.add_argument("--prices", metavar="YAML", help="price table to use instead of the built-in")
+    p.add_argument("--prices", metavar="YAML",
+                   help="price file to use instead of the built-in catalog/prices.yaml (host "
+                        "map, overrides; prices otherwise come from genai-prices)")
     p.add_argument("--width", type=_count, default=None, metavar="COLUMNS",
                    help="table width (default: the terminal's; as wide as needed when the "
                         "output is a file or a pipe)")

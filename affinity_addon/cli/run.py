@@ -2,7 +2,9 @@
 
 Sets the proxy and CA variables for every runtime an agent may be written in, starts a proxy
 on the port if none listens there (and stops it when the agent exits), and prints the cache
-summary of the records this session added to the log.
+summary of the records this session added to the log. For Claude Code on another provider's
+Anthropic-compatible endpoint it also turns off Claude Code's billing block
+(`CLAUDE_CODE_ATTRIBUTION_HEADER=0`), unless the user set that variable.
 """
 
 import argparse
@@ -13,9 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from affinity_addon.catalog.volatile import default_volatile
 from affinity_addon.cli.proxy import confdir, default_port, log_of, set_value
 
 START_TIMEOUT = 30.0
@@ -61,6 +66,35 @@ def agent_env(port: int, ca: Path, bundle: Path, base: dict[str, str]) -> dict[s
             no_proxy.append(h)
     env["NO_PROXY"] = env["no_proxy"] = ",".join(no_proxy)
     return env
+
+
+# Claude Code's switch for its billing block: "0", "false", "no" or "off" leaves it out
+# (https://code.claude.com/docs/en/llm-gateway-protocol).
+ATTRIBUTION = "CLAUDE_CODE_ATTRIBUTION_HEADER"
+# Where Claude Code talks to Bedrock, Vertex or Foundry instead, ANTHROPIC_BASE_URL is not used.
+_CLOUDS = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "CLAUDE_CODE_USE_FOUNDRY")
+_FALSY = frozenset({"", "0", "false", "no", "off"})
+
+
+def attribution_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`CLAUDE_CODE_ATTRIBUTION_HEADER=0` when the agent's ANTHROPIC_BASE_URL is another
+    provider's: Claude Code's billing block is read and removed by api.anthropic.com, but any
+    other upstream caches it as prompt text at token 0, different for every conversation, so
+    no new conversation or subagent reads the system prompt and tools the last one cached.
+    Claude Code's gateway docs recommend the switch. Nothing when the user set it (either way),
+    on a first-party host (the catalog's `claude-code-billing` `stripped_by`), or when a cloud
+    provider is selected."""
+    base = env.get("ANTHROPIC_BASE_URL", "").strip()
+    if ATTRIBUTION in env or not base or any(
+            env.get(v, "").strip().lower() not in _FALSY for v in _CLOUDS):
+        return {}
+    try:
+        host = urlsplit(base if "//" in base else f"//{base}").hostname
+    except ValueError:
+        return {}
+    if not host or default_volatile().named_block("claude-code-billing").stripped_on(host):
+        return {}
+    return {ATTRIBUTION: "0"}
 
 
 def start_proxy(port: int, extra: list[str], output: Path) -> subprocess.Popen[bytes]:
@@ -185,6 +219,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"affinity run: no mitmproxy CA at {ca}", file=sys.stderr)
             return 1
         env = agent_env(port, ca, ca_bundle(ca), dict(os.environ))
+        added = attribution_env(env)
+        if added:
+            print(f"affinity: {ATTRIBUTION}=0 for the agent: ANTHROPIC_BASE_URL is not "
+                  "Anthropic's, where Claude Code's billing block would be cached as a "
+                  f"different prompt for every conversation (set {ATTRIBUTION} yourself to "
+                  "choose otherwise)", file=sys.stderr)
+            env.update(added)
         offset = log.stat().st_size if log.exists() else 0
         code = run_agent(command, env)
     finally:

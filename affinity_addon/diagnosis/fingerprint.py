@@ -11,6 +11,7 @@ import re
 import zlib
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cache, lru_cache
 from typing import Any
 
 from affinity_addon.catalog.volatile import default_volatile
@@ -47,8 +48,8 @@ from affinity_addon.tokens import estimate_tokens
 # Block digests are DIGEST_SIZE (8) bytes: a collision only misreports one diagnosis.
 
 # Blocks that clients change on every request although the provider leaves them out of the
-# cached prefix (catalog/volatile.yaml `uncached_in`); reporting them would blame every request on
-# a change that costs nothing.
+# cached prefix (catalog/volatile.yaml `uncached_in`, on its `stripped_by` hosts); reporting them
+# would blame every request on a change that costs nothing. Without a host: every such block.
 VOLATILE_PATTERNS: dict[str, tuple[str, ...]] = default_volatile().uncached()
 
 # Request fields outside the prompt that are still part of the cached prefix: a change keeps
@@ -95,7 +96,23 @@ def compile_volatile(spec: Mapping[str, Iterable[str]]) -> dict[str, tuple[re.Pa
     return out
 
 
-DEFAULT_VOLATILE = compile_volatile(VOLATILE_PATTERNS)
+@cache
+def _compiled(spec: tuple[tuple[str, tuple[str, ...]], ...]) -> dict[str, tuple[re.Pattern[str], ...]]:
+    # One object per distinct table: the fingerprint memo tells contexts apart by identity.
+    return compile_volatile(dict(spec))
+
+
+def _frozen(spec: Mapping[str, tuple[str, ...]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple(sorted(spec.items()))
+
+
+DEFAULT_VOLATILE = _compiled(_frozen(VOLATILE_PATTERNS))
+
+
+@lru_cache(maxsize=1024)  # a proxy talks to a few hosts
+def volatile_for(host: str) -> Mapping[str, tuple[re.Pattern[str], ...]]:
+    """The blocks the provider at `host` leaves out of the cached prefix, by section."""
+    return _compiled(_frozen(default_volatile().uncached(host)))
 
 
 _Unit = tuple[Segment, bool, dict[str, Any] | None]

@@ -23,9 +23,14 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from affinity_addon.catalog.profiles import profile_for
+from affinity_addon.catalog.profiles import BY_SHAPE, profile_for
 from affinity_addon.diagnosis.blockprint import Blocks, Fingerprint, PromptParts
-from affinity_addon.diagnosis.fingerprint import FingerprintMemo, fingerprint_steps, run_steps
+from affinity_addon.diagnosis.fingerprint import (
+    FingerprintMemo,
+    fingerprint_steps,
+    run_steps,
+    volatile_for,
+)
 from affinity_addon.diagnosis.verdicts import (
     ConversationStore,
     Entry,
@@ -55,6 +60,7 @@ class Pending:
     family: str | None = None  # its prompt family, when the rewrite computed one (`ttl: auto`)
     # The fingerprint's blocks, as made while the request was upstream (None: unpack to judge).
     blocks: Blocks | None = None
+    lookback: int | str | None = BY_SHAPE  # the route's marker lookback (cache profile)
 
 
 THREADS = 8  # threads kept per conversation ID (main, memory, title, compaction, subagents)
@@ -178,7 +184,10 @@ class MissTracker:
                       family: str | None = None) -> Generator[None, None, Pending]:
         """`observe` in steps (`fingerprint_steps`): the proxy runs one per event-loop turn."""
         prof = profile_for(host, shape, model)
-        fp, blocks = yield from fingerprint_steps(body, shape, model, memo=self.memo)
+        # A block the provider at this host leaves out of the cached prefix is no prefix change
+        # (Claude Code's billing block on api.anthropic.com); on any other host it is prompt text.
+        fp, blocks = yield from fingerprint_steps(body, shape, model, memo=self.memo,
+                                                  volatile=volatile_for(host))
         ttl = prof.ttl_seconds
         if not prof.automatic and fp.last_ttl:
             try:
@@ -186,7 +195,8 @@ class MissTracker:
             except ValueError:
                 pass
         min_tokens = prof.min_tokens if prof.min_tokens is not None else min_tokens_for(model)
-        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, family, blocks)
+        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, family, blocks,
+                       prof.lookback_blocks)
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
                 provider_reason: str | None, dry_run: bool,
@@ -201,13 +211,13 @@ class MissTracker:
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
                      response_cache=response_cache, affinity_changed=changed,
                      affinity_missing=p.signal is None, provider_miss_reason=provider_reason,
-                     load=load, unpacked=unpacked)
+                     load=load, unpacked=unpacked, lookback=p.lookback)
         v = _explain(v, how, prev, now)
         predicted = None
         if dry_run:
             predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
                                           min_tokens=p.min_tokens, automatic=p.automatic,
-                                          shape=p.shape, unpacked=unpacked)
+                                          shape=p.shape, unpacked=unpacked, lookback=p.lookback)
         if usage is not None and p.keys:
             rhythm = self.rhythms.get(p.keys[0]) or Rhythm()
             gap = rhythm.observe_at(p.ts, usage.cache_read_tokens + usage.cache_write_tokens)

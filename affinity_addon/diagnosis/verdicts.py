@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from affinity_addon.buckets import OVERFLOW_RPM
+from affinity_addon.catalog.profiles import BY_SHAPE
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.diagnosis.blockprint import BlockPrint, Blocks, Fingerprint
 from affinity_addon.diagnosis.prefix_diff import PrefixDiff, compare
@@ -22,8 +23,10 @@ logger = logging.getLogger(__name__)
 REASONS = ("hit", "partial", "first-write", "prefix-changed", "ttl-expired", "routed-away", "below-minimum",
            "lookback-exceeded", "response-cache", "overflow", "unknown")
 
-# How many blocks back from a breakpoint the provider looks for an earlier cache entry.
-# Shapes not listed match any earlier entry (OpenAI breakpoints, automatic prefix caching).
+# How many blocks back from a breakpoint the provider looks for an earlier cache entry, by API
+# shape. Shapes not listed match any earlier entry (OpenAI breakpoints, automatic prefix
+# caching); a route's cache profile may say otherwise (`lookback_blocks`: a prefix cache behind
+# an Anthropic-format endpoint has no limit).
 LOOKBACK_BLOCKS: Mapping[str, int] = PROVIDER_FACTS.lookback_blocks
 
 # A read below this share of the expected tokens is `partial`, not a `hit`. Expectations are
@@ -134,6 +137,7 @@ class _Case:
     scale: float  # reported prompt tokens per estimated token, to calibrate estimates
     expected: int | None  # tokens this request could read from what the previous one cached
     load: Mapping[str, Any] | None = None  # its prompt_cache_key's observed rate (see _LOAD)
+    lookback: int | None = None  # blocks a marker looks back (None: no limit)
 
     @property
     def reads(self) -> int:
@@ -157,7 +161,7 @@ def _expected(prev: Entry | None, diff: PrefixDiff | None, point: int) -> int | 
 
 def _lookback_gap(case: _Case) -> tuple[int, int] | None:
     """(previous breakpoint, nearest following one) when they are too far apart to connect."""
-    lookback = LOOKBACK_BLOCKS.get(case.shape)
+    lookback = case.lookback
     if lookback is None or case.prev_point == 0 or case.prefix_changed:
         return None
     p = case.prev_point - 1
@@ -170,8 +174,7 @@ def _lookback_gap(case: _Case) -> tuple[int, int] | None:
 def _lookback_text(case: _Case, gap: tuple[int, int]) -> str:
     p, q = gap
     return (f"breakpoint {case.cur_blocks[q].path} is {q - p} blocks after the previous one "
-            f"({case.prev_blocks[p].path}); the provider looks back only "
-            f"{LOOKBACK_BLOCKS[case.shape]}")
+            f"({case.prev_blocks[p].path}); the provider looks back only {case.lookback}")
 
 
 # --- the checks, in order ---------------------------------------------------------------------
@@ -333,7 +336,8 @@ def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: flo
           shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
           response_cache: bool = False, affinity_changed: bool = False,
           affinity_missing: bool = False, load: Mapping[str, Any] | None = None,
-          unpacked: tuple[Blocks | None, Blocks | None] = (None, None)) -> _Case:
+          unpacked: tuple[Blocks | None, Blocks | None] = (None, None),
+          lookback: int | str | None = BY_SHAPE) -> _Case:
     prev_unpacked = (unpacked[0] or prev.fingerprint.unpack()) if prev else None
     cur_unpacked = unpacked[1] or cur_fp.unpack()
     cur_blocks = cur_unpacked.comparable
@@ -346,10 +350,12 @@ def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: flo
     expected = _expected(prev, diff, point)
     if expected is not None:
         expected = round(expected * scale)
+    blocks_back = LOOKBACK_BLOCKS.get(shape) if lookback == BY_SHAPE else lookback
     return _Case(prev, usage, now, shape, automatic, min_tokens, ttl_seconds, response_cache,
                  affinity_changed, affinity_missing, prev_blocks, cur_blocks,
                  _marker_positions(cur_blocks, automatic),
-                 diff, point, scale, expected, load)
+                 diff, point, scale, expected, load,
+                 blocks_back if isinstance(blocks_back, int) else None)
 
 
 def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
@@ -358,14 +364,17 @@ def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: 
              affinity_missing: bool = False,
              provider_miss_reason: str | None = None,
              load: Mapping[str, Any] | None = None,
-             unpacked: tuple[Blocks | None, Blocks | None] = (None, None)) -> Verdict:
+             unpacked: tuple[Blocks | None, Blocks | None] = (None, None),
+             lookback: int | str | None = BY_SHAPE) -> Verdict:
     """The verdict for one response. `prev` is the conversation's entry before this request.
     `load`: the request rate its prompt_cache_key had when it was sent (`KeyRates.observe`:
-    key_rpm, family_rpm, buckets), the `overflow` check's evidence."""
+    key_rpm, family_rpm, buckets), the `overflow` check's evidence. `lookback`: the route's
+    marker lookback in blocks (BY_SHAPE: the API shape's; None: no limit)."""
     case = _case(prev, cur_fp, usage, now, shape=shape, automatic=automatic,
                  min_tokens=min_tokens, ttl_seconds=ttl_seconds, response_cache=response_cache,
                  affinity_changed=affinity_changed, affinity_missing=affinity_missing,
-                 load=load if isinstance(load, Mapping) else None, unpacked=unpacked)
+                 load=load if isinstance(load, Mapping) else None, unpacked=unpacked,
+                 lookback=lookback)
     verdict = next((v for v in (check(case) for check in _CHECKS) if v is not None),
                    Verdict("unknown", None, case.expected))
     return replace(verdict, reported_read_tokens=usage.cache_read_tokens if usage else None,
@@ -374,14 +383,15 @@ def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: 
 
 def predict_hit_ratio(prev: Entry | None, cur_fp: Fingerprint, *, min_tokens: int,
                       automatic: bool, shape: str | None = None,
-                      unpacked: tuple[Blocks | None, Blocks | None] = (None, None)) -> float | None:
+                      unpacked: tuple[Blocks | None, Blocks | None] = (None, None),
+                      lookback: int | str | None = BY_SHAPE) -> float | None:
     """The hit ratio this request should get from a warm cache (for dry runs).
 
     Counts the tokens the previous request made cacheable that this one shares, when this one
     has a breakpoint to read them with; None when the prompt is empty.
     """
     case = _case(prev, cur_fp, None, 0.0, shape=shape or "", automatic=automatic,
-                 min_tokens=min_tokens, ttl_seconds=0.0, unpacked=unpacked)
+                 min_tokens=min_tokens, ttl_seconds=0.0, unpacked=unpacked, lookback=lookback)
     total = sum(b.tokens for b in case.cur_blocks)
     if total <= 0:
         return None

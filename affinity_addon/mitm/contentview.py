@@ -53,6 +53,9 @@ def _summary(meta: dict[str, Any]) -> list[str]:
         lines.append(f"+ field    {path} = {json.dumps(value)}")
     for m in added.get("markers", []):
         lines.append(f"+ marker   {m['path']} (ttl {m['ttl']})")
+    for r in added.get("removed", []):
+        fate = f", its cache_control {r['cache_control']}" if r.get("cache_control") else ""
+        lines.append(f"- block    {r['path']} ({r['block']}, ~{r['tokens']} tokens{fate})")
     for k in meta.get("kept", []):
         lines.append(f"= kept     {k} (client's value)")
     if meta.get("usage"):

@@ -1,6 +1,6 @@
 """Prometheus metrics and health checks as an addon: `--set affinity_metrics=127.0.0.1:9464`.
 
-Serves `/metrics` (requests, records, tokens by kind, errors, latency), `/healthz` (the process
+Serves `/metrics` (requests, records, tokens and dollars by kind, errors, latency), `/healthz` (the process
 answers) and `/readyz` (rules loaded, log writable) from a small HTTP server on its own thread,
 so a scrape never runs on the proxy's event loop. The hooks only bump counters (microseconds).
 
@@ -17,6 +17,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
+from affinity_addon.catalog.prices import KINDS as COST_KINDS
 from affinity_addon.mitm.options import parse_address
 from affinity_addon.mitm.state import State
 from affinity_addon.models import model_family
@@ -62,6 +63,13 @@ class PromMetrics:
                                registry=r)
         self.tokens = Counter("affinity_tokens", "Tokens by kind (input counts every prompt token)",
                               ["provider", "model_family", "rule", "kind"], registry=r)
+        # Dollars by kind of token (the record's `cost_usd`): input, cache_write_5m,
+        # cache_write_1h, cache_read, output; responses nobody prices count in `unpriced`.
+        self.cost = Counter("affinity_cost_usd", "Dollars of priced responses by kind of token",
+                            ["provider", "model_family", "rule", "kind"], registry=r)
+        self.unpriced = Counter("affinity_unpriced_records",
+                                "Responses with usage whose model nobody prices",
+                                ["provider", "model_family"], registry=r)
         self.errors = Counter("affinity_errors", "Failed LLM responses by kind",
                               ["provider", "kind"], registry=r)
         self.first_byte = Histogram(
@@ -240,3 +248,11 @@ class Metrics:
         for kind, n in kinds.items():
             if n:
                 prom.tokens.labels(provider, family, rule, kind).inc(n)
+        cost = record.cost_usd
+        if cost is None:
+            prom.unpriced.labels(provider, family).inc()
+            return
+        for kind in COST_KINDS:
+            usd = cost.get(kind)
+            if usd:
+                prom.cost.labels(provider, family, rule, kind).inc(usd)

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,7 +48,7 @@ def provider_name(host: str) -> str:
     return host
 
 
-def traces_endpoint(env: dict[str, str] | os._Environ[str] = os.environ) -> str:
+def traces_endpoint(env: Mapping[str, str] = os.environ) -> str:
     """The URL the OTLP/HTTP exporter will post to, checked: ValueError says what is wrong."""
     name = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     given = url = env.get(name, "").strip()

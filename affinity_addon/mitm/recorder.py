@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from mitmproxy import ctx, hooks, http
 
+from affinity_addon.catalog import prices
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.decoding import DecodeLimit, decode_body
 from affinity_addon.mitm.exchange import Exchange
@@ -35,6 +36,9 @@ class Recorder:
 
     def __init__(self, state: State) -> None:
         self.state = state
+
+    def running(self) -> None:
+        prices.warm_up()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ex = self.state.exchanges.get(flow.id)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from affinity_addon.catalog.prices import record_cost
 from affinity_addon.record.schema import Record, RequestFacts, Usage
 from affinity_addon.tokens import format_tokens
 
@@ -56,6 +57,7 @@ def build(
     now = time.time() if now is None else now
     extras = extras or {}
     judged = verdict or {}
+    model = request.model or extras.get("model")
     return Record(
         ts=iso(now),
         flow_id=flow_id,
@@ -65,7 +67,7 @@ def build(
         host=request.host,
         path=request.path,
         method=request.method,
-        model=request.model or extras.get("model"),
+        model=model,
         affinity_id=request.affinity_id,
         affinity_source=request.affinity_source,
         key=dict(request.key) if request.key else None,
@@ -78,6 +80,7 @@ def build(
         usage=usage,
         usage_raw=usage_raw,
         hit_ratio=round(usage.hit_ratio, 4) if usage and usage.hit_ratio is not None else None,
+        cost_usd=record_cost(request.host, request.shape, model, usage, now),
         response_cache=response_cache,
         added=request.to_json()["added"],
         dry_run=request.dry_run,
@@ -109,8 +112,11 @@ def comment(record: Record) -> str:
         parts.append(f"aff {record.affinity_id[:8]}…")
     added = record.added
     n_added = len(added.get("headers", {})) + len(added.get("fields", {}))
-    if n_added or added.get("markers"):
-        what = f"+{n_added} ids" + (f" +{len(added['markers'])} bp" if added.get("markers") else "")
+    if n_added or added.get("markers") or added.get("removed"):
+        what = " ".join(filter(None, (
+            f"+{n_added} ids" if n_added else "",
+            f"+{len(added['markers'])} bp" if added.get("markers") else "",
+            f"-{len(added['removed'])} block" if added.get("removed") else "")))
         parts.append(("dry " if record.dry_run else "") + what)
     reason = record.miss_reason
     if reason and reason != "hit":

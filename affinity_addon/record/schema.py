@@ -75,7 +75,9 @@ class RequestFacts:
     affinity_id: str | None
     affinity_source: str | None
     dry_run: bool
-    added: dict[str, Any]  # {"headers": {...}, "fields": {...}, "markers": [{path, ttl}]}
+    # {"headers": {...}, "fields": {...}, "markers": [{path, ttl}]}, and "removed": [{path,
+    # block, tokens}] when a rule took a block out of the prompt
+    added: dict[str, Any]
     kept: tuple[str, ...]  # the client's own values a rule left alone ("header:x", "field:y")
     body_write: str  # none | splice | reserialize
     warning: str | None
@@ -85,13 +87,16 @@ class RequestFacts:
     key: dict[str, Any] | None  # how {family_key} chose the cache key: strategy, bucket(s)
 
     def to_json(self) -> dict[str, Any]:
+        added = {"headers": dict(self.added.get("headers", {})),
+                 "fields": dict(self.added.get("fields", {})),
+                 "markers": list(self.added.get("markers", []))}
+        if self.added.get("removed"):
+            added["removed"] = [dict(r) for r in self.added["removed"]]
         return {
             "rule": self.rule, "rules": list(self.rules), "shape": self.shape,
             "model": self.model, "affinity_id": self.affinity_id,
             "affinity_source": self.affinity_source, "dry_run": self.dry_run,
-            "added": {"headers": dict(self.added.get("headers", {})),
-                      "fields": dict(self.added.get("fields", {})),
-                      "markers": list(self.added.get("markers", []))},
+            "added": added,
             "kept": list(self.kept), "body_write": self.body_write, "warning": self.warning,
             "host": self.host, "path": self.path, "method": self.method,
             "key": dict(self.key) if self.key else None,
@@ -130,6 +135,8 @@ class Record:
     usage: Usage | None
     usage_raw: dict[str, Any] | None
     hit_ratio: float | None
+    # Dollars by kind of token (catalog/prices.py), or None when nobody prices the model.
+    cost_usd: dict[str, Any] | None
     response_cache: bool
     added: dict[str, Any]
     dry_run: bool

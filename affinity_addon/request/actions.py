@@ -1,6 +1,9 @@
 """What a rule sets: a header or body field (`SetAction`) to a template's value, and what to do
-when the client set it already (`on_conflict`)."""
+when the client set it already (`on_conflict`); and what a rule takes out of the prompt
+(`RemoveBlock`: a block the catalog names)."""
 
+import fnmatch
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,3 +66,24 @@ class SetAction:
     def needs_affinity(self) -> bool:
         return not self.template.fields.isdisjoint({"affinity_id", "affinity_source",
                                                     "family_key"})
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveBlock:
+    """`remove_blocks`: take the system-prompt text blocks that the catalog's named pattern
+    (catalog/volatile.yaml) matches out of the request, whole; never on the hosts that read the
+    block (`kept_on`, the pattern's `stripped_by`)."""
+
+    name: str
+    pattern: re.Pattern[str]
+    kept_on: tuple[str, ...] = ()  # lower-case host globs
+
+    def kept_at(self, host: str) -> bool:
+        host = host.lower()
+        return any(fnmatch.fnmatchcase(host, g) for g in self.kept_on)
+
+
+def sample_hosts(globs: tuple[str, ...]) -> tuple[str, ...]:
+    """A host name each glob matches (`*` as a region-like label: `*-aiplatform.googleapis.com`
+    -> `us-east5-aiplatform.googleapis.com`), to test a rule's host glob against at load."""
+    return tuple(g.replace("*", "us-east5").replace("?", "x") for g in globs)

@@ -14,6 +14,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from affinity_addon.catalog.profiles import IGNORED, profile_for
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.jsonpath import get_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
@@ -31,8 +32,10 @@ from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor, markers_fo
 from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
 from affinity_addon.request.header_map import HeaderMap, header_map
 from affinity_addon.request.prompt import HEAD_FIELDS, MESSAGES_KEY, root_segments
+from affinity_addon.request.removal import HEAD, remove_blocks
 from affinity_addon.request.retention import retention_action
 from affinity_addon.request.rules import Rule, RuleSet, shape_for
+from affinity_addon.shapes import ANTHROPIC
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class Outcome:
     fields: dict[str, Any] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     markers: list[dict[str, Any]] = field(default_factory=list)
+    removed: list[dict[str, Any]] = field(default_factory=list)  # `remove_blocks`: path, name, size
     body_write: str = "none"  # none | splice | reserialize
     problems: list[str] = field(default_factory=list)  # logged as one warning per request
     signal: str | None = None  # the routing value the provider will see (None: none at all)
@@ -63,15 +67,16 @@ class Outcome:
 
     def facts(self, *, host: str, path: str, method: str) -> RequestFacts:
         """What the rules did, as the record will say it."""
+        added: dict[str, Any] = {"headers": dict(self.headers), "fields": dict(self.fields),
+                                 "markers": list(self.markers)}
+        if self.removed:  # only then: records of other routes keep their shape
+            added["removed"] = list(self.removed)
         return RequestFacts(
             rule=self.rules[0], rules=tuple(self.rules), shape=self.shape,
             # Client-chosen: the log and the stats keep at most a real model name's length.
             model=self.model[:MAX_MODEL_CHARS] if self.model else self.model,
             affinity_id=self.affinity_id, affinity_source=self.affinity_source,
-            dry_run=self.dry_run,
-            added={"headers": dict(self.headers), "fields": dict(self.fields),
-                   "markers": list(self.markers)},
-            kept=tuple(self.kept), body_write=self.body_write,
+            dry_run=self.dry_run, added=added, kept=tuple(self.kept), body_write=self.body_write,
             warning="; ".join(self.problems) or None, host=host, path=path, method=method,
             key=dict(self.key) if self.key else None)
 
@@ -97,6 +102,27 @@ class _Roots:
 
 # Top-level fields a root can come from (system prompts, the conversation).
 _ROOT_FIELDS = frozenset({*HEAD_FIELDS, *MESSAGES_KEY.values()})
+
+
+def _texts(system: Any) -> list[str]:
+    """The texts of a system prompt's blocks (a string is one)."""
+    if isinstance(system, str):
+        return [system]
+    if not isinstance(system, list):
+        return []
+    return [t for b in system if isinstance(b, dict) and isinstance(t := b.get("text"), str)]
+
+
+_told: set[tuple[str, str]] = set()
+
+
+def _ignored_once(rule: str, host: str) -> None:
+    """A rule asks for markers on a route whose cache profile says they are ignored: say so once
+    per rule and host, not on every request."""
+    if (rule, host) not in _told and len(_told) < 256:
+        _told.add((rule, host))
+        logger.info("affinity: rule %r asks for cache markers on %s, whose API ignores them "
+                    "(catalog/cache_profiles.yaml); none added there", rule, host)
 
 
 def _top_key(path: str) -> str:
@@ -258,6 +284,24 @@ class _Rewrite:
             self.body = obj
         return obj
 
+    def remove(self, matched: list[Rule]) -> None:
+        """`remove_blocks` of every matched rule, before any rule sets a field or places a
+        marker: the planner and the fingerprint see the prompt the provider will see."""
+        specs = tuple({s.name: s for r in matched for s in r.remove_blocks}.values())
+        if not specs or self.body is None or self.out.shape != ANTHROPIC:
+            return
+        system = self.body.get("system")
+        if not system or not any(s.pattern.search(t, 0, HEAD) for s in specs
+                                 for t in _texts(system)):
+            return  # the common case: nothing to remove, and the body stays as it was
+        body = self._exact()  # a removal means a re-encode
+        removed, problems = remove_blocks(body, specs, self.facts["host"])
+        self.out.problems.extend(problems)
+        if removed:
+            self.out.removed.extend(removed)
+            self.root.clear()  # the system prompt changed under the root's segments
+            self.body_changed = self.must_reserialize = True
+
     def breakpoints(self, rule: Rule, hint_for: HintFor | None) -> None:
         from affinity_addon.request import breakpoints
 
@@ -267,6 +311,9 @@ class _Rewrite:
         host, path = self.facts["host"], self.facts["path"]
         if PROVIDER_FACTS.rejects_cache_directives(host, path):
             return  # the Codex backend answers 400 to any cache directive, whatever a rule says
+        if profile_for(host, out.shape, out.model).markers == IGNORED:
+            _ignored_once(rule.name, host)
+            return
         markers = markers_for(host, out.model)
         if markers is None:
             return  # a host with breakpoints of its own that this model does not take
@@ -297,6 +344,7 @@ class _Rewrite:
                                 "lone surrogates); body not rewritten")
             out.fields.clear()
             out.markers.clear()
+            out.removed.clear()
             return None
         if self.must_reserialize:
             out.body_write = "reserialize"
@@ -353,7 +401,9 @@ def apply_rules(
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
              "path": path, "method": method, "rule": matched[0].name}
     rw = _Rewrite(request, headers, parsed, out, facts, secret, rates, root)
-    for rule in matched:  # 3. headers, fields, retention and breakpoints, rule by rule
+    if body is not None:  # 3. blocks the rules take out, then rule by rule: headers, fields,
+        rw.remove(matched)  # retention and breakpoints
+    for rule in matched:
         facts["rule"] = rule.name
         rw.headers(rule)
         if body is not None:

@@ -19,17 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from affinity_addon.catalog.volatile import default_volatile
 from affinity_addon.catalog.yamlsource import line_of, load_yaml
 from affinity_addon.request import affinity_id
 from affinity_addon.request.actions import (
     CONFLICT_POLICIES,
     KEEP,
+    RemoveBlock,
     SetAction,
     parse_template,
+    sample_hosts,
 )
 from affinity_addon.request.breakpoint_spec import CacheControlSpec, parse_cache_control
 from affinity_addon.request.retention import RetentionSpec, parse_retention
-from affinity_addon.shapes import SHAPES
+from affinity_addon.shapes import ANTHROPIC, SHAPES
 
 
 def default_rules_file() -> Path:
@@ -53,7 +56,7 @@ SHAPE_BY_PATH: tuple[tuple[str, str], ...] = (
 
 _RULE_KEYS = frozenset(
     {"name", "match", "set_headers", "set_fields", "on_conflict", "cache_control",
-     "cache_retention", "affinity", "stop", "enabled", "description"}
+     "cache_retention", "remove_blocks", "affinity", "stop", "enabled", "description"}
 )
 _MATCH_KEYS = frozenset({"host", "path", "model", "method", "api"})
 _TOP_KEYS = frozenset({"version", "affinity", "rules"})
@@ -103,6 +106,7 @@ class Rule:
     set_fields: tuple[SetAction, ...] = ()
     cache_control: CacheControlSpec | None = None
     cache_retention: RetentionSpec | None = None
+    remove_blocks: tuple[RemoveBlock, ...] = ()
     affinity: affinity_id.AffinityConfig | None = None
     stop: bool = False
 
@@ -119,7 +123,7 @@ class Rule:
     @property
     def needs_body(self) -> bool:
         return bool(self.model or self.set_fields or self.cache_control is not None
-                    or self.cache_retention is not None)
+                    or self.cache_retention is not None or self.remove_blocks)
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,42 @@ def _parse_actions(where: _Where, rule: Mapping, key: str, name: str, default_po
     return tuple(actions)
 
 
+def _parse_removals(where: _Where, raw: Mapping, name: str, host: Glob,
+                    api: str | None) -> tuple[RemoveBlock, ...]:
+    """`remove_blocks: [name, ...]`: catalog patterns (catalog/volatile.yaml) whose system-prompt
+    blocks the rule takes out. Refused where the host glob reaches a host that reads the block
+    (its `stripped_by`): Anthropic's API and Vertex use Claude Code's billing block."""
+    spec = raw.get("remove_blocks")
+    if spec is None:
+        return ()
+    names = [spec] if isinstance(spec, str) else spec
+    if not isinstance(names, list) or not names or not all(
+            isinstance(n, str) and n for n in names):
+        raise where.error(raw, "remove_blocks", "remove_blocks must be a list of block names "
+                          "from affinity_addon/catalog/volatile.yaml", name)
+    if api is not None and api != ANTHROPIC:
+        raise where.error(raw, "remove_blocks", "remove_blocks takes blocks out of an Anthropic "
+                          f"Messages system prompt; match.api is {api!r}", name)
+    table = default_volatile()
+    out = []
+    for block_name in dict.fromkeys(names):
+        try:
+            block = table.named_block(block_name)
+        except KeyError:
+            known = ", ".join(b.name for b in table.named)
+            raise where.error(raw, "remove_blocks", f"remove_blocks: no block named "
+                              f"{block_name!r} in the catalog (known: {known})", name) from None
+        for sample in sample_hosts(block.stripped_by):
+            if host.matches(sample):
+                raise where.error(
+                    raw, "remove_blocks",
+                    f"remove_blocks: {block_name!r} must stay on {sample}, whose API reads it "
+                    f"(and takes it out before caching); match.host {list(host.patterns)} "
+                    "reaches it: name the hosts to remove it on", name)
+        out.append(RemoveBlock(block.name, block.pattern, block.stripped_by))
+    return tuple(out)
+
+
 def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | None:
     if not isinstance(raw, Mapping):
         raise where.error(rules_list, index, f"rules[{index}] must be a mapping")
@@ -270,6 +310,9 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             retention = parse_retention(raw["cache_retention"], policy)
         except ValueError as e:
             raise where.error(raw, "cache_retention", f"cache_retention: {e}", name) from None
+    host = globs["host"]
+    assert host is not None  # `match.host` is required; checked above
+    removals = _parse_removals(where, raw, name, host, api)
     aff = None
     if "affinity" in raw:
         try:
@@ -278,13 +321,11 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             raise where.error(raw, "affinity", f"affinity: {e}", name) from None
     if not enabled:
         return None
-    host = globs["host"]
-    assert host is not None  # `match.host` is required; checked above
     return Rule(
         name=name, line=line_of(raw), host=host, path=globs.get("path"),
         model=globs.get("model"), methods=methods, api=api, set_headers=set_headers,
         set_fields=set_fields, cache_control=cache_control, cache_retention=retention,
-        affinity=aff, stop=stop,
+        remove_blocks=removals, affinity=aff, stop=stop,
     )
 
 

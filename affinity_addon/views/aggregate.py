@@ -53,9 +53,16 @@ class Bucket:
     output_tokens: int = 0
     provider_cost: float = 0.0
     eq_with: float = 0.0
-    usd_with: float = 0.0
+    # Dollars of the priced requests, by kind (catalog/prices.py KINDS), and without the cache.
+    usd_input: float = 0.0
+    usd_write_5m: float = 0.0
+    usd_write_1h: float = 0.0
+    usd_read: float = 0.0
+    usd_output: float = 0.0
     usd_without: float = 0.0
-    usd_requests: int = 0  # counted requests whose model has a known base price
+    usd_requests: int = 0  # counted requests whose model someone prices
+    unpriced_requests: int = 0  # ... and those nobody prices, by model:
+    unpriced_models: Counter[str] = field(default_factory=Counter)
     miss_reasons: Counter[str] = field(default_factory=Counter)
     tokens_lost: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[Example]] = field(default_factory=dict)
@@ -100,10 +107,18 @@ class Bucket:
         self.output_tokens += obs.output_tokens
         self.provider_cost += obs.provider_cost
         self.eq_with += obs.eq_with
-        if obs.usd_scale is not None:
+        usd = obs.usd
+        if usd is not None:
             self.usd_requests += 1
-            self.usd_with += obs.eq_with * obs.usd_scale
-            self.usd_without += total * obs.usd_scale
+            self.usd_input += usd.input
+            self.usd_write_5m += usd.cache_write_5m
+            self.usd_write_1h += usd.cache_write_1h
+            self.usd_read += usd.cache_read
+            self.usd_output += usd.output
+            self.usd_without += usd.without_cache
+        else:
+            self.unpriced_requests += 1
+            self.unpriced_models[obs.model or NONE_KEY] += 1
         if obs.verdict not in NOT_MISSED:
             self.miss_reasons[obs.verdict] += 1
             self.tokens_lost[obs.verdict] += obs.tokens_lost
@@ -133,9 +148,15 @@ class Bucket:
         self.output_tokens += other.output_tokens
         self.provider_cost += other.provider_cost
         self.eq_with += other.eq_with
-        self.usd_with += other.usd_with
+        self.usd_input += other.usd_input
+        self.usd_write_5m += other.usd_write_5m
+        self.usd_write_1h += other.usd_write_1h
+        self.usd_read += other.usd_read
+        self.usd_output += other.usd_output
         self.usd_without += other.usd_without
         self.usd_requests += other.usd_requests
+        self.unpriced_requests += other.unpriced_requests
+        self.unpriced_models.update(other.unpriced_models)
         for reason, n in other.miss_reasons.items():
             self.miss_reasons[reason] += n
         for reason, n in other.tokens_lost.items():
@@ -175,11 +196,29 @@ class Bucket:
     def missed_requests(self) -> int:
         return self.miss_reasons.total()
 
+    @property
+    def usd_with(self) -> float:
+        """Dollars of the priced requests as billed: prompt by kind, plus output."""
+        return (self.usd_input + self.usd_write_5m + self.usd_write_1h + self.usd_read
+                + self.usd_output)
+
     def cost(self) -> CostEstimate:
-        """In USD when every counted request has a known base price, else token equivalents."""
-        if self.counted and self.usd_requests == self.counted:
+        """In USD over the priced requests when any is priced (the rest are `unpriced`, never
+        guessed), else the prompt in input-token equivalents."""
+        if self.usd_requests:
             return CostEstimate.of(self.usd_with, self.usd_without, USD)
         return CostEstimate.of(self.eq_with, float(self.input_tokens), TOKEN_EQUIVALENTS)
+
+    def cost_usd(self) -> dict[str, Any]:
+        """The report's `cost_usd` object: dollars by kind over the priced requests, and which
+        models nobody prices."""
+        return {"requests": self.usd_requests,
+                "input": self.usd_input, "cache_write_5m": self.usd_write_5m,
+                "cache_write_1h": self.usd_write_1h, "cache_read": self.usd_read,
+                "output": self.usd_output, "with_cache": self.usd_with,
+                "without_cache": self.usd_without, "saved": self.usd_without - self.usd_with,
+                "unpriced_requests": self.unpriced_requests,
+                "unpriced": sorted(self.unpriced_models)}
 
     def dry_predicted_ratio(self) -> float | None:
         return self.dry_predicted_read / self.dry_input_tokens if self.dry_input_tokens else None
@@ -216,9 +255,7 @@ class Bucket:
             "cost_token_equivalents": {"with_cache": self.eq_with,
                                        "without_cache": self.input_tokens,
                                        "saved": self.input_tokens - self.eq_with},
-            "cost_usd_priced": {"requests": self.usd_requests, "with_cache": self.usd_with,
-                                "without_cache": self.usd_without,
-                                "saved": self.usd_without - self.usd_with},
+            "cost_usd": self.cost_usd(),
             "provider_cost": self.provider_cost,
             "missed_requests": self.missed_requests,
             "miss_reasons": [
@@ -258,12 +295,12 @@ OLDER_KEY = "(older conversations)"
 
 
 class Aggregator:
-    """Adds records into a total and per-model/rule/conversation/verdict buckets.
+    """Adds records into a total and per-model/rule/host/conversation/verdict buckets.
 
-    Each record is added twice: to its (model, rule, conversation) cell and to its verdict's
-    bucket; the per-model, per-rule, per-conversation and total views are merged from those on
-    first access after an add. That halves the work per line of a big log. Miss examples are
-    kept for the total and per verdict only.
+    Each record is added twice: to its (model, rule, host, conversation) cell and to its
+    verdict's bucket; the per-model, per-rule, per-host, per-conversation and total views are
+    merged from those on first access after an add. That halves the work per line of a big
+    log. Miss examples are kept for the total and per verdict only.
 
     `series` keeps (ts, hit ratio, input tokens) per conversation for the hit-ratio-over-time
     chart; turn it off in a long-running proxy, where it would only grow.
@@ -281,21 +318,23 @@ class Aggregator:
         self.by_reason: dict[str, Bucket] = {}
         self.series: dict[str, list[tuple[str, float, int]]] = {}
         self.conversation_model: dict[str, str] = {}  # last model seen, to label conversations
-        self._cells: dict[tuple[str, str, str], Bucket] = {}
+        self._cells: dict[tuple[str, str, str, str], Bucket] = {}
         self._models: set[str] = set()
         self._rules: set[str] = set()
-        self._views: tuple[Bucket, dict[str, Bucket], dict[str, Bucket],
+        self._hosts: set[str] = set()
+        self._views: tuple[Bucket, dict[str, Bucket], dict[str, Bucket], dict[str, Bucket],
                            dict[str, Bucket]] | None = None
 
     def add(self, record: Mapping[str, Any]) -> None:
         if not isinstance(record, Mapping):
             return
-        obs = observe(record, self._price_of)
+        obs = observe(record, self._price_of, self.prices.priced)
         get = record.get
         # Every string is cut and made printable, and past MAX_KEYS distinct models or rules the
         # rest count as "(other)": the stats grow with the number of requests, not their size.
-        model = self._bounded(self._models, label(get("model")))
+        model = obs.model = self._bounded(self._models, label(get("model")))
         rule = self._bounded(self._rules, label(get("rule")))
+        host = self._bounded(self._hosts, label(get("host"), 253))
         conv = label(get("affinity_id"), 80)
         if obs.verdict not in self.by_reason and len(self.by_reason) >= MAX_KEYS:
             obs.verdict = OTHER_KEY
@@ -305,7 +344,7 @@ class Aggregator:
             example = Example(obs.tokens_lost, obs.ts, conv, model, rule,
                               label(get("flow_id"), 64), label(get("miss_detail"), 400))
         conv = conv or NONE_KEY
-        key = (model or NONE_KEY, rule or NONE_KEY, conv)
+        key = (model or NONE_KEY, rule or NONE_KEY, host or NONE_KEY, conv)
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = Bucket(conv)
@@ -334,14 +373,14 @@ class Aggregator:
 
     def _fold_oldest(self) -> None:
         for key in self._cells:
-            if key[2] != OLDER_KEY:
+            if key[3] != OLDER_KEY:
                 break
         else:
             return
         old = self._cells.pop(key)
-        self.conversation_model.pop(key[2], None)
-        self.series.pop(key[2], None)
-        into_key = (key[0], key[1], OLDER_KEY)
+        self.conversation_model.pop(key[3], None)
+        self.series.pop(key[3], None)
+        into_key = (key[0], key[1], key[2], OLDER_KEY)
         into = self._cells.get(into_key)
         if into is None:
             into = self._cells[into_key] = Bucket(OLDER_KEY)
@@ -361,20 +400,21 @@ class Aggregator:
         for record in records:
             self.add(record)
 
-    def _merged(self) -> tuple[Bucket, dict[str, Bucket], dict[str, Bucket], dict[str, Bucket]]:
+    def _merged(self) -> tuple[Bucket, dict[str, Bucket], dict[str, Bucket], dict[str, Bucket],
+                               dict[str, Bucket]]:
         if self._views is None:
             n = self.max_examples
             total = Bucket("total")
             for bucket in self.by_reason.values():
                 total.merge(bucket, n)
-            views: list[dict[str, Bucket]] = [{}, {}, {}]
+            views: list[dict[str, Bucket]] = [{}, {}, {}, {}]
             for cell_key, cell in self._cells.items():
                 for view, key in zip(views, cell_key, strict=True):
                     found = view.get(key)
                     if found is None:
                         found = view[key] = Bucket(key)
                     found.merge(cell, n)
-            self._views = (total, views[0], views[1], views[2])
+            self._views = (total, views[0], views[1], views[2], views[3])
         return self._views
 
     @property
@@ -390,5 +430,11 @@ class Aggregator:
         return self._merged()[2]
 
     @property
-    def by_conversation(self) -> dict[str, Bucket]:
+    def by_host(self) -> dict[str, Bucket]:
+        """Per request host as the client sent it: each provider (and each Anthropic-compatible
+        endpoint) caches on its own terms."""
         return self._merged()[3]
+
+    @property
+    def by_conversation(self) -> dict[str, Bucket]:
+        return self._merged()[4]

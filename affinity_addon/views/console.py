@@ -110,16 +110,33 @@ def totals_line(b: Bucket) -> str:
         f"[bold]{fmt_ratio(b.request_hit_ratio)}[/] of requests",
         f"read {fmt_tokens(b.read_tokens)} / write {fmt_tokens(b.write_tokens)} / "
         f"uncached {fmt_tokens(b.uncached_tokens)}",
-        f"saved [green]{fmt_cost(cost.saved, cost.unit)}[/]",
     ]
-    if b.usd_requests and cost.unit != USD:
-        parts.append(f"[green]${b.usd_without - b.usd_with:,.2f}[/] on {b.usd_requests} "
-                     "priced requests")
+    if cost.unit == USD:
+        parts.append(f"cost [bold]{fmt_cost(cost.with_cache, USD)}[/] (no cache "
+                     f"{fmt_cost(cost.without_cache, USD)}, saved "
+                     f"[green]{fmt_cost(cost.saved, USD)}[/])")
+    else:
+        parts.append(f"saved [green]{fmt_cost(cost.saved, cost.unit)}[/]")
+    unpriced = unpriced_note(b)
+    if unpriced:
+        parts.append(f"[yellow]{escape(unpriced)}[/]")
     if b.response_cache:
         parts.append(f"{b.response_cache} response-cache hits")
     if b.no_usage:
         parts.append(f"{b.no_usage} without usage")
     return " · ".join(parts)
+
+
+def unpriced_note(b: Bucket, n: int = 5) -> str | None:
+    """`unpriced: 3 requests of my-finetune, kimi-for-coding` when some model has no price
+    (plain text: the caller escapes it for rich)."""
+    if not b.unpriced_requests:
+        return None
+    names = [m for m, _ in b.unpriced_models.most_common(n)]
+    more = len(b.unpriced_models) - len(names)
+    n = b.unpriced_requests
+    return (f"unpriced: {n} request{'s' if n != 1 else ''} of {', '.join(names)}"
+            + (f" and {more} more" if more > 0 else ""))
 
 
 # Width for output that is not a terminal (a file, a pipe, a CI log): wide enough that no table

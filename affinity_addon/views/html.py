@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from affinity_addon.views.aggregate import NONE_KEY, Bucket
+from affinity_addon.views.console import unpriced_note
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
+from affinity_addon.views.pricing import USD
 from affinity_addon.views.report import Report, dry_run_rows
 from affinity_addon.views.ttl import summary_line
 
@@ -148,7 +150,7 @@ def bucket_rows_html(buckets: list[Bucket], label: str, *, id_like: bool = False
         for n in (b.read_tokens, b.write_tokens, b.uncached_tokens, b.output_tokens):
             out.append(_cell(fmt_tokens(n), n, "num"))
         out.append(f'<td class="num" data-v="{cost.with_cache}">'
-                   f"{_e(fmt_cost(cost.with_cache, cost.unit))}<div class='sub'>uncached "
+                   f"{_e(fmt_cost(cost.with_cache, cost.unit))}<div class='sub'>no cache "
                    f"{_e(fmt_cost(cost.without_cache, cost.unit))}</div></td>")
         out.append(_cell(fmt_cost(cost.saved, cost.unit), cost.saved, "num good"))
         if top:
@@ -202,15 +204,23 @@ def _kpis(report: Report) -> str:
     t = report.agg.total
     cost = t.cost()
     saved = fmt_cost(cost.saved, cost.unit)
-    saved_sub = "prompt cost avoided"
-    if t.usd_requests and cost.unit != "usd":
-        saved_sub = f"${t.usd_without - t.usd_with:,.2f} on {t.usd_requests} priced requests"
+    saved_sub = "avoided by the cache" if cost.unit == USD else "prompt cost avoided"
+    prices = report.agg.prices.version
+    unpriced = unpriced_note(t)
+    if cost.unit == USD:
+        spent = ("Cost", fmt_cost(cost.with_cache, USD),
+                 f"{fmt_cost(cost.without_cache, USD)} without the cache · "
+                 f"{t.usd_requests:,} priced requests · {prices}"
+                 + (f" · {unpriced}" if unpriced else ""), "")
+    else:
+        spent = ("Cost", "unpriced", unpriced or "no model with a price", "warn")
     top = t.top_reasons(1)
     cards = [
         ("Token hit ratio", fmt_ratio(t.hit_ratio), f"{fmt_tokens(t.read_tokens)} of "
          f"{fmt_tokens(t.input_tokens)} prompt tokens read from cache", "accent"),
         ("Request hit ratio", fmt_ratio(t.request_hit_ratio),
          f"{t.hit_requests} of {t.prompt_requests} requests read from cache", ""),
+        spent,
         ("Saved", saved, saved_sub, "good"),
         ("Requests", f"{t.requests:,}", f"{t.response_cache} response-cache · "
          f"{t.no_usage} without usage · {len(report.agg.by_conversation)} conversations", ""),
@@ -247,6 +257,7 @@ def render_html(report: Report, *, top: int = 10) -> str:
     sections = [
         ("Per model", bucket_rows_html(top_buckets(agg.by_model), "model")),
         ("Per rule", bucket_rows_html(top_buckets(agg.by_rule), "rule")),
+        ("Per host", bucket_rows_html(top_buckets(agg.by_host), "host")),
         (f"Top {len(convs)} of {n_conv} conversations by prompt tokens",
          bucket_rows_html(convs, "conversation", id_like=True, models=agg.conversation_model)),
     ]

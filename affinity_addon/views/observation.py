@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from affinity_addon.catalog.prices import Cost, Priced
 from affinity_addon.views.pricing import (
     Price,
     prompt_counts,
@@ -68,15 +69,26 @@ class Observation:
     output_tokens: int = 0
     provider_cost: float = 0.0
     eq_with: float = 0.0  # prompt cost in input-token equivalents
-    usd_scale: float | None = None  # USD per token equivalent, when the base price is known
+    usd: Cost | None = None  # dollars by kind, when someone prices the model
+    usd_scale: float | None = None  # USD per token equivalent (the input price), when priced
+    model: str | None = None  # the aggregator's label for the model (to name unpriced ones)
     tokens_lost: int = 0  # missed requests: uncached + written tokens
     predicted_read: float | None = None  # dry run: read tokens the rules would have given
     dry_saved_eq: float = 0.0
 
 
-def observe(record: Mapping[str, Any], price_of: Callable[[str | None, str | None, str | None],
-                                                          Price]) -> Observation:
-    """One record's contribution; `price_of(model, provider, host)` picks the multipliers."""
+PriceOf = Callable[[str | None, str | None, str | None], Price]
+UsdOf = Callable[[str | None, str | None, str | None, str | None], Priced | None]
+
+
+def observe(record: Mapping[str, Any], price_of: PriceOf,
+            usd_of: UsdOf | None = None) -> Observation:
+    """One record's contribution; `price_of(model, provider, host)` picks the multipliers,
+    `usd_of(model, provider, host, ts)` the dollar prices (None: nobody prices the model).
+
+    Dollars are computed from the usage here, not read from the record's `cost_usd`: logs
+    written before that field existed are priced the same way, and by the table the report
+    names."""
     get = record.get
     obs = Observation(NO_USAGE, label(get("ts"), 64), get("complete") is False,
                       get("dry_run") is True)
@@ -108,10 +120,13 @@ def observe(record: Mapping[str, Any], price_of: Callable[[str | None, str | Non
         if obs.verdict == "partial" and type(expected) is int and expected >= 0:
             obs.tokens_lost = min(max(expected - read, 0), total)  # only what was cached before
 
-    price = price_of(label(get("model")), label(get("provider")), label(get("host")))
+    model, provider, host = label(get("model")), label(get("provider")), label(get("host"))
+    price = price_of(model, provider, host)
     obs.eq_with = weighted_prompt(total, read, write, write_1h, price)
-    if price.input_usd_per_mtok is not None:
-        obs.usd_scale = price.input_usd_per_mtok / 1_000_000
+    priced = usd_of(model, provider, host, obs.ts) if usd_of is not None else None
+    if priced is not None:
+        obs.usd = priced.cost(total, read, write, write_1h, obs.output_tokens)
+        obs.usd_scale = priced.input_price(total)
 
     predicted = _number(get("predicted_hit_ratio")) if obs.dry_run else None
     if predicted is not None and total > 0:

@@ -1,29 +1,25 @@
-"""Prompt-cache price multipliers and the cost of one response's prompt with and without caching.
+"""What the views price with: dollars from `catalog/prices.py`, and cache multipliers.
 
-The table lives in `catalog/prices.yaml` (first match wins, by host / model / API-shape globs), so a
-new model or a price change is a data edit. Costs are in USD when the entry knows the model's base
-input price, otherwise in "input-token equivalents": tokens weighted by their multiplier, which
-still compares cached against uncached for the same model.
+Dollars (`PriceTable.priced`) come from the genai-prices table with the host map and overrides of
+`catalog/prices.yaml`. The multipliers (`Price`: a cache read or write as a multiple of the input
+price) are what the TTL advisor replays with and what token-equivalent costs weigh by: for a
+priced model they are its own prices divided by its input price; for a model nobody prices, the
+file's `token_equivalents` (e.g. an Anthropic-shaped request is cached the Anthropic way), else
+1x (no saving claimed).
 """
 
-import fnmatch
 import functools
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
-import yaml
-
-from affinity_addon.catalog import catalog_file
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_PRICES = catalog_file("prices.yaml")
+from affinity_addon.catalog.prices import MAX_MEMO, PRICES_FILE, PriceBook, Priced, default_book
 
 USD = "usd"
 TOKEN_EQUIVALENTS = "input-token-equivalents"
+DEFAULT_PRICES = PRICES_FILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,18 +38,6 @@ class Price:
 
 
 @dataclass(frozen=True, slots=True)
-class PriceRule:
-    hosts: tuple[str, ...]  # empty: any host
-    models: tuple[str, ...]
-    providers: tuple[str, ...]
-    price: Price
-
-    def matches(self, model: str, provider: str, host: str) -> bool:
-        return (_any_glob(self.hosts, host) and _any_glob(self.models, model)
-                and _any_glob(self.providers, provider))
-
-
-@dataclass(frozen=True, slots=True)
 class CostEstimate:
     with_cache: float
     without_cache: float
@@ -65,103 +49,64 @@ class CostEstimate:
         return cls(with_cache, without_cache, without_cache - with_cache, unit)
 
 
-# A price that changes nothing: what an unmatched request costs when even the table's own
-# fallback entry is missing (a user table without `default`).
+# What a model nobody prices and no `token_equivalents` entry covers is weighed with: no saving
+# is claimed for it.
 NEUTRAL = Price("neutral", read=1.0, write_5m=1.0, write_1h=1.0)
 
 
-def _any_glob(globs: tuple[str, ...], value: str) -> bool:
-    return not globs or any(fnmatch.fnmatchcase(value, g) for g in globs)
-
-
-def _globs(entry: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
-    value = entry.get(key)
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{where}: `{key}` must be a glob or a list of globs")
-    return tuple(v.lower() for v in value)
-
-
-def _rate(entry: Mapping[str, Any], key: str, where: str, default: float | None = None) -> float:
-    value = entry.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{where}: `{key}` must be a number, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{where}: `{key}` must not be negative")
-    return float(value)
-
-
-def parse_rule(entry: Any, index: int = 0) -> PriceRule:
-    """One table entry; raises ValueError naming the entry and the problem."""
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"price entry {index}: expected a mapping, got {type(entry).__name__}")
-    name = entry.get("name", f"entry-{index}")
-    where = f"price entry {index} ({name})"
-    unknown = set(entry) - {"name", "host", "model", "provider", "read", "write", "write_5m",
-                            "write_1h", "input_usd_per_mtok"}
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-    if "read" not in entry:
-        raise ValueError(f"{where}: `read` is required")
-    write = _rate(entry, "write", where, 1.0) if "write" in entry else None
-    if write is not None and ("write_5m" in entry or "write_1h" in entry):
-        raise ValueError(f"{where}: give either `write` or `write_5m`/`write_1h`, not both")
-    write_5m = write if write is not None else _rate(entry, "write_5m", where, 1.0)
-    # An unlisted 1h rate is at least the 5m one: no provider makes the longer TTL cheaper.
-    write_1h = write if write is not None else _rate(entry, "write_1h", where, write_5m)
-    base = entry.get("input_usd_per_mtok")
-    price = Price(
-        name=str(name),
-        read=_rate(entry, "read", where),
-        write_5m=write_5m,
-        write_1h=write_1h,
-        input_usd_per_mtok=None if base is None else _rate(entry, "input_usd_per_mtok", where),
-    )
-    return PriceRule(_globs(entry, "host", where), _globs(entry, "model", where),
-                     _globs(entry, "provider", where), price)
-
-
-def parse_prices(data: Any) -> tuple[PriceRule, ...]:
-    """A whole table: `{"prices": [entry, ...]}` (or the bare list)."""
-    if isinstance(data, Mapping):
-        data = data.get("prices")
-    if not isinstance(data, Sequence) or isinstance(data, str):
-        raise ValueError("price table: expected a `prices:` list")
-    return tuple(parse_rule(e, i) for i, e in enumerate(data))
+def multipliers(priced: Priced) -> Price:
+    """A priced model's cache prices as multiples of its input price (at the base tier)."""
+    i, r, w5, w1, _ = priced.at(0)
+    if i <= 0:  # a free model: nothing to save
+        return Price(priced.rates.name, 1.0, 1.0, 1.0, 0.0)
+    return Price(priced.rates.name, r / i, w5 / i, w1 / i, i * 1_000_000)
 
 
 class PriceTable:
-    """Ordered price rules with a lookup memo: a log has few distinct (model, host) pairs."""
+    """A `PriceBook` seen by the views, with a memo per raw (model, shape, host)."""
 
-    def __init__(self, rules: Sequence[PriceRule]) -> None:
-        self.rules = tuple(rules)
-        self._memo: dict[tuple[str, str, str], Price] = {}
+    def __init__(self, book: PriceBook | None = None) -> None:
+        self.book = book or default_book()
+        self._memo: dict[tuple[str | None, str | None, str | None], Price] = {}
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PRICES) -> Self:
-        with open(path, encoding="utf-8") as f:
-            return cls(parse_prices(yaml.safe_load(f)))
+        return cls(PriceBook.load(path))
+
+    @property
+    def version(self) -> str:
+        return self.book.version
+
+    def priced(self, model: str | None, provider: str | None = None, host: str | None = None,
+               when: float | str | datetime | None = None) -> Priced | None:
+        """Dollar prices of a request at `when` (epoch seconds or ISO text; default now)."""
+        return self.book.priced(host, provider, model, when)
 
     def price_for(self, model: str | None, provider: str | None = None,
                   host: str | None = None) -> Price:
-        key = ((model or "").lower(), (provider or "").lower(), (host or "").lower())
+        key = (model, provider, host)
         price = self._memo.get(key)
         if price is None:
-            price = next((r.price for r in self.rules if r.matches(*key)), NEUTRAL)
+            if len(self._memo) >= MAX_MEMO:
+                self._memo.clear()
+            priced = self.book.priced(host, provider, model)
+            if priced is not None:
+                price = multipliers(priced)
+            else:
+                eq = self.book.equivalents_for(host, provider, model)
+                price = NEUTRAL if eq is None else Price(eq.name, eq.read, eq.write_5m,
+                                                         eq.write_1h)
             self._memo[key] = price
         return price
 
 
 @functools.cache
 def default_table() -> PriceTable:
-    return PriceTable.load(DEFAULT_PRICES)
+    return PriceTable()
 
 
 def price_for(model: str | None, provider: str | None = None, host: str | None = None) -> Price:
-    """The built-in table's price for a request (provider = API shape, host = request host)."""
+    """The built-in table's multipliers for a request (provider = API shape, host = request host)."""
     return default_table().price_for(model, provider, host)
 
 

@@ -219,9 +219,14 @@ def report_document(report: Report, *, top: int = 10) -> dict[str, Any]:
         "total": agg.total.to_dict(),
         "by_model": [b.to_dict(examples=False) for b in top_buckets(agg.by_model)],
         "by_rule": [b.to_dict(examples=False) for b in top_buckets(agg.by_rule)],
+        "by_host": [b.to_dict(examples=False) for b in top_buckets(agg.by_host)],
         "conversations": len(agg.by_conversation),
         "by_conversation": [b.to_dict(examples=False) for b in convs],
         "by_reason": [b.to_dict(examples=False) for b in top_buckets(agg.by_reason)],
+        # What the `cost_usd` objects were priced with, and the models nobody prices.
+        "prices": {"table": agg.prices.version,
+                   "unpriced": [{"model": m, "requests": n}
+                                for m, n in agg.total.unpriced_models.most_common()]},
         "ttl": report.ttl.to_dict(top or 10),
         "key_rates": report.keys.to_dict(top or None),
         "dry_run": {
@@ -251,6 +256,7 @@ def render_report(report: Report, console: Console, *, top: int = 10) -> None:
     width = console.width
     console.print(bucket_table("Per model", top_buckets(agg.by_model), "model", width=width))
     console.print(bucket_table("Per rule", top_buckets(agg.by_rule), "rule", width=width))
+    console.print(bucket_table("Per host", top_buckets(agg.by_host), "host", width=width))
     n_conv = len(agg.by_conversation)
     console.print(bucket_table(
         f"Top {min(top, n_conv) if top else n_conv} of {n_conv} conversations by prompt tokens",
@@ -265,9 +271,10 @@ def render_report(report: Report, console: Console, *, top: int = 10) -> None:
         console.print(ttl_table(report.ttl, top=top or None))
     if report.keys.keys:
         console.print(key_rate_table(report.keys, top=top or None))
-    console.print("[dim]Costs cover prompt tokens only: USD where the model's base price is known, "
-                  "else input-token equivalents (teq). Hit tok = share of prompt tokens read from "
-                  "cache; hit req = share of requests that read any.[/]")
+    console.print(f"[dim]Costs in USD (prompt by kind of token, plus output) from "
+                  f"{escape(agg.prices.version)}; input-token equivalents (teq) only where no "
+                  "model is priced. Hit tok = share of prompt tokens read from cache; hit req = "
+                  "share of requests that read any.[/]")
 
 
 def dry_run_table(rows: list[Bucket], total: Bucket) -> Table:

@@ -4,8 +4,10 @@ Per conversation (affinity ID), in request order, each request's cacheable prefi
 reads + writes as logged) is replayed against a simulated cache entry: within the entry's TTL
 of the previous request, K reads what the previous request cached and writes the rest; past it,
 K is written again. Uncached tokens cost 1x, reads `read`x, writes `write_5m`x or `write_1h`x of
-the base input price (catalog/prices.yaml). Only models whose price has a 1h tier take part
-(Anthropic-style caches). Time is the request start (`ts` minus `duration_ms`).
+the base input price (views/pricing.py: the model's dollar prices divided by its input price, or
+the token-equivalent multipliers of catalog/prices.yaml for a model nobody prices). Only models
+whose price has a dearer 1h tier take part (Anthropic-style caches). Time is the request start
+(`ts` minus `duration_ms`).
 """
 
 from collections.abc import Iterable, Mapping

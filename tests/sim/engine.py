@@ -240,10 +240,10 @@ class Engine:
                 raise RequestError(400, body_error or "request body must be a JSON object")
             _validate(b, body)
             model_name = model if isinstance(model, str) else (resolved.path_model or "unknown")
-            blocks = render.render(body, b.shape)
+            blocks = render.render(body, b.shape, b.order)
             automatic = body.get("cache_control") if b.cache == "markers" else None
             prompt = cache.analyze(blocks, model_name, b.auto_step, automatic)
-            if b.cache == "markers":
+            if b.cache == "markers" or (b.cache == "explicit-or-auto" and prompt.markers):
                 try:
                     cache.check_markers(prompt)
                 except ValueError as e:
@@ -278,9 +278,11 @@ class Engine:
 
     def _serve(self, provider: str, replica: int, b: Behaviour, prompt: cache.Prompt,
                model: str, body: dict[str, Any], now: float) -> wire.Counts:
-        if b.cache == "markers":
+        if b.cache == "markers" or (b.cache == "explicit-or-auto" and prompt.markers):
+            # "explicit-or-auto": one mode a request, explicit when a block carries a marker
+            # (DashScope's context cache; MiniMax's explicit cache on its Anthropic API).
             mc = self._marker.setdefault((provider, replica), cache.MarkerCache())
-            got = mc.serve(prompt, cache.anthropic_minimum(model), now)
+            got = mc.serve(prompt, b.marker_min or cache.anthropic_minimum(model), now)
             return wire.Counts(prompt.tokens, got.read, got.write_5m, got.write_1h)
         if b.gpt_breakpoints and gpt_5_6_or_later(model):
             options = body.get("prompt_cache_options")

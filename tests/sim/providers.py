@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
-from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES, SYSTEM_FIRST
 from tests.sim.routing import SHARED, Routing, Signal
 
 
@@ -21,7 +21,11 @@ class Behaviour:
     shape: str = OPENAI_CHAT
     usage: str = "openai-chat"  # usage style, a key of wire.USAGE_STYLES
     stream_usage: str = "include_usage"  # chat SSE usage: "include_usage" | "always" | "in_choice"
-    cache: str = "auto"  # "auto": automatic prefix cache; "markers": Anthropic cache_control
+    # "auto": automatic prefix cache; "markers": Anthropic cache_control; "explicit-or-auto":
+    # markers when the request has any, else the automatic cache (one mode a request)
+    cache: str = "auto"
+    marker_min: int | None = None  # explicit cache minimum (None: Anthropic's, by model)
+    order: str | None = None  # render order (render.SYSTEM_FIRST: another provider's Anthropic API)
     routing: Routing = SHARED  # which replica serves a request (routing.py)
     ttl: float = 600.0  # automatic cache: idle seconds before an entry is gone
     auto_min: int = 1024  # automatic cache: smallest prefix that is ever a hit
@@ -74,6 +78,13 @@ def _key(*signals: Signal) -> Routing:
     return Routing("key", signals)
 
 
+def _compat(**changes: Any) -> dict[str, Any]:
+    """Another provider's Anthropic-compatible endpoint: Anthropic's wire format served by the
+    provider's own model and cache (§20.3), the prompt in its model's order (system first)."""
+    return {"shape": ANTHROPIC, "usage": "anthropic-compat", "errors": "anthropic",
+            "order": SYSTEM_FIRST} | changes
+
+
 _GROK_CONV = _key(Signal("header", "x-grok-conv-id"))
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -111,24 +122,61 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
                                   "prompt_cache_breakpoint")),
              (_route(r"/backend-api/codex/responses"),)),
     # §8: a best-effort disk cache shared by everyone, cleared after hours to days unused.
-    # (Its "cache prefix units" at message ends are approximated by the chunked prefix cache.)
+    # (Its "cache prefix units" at message ends are approximated by the chunked prefix cache,
+    # in its 64-token storage unit: "content less than 64 tokens will not be cached",
+    # https://api-docs.deepseek.com/news/news0802.) The `/anthropic` endpoint is served by the
+    # same cache; its compatibility table lists `cache_control` as "Ignored"
+    # (https://api-docs.deepseek.com/guides/anthropic_api).
     Provider("deepseek", ("api.deepseek.com",),
-             Behaviour(usage="deepseek", ttl=4 * 3600.0),
-             (_route(r"(/v1)?/chat/completions"),)),
+             Behaviour(usage="deepseek", ttl=4 * 3600.0, auto_min=64, auto_step=64),
+             (_route(r"(/v1)?/chat/completions"),
+              _route(r"/anthropic(/v1)?/messages", **_compat()))),
     # §10: cache identity is a content-prefix hash in 256-token chunks; prompt_cache_key was
-    # observed to be ignored. No minimum is documented beyond the chunk.
+    # observed to be ignored. No minimum is documented beyond the chunk. Its `/anthropic`
+    # endpoint: markers are not documented, so the automatic cache alone.
     Provider("moonshot", ("api.moonshot.ai", "api.moonshot.cn"),
              Behaviour(usage="moonshot", stream_usage="in_choice", auto_min=256, auto_step=256),
-             (_route(r"/v1/chat/completions"),)),
+             (_route(r"/v1/chat/completions"),
+              _route(r"/anthropic/v1/messages", **_compat()))),
+    # §20.3, Kimi Code: the same content-prefix cache for `/coding/v1/messages` and
+    # `/coding/v1/chat/completions`, `cache_control` ignored, an entry living 300 to 1,800 s
+    # (Leechael/pi-provider-kimi-code docs/caching.md).
+    Provider("kimi", ("api.kimi.com",),
+             Behaviour(usage="moonshot", stream_usage="in_choice", auto_min=256, auto_step=256,
+                       ttl=600.0),
+             (_route(r"/coding/v1/chat/completions"),
+              _route(r"/coding/v1/messages", **_compat()))),
+    # §12, §20.3: implicit caching (https://docs.z.ai/guides/capabilities/cache), no affinity
+    # documented; Zhipu support advised OpenClaw that `X-Session-Id` keeps a session on one
+    # inference node (openclaw/openclaw PR 68079): without it, the load balancer's pick.
+    Provider("zai", ("api.z.ai", "open.bigmodel.cn"),
+             Behaviour(usage="dashscope", routing=_key(Signal("header", "x-session-id"))),
+             (_route(r"/api(/coding)?/paas/v4/chat/completions"),
+              _route(r"/api/anthropic/v1/messages", **_compat()))),
+    # §15, §20.3: passive caching from 512 tokens, and Anthropic-style explicit markers on its
+    # Anthropic API, prefixes built "tools -> system -> messages" as Anthropic's, 20 blocks back,
+    # 1.25x writes (https://platform.minimax.io/docs/api-reference/anthropic-api-compatible-cache);
+    # which of the two serves a marked request is not said: the explicit one here, as on
+    # DashScope.
+    Provider("minimax", ("api.minimax.io", "api.minimaxi.com"),
+             Behaviour(auto_min=512, ttl=300.0),
+             (_route(r"/anthropic/v1/messages",
+                     **_compat(cache="explicit-or-auto", marker_min=512, order=None)),)),
     # §15: x-session-affinity (or body user / prompt_cache_key) routes to the same replica.
     Provider("fireworks", ("api.fireworks.ai",),
              Behaviour(routing=_key(Signal("header", "x-session-affinity"), _PCK,
                                     Signal("body", "user"))),
              (_route(r"(/inference)?/v1/chat/completions"),)),
     # §11: implicit cache, no affinity for chat; the 5-minute TTL is the explicit cache's.
+    # `/apps/anthropic`: explicit cache at markers (from 1,024 tokens) or implicit (from 256),
+    # one mode a request (https://www.alibabacloud.com/help/en/model-studio/context-cache); its
+    # markers work as Anthropic's (20 blocks back, Claude Code's own placement serves it: the
+    # explicit-cache best-practice page), so the prompt is in Anthropic's order here.
     Provider("dashscope", ("dashscope-intl.aliyuncs.com", "dashscope.aliyuncs.com"),
-             Behaviour(usage="dashscope", ttl=300.0),
-             (_route(r"/compatible-mode/v1/chat/completions"),)),
+             Behaviour(usage="dashscope", ttl=300.0, auto_min=256),
+             (_route(r"/compatible-mode/v1/chat/completions"),
+              _route(r"/apps/anthropic/v1/messages",
+                     **_compat(cache="explicit-or-auto", marker_min=1024, order=None)))),
     # §9: implicit caching, no affinity; minimum 2,048 tokens on 2.5, 4,096 on 3.x and later.
     Provider("gemini", ("generativelanguage.googleapis.com",),
              Behaviour(shape=GEMINI, usage="gemini", errors="gemini", auto_min=4096),

@@ -146,6 +146,21 @@ def _anthropic(body: dict[str, Any]) -> Iterator[Block]:
     yield from _messages(body.get("messages"), "messages")
 
 
+def _anthropic_system_first(body: dict[str, Any]) -> Iterator[Block]:
+    """An Anthropic request on another provider's Anthropic-compatible endpoint, which serves it
+    with its own model: the prompt that model reads (and its prefix cache keys on) opens with
+    the system prompt, then the tool list, then the conversation (DeepSeek: "only requests with
+    identical prefixes (starting from the 0th token)" hit, https://api-docs.deepseek.com/news/
+    news0802; the system message is the first of its chat examples,
+    https://api-docs.deepseek.com/guides/kv_cache). A block the client puts first in `system`,
+    such as Claude Code's billing block, is token 0 there (Claude Code's gateway page: any
+    upstream but Anthropic's "receives it as part of the prompt",
+    https://code.claude.com/docs/en/llm-gateway-protocol)."""
+    yield from _system("system", body.get("system"))
+    yield from _tools(body.get("tools"))
+    yield from _messages(body.get("messages"), "messages")
+
+
 def _messages(messages: Any, section: str) -> Iterator[Block]:
     if not isinstance(messages, list):
         return
@@ -192,12 +207,17 @@ def _gemini(body: dict[str, Any]) -> Iterator[Block]:
     yield from _messages(body.get("contents"), "contents")
 
 
+SYSTEM_FIRST = "system-first"  # `render(order=...)`: an Anthropic body, system prompt first
+
 _RENDERERS = {ANTHROPIC: _anthropic, OPENAI_CHAT: _chat, OPENAI_RESPONSES: _responses,
               GEMINI: _gemini}
 
 
-def render(body: dict[str, Any], shape: str) -> list[Block]:
-    """The prompt as the provider of this API shape reads it."""
+def render(body: dict[str, Any], shape: str, order: str | None = None) -> list[Block]:
+    """The prompt as the provider of this API shape reads it (`order=SYSTEM_FIRST`: an
+    Anthropic-compatible endpoint of another provider)."""
+    if order == SYSTEM_FIRST and shape == ANTHROPIC:
+        return list(_anthropic_system_first(body))
     return list(_RENDERERS[shape](body))
 
 

@@ -52,6 +52,15 @@ def _anthropic(c: Counts) -> Usage:
             "output_tokens": c.output, "service_tier": "standard"}
 
 
+def _anthropic_compat(c: Counts) -> Usage:
+    """Anthropic's field names as other providers' Anthropic-compatible endpoints send them: no
+    5m/1h breakdown; automatic caches report no writes (Kimi Code: `cache_creation_input_tokens`
+    always 0, per Leechael/pi-provider-kimi-code docs/caching.md; MiniMax's example response
+    has just these four fields)."""
+    return {"input_tokens": c.uncached, "cache_creation_input_tokens": c.write,
+            "cache_read_input_tokens": c.read, "output_tokens": c.output}
+
+
 def _chat_base(c: Counts) -> Usage:
     return {"prompt_tokens": c.prompt, "completion_tokens": c.output,
             "total_tokens": c.prompt + c.output}
@@ -123,6 +132,7 @@ def _gemini(c: Counts) -> Usage:
 
 USAGE_STYLES: dict[str, Callable[[Counts], Usage]] = {
     "anthropic": _anthropic,
+    "anthropic-compat": _anthropic_compat,
     "openai-chat": _openai_chat,
     "xai-chat": _xai_chat,
     "openrouter": _openrouter,

@@ -102,6 +102,11 @@ def test_gpt_5_6_agent_with_a_volatile_trailer_reads_its_prompt(monkeypatch, sim
         {k: u[k] for k in ("input_tokens", "cache_read_tokens", "cache_write_tokens")}
         for u in got]
     assert recs[0]["usage"]["cache_write_tokens"] > 0
+    for rec in recs:  # GPT-5.6 bills a write at 1.25x the input price, a read at 0.1x
+        cost, u = rec["cost_usd"], rec["usage"]
+        per_token = (cost["without_cache"] - cost["output"]) / u["input_tokens"]
+        assert cost["cache_write_5m"] == pytest.approx(1.25 * per_token * u["cache_write_tokens"])
+        assert cost["cache_read"] == pytest.approx(0.1 * per_token * u["cache_read_tokens"])
     assert all(m["ttl"] == "30m" for rec in recs for m in rec["added"]["markers"])
     assert all(rec["rule"] == "openai" and "openai-breakpoints" in rec["rules"] for rec in recs)
 

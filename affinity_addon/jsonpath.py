@@ -78,3 +78,29 @@ def set_path(obj: dict[str, Any], path: FieldPath, value: Any) -> bool:
         return False
     cur[path[-1]] = value
     return True
+
+
+_MISSING = object()
+
+
+def find_path(obj: Any, path: FieldPath) -> tuple[bool, Any]:
+    """(is the key at `path` there, its value): a key present as null is (True, None), where
+    `get_path` cannot tell it from a missing one. Dict keys and list indexes only, no `*`."""
+    for key in path:
+        if isinstance(key, int):
+            if not isinstance(obj, list) or key >= len(obj):
+                return False, None
+            obj = obj[key]
+        elif isinstance(obj, dict) and key != "*":
+            obj = obj.get(key, _MISSING)
+            if obj is _MISSING:
+                return False, None
+        else:
+            return False, None
+    return True, obj
+
+
+def has_path(obj: Any, path: str) -> bool:
+    """Is the key at dotted `path` in `obj`, even as null (an API may count a null field as
+    sent)?"""
+    return find_path(obj, parse_path(path))[0]

@@ -125,7 +125,7 @@ def _record(rng: random.Random, target: Target, model: str, conv: str, t: dateti
         "miss_detail": detail,
         "expected_cacheable_tokens": None if reason == "first-write" else rng.randint(0, 50000),
         "predicted_hit_ratio": predicted,
-        "provider_miss_reason": None,
+        "provider_diagnosis": None,
     }
 
 

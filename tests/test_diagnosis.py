@@ -246,13 +246,11 @@ def test_request_without_markers_is_unknown():
     assert v.reason == "unknown" and "asks for no caching" in v.detail
 
 
-def test_provider_reason_is_recorded_beside_ours():
-    v = verdict(entry(anthropic_body(1)), anthropic_body(2, date="2026-11-24"),
-                provider_miss_reason="system_changed")
-    assert v.reason == "prefix-changed" and v.provider_reason == "system_changed"
+def test_verdict_log_fields_are_ours_only():
+    v = verdict(entry(anthropic_body(1)), anthropic_body(2, date="2026-11-24"))
+    assert v.reason == "prefix-changed"
     assert v.to_log() == {"miss_reason": "prefix-changed", "miss_detail": v.detail,
-                          "expected_cacheable_tokens": v.expected_cacheable_tokens,
-                          "provider_miss_reason": "system_changed"}
+                          "expected_cacheable_tokens": v.expected_cacheable_tokens}
     assert v.reason in REASONS
 
 
@@ -280,6 +278,26 @@ def test_responses_automatic_caching_verdicts():
     del dropped["input"][2]
     v = verdict(prev, dropped, **kw)
     assert v.reason == "prefix-changed" and v.detail.startswith("thinking-removed")
+
+
+def test_changes_the_providers_name_that_the_prompt_does_not_show():
+    # Anthropic's fast mode is another model variant ("model or speed differs"), OpenAI's
+    # reasoning effort a setting of the cached prefix: neither is routing.
+    fast = {**anthropic_body(2), "speed": "fast"}
+    v = verdict(entry(anthropic_body(1)), fast)
+    assert v.reason == "prefix-changed" and v.detail == (
+        "model-switched: model switched from claude-sonnet-4-6 to claude-sonnet-4-6 (speed fast)")
+    standard = {**anthropic_body(2), "speed": "standard"}  # the default: no change
+    assert verdict(entry(anthropic_body(1)), standard,
+                   read=entry(anthropic_body(1)).cacheable_tokens).reason == "hit"
+    kw = {"shape": "openai-responses", "automatic": True}
+    prev = entry(responses_body(1), shape="openai-responses", automatic=True)
+    effort = {**responses_body(2), "reasoning": {"effort": "high", "summary": "auto"}}
+    v = verdict(prev, effort, **kw)
+    assert v.reason == "prefix-changed" and v.detail.startswith("settings-changed: "
+                                                                "reasoning.effort changed")
+    summary = {**responses_body(2), "reasoning": {"summary": "auto"}}  # no effort either way
+    assert verdict(prev, summary, **kw).reason == "routed-away"
 
 
 def test_reported_prompt_size_calibrates_estimates():

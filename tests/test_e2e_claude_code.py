@@ -169,9 +169,39 @@ def test_claude_code_on_anthropic_sends_the_block_as_it_was_sent(
     assert recs and recs[0]["rule"] == "anthropic-breakpoints"
     assert "removed" not in recs[0]["added"]
     sent = sorted(p.read_bytes() for p in captured.glob("*-api.anthropic.com.body"))
-    got = sorted(r.raw_body for r in sim.requests if r.path.endswith("/messages"))
-    assert sent and sent == got  # byte for byte, billing block included
+    got = [r.raw_body for r in sim.requests if r.path.endswith("/messages")]
+    # Byte for byte, billing block included, but for the provider's cache diagnostics field
+    # spliced in first (README, "Provider-verified verdicts"; Claude Code sends none itself).
+    assert got and all(body.startswith(DIAGNOSTICS) for body in got)
+    assert sent == sorted(map(unspliced, got))
     assert all(BILLING in body for body in got)
+
+
+def test_claude_code_on_anthropic_names_its_sessions_previous_response(
+        claude: str, tmp_path: Path, proxy_factory: Any, sim: Simulator) -> None:
+    """Provider-verified verdicts with the real agent: each session opts in on its first
+    request; the resumed one names its previous response (in a new process: the proxy links
+    it), and the provider's answer agrees with ours. Only the billing block's per-request
+    `cch=` differs between the two, which Anthropic's API removes."""
+    proxy = proxy_factory(hosts=["api.anthropic.com"])
+    a, b1, b2 = three_calls(claude, proxy, tmp_path, None)
+    asked = [r.body["diagnostics"] for r in sim.requests if r.path.endswith("/messages")]
+    assert asked[:2] == [{"previous_message_id": None}] * 2
+    previous = asked[2]["previous_message_id"]
+    assert isinstance(previous, str) and previous.startswith("msg_")
+    assert [r["provider_diagnosis"]["compared_to"] for r in (a, b1, b2)] == [None, None, previous]
+    assert b2["provider_diagnosis"]["result"] == "no-divergence"
+    assert b2["provider_diagnosis"]["agrees"] is True and b2["miss_reason"] == "hit"
+
+
+DIAGNOSTICS = b'{"diagnostics":'
+
+
+def unspliced(body: bytes) -> bytes:
+    """The body without the `diagnostics` key the proxy spliced in after its opening brace."""
+    value = json.dumps(json.loads(body)["diagnostics"], separators=(",", ":")).encode()
+    assert body.startswith(DIAGNOSTICS + value + b",")
+    return b"{" + body[len(DIAGNOSTICS + value) + 1:]
 
 
 def test_affinity_run_turns_the_block_off_for_claude_code(claude: str, tmp_path: Path,

@@ -289,8 +289,11 @@ def test_anthropic_client_markers_left_exactly_as_sent(monkeypatch, sim, proxy_f
     assert [u["cache_read_tokens"] for u in pair.with_.usages] == \
         [u["cache_read_tokens"] for u in pair.without.usages]
     for w, wo in zip(pair.with_.requests, pair.without.requests, strict=True):
-        # Byte for byte what the client sent (the bare proxy changes nothing).
-        assert w.raw_body == wo.raw_body
+        # Byte for byte what the client sent (the bare proxy changes nothing), but for the
+        # provider's cache diagnostics field spliced in first (README, "Provider-verified
+        # verdicts").
+        asked = json.dumps({"diagnostics": w.body["diagnostics"]}, separators=(",", ":"))
+        assert w.raw_body == asked[:-1].encode() + b"," + wo.raw_body[1:]
         body = w.body
         marked = [i for i, b in enumerate(body["system"]) if "cache_control" in b]
         assert marked == [1, 2]

@@ -188,7 +188,7 @@ def test_the_tracker_fingerprints_incrementally():
         p = tracker.observe(body, shape="anthropic", model="m", host="api.anthropic.com",
                             keys=("conv",), signal=None, ts=float(t))
         assert p.fingerprint == fingerprint(body, "anthropic", "m")
-        tracker.verdict(p, None, float(t), response_cache=False, provider_reason=None,
+        tracker.verdict(p, None, float(t), response_cache=False,
                         dry_run=False)
     assert tracker.memo.hits == 2
 

@@ -145,7 +145,7 @@ def observe(tracker: MissTracker, body: dict[str, Any], keys: tuple[str, ...], t
                         keys=keys, signal=keys[0], ts=ts)
     total = p.fingerprint.total_tokens
     usage = Usage(input_tokens=total, cache_read_tokens=read, cache_write_tokens=write)
-    verdict, _ = tracker.verdict(p, usage, ts + 1, response_cache=False, provider_reason=None,
+    verdict, _ = tracker.verdict(p, usage, ts + 1, response_cache=False,
                                  dry_run=False)
     return verdict
 

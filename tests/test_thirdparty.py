@@ -252,7 +252,7 @@ def observe(tracker: MissTracker, body: dict[str, Any], host: str, key: str, ts:
     p = tracker.observe(body, shape="anthropic", model=body["model"], host=host, keys=(key,),
                         signal=None, ts=ts)
     usage = Usage(input_tokens=p.fingerprint.total_tokens, cache_read_tokens=read)
-    return p, tracker.verdict(p, usage, ts + 1, response_cache=False, provider_reason=None,
+    return p, tracker.verdict(p, usage, ts + 1, response_cache=False,
                               dry_run=False)[0]
 
 

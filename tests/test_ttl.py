@@ -129,7 +129,7 @@ def _turn(tracker: MissTracker, conv: str, ts: float, family: str | None, turn: 
     p = tracker.observe(body, shape="anthropic", model="claude-sonnet-4-5",
                         host="api.anthropic.com", keys=(conv,), signal=None, ts=ts, family=family)
     tracker.verdict(p, Usage(input_tokens=5000, cache_write_tokens=5000), ts + 1,
-                    response_cache=False, provider_reason=None, dry_run=False)
+                    response_cache=False, dry_run=False)
 
 
 def test_a_new_conversation_starts_on_its_familys_rhythm() -> None:

@@ -7,8 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from affinity_addon import shapes
+from affinity_addon.catalog.diagnostics import default_diagnostics
 from affinity_addon.catalog.usage_fields import parse_table
 from affinity_addon.jsonpath import get_path, parse_path
+from affinity_addon.response.provider_answer import Answer, read_answer
 from affinity_addon.response.usage import (
     UsageReader,
     normalize,
@@ -36,7 +38,8 @@ def sse_events(text: bytes) -> list[tuple[str | None, bytes]]:
 
 def read_fixture(name: str) -> UsageReader:
     case = EXPECTED[name]
-    reader = UsageReader(case["shape"])
+    source = default_diagnostics().by_name(case["answer"]["source"]) if "answer" in case else None
+    reader = UsageReader(case["shape"], source.answer.at if source else ())
     raw = (FIXTURES / name).read_bytes()
     if name.endswith(".json"):
         reader.feed_json(json.loads(raw))
@@ -60,6 +63,12 @@ def test_fixture_usage(name: str) -> None:
         assert reader.extras.get(key) == value, key
     assert reader.terminal is case["terminal"]
     assert usage.raw  # the provider's object is kept for usage_raw
+    if "answer" in case:  # the provider's cache diagnosis, where the catalog says it is
+        source = default_diagnostics().by_name(case["answer"]["source"])
+        assert source is not None
+        answer = read_answer(source.answer, reader.answer_seen, reader.answer, compared=True)
+        assert (answer.result, answer.missed_tokens) == (case["answer"]["result"],
+                                                         case["answer"]["missed_tokens"])
 
 
 def test_every_shape_has_fixtures() -> None:
@@ -107,16 +116,58 @@ def test_anthropic_write_split_sums_when_total_missing() -> None:
     assert (u.cache_write_tokens, u.input_tokens) == (100, 105)
 
 
-def test_diagnostics_in_stream_and_pending_null() -> None:
-    r = UsageReader(shapes.ANTHROPIC)
-    r.feed_json({"type": "message_start", "message": {
-        "id": "msg_2", "diagnostics": {"cache_miss_reason": None},
-        "usage": {"input_tokens": 1}}})
-    assert "provider_miss_reason" not in r.extras
-    r.feed_json({"type": "message_delta", "diagnostics": {"cache_miss_reason": {
-        "type": "tools_changed", "cache_missed_input_tokens": 4000}}, "usage": {"output_tokens": 3}})
-    assert r.extras["provider_miss_reason"] == "tools_changed"
-    assert r.extras["provider_missed_tokens"] == 4000
+def _answer(shape: str, source: str, *objs: Any, compared: bool = True) -> Answer:
+    spec = default_diagnostics().by_name(source)
+    assert spec is not None
+    r = UsageReader(shape, spec.answer.at)
+    for obj in objs:
+        r.feed_event(None, json.dumps(obj).encode())
+    return read_answer(spec.answer, r.answer_seen, r.answer, compared=compared)
+
+
+def test_anthropic_diagnosis_pending_null_and_nothing_asked() -> None:
+    start = {"type": "message_start", "message": {"id": "msg_2", "usage": {"input_tokens": 1}}}
+    pending = {**start, "message": {**start["message"],
+                                    "diagnostics": {"cache_miss_reason": None}}}
+    assert _answer(shapes.ANTHROPIC, "anthropic", pending).result == "pending"
+    null = {**start, "message": {**start["message"], "diagnostics": None}}
+    assert _answer(shapes.ANTHROPIC, "anthropic", null).result == "no-divergence"
+    # An opt-in without a comparison is answered with null too: nothing was compared.
+    assert _answer(shapes.ANTHROPIC, "anthropic", null, compared=False).result is None
+    assert _answer(shapes.ANTHROPIC, "anthropic", start).result is None  # not there at all
+
+
+def test_responses_diagnosis_on_the_terminal_event_wins_over_nulls() -> None:
+    created = {"type": "response.created", "response": {"id": "resp_1", "usage": None,
+                                                        "prompt_cache_diagnostics": None}}
+    done = {"type": "response.completed", "response": {
+        "id": "resp_1", "usage": {"input_tokens": 5},
+        "prompt_cache_diagnostics": {"type": "comparison_response_not_found"}}}
+    assert _answer(shapes.OPENAI_RESPONSES, "openai", created, done).result == \
+        "comparison_response_not_found"
+    # OpenAI has no "null means no divergence": a null is no answer.
+    assert _answer(shapes.OPENAI_RESPONSES, "openai", created).result is None
+
+
+@pytest.mark.parametrize("diagnostics", [
+    "oops", 42, [1, 2], {"cache_miss_reason": "tools_changed"},
+    {"cache_miss_reason": {"type": 7}}, {"cache_miss_reason": {"type": "x" * 500}},
+    {"cache_miss_reason": {"type": "\u001b[2Jcleared"}},
+])
+def test_malformed_anthropic_diagnosis_reads_as_no_result(diagnostics: Any) -> None:
+    answer = _answer(shapes.ANTHROPIC, "anthropic", {
+        "id": "msg_3", "type": "message", "diagnostics": diagnostics,
+        "usage": {"input_tokens": 1}})
+    assert answer.result is None and answer.malformed
+
+
+def test_unknown_result_type_is_kept_as_given() -> None:
+    answer = _answer(shapes.ANTHROPIC, "anthropic", {
+        "id": "msg_4", "type": "message", "usage": {"input_tokens": 1},
+        "diagnostics": {"cache_miss_reason": {"type": "speed_changed",
+                                              "cache_missed_input_tokens": True}}})
+    assert (answer.result, answer.missed_tokens, answer.malformed) == ("speed_changed", None,
+                                                                       False)
 
 
 def test_chat_last_usage_chunk_wins() -> None:

@@ -31,6 +31,7 @@ from affinity_addon.diagnosis.blockprint import (
     Blocks,
     Fingerprint,
 )
+from affinity_addon.jsonpath import find_path, parse_path
 from affinity_addon.request.breakpoint_spec import DIGEST_SIZE, block_digest
 from affinity_addon.request.prefix_memo import PrefixMemo, run_steps
 from affinity_addon.request.prompt import (
@@ -55,10 +56,25 @@ VOLATILE_PATTERNS: dict[str, tuple[str, ...]] = default_volatile().uncached()
 # Request fields outside the prompt that are still part of the cached prefix: a change keeps
 # tools/system cached but invalidates the messages (Anthropic's documented tiers; OpenAI counts
 # structured-output schemas as prefix without saying where, so they are cut at the same place).
+# OpenAI's reuse also needs "compatible request settings, including the model, service tier,
+# and tools", and its cache diagnostics name a changed service tier, text format, reasoning
+# effort or verbosity as why a prefix was not reused
+# (https://developers.openai.com/api/docs/guides/prompt-caching/diagnostics): without them here
+# a changed reasoning effort read as `routed-away` (measured on tests/test_e2e_provider_diagnostics
+# before they were added). Dotted paths are one nested field.
 PREFIX_SETTINGS: dict[str, tuple[str, ...]] = {
     ANTHROPIC: ("tool_choice", "thinking"),
-    OPENAI_CHAT: ("response_format",),
-    OPENAI_RESPONSES: ("text",),
+    OPENAI_CHAT: ("response_format", "reasoning_effort", "verbosity", "service_tier"),
+    OPENAI_RESPONSES: ("text", "reasoning.effort", "service_tier"),
+}
+
+# Request fields that pick another variant of the model, whose cache is its own: Anthropic's
+# `speed` ("fast"; "standard" is the default). Its cache diagnostics answer `model_changed` for
+# "a request whose `model` or `speed` differs" (`CacheMissModelChanged` in
+# https://github.com/anthropics/anthropic-sdk-python); without it here a switch to fast mode
+# read as `routed-away` (same e2e workload). (field, its default)
+MODEL_VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
+    ANTHROPIC: (("speed", "standard"),),
 }
 
 # Message fields that carry the model's reasoning (xAI, Kimi, DeepSeek, OpenRouter); dropping
@@ -264,6 +280,17 @@ STEP_BYTES = 64 << 10
 Steps = Generator[None, None, "tuple[Fingerprint, Blocks]"]
 
 
+def model_variant(body: dict[str, Any], shape: str, model: str | None) -> str | None:
+    """The model as the cache tells variants apart: `claude-opus-4-8 (speed fast)`."""
+    if model is None:
+        return None
+    for key, default in MODEL_VARIANTS.get(shape, ()):
+        value = body.get(key)
+        if isinstance(value, str) and value != default:
+            model = f"{model} ({key} {value[:32]})"
+    return model
+
+
 def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
                 volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None) -> Fingerprint:
     """Fingerprint a request body of API shape `shape`. O(blocks + text length); keeps no text."""
@@ -375,10 +402,12 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
         units, clean = step
         k += 1
     settings = tuple(
-        (key, hashlib.blake2b(canonical(body[key]), digest_size=8).digest())
-        for key in PREFIX_SETTINGS.get(shape, ()) if key in body
+        (key, hashlib.blake2b(canonical(value), digest_size=8).digest())
+        for key in PREFIX_SETTINGS.get(shape, ())
+        for found, value in (find_path(body, parse_path(key)),) if found
     )
-    fp = Fingerprint(model, total, settings, bytes(rows), tuple(label_ids), bytes(chunks))
+    fp = Fingerprint(model_variant(body, shape, model), total, settings, bytes(rows),
+                     tuple(label_ids), bytes(chunks))
     done = tuple(blocks)
     if memo is not None and keys is not None:
         for at, n_rows, n_chunks, n_labels, n_blocks, tokens in cuts:

@@ -84,6 +84,7 @@ class Stored:
     plan: bytes = b""  # the request's block digests, for the breakpoint planner's hint
     history: bytes = b""  # its message block digests after the system prompt, concatenated
     key: str = ""  # the conversation ID it was stored under (the client's, else the root's)
+    response_id: str | None = None  # the provider's id of its response
 
 
 def _continues(prev: Stored, history: bytes) -> bool:
@@ -199,20 +200,26 @@ class MissTracker:
                        prof.lookback_blocks)
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
-                provider_reason: str | None, dry_run: bool,
-                load: Mapping[str, Any] | None = None) -> tuple[Verdict, float | None]:
+                dry_run: bool, load: Mapping[str, Any] | None = None,
+                response_id: str | None = None) -> tuple[Verdict, float | None]:
+        """`response_id`: the provider's id of this request's response, kept with it so that a
+        later verdict can say which response it compared with (`Verdict.previous_id`)."""
         # Unpacked once per judgement (at observe time); the stored fingerprints stay packed.
         cur = p.blocks if p.blocks is not None else p.fingerprint.unpack()
         parts = p.fingerprint.parts(cur)
+        history = p.fingerprint.history(cur)
         prev, how = self._previous(p, parts, now, cur)
-        changed = prev is not None and prev.signal != p.signal
+        signal_changed = prev is not None and prev.signal != p.signal
         unpacked = (self._unpack(prev.entry.fingerprint) if prev else None, cur)
         v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
-                     response_cache=response_cache, affinity_changed=changed,
-                     affinity_missing=p.signal is None, provider_miss_reason=provider_reason,
-                     load=load, unpacked=unpacked, lookback=p.lookback)
+                     response_cache=response_cache, affinity_changed=signal_changed,
+                     affinity_missing=p.signal is None, load=load, unpacked=unpacked,
+                     lookback=p.lookback)
         v = _explain(v, how, prev, now)
+        if prev is not None:
+            v = replace(v, changed=_changes(prev, p.fingerprint, parts, history),
+                        key_changed=signal_changed, previous_id=prev.response_id)
         predicted = None
         if dry_run:
             predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
@@ -230,8 +237,8 @@ class MissTracker:
         if not response_cache:
             entry = entry_for(p.fingerprint, p.ts, ttl_seconds=p.ttl_seconds,
                               automatic=p.automatic, unpacked=cur)
-            stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(cur),
-                            p.fingerprint.history(cur), p.keys[0] if p.keys else "")
+            stored = Stored(entry, p.signal, parts, p.fingerprint.plan_digests(cur), history,
+                            p.keys[0] if p.keys else "", response_id)
             for key in p.keys:
                 threads = self.store.get(key) or ()
                 rest = tuple(t for t in threads if t is not prev and t.parts != parts)
@@ -239,6 +246,23 @@ class MissTracker:
             self.lineage.put(_lineage_key(parts), stored)
             self._keep_unpacked(p.fingerprint, cur)
         return v, predicted
+
+
+def _changes(prev: Stored, cur: Fingerprint, parts: PromptParts,
+             history: bytes) -> frozenset[str] | None:
+    """What changed since `prev` (verdicts.CHANGES): the model, the tool definitions, the
+    leading system prompt, the request settings that are part of the prefix, and the messages
+    (any earlier one changed, rather than only new ones appended)."""
+    if prev.parts is None:
+        return None
+    old = prev.entry.fingerprint
+    return frozenset(name for name, differs in (
+        ("model", bool(old.model and cur.model and old.model != cur.model)),
+        ("tools", prev.parts.tools != parts.tools),
+        ("system", prev.parts.system != parts.system),
+        ("messages", not history.startswith(prev.history)),
+        ("settings", dict(old.settings) != dict(cur.settings)),
+    ) if differs)
 
 
 def _lineage_key(parts: PromptParts) -> str:

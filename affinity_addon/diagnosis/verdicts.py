@@ -103,7 +103,12 @@ class Verdict:
     detail: str | None = None
     expected_cacheable_tokens: int | None = None
     reported_read_tokens: int | None = None
-    provider_reason: str | None = None  # Anthropic cache-diagnosis beta's cache_miss_reason.type
+    # What the comparison with the previous request saw change, for weighing the provider's own
+    # answer against ours (diagnosis/agreement.py): a subset of CHANGES; None when there was no
+    # previous request to compare with.
+    changed: frozenset[str] | None = None
+    key_changed: bool = False  # the routing value (affinity ID, prompt_cache_key) changed
+    previous_id: str | None = None  # the provider's id of the response compared with
 
     def to_log(self) -> dict[str, Any]:
         """The verdict's fields of a JSONL record (docs/log-format.md)."""
@@ -111,8 +116,11 @@ class Verdict:
             "miss_reason": self.reason,
             "miss_detail": self.detail,
             "expected_cacheable_tokens": self.expected_cacheable_tokens,
-            "provider_miss_reason": self.provider_reason,
         }
+
+
+# What a comparison can see change between two requests of a conversation.
+CHANGES = ("model", "tools", "system", "messages", "settings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +370,6 @@ def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: 
              shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
              response_cache: bool = False, affinity_changed: bool = False,
              affinity_missing: bool = False,
-             provider_miss_reason: str | None = None,
              load: Mapping[str, Any] | None = None,
              unpacked: tuple[Blocks | None, Blocks | None] = (None, None),
              lookback: int | str | None = BY_SHAPE) -> Verdict:
@@ -377,8 +384,7 @@ def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: 
                  lookback=lookback)
     verdict = next((v for v in (check(case) for check in _CHECKS) if v is not None),
                    Verdict("unknown", None, case.expected))
-    return replace(verdict, reported_read_tokens=usage.cache_read_tokens if usage else None,
-                   provider_reason=provider_miss_reason)
+    return replace(verdict, reported_read_tokens=usage.cache_read_tokens if usage else None)
 
 
 def predict_hit_ratio(prev: Entry | None, cur_fp: Fingerprint, *, min_tokens: int,

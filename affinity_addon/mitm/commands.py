@@ -49,7 +49,8 @@ class Commands:
                 f"rule={meta.get('rule')}  aff={meta.get('affinity_id')} ({meta.get('affinity_source')})  "
                 f"read={u.get('cache_read_tokens', '-')}/{u.get('input_tokens', '-')}  "
                 f"verdict={meta.get('miss_reason') or '-'}"
-                + (f": {meta['miss_detail']}" if meta.get("miss_detail") else ""))
+                + (f": {meta['miss_detail']}" if meta.get("miss_detail") else "")
+                + _provider_said(meta.get("provider_diagnosis")))
         text = "\n".join(lines) or "no matched LLM flows selected"
         logger.info("affinity.why:\n%s", text)
         return text
@@ -83,3 +84,12 @@ class Commands:
         line = self.state.key_rates.line()
         if line:
             console.print(escape(line))
+
+
+def _provider_said(said: object) -> str:
+    """`  provider=anthropic:tools_changed (agrees)`, when the provider diagnosed it."""
+    if not isinstance(said, dict) or not said.get("result"):
+        return ""
+    fits = said.get("agrees")
+    agrees = " (agrees)" if fits is True else " (disagrees)" if fits is False else ""
+    return f"  provider={said.get('source')}:{said['result']}{agrees}"

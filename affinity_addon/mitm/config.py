@@ -12,7 +12,7 @@ from mitmproxy import ctx, exceptions
 from affinity_addon.diagnosis.tracker import MissTracker
 from affinity_addon.mitm import keyfile
 from affinity_addon.mitm.options import Settings, add_options, check_deferred, parse_options
-from affinity_addon.mitm.state import State
+from affinity_addon.mitm.state import State, new_links
 from affinity_addon.record.jsonl import JsonlWriter
 from affinity_addon.request.family_key import FamilyRates
 from affinity_addon.request.rules import default_rules_file, load_rules
@@ -50,6 +50,7 @@ class Config:
             state.secret = keyfile.resolve(opts.affinity_key, opts.confdir)
         if "affinity_max_conversations" in updated:
             state.tracker = MissTracker(max(opts.affinity_max_conversations, 1))
+            state.links = new_links(max(opts.affinity_max_conversations, 1))
         if "affinity_instances" in updated:
             n = opts.affinity_instances
             state.family_rates = FamilyRates(instances=n)

@@ -62,6 +62,12 @@ def _summary(meta: dict[str, Any]) -> list[str]:
         lines.append(f"usage:     {json.dumps(meta['usage'])}  hit ratio {meta.get('hit_ratio')}")
     if meta.get("miss_reason"):
         lines.append(f"verdict:   {meta['miss_reason']}  {meta.get('miss_detail') or ''}".rstrip())
+    said = meta.get("provider_diagnosis")
+    if isinstance(said, dict) and said.get("result"):
+        fits = said.get("agrees")
+        agrees = "agrees" if fits is True else "disagrees" if fits is False else "not weighed"
+        lines.append(f"provider:  {said.get('source')} says {said['result']} (compared to "
+                     f"{said.get('compared_to') or '-'}; ours {agrees})")
     return lines
 
 

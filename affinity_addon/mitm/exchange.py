@@ -13,6 +13,7 @@ from typing import Any
 from affinity_addon.diagnosis.tracker import Pending
 from affinity_addon.mitm.scheduler import Stepped
 from affinity_addon.record.schema import RequestFacts
+from affinity_addon.request.provider_link import Resolver, Thread
 from affinity_addon.response.stream_tap import StreamTap
 from affinity_addon.response.usage import UsageReader
 
@@ -31,6 +32,12 @@ class Exchange:
     fingerprint: Stepped[Pending] | None = None
     reader: UsageReader | None = None  # the response's usage, as it is read
     tap: StreamTap | None = None  # the stream's tap, when the answer is SSE
+    # The conversation thread whose next request names this one's response (provider
+    # diagnostics); None when the request is not linked.
+    link: Thread | None = None
+    resolver: Resolver | None = None  # how the thread reads this response's id before the record
+    body_read: bool = False  # a JSON body was fed to the reader (once, whoever needed it first)
+    body_problem: str | None = None  # why that body could not be read
 
 
 class Exchanges:

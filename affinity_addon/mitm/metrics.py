@@ -4,7 +4,8 @@ Serves `/metrics` (requests, records, tokens and dollars by kind, errors, latenc
 answers) and `/readyz` (rules loaded, log writable) from a small HTTP server on its own thread,
 so a scrape never runs on the proxy's event loop. The hooks only bump counters (microseconds).
 
-Labels are bounded: provider, model family, rule, verdict and token kind, each capped at
+Labels are bounded: provider, model family, rule, verdict, token kind and the provider's own
+diagnosis (source, result, whether ours agrees), each capped at
 `MAX_LABEL_VALUES` distinct values (then "other"); never an affinity ID, a path or a key.
 """
 
@@ -72,6 +73,10 @@ class PromMetrics:
                                 ["provider", "model_family"], registry=r)
         self.errors = Counter("affinity_errors", "Failed LLM responses by kind",
                               ["provider", "kind"], registry=r)
+        self.diagnoses = Counter(
+            "affinity_provider_diagnoses",
+            "The provider's own cache diagnosis (result) and whether our verdict fits it",
+            ["source", "result", "agrees"], registry=r)
         self.first_byte = Histogram(
             "affinity_first_byte_seconds", "Request sent to response headers (streams: first byte)",
             ["provider", "stream"], buckets=LATENCY_BUCKETS, registry=r)
@@ -236,6 +241,12 @@ class Metrics:
             prom.errors.labels(provider, outcome).inc()
         if record.duration_ms is not None:
             prom.duration.labels(provider).observe(record.duration_ms / 1000)
+        said = record.provider_diagnosis
+        if said and said.get("result"):
+            fits = said.get("agrees")
+            agrees = "true" if fits is True else "false" if fits is False else "unknown"
+            prom.diagnoses.labels(self.cap("diagnosis_source", said.get("source")),
+                                  self.cap("diagnosis_result", said.get("result")), agrees).inc()
         u = record.usage
         if u is None:
             return

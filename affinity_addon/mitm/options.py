@@ -127,6 +127,13 @@ OPTIONS: tuple[Option, ...] = (
            Fingerprint every matched request to explain cache misses (miss_reason). Costs a
            few ms per MB of prompt; turn it off for the thinnest proxy (records keep usage).
            """, parse_bool),
+    Option("affinity_provider_diagnostics", bool, True, """
+           Ask the provider why a request missed the cache, where it offers that
+           (catalog/provider_diagnostics.yaml: Anthropic's Claude API, OpenAI Responses on
+           GPT-5.6+): each request names its conversation's previous response id, and the
+           answer is recorded next to our own verdict (provider_diagnosis). Anthropic keeps a
+           fingerprint (hashes, token counts) of each request that asks. false: nothing added.
+           """, parse_bool),
     Option("affinity_max_conversations", int, 10_000, """
            How many conversations to remember for the cache-miss verdicts (least recently
            used are forgotten). Each costs about a few KB: hashes and lengths, never text.
@@ -181,6 +188,7 @@ class Settings:
 
     dry_run: bool = False
     diagnose: bool = True
+    provider_diagnostics: bool = True
     keep_bodies: int = 1 << 20
     instance: str = ""  # affinity_instance: added to every record (gateways, merged logs)
     scope: str = "rules"
@@ -189,6 +197,7 @@ class Settings:
     def from_options(cls, options: Any) -> "Settings":
         return cls(dry_run=parse_bool(options.affinity_dry_run),
                    diagnose=parse_bool(options.affinity_diagnose),
+                   provider_diagnostics=parse_bool(options.affinity_provider_diagnostics),
                    keep_bodies=parse_nonneg_int(options.affinity_keep_bodies),
                    instance=parse_instance(options.affinity_instance),
                    scope=parse_scope(options.affinity_scope))

@@ -159,6 +159,14 @@ class OTel:
             "http.response.status_code": record.status,
             "error.type": record.error and "upstream",
         }
+        said = record.provider_diagnosis
+        if said and said.get("result"):
+            optional.update({
+                "affinity.provider_diagnosis.source": said.get("source"),
+                "affinity.provider_diagnosis.result": said.get("result"),
+                "affinity.provider_diagnosis.agrees": said.get("agrees"),
+                "affinity.provider_diagnosis.missed_tokens": said.get("missed_tokens"),
+            })
         u = record.usage
         if u is not None:
             optional.update({

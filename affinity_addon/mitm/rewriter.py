@@ -53,6 +53,7 @@ class Rewriter:
                 hint_for=partial(state.tracker.hint, now=flow.request.timestamp_start)
                 if settings.diagnose else None,
                 rates=state.family_rates,
+                links=state.links if settings.provider_diagnostics else None,
             )
         except RecursionError:
             logger.warning("affinity: request body nested too deeply to inspect; sent unchanged")
@@ -72,7 +73,7 @@ class Rewriter:
         load = state.key_load.observe(
             sent_cache_key(outcome), flow.request.timestamp_start,
             PROVIDER_FACTS.key_rpm_limit(host), outcome.key.get("buckets") if outcome.key else None)
-        exchange = Exchange(facts, load=load)
+        exchange = Exchange(facts, load=load, link=outcome.link)
         state.exchanges.start(flow.id, exchange)
         flow.metadata[META] = facts.to_json()  # published for mitmweb, `affinity.why`, saved flows
         if outcome.shape and parsed.obj is not None and settings.diagnose:
@@ -90,7 +91,8 @@ class Rewriter:
         if outcome.affinity_source == "root":  # derived already
             root, client = outcome.affinity_id, None
         else:
-            root = affinity_id.root_id(body, outcome.shape, state.ruleset.affinity, state.secret)
+            root = outcome.root_id or affinity_id.root_id(body, outcome.shape,
+                                                          state.ruleset.affinity, state.secret)
             client = outcome.affinity_id
         ids = tuple(i for i in (client, root) if i)
         if not ids:

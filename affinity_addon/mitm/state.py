@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from affinity_addon.catalog.diagnostics import default_diagnostics
 from affinity_addon.diagnosis.tracker import MissTracker
 from affinity_addon.mitm.exchange import Exchanges
 from affinity_addon.mitm.options import Settings
@@ -18,6 +19,7 @@ from affinity_addon.mitm.scheduler import Scheduler
 from affinity_addon.record.jsonl import JsonlWriter
 from affinity_addon.record.schema import Record
 from affinity_addon.request.family_key import FamilyRates
+from affinity_addon.request.provider_link import ResponseLinks
 from affinity_addon.request.rules import RuleSet
 from affinity_addon.views.aggregate import Aggregator
 from affinity_addon.views.keyrate import KeyRates
@@ -40,6 +42,10 @@ def new_ttl_advisor() -> TtlAdvisor:
     return TtlAdvisor(max_conversations=STATS_CONVERSATIONS)
 
 
+def new_links(capacity: int = 10_000) -> ResponseLinks:
+    return ResponseLinks(default_diagnostics(), capacity)
+
+
 @dataclass
 class State:
     ruleset: RuleSet | None = None
@@ -51,6 +57,9 @@ class State:
     # per conversation.
     ttl: TtlAdvisor = field(default_factory=new_ttl_advisor)
     tracker: MissTracker = field(default_factory=MissTracker)
+    # Each conversation's latest response id, for the provider's cache diagnostics: filled by
+    # the recorder, read by the rewrite (request/provider_link.py).
+    links: ResponseLinks = field(default_factory=new_links)
     # This proxy's request rate per prompt family: how many `{family_key}` buckets to use.
     family_rates: FamilyRates = field(default_factory=FamilyRates)
     # Requests a minute per prompt_cache_key: `key_load` counts at send time (the `overflow`

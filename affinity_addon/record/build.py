@@ -47,16 +47,24 @@ def build(
     extras: Mapping[str, Any] | None = None,
     verdict: Mapping[str, Any] | None = None,
     predicted_hit_ratio: float | None = None,
+    provider_diagnosis: Mapping[str, Any] | None = None,
     usage_problem: str | None = None,
     instance: str | None = None,
     now: float | None = None,
 ) -> Record:
-    """The record of one response, whole: the request's facts, the response's usage and the
-    verdict (`Verdict.to_log()`: miss_reason, miss_detail, expected_cacheable_tokens,
-    provider_miss_reason), when there is one."""
+    """The record of one response, whole: the request's facts, the response's usage, the
+    verdict (`Verdict.to_log()`: miss_reason, miss_detail, expected_cacheable_tokens), when there
+    is one, and the provider's own diagnosis, when the request asked for it. Where our reason is
+    `unknown`, the detail says what the provider answered."""
     now = time.time() if now is None else now
     extras = extras or {}
     judged = verdict or {}
+    detail = judged.get("miss_detail")
+    said = provider_diagnosis.get("result") if provider_diagnosis else None
+    if judged.get("miss_reason") == "unknown" and said:
+        missed = provider_diagnosis.get("missed_tokens") if provider_diagnosis else None
+        told = f"the provider says {said}" + (f" (~{missed} tokens missed)" if missed else "")
+        detail = f"{detail}; {told}" if detail else told
     model = request.model or extras.get("model")
     return Record(
         ts=iso(now),
@@ -85,11 +93,10 @@ def build(
         added=request.to_json()["added"],
         dry_run=request.dry_run,
         miss_reason=judged.get("miss_reason"),
-        miss_detail=judged.get("miss_detail"),
+        miss_detail=detail,
         expected_cacheable_tokens=judged.get("expected_cacheable_tokens"),
         predicted_hit_ratio=predicted_hit_ratio,
-        provider_miss_reason=judged.get("provider_miss_reason",
-                                        extras.get("provider_miss_reason")),
+        provider_diagnosis=dict(provider_diagnosis) if provider_diagnosis else None,
         usage_problem=usage_problem,
         instance=instance or None,
     )
@@ -122,6 +129,12 @@ def comment(record: Record) -> str:
     if reason and reason != "hit":
         detail = record.miss_detail
         parts.append(f"miss: {reason}" + (f" ({detail})" if detail else ""))
+    said = record.provider_diagnosis
+    if said and said.get("result"):
+        agrees = said.get("agrees")
+        parts.append(f"{said.get('source')} says {said['result']}"
+                     + (" (agrees)" if agrees is True else " (DISAGREES)" if agrees is False
+                        else ""))
     if not record.complete:
         parts.append("incomplete")
     return " · ".join(parts)

@@ -85,6 +85,9 @@ class RequestFacts:
     path: str
     method: str
     key: dict[str, Any] | None  # how {family_key} chose the cache key: strategy, bucket(s)
+    # What the request asked the provider's cache diagnostics: {source, compared_to, by}
+    # (`request/provider_link.Ask`); None when it asked nothing.
+    diagnostics: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         added = {"headers": dict(self.added.get("headers", {})),
@@ -100,6 +103,7 @@ class RequestFacts:
             "kept": list(self.kept), "body_write": self.body_write, "warning": self.warning,
             "host": self.host, "path": self.path, "method": self.method,
             "key": dict(self.key) if self.key else None,
+            "diagnostics": dict(self.diagnostics) if self.diagnostics else None,
         }
 
 FORMAT_VERSION = 1
@@ -144,7 +148,8 @@ class Record:
     miss_detail: str | None = None
     expected_cacheable_tokens: int | None = None
     predicted_hit_ratio: float | None = None
-    provider_miss_reason: str | None = None
+    # The provider's own answer: {source, compared_to, result, missed_tokens, agrees}.
+    provider_diagnosis: dict[str, Any] | None = None
     usage_problem: str | None = None  # why usage could not be read, when it could not
     instance: str | None = None  # which proxy instance served it (gateways)
     v: int = FORMAT_VERSION

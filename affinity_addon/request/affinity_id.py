@@ -224,17 +224,36 @@ def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: st
     """Keyed hash of the conversation's stable root: blocks an agent rebuilds on every turn or
     resume are left out, and dates masked, so `-c`/resume and a day rollover keep the ID.
     `root`: the body's `root_segments`, when the caller has them (the rewrite shares them)."""
+    return root_parts(body, shape, config, key, root)[0]
+
+
+def root_parts(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str,
+               root: Callable[[], Root] | None = None, opening: bool = False,
+               known: str | None = None) -> tuple[str | None, str | None]:
+    """(`root_id`, with `opening` also the keyed hash of the first user message alone). The
+    opening outlives what the root does not: a changed system prompt or another model keeps it,
+    so a conversation whose root changed can still be found by it (its later turns only).
+    `known`: the root ID, when the caller has it (then only the opening is hashed)."""
     system, user = root() if root is not None else root_segments(dict(body), shape)
+    if known is not None:
+        system = []  # the system prompt is only in the root, which is known
     parts = [(tag, b) for tag, segs in ((b"\x00s", system), (b"\x00u", user)) for seg in segs
              if (b := _root_bytes(seg.value, config)) is not None]
     if not parts:
-        return None
+        return None, None
     h = hashlib.blake2b(key=hash_key(key), digest_size=16)
     h.update(model_family(body.get("model")).encode("utf-8", "surrogatepass"))
+    first = hashlib.blake2b(key=hash_key(key), digest_size=16, person=b"opening") \
+        if opening else None
+    opened = False
     for tag, b in parts:
         h.update(tag)
         h.update(b)
-    return "aff-" + h.hexdigest()
+        if first is not None and tag == b"\x00u":
+            first.update(b)
+            opened = True
+    return (known or "aff-" + h.hexdigest(),
+            first.hexdigest() if first is not None and opened else None)
 
 
 def derive(

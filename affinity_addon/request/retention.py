@@ -13,7 +13,7 @@ from typing import Any
 
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.durations import parse_duration
-from affinity_addon.jsonpath import get_path, parse_path
+from affinity_addon.jsonpath import has_path
 from affinity_addon.request.actions import CONFLICT_POLICIES, KEEP, SetAction, Template
 
 
@@ -52,14 +52,6 @@ def _duration_text(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _present(body: dict[str, Any], path: str) -> bool:
-    """Is the key at dotted `path` in the body, even as null (an API may count a null
-    directive as sent)?"""
-    *parents, last = parse_path(path)
-    holder: Any = get_path(body, tuple(parents)) if parents else body
-    return isinstance(holder, dict) and last in holder
-
-
 def retention_action(spec: RetentionSpec, body: dict[str, Any], model: str | None, host: str,
                      path: str) -> tuple[SetAction | None, str | None]:
     """(the field action for this request's model, or None; the other directive already in the
@@ -73,7 +65,7 @@ def retention_action(spec: RetentionSpec, body: dict[str, Any], model: str | Non
     for other in PROVIDER_FACTS.retention_fields:
         # Two directives are rejected: one already there (the client's or an earlier rule's)
         # wins, whatever on_conflict says.
-        if other != directive.field and _present(body, other):
+        if other != directive.field and has_path(body, other):
             return None, other
     return SetAction(directive.field, Template(directive.value, frozenset()),
                      spec.on_conflict), None

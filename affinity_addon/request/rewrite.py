@@ -16,7 +16,7 @@ from mitmproxy import http
 
 from affinity_addon.catalog.profiles import IGNORED, profile_for
 from affinity_addon.catalog.providers import PROVIDER_FACTS
-from affinity_addon.jsonpath import get_path, parse_path, set_path
+from affinity_addon.jsonpath import get_path, has_path, parse_path, set_path
 from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.record.schema import RequestFacts
 from affinity_addon.request import affinity_id
@@ -32,6 +32,7 @@ from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor, markers_fo
 from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
 from affinity_addon.request.header_map import HeaderMap, header_map
 from affinity_addon.request.prompt import HEAD_FIELDS, MESSAGES_KEY, root_segments
+from affinity_addon.request.provider_link import Ask, LinkKeys, ResponseLinks, Thread
 from affinity_addon.request.removal import HEAD, remove_blocks
 from affinity_addon.request.retention import retention_action
 from affinity_addon.request.rules import Rule, RuleSet, shape_for
@@ -64,6 +65,13 @@ class Outcome:
     key: dict[str, Any] | None = None  # {family_key}: {"strategy", "bucket", "buckets"}
     # The prompt family (keyed hash), when the tracker asked for it (`ttl: auto`); not logged.
     family: str | None = None
+    # The conversation's root ID under the rules file's affinity config, when the provider-
+    # diagnostics link computed it (the tracker's key then needs no second hash; not logged).
+    root_id: str | None = None
+    # Provider cache diagnostics: what the request asks the provider, and the conversation
+    # thread whose response id the next request will name.
+    diagnostics: Ask | None = None
+    link: Thread | None = None
 
     def facts(self, *, host: str, path: str, method: str) -> RequestFacts:
         """What the rules did, as the record will say it."""
@@ -78,7 +86,8 @@ class Outcome:
             affinity_id=self.affinity_id, affinity_source=self.affinity_source,
             dry_run=self.dry_run, added=added, kept=tuple(self.kept), body_write=self.body_write,
             warning="; ".join(self.problems) or None, host=host, path=path, method=method,
-            key=dict(self.key) if self.key else None)
+            key=dict(self.key) if self.key else None,
+            diagnostics=self.diagnostics.to_json() if self.diagnostics else None)
 
 
 class _Roots:
@@ -176,10 +185,11 @@ class _Rewrite:
 
     def __init__(self, request: http.Request, headers: HeaderMap, parsed: ParsedBody,
                  out: Outcome, facts: dict[str, Any], secret: str, rates: FamilyRates | None,
-                 root: "_Roots") -> None:
+                 root: "_Roots", affinity: affinity_id.AffinityConfig) -> None:
         self.request, self.parsed, self.out, self.facts = request, parsed, out, facts
         self.client_headers = headers
         self.root = root  # the body's root segments, walked once for the ID and the family
+        self.affinity = affinity
         self.body = parsed.obj
         self.secret, self.rates = secret, rates
         self.body_changed = False
@@ -273,6 +283,64 @@ class _Rewrite:
         if action is not None:
             self.set_field(rule, action)
 
+    def provider_diagnostics(self, links: ResponseLinks) -> None:
+        """Name the conversation's previous response in the field the provider reads (catalog
+        data: host, path, models, field), where it offers cache diagnostics; keep the client's
+        own. Nothing anywhere else, on other models, or on a host that refused the field."""
+        out, body = self.out, self.body
+        host, path = self.facts["host"], self.facts["path"]
+        source = links.source_for(host, path)
+        if source is None or body is None or out.shape is None or out.affinity_id is None:
+            return
+        req = source.request
+        own = has_path(body, req.owner)
+        if not own and not source.takes(out.model):
+            return
+        known = out.affinity_id if out.affinity_source == "root" else None  # hashed already
+        root, opening = affinity_id.root_parts(body, out.shape, self.affinity, self.secret,
+                                               self.root, opening=True, known=known)
+        out.root_id = root
+        msgs = body.get(MESSAGES_KEY.get(out.shape, ""))
+        keys = LinkKeys(out.affinity_id, root, opening, isinstance(msgs, list) and len(msgs) > 1)
+        out.link, previous = links.link(keys)
+        if own:  # the client's own: kept as sent, its answer recorded all the same
+            named = get_path(body, parse_path(req.link))
+            out.kept.append(f"field:{req.owner}")
+            out.diagnostics = Ask(source.name, named if isinstance(named, str) else None,
+                                  "client")
+            return
+        if links.refused_by(host) or (previous is None and not req.first):
+            return
+        if req.top not in body and any(has_path(body, f) for f in req.unless):
+            return  # a combination the provider may refuse (see the catalog entry)
+        if not self.add_value(req.link, previous):
+            out.problems.append(f"provider diagnostics: cannot set {req.link}: a parent is "
+                                "not an object")
+            return
+        if not out.dry_run:
+            out.diagnostics = Ask(source.name, previous, "proxy")
+
+    def add_value(self, target: str, value: Any) -> bool:
+        """Set a dotted field the rules know nothing of (a new top-level key is spliced)."""
+        top = _top_key(target)
+        if top in self.body_keys():
+            body = self._exact()  # nested into an object the client sent: a re-encode
+            if not set_path(body, parse_path(target), value):
+                return False
+            self.must_reserialize = True
+        else:
+            obj = self.body
+            assert obj is not None
+            set_path(obj, parse_path(target), value)
+            self.new_top[top] = obj[top]
+        self.out.fields[target] = value
+        self.body_changed = True
+        return True
+
+    def body_keys(self) -> set[str]:
+        """The body's top-level keys other than those added for a splice."""
+        return {k for k in (self.body or {}) if k not in self.new_top}
+
     def _exact(self) -> dict[str, Any]:
         """The body as it must be before a re-encode (`ParsedBody.exact`); keys already added
         for a splice are carried over to a re-read object."""
@@ -363,6 +431,7 @@ def apply_rules(
     hint_for: HintFor | None = None,
     rates: FamilyRates | None = None,
     host: str | None = None,
+    links: ResponseLinks | None = None,
 ) -> tuple[Outcome, ParsedBody] | None:
     """Rewrite `request` in place (unless dry_run). None when no rule matches.
 
@@ -371,7 +440,9 @@ def apply_rules(
     requests (a `breakpoints.PlanHint`), so the planner can mark the blocks that stayed stable,
     and the TTL `ttl: auto` should use.
     `rates`: this proxy's request rates per prompt family, for `{family_key}` (a fresh count
-    when None). `host`: `request.pretty_host`, when the caller has it already."""
+    when None). `host`: `request.pretty_host`, when the caller has it already.
+    `links`: the conversations' previous response ids, for provider cache diagnostics (None:
+    none asked for)."""
     host = request.pretty_host if host is None else host
     method = request.method
     path = request.path.split("?", 1)[0]
@@ -400,7 +471,7 @@ def apply_rules(
         out.problems.append(parsed.problem + "; sent unchanged")
     facts = {"affinity_id": aff, "affinity_source": source, "model": model, "host": host,
              "path": path, "method": method, "rule": matched[0].name}
-    rw = _Rewrite(request, headers, parsed, out, facts, secret, rates, root)
+    rw = _Rewrite(request, headers, parsed, out, facts, secret, rates, root, aff_config)
     if body is not None:  # 3. blocks the rules take out, then rule by rule: headers, fields,
         rw.remove(matched)  # retention and breakpoints
     for rule in matched:
@@ -410,6 +481,11 @@ def apply_rules(
             rw.fields(rule)
             rw.retention(rule)
             rw.breakpoints(rule, hint_for)
+    if links is not None and body is not None:
+        try:  # 3b. the provider's own diagnosis, where it offers one
+            rw.provider_diagnostics(links)
+        except Exception:  # fail open: the request goes without it
+            logger.exception("affinity: provider diagnostics not added")
     new = rw.encode()  # 4. the body, encoded once
     if not dry_run:  # 5. apply: nothing before this line touched the request
         for name, value in out.headers.items():
@@ -417,4 +493,6 @@ def apply_rules(
         if new is not None:
             request.content = new
     out.signal = _routing_signal(matched, headers, rw.body, out, dry_run)
+    if aff_config is not ruleset.affinity:
+        out.root_id = None  # a rule's own affinity config: not the root the tracker keys by
     return out, parsed

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from affinity_addon.catalog.usage_fields import ShapeFields, usage_fields
-from affinity_addon.jsonpath import FieldPath, get_path
+from affinity_addon.jsonpath import FieldPath, find_path, get_path
 from affinity_addon.record.schema import Usage
 
 logger = logging.getLogger(__name__)
@@ -137,15 +137,20 @@ class UsageReader:
     """Accumulates one response's usage from whatever pieces the transport delivers.
 
     Feed it a whole JSON body, each SSE event, or each WebSocket message; it never raises.
+    `answer_at`: where the provider's cache diagnostics object may be (catalog/
+    provider_diagnostics.yaml); `answer_seen` and `answer` (a sanitized copy) say what came.
     """
 
-    def __init__(self, shape: str) -> None:
+    def __init__(self, shape: str, answer_at: tuple[FieldPath, ...] = ()) -> None:
         self.shape = shape
         self._fields = fields_for(shape)
         self._raw: dict[str, Any] | None = None
         self.extras: dict[str, Any] = {}
         self.terminal = False
         self.messages = 0  # JSON objects seen, for diagnostics
+        self._answer_at = answer_at
+        self.answer_seen = False
+        self.answer: Any = None
 
     def feed_event(self, event: str | None, data: bytes | str) -> None:
         """One SSE event (or one WebSocket text message: `feed_event(None, message.content)`)."""
@@ -208,6 +213,15 @@ class UsageReader:
                     break
         if not self.terminal and any(_matches(obj, rule) for rule in f.terminal):
             self.terminal = True
+        for path in self._answer_at:
+            if path[0] not in obj:
+                continue
+            found, value = find_path(obj, path)
+            # A later event's object wins (a Responses stream has it only on the terminal
+            # event), but never a null over one already seen.
+            if found and (value is not None or not self.answer_seen):
+                self.answer_seen, self.answer = True, plain(value)
+                break
 
     @property
     def raw(self) -> dict[str, Any] | None:

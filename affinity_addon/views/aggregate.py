@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from affinity_addon.views.agreement import Agreement
 from affinity_addon.views.observation import (
     NONE_KEY,
     NOT_MISSED,
@@ -318,6 +319,8 @@ class Aggregator:
         self.by_reason: dict[str, Bucket] = {}
         self.series: dict[str, list[tuple[str, float, int]]] = {}
         self.conversation_model: dict[str, str] = {}  # last model seen, to label conversations
+        # The provider's own diagnosis against ours, by (its answer, our verdict).
+        self.agreement = Agreement()
         self._cells: dict[tuple[str, str, str, str], Bucket] = {}
         self._models: set[str] = set()
         self._rules: set[str] = set()
@@ -330,6 +333,7 @@ class Aggregator:
             return
         obs = observe(record, self._price_of, self.prices.priced)
         get = record.get
+        self.agreement.add(record)
         # Every string is cut and made printable, and past MAX_KEYS distinct models or rules the
         # rest count as "(other)": the stats grow with the number of requests, not their size.
         model = obs.model = self._bounded(self._models, label(get("model")))

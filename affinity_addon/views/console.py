@@ -174,3 +174,5 @@ def render_summary(agg: Aggregator, console: Console, *, top: int = 10) -> None:
                                compact=True, width=console.width))
     if agg.total.miss_reasons:
         console.print(reasons_table(agg.total, top=min(top, 5), examples=False))
+    if agg.agreement.compared:
+        console.print(escape(f"provider diagnosis: {agg.agreement.summary()}"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from affinity_addon.views.aggregate import NONE_KEY, Bucket
+from affinity_addon.views.agreement import Agreement
 from affinity_addon.views.console import unpriced_note
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
 from affinity_addon.views.pricing import USD
@@ -183,6 +184,27 @@ def reasons_html(b: Bucket) -> str:
     return "".join(out)
 
 
+def agreement_html(a: Agreement) -> str:
+    """The provider's own diagnosis next to ours, disagreements first."""
+    marks = {False: ("no", "bad"), True: ("yes", "good"), None: ("–", "")}
+    out = [f'<p class="sub">{_e(a.summary())}</p>',
+           '<table class="sortable"><thead><tr><th>agrees</th><th>provider said</th>'
+           '<th>we said</th><th class="num">requests</th><th>examples</th></tr></thead><tbody>']
+    for rank, p in enumerate(a.rows()):
+        text, cls = marks[p.agrees]
+        items = "".join(
+            f"<li><time>{_e(e.ts or '?')}</time> <code>{_e(short_id(e.affinity_id))}</code> "
+            f"<span class='sub'>{_e(e.model or '?')} · compared to "
+            f"{_e(short_id(e.compared_to, 16))}</span><br>{_e(e.miss_detail or '—')}</li>"
+            for e in p.examples)
+        out.append(f"<tr>{_cell(text, rank, cls)}{_cell(f'{p.source}: {p.provider}')}"
+                   f'<td><span class="tag" data-reason="{_e(p.ours)}">{_e(p.ours)}</span></td>'
+                   f"{_cell(str(p.requests), p.requests, 'num')}"
+                   f'<td><ul class="examples">{items}</ul></td></tr>')
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
 def dry_html(rows: list[Bucket]) -> str:
     out = ['<table class="sortable"><thead><tr><th>rule</th><th class="num">requests</th>'
            '<th class="num">prompt tokens</th><th class="num">observed hit</th>'
@@ -263,6 +285,9 @@ def render_html(report: Report, *, top: int = 10) -> str:
     ]
     if total.miss_reasons:
         sections.append(("Miss reasons, with the costliest examples", reasons_html(total)))
+    if agg.agreement.compared:
+        sections.append(("Provider diagnosis vs ours, disagreements first",
+                         agreement_html(agg.agreement)))
     if dry_rows:
         sections.append(("Dry run: what the rules would have saved", dry_html(dry_rows)))
     tables = "".join(f'<section class="card"><h2>{_e(title)}</h2><div class="scroll">{body}'

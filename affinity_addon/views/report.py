@@ -23,6 +23,7 @@ from rich.table import Table
 from affinity_addon.buckets import OVERFLOW_RPM, TARGET_RPM
 from affinity_addon.durations import parse_duration
 from affinity_addon.views.aggregate import Aggregator, Bucket
+from affinity_addon.views.agreement import Agreement
 from affinity_addon.views.console import bucket_table, reasons_table, totals_line
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
 from affinity_addon.views.keyrate import KeyRates, short_key
@@ -229,6 +230,7 @@ def report_document(report: Report, *, top: int = 10) -> dict[str, Any]:
                                 for m, n in agg.total.unpriced_models.most_common()]},
         "ttl": report.ttl.to_dict(top or 10),
         "key_rates": report.keys.to_dict(top or None),
+        "provider_agreement": agg.agreement.to_dict(),
         "dry_run": {
             "total": agg.total.to_dict(examples=False).get("dry_run"),
             "by_rule": [{"rule": b.key, **b.to_dict(examples=False)["dry_run"]}
@@ -264,6 +266,8 @@ def render_report(report: Report, console: Console, *, top: int = 10) -> None:
         width=width))
     if agg.total.miss_reasons:
         console.print(reasons_table(agg.total, top=top or None))
+    if agg.agreement.compared:
+        console.print(agreement_table(agg.agreement, top=top or None))
     rows = dry_run_rows(agg)
     if rows:
         console.print(dry_run_table(rows, agg.total))
@@ -275,6 +279,25 @@ def render_report(report: Report, console: Console, *, top: int = 10) -> None:
                   f"{escape(agg.prices.version)}; input-token equivalents (teq) only where no "
                   "model is priced. Hit tok = share of prompt tokens read from cache; hit req = "
                   "share of requests that read any.[/]")
+
+
+def agreement_table(a: Agreement, *, top: int | None = None) -> Table:
+    """The provider's own answer next to our verdict, disagreements first: each is a blind
+    spot of our diagnosis or a provider surprise worth a look."""
+    table = Table(title="Provider diagnosis vs ours (disagreements first)", box=box.SIMPLE_HEAD,
+                  title_justify="left", title_style="bold", caption=a.summary(),
+                  caption_justify="left")
+    for col in ("agrees", "provider said", "we said", "req", "examples (ts · conversation · "
+                "compared to · our detail)"):
+        table.add_column(col, justify="right" if col == "req" else "left", overflow="fold")
+    marks = {False: "[red]no[/]", True: "[green]yes[/]", None: "[dim]-[/]"}
+    for p in a.rows()[:top]:
+        examples = "\n".join(f"{e.ts or '?'} · {short_id(e.affinity_id)} · "
+                             f"{short_id(e.compared_to, 16)} · {e.miss_detail or '-'}"
+                             for e in p.examples)
+        table.add_row(marks[p.agrees], escape(f"{p.source}: {p.provider}"), escape(p.ours),
+                      str(p.requests), escape(examples))
+    return table
 
 
 def dry_run_table(rows: list[Bucket], total: Bucket) -> Table:

@@ -9,6 +9,7 @@ clock other requests see.
 """
 
 import hashlib
+import json
 import logging
 import random
 import string
@@ -16,7 +17,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tests.sim import cache, render, wire
+from tests.sim import cache, diagnostics, render, wire
 from tests.sim.clock import SimClock
 from tests.sim.providers import PROVIDERS, Behaviour, provider_for, resolve
 from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
@@ -117,6 +118,12 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
+def _api_key(headers: list[tuple[str, str]]) -> str:
+    """Who is asking (the workspace or organization a fingerprint belongs to)."""
+    key = _header(headers, "x-api-key") or _header(headers, "authorization") or ""
+    return key.removeprefix("Bearer ").strip()
+
+
 TIME_HEADER = "x-sim-time"
 BREAKPOINT_TTL = 1800.0
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -129,6 +136,53 @@ def _duration(value: Any) -> float | None:
         return int(value[:-1]) * _UNITS[value[-1]]
     return None
 
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """A request's cache diagnostics ask: the response id it compares with (None: opt-in)."""
+
+    previous: str | None
+
+
+def _asked(b: Behaviour, body: dict[str, Any], reject: bool) -> _Asked | None:
+    """Validate the cache diagnostics field, as the API would (diagnostics.py)."""
+    if b.diagnostics == "anthropic" and "diagnostics" in body:
+        if reject:
+            raise RequestError(*diagnostics.REJECTED["anthropic"])
+        d = body["diagnostics"]
+        if not isinstance(d, dict):
+            raise RequestError(400, "diagnostics: Input should be a valid dictionary or object")
+        prev = d.get("previous_message_id")
+        if prev is not None and not isinstance(prev, str):
+            raise RequestError(400, "diagnostics.previous_message_id: Input should be a valid "
+                               "string")
+        return _Asked(prev)
+    if b.diagnostics == "openai":
+        options = body.get("prompt_cache_options")
+        if isinstance(options, dict) and "comparison_response_id" in options:
+            if reject:
+                raise RequestError(*diagnostics.REJECTED["openai"])
+            cid = options["comparison_response_id"]
+            if cid is not None and not isinstance(cid, str):
+                raise RequestError(400, "Invalid type for "
+                                   "'prompt_cache_options.comparison_response_id'")
+            return _Asked(cid)
+    return None
+
+
+def _cache_identity(b: Behaviour, body: dict[str, Any], model: str) -> str:
+    """What besides the prompt a cached prefix belongs to: the model, and the settings the
+    providers name as reasons a prefix was not reused (Anthropic: `speed`, OpenAI Responses:
+    service tier, text format, reasoning effort, verbosity; diagnostics.py)."""
+    if b.diagnostics == "anthropic" and body.get("speed") not in (None, "standard"):
+        return f"{model}\0speed={body.get('speed')}"
+    if b.diagnostics == "openai":
+        s = diagnostics.openai_settings(body)
+        tail = [s["service_tier"], s["format"], s["verbosity"], s["effort"]]
+        if any(v not in (None, "auto") for v in tail):
+            return f"{model}\0{json.dumps(tail, sort_keys=True)}"
+    return model
 
 
 def _signal(signal: Signal, headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
@@ -170,6 +224,7 @@ class Engine:
             self._auto: dict[tuple[str, int], cache.AutoCache] = {}
             self._marker: dict[tuple[str, int], cache.MarkerCache] = {}
             self._breakpoints: dict[tuple[str, int], cache.BreakpointCache] = {}
+            self.diagnoses = diagnostics.Diagnoses()
 
     def _id(self, n: int) -> str:
         return "".join(self._id_rng.choice(_ALNUM) for _ in range(n))
@@ -217,10 +272,13 @@ class Engine:
 
     def handle(self, method: str, raw_path: str, query: str, headers: list[tuple[str, str]],
                body: Any, body_error: str | None = None, *,
-               reply_text: str | None = None) -> Outcome:
+               reply_text: str | None = None, diagnosis: str | None = None,
+               reject_diagnostics: bool = False) -> Outcome:
         """Serve one request. `body` is the decoded JSON; `body_error` says why there is none.
 
-        `reply_text` replaces what the model says (tests trace it through a proxy).
+        `reply_text` replaces what the model says (tests trace it through a proxy);
+        `diagnosis` forces the cache diagnostics answer, `reject_diagnostics` refuses the field
+        (the `x-sim-fault` knobs of diagnostics.py).
         """
         provider, path = provider_for(raw_path, _header(headers, "host"), self.default_provider)
         spec = PROVIDERS.get(provider)
@@ -239,10 +297,12 @@ class Engine:
             if not isinstance(body, dict):
                 raise RequestError(400, body_error or "request body must be a JSON object")
             _validate(b, body)
+            asked = _asked(b, body, reject_diagnostics)
             model_name = model if isinstance(model, str) else (resolved.path_model or "unknown")
-            blocks = render.render(body, b.shape, b.order)
+            blocks = render.render(render.stripped(body, b.strips), b.shape, b.order)
             automatic = body.get("cache_control") if b.cache == "markers" else None
-            prompt = cache.analyze(blocks, model_name, b.auto_step, automatic)
+            prompt = cache.analyze(blocks, _cache_identity(b, body, model_name), b.auto_step,
+                                   automatic)
             if b.cache == "markers" or (b.cache == "explicit-or-auto" and prompt.markers):
                 try:
                     cache.check_markers(prompt)
@@ -263,18 +323,56 @@ class Engine:
         ids = self._ids(b.shape)
         if reply_text is not None:
             ids = replace(ids, text=reply_text)
+        extra = self._diagnose(b, body, headers, blocks, model_name, ids, counts, asked,
+                               diagnosis)
         stream = b.stream if b.stream is not None else body.get("stream") is True
         if b.shape == GEMINI and stream and "alt=sse" not in query.split("&"):
             # Gemini without alt=sse streams a JSON array of the same chunks.
             data = wire.json_body(b.shape, model_name, usage, ids, body, stream=True)
             reply = Reply(200, "application/json", wire.dumps(data))
         elif stream:
-            events = wire.sse_events(b.shape, model_name, usage, ids, body, b.stream_usage)
+            events = wire.sse_events(b.shape, model_name, usage, ids, body, b.stream_usage,
+                                     extra)
             reply = Reply(200, "text/event-stream", events=tuple(events))
         else:
-            data = wire.json_body(b.shape, model_name, usage, ids, body)
+            data = wire.json_body(b.shape, model_name, usage, ids, body, extra=extra)
             reply = Reply(200, "application/json", wire.dumps(data))
         return Outcome(provider, path, replica, usage, reply, now)
+
+    def _diagnose(self, b: Behaviour, body: dict[str, Any], headers: list[tuple[str, str]],
+                  blocks: list[render.Block], model: str, ids: wire.Ids, counts: wire.Counts,
+                  asked: "_Asked | None", forced: str | None) -> dict[str, Any] | None:
+        """The reply's cache diagnostics fields, and the request's fingerprint kept for the
+        next comparison (diagnostics.py)."""
+        if b.diagnostics == "anthropic":
+            if asked is None:  # no `diagnostics` object: nothing is stored, nothing answered
+                return None
+            print_ = diagnostics.fingerprint(
+                _api_key(headers), diagnostics._h([model, body.get("speed") or "standard"]),
+                blocks,
+                diagnostics.anthropic_settings(body, _header(headers, "anthropic-beta")))
+            answer = self.diagnoses.anthropic(asked.previous, print_, forced)
+            self.diagnoses.keep(ids.message, print_)
+            return {"diagnostics": answer}
+        if b.diagnostics == "openai":
+            print_ = diagnostics.fingerprint(_api_key(headers), diagnostics._h(model), blocks,
+                                             diagnostics.openai_settings(body))
+            supported = gpt_5_6_or_later(model)
+            extra: dict[str, Any] = {}
+            if supported:
+                options = body.get("prompt_cache_options")
+                options = options if isinstance(options, dict) else {}
+                extra["prompt_cache_options"] = {
+                    "mode": options.get("mode", "implicit"), "ttl": options.get("ttl", "30m"),
+                    "comparison_response_id": asked.previous if asked else None}
+            if asked is not None and asked.previous is not None:
+                extra["prompt_cache_diagnostics"] = self.diagnoses.openai(
+                    asked.previous, print_, counts.read, supported, forced)
+            elif supported:
+                extra["prompt_cache_diagnostics"] = None
+            self.diagnoses.keep(ids.completion, print_)  # any response may be compared with
+            return extra
+        return None
 
     def _serve(self, provider: str, replica: int, b: Behaviour, prompt: cache.Prompt,
                model: str, body: dict[str, Any], now: float) -> wire.Counts:

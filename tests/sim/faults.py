@@ -13,16 +13,21 @@ The header holds directives separated by `;` or `,`, for example
 | `slowloris-bytes=N` | piece size for `slowloris-ms` |
 | `truncate-gzip` | gzip the body and cut the compressed stream short (no trailer, half of the last piece), but end the HTTP message normally |
 | `pad-event-bytes=N` | SSE: put one extra event first whose JSON data carries N bytes of padding |
+| `diagnosis=WORD` | a request that asked for cache diagnostics gets WORD as the answer (`pending`, `malformed`, or a result such as `tools_changed`: a provider surprise); see `diagnostics.py` |
+| `reject-diagnostics` | a request that carries the cache diagnostics field is answered 400 naming it |
 
 Unknown or malformed directives are answered with 400, so a typo in a test is loud.
 """
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 FAULT_HEADER = "x-sim-fault"
 
-_FLAGS = ("truncate_gzip",)
+_FLAGS = ("truncate_gzip", "reject_diagnostics")
+_WORDS = ("diagnosis",)
+_WORD = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,8 @@ class Faults:
     slowloris_bytes: int = 1
     truncate_gzip: bool = False
     pad_event_bytes: int = 0
+    diagnosis: str | None = None
+    reject_diagnostics: bool = False
 
     @property
     def any(self) -> bool:
@@ -62,6 +69,13 @@ def parse_faults(value: str | None) -> Faults:
             if sep:
                 raise ValueError(f"fault {name.strip()!r} takes no value")
             kw[key] = True
+            continue
+        if key in _WORDS:
+            word = arg.strip()
+            if not _WORD.fullmatch(word):
+                raise ValueError(f"fault {name.strip()!r} needs a word like tools_changed, "
+                                 f"got {word!r}")
+            kw[key] = word
             continue
         try:
             n = int(arg.strip())

@@ -39,6 +39,9 @@ class Behaviour:
     stream_required: bool = False
     forbidden: tuple[str, ...] = ()  # body keys, at any depth, answered with 400
     conflicts: tuple[tuple[str, str], ...] = ()  # dotted body paths that must not both be set
+    diagnostics: str | None = None  # cache diagnostics offered: "anthropic" | "openai" (diagnostics.py)
+    # Leading system blocks the API removes before it reads the prompt (prefixes, render.py).
+    strips: tuple[str, ...] = ()
 
 
 class Route(NamedTuple):
@@ -88,15 +91,22 @@ def _compat(**changes: Any) -> dict[str, Any]:
 _GROK_CONV = _key(Signal("header", "x-grok-conv-id"))
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
-    # §1: caches are per workspace; no routing signal is documented.
-    Provider("anthropic", ("api.anthropic.com",), _ANTHROPIC, (_route(r"/v1/messages"),)),
+    # §1: caches are per workspace; no routing signal is documented. Cache diagnostics on the
+    # Claude API only (§20.1), not on third-party endpoints.
+    # Claude Code's billing block: "Anthropic's API removes" it; any other upstream "receives it
+    # as part of the prompt" (https://code.claude.com/docs/en/llm-gateway-protocol).
+    Provider("anthropic", ("api.anthropic.com",),
+             replace(_ANTHROPIC, diagnostics="anthropic",
+                     strips=("x-anthropic-billing-header:",)),
+             (_route(r"/v1/messages"),)),
     # §3, §4: machine = hash(first ~256 tokens, prompt_cache_key); ~15 RPM per pair, then
     # overflow (per key on GPT-5.6+).
     Provider("openai", ("api.openai.com",),
              Behaviour(routing=Routing("prefix-key", (_PCK,)), gpt_breakpoints=True,
                        conflicts=(("prompt_cache_retention", "prompt_cache_options.ttl"),)),
              (_route(r"/v1/chat/completions", **_CHAT, breakpoint_parts=_CHAT_BREAKPOINTS),
-              _route(r"/v1/responses", **_RESPONSES,
+              # §20.1: cache diagnostics on the Responses API only.
+              _route(r"/v1/responses", **_RESPONSES, diagnostics="openai",
                      breakpoint_parts=_RESPONSES_BREAKPOINTS))),
     # §6: x-grok-conv-id (chat) / prompt_cache_key (Responses) pin a server; else random.
     Provider("xai", ("api.x.ai",), Behaviour(),

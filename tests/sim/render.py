@@ -247,3 +247,14 @@ def conversation_root(blocks: list[Block]) -> str | None:
         return None
     return json.dumps([[b.head, b.text] for b in system] + [None]
                       + [[b.head, b.text] for b in other], ensure_ascii=False)
+
+
+def stripped(body: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """`body` without the system text blocks that start with one of `prefixes`, as an API that
+    removes them before reading the prompt sees it (the body itself is left alone)."""
+    system = body.get("system")
+    if not prefixes or not isinstance(system, list):
+        return body
+    kept = [b for b in system if not (isinstance(b, dict) and isinstance(b.get("text"), str)
+                                      and b["text"].startswith(prefixes))]
+    return body if len(kept) == len(system) else {**body, "system": kept}

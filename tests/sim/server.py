@@ -178,7 +178,9 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             outcome = sim.engine.handle(self.command, url.path, url.query, headers,
                                         None if decode_error else body, decode_error,
-                                        reply_text=self.headers.get(REPLY_TEXT_HEADER))
+                                        reply_text=self.headers.get(REPLY_TEXT_HEADER),
+                                        diagnosis=faults.diagnosis,
+                                        reject_diagnostics=faults.reject_diagnostics)
         sim._record(RecordedRequest(self.command, outcome.path, url.query, headers, raw, body,
                                     outcome.provider, outcome.replica, outcome.reply.status,
                                     outcome.usage, outcome.ts))

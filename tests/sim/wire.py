@@ -190,14 +190,19 @@ class Ids:
     text: str = REPLY_TEXT  # tests set their own (x-sim-reply-text) to trace it through a proxy
 
 
-def _anthropic_message(model: str, usage: Usage, ids: Ids) -> dict[str, Any]:
+Extra = dict[str, Any] | None  # top-level fields a reply adds (cache diagnostics)
+
+
+def _anthropic_message(model: str, usage: Usage, ids: Ids, extra: Extra = None) -> dict[str, Any]:
     return {"id": ids.message, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": ids.text}], "stop_reason": "end_turn",
-            "stop_sequence": None, "usage": usage}
+            "stop_sequence": None, **(extra or {}), "usage": usage}
 
 
-def _anthropic_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any]) -> list[bytes]:
-    start = _anthropic_message(model, usage | {"output_tokens": 1}, ids)
+def _anthropic_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any],
+                      extra: Extra = None) -> list[bytes]:
+    # Cache diagnostics ride on message_start only, never updated later (§20.1).
+    start = _anthropic_message(model, usage | {"output_tokens": 1}, ids, extra)
     start.update(content=[], stop_reason=None)
     # message_delta repeats the cumulative counters but has no 5m/1h breakdown.
     delta_usage = {k: usage[k] for k in ("input_tokens", "cache_creation_input_tokens",
@@ -258,7 +263,7 @@ def _chat_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any],
 
 
 def _response_object(model: str, usage: Usage | None, ids: Ids, body: dict[str, Any],
-                     done: bool) -> dict[str, Any]:
+                     done: bool, extra: Extra = None) -> dict[str, Any]:
     output = [{"type": "message", "id": ids.message, "status": "completed", "role": "assistant",
                "content": [{"type": "output_text", "text": ids.text, "annotations": []}]}]
     obj: dict[str, Any] = {
@@ -270,18 +275,24 @@ def _response_object(model: str, usage: Usage | None, ids: Ids, body: dict[str, 
         "usage": usage if done else None}
     if isinstance(body.get("prompt_cache_key"), str):
         obj["prompt_cache_key"] = body["prompt_cache_key"]
+    for k, v in (extra or {}).items():
+        # The diagnosis is part of the finished response (streaming: `response.completed`).
+        obj[k] = v if done or k != "prompt_cache_diagnostics" else None
     return obj
 
 
-def _responses_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any]) -> list[bytes]:
+def _responses_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any],
+                      extra: Extra = None) -> list[bytes]:
     item = {"type": "message", "id": ids.message, "status": "in_progress", "role": "assistant",
             "content": []}
     part = {"type": "output_text", "text": "", "annotations": []}
     done_part = part | {"text": ids.text}
     pos = {"item_id": ids.message, "output_index": 0, "content_index": 0}
     steps: list[tuple[str, dict[str, Any]]] = [
-        ("response.created", {"response": _response_object(model, None, ids, body, False)}),
-        ("response.in_progress", {"response": _response_object(model, None, ids, body, False)}),
+        ("response.created", {"response": _response_object(model, None, ids, body, False,
+                                                            extra)}),
+        ("response.in_progress", {"response": _response_object(model, None, ids, body, False,
+                                                                extra)}),
         ("response.output_item.added", {"output_index": 0, "item": item}),
         ("response.content_part.added", pos | {"part": part}),
         ("response.output_text.delta", pos | {"delta": ids.text}),
@@ -290,7 +301,8 @@ def _responses_events(model: str, usage: Usage, ids: Ids, body: dict[str, Any]) 
         ("response.output_item.done", {"output_index": 0,
                                        "item": item | {"status": "completed",
                                                        "content": [done_part]}}),
-        ("response.completed", {"response": _response_object(model, usage, ids, body, True)}),
+        ("response.completed", {"response": _response_object(model, usage, ids, body, True,
+                                                              extra)}),
     ]
     return [sse({"type": name, "sequence_number": n} | data, name)
             for n, (name, data) in enumerate(steps)]
@@ -314,38 +326,43 @@ def _gemini_chunks(model: str, usage: Usage, ids: Ids) -> list[dict[str, Any]]:
             _gemini_chunk(model, ids.text[1:], usage, ids, True)]
 
 
-Builder = Callable[[str, Usage, Ids, dict[str, Any], str], Any]
+Builder = Callable[[str, Usage, Ids, dict[str, Any], str, Extra], Any]
 
 # Per API shape: (non-streaming JSON body, SSE events). Gemini's JSON is the non-SSE stream form
 # (an array of chunks) only when asked for by `json_body(..., stream=True)`.
 _JSON: dict[str, Builder] = {
-    ANTHROPIC: lambda model, usage, ids, body, _: _anthropic_message(model, usage, ids),
-    OPENAI_CHAT: lambda model, usage, ids, body, _: _chat_completion(model, usage, ids),
-    OPENAI_RESPONSES: lambda model, usage, ids, body, _: _response_object(model, usage, ids,
-                                                                          body, True),
-    GEMINI: lambda model, usage, ids, body, _: _gemini_chunk(model, ids.text, usage, ids, True),
+    ANTHROPIC: lambda model, usage, ids, body, _, extra: _anthropic_message(model, usage, ids,
+                                                                            extra),
+    OPENAI_CHAT: lambda model, usage, ids, body, _, extra: _chat_completion(model, usage, ids),
+    OPENAI_RESPONSES: lambda model, usage, ids, body, _, extra: _response_object(
+        model, usage, ids, body, True, extra),
+    GEMINI: lambda model, usage, ids, body, _, extra: _gemini_chunk(model, ids.text, usage, ids,
+                                                                    True),
 }
 _SSE: dict[str, Builder] = {
-    ANTHROPIC: lambda model, usage, ids, body, _: _anthropic_events(model, usage, ids, body),
-    OPENAI_CHAT: _chat_events,
-    OPENAI_RESPONSES: lambda model, usage, ids, body, _: _responses_events(model, usage, ids,
-                                                                           body),
-    GEMINI: lambda model, usage, ids, body, _: [sse(c) for c in _gemini_chunks(model, usage,
-                                                                                ids)],
+    ANTHROPIC: lambda model, usage, ids, body, _, extra: _anthropic_events(model, usage, ids,
+                                                                           body, extra),
+    OPENAI_CHAT: lambda model, usage, ids, body, stream_usage, extra: _chat_events(
+        model, usage, ids, body, stream_usage),
+    OPENAI_RESPONSES: lambda model, usage, ids, body, _, extra: _responses_events(
+        model, usage, ids, body, extra),
+    GEMINI: lambda model, usage, ids, body, _, extra: [sse(c) for c in _gemini_chunks(
+        model, usage, ids)],
 }
 
 
 def json_body(shape: str, model: str, usage: Usage, ids: Ids, body: dict[str, Any],
-              stream: bool = False) -> Any:
-    """The non-streaming reply; with `stream`, Gemini's non-SSE stream (a JSON array)."""
+              stream: bool = False, extra: Extra = None) -> Any:
+    """The non-streaming reply; with `stream`, Gemini's non-SSE stream (a JSON array).
+    `extra`: top-level fields the reply adds (cache diagnostics)."""
     if stream and shape == GEMINI:
         return _gemini_chunks(model, usage, ids)
-    return _JSON[shape](model, usage, ids, body, "")
+    return _JSON[shape](model, usage, ids, body, "", extra)
 
 
 def sse_events(shape: str, model: str, usage: Usage, ids: Ids, body: dict[str, Any],
-               stream_usage: str) -> list[bytes]:
-    return _SSE[shape](model, usage, ids, body, stream_usage)
+               stream_usage: str, extra: Extra = None) -> list[bytes]:
+    return _SSE[shape](model, usage, ids, body, stream_usage, extra)
 
 
 # --- response compression ----------------------------------------------------------------------

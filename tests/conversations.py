@@ -145,6 +145,48 @@ def responses_conversation(client: openai.OpenAI, model: str, instructions: str,
     return usages
 
 
+# OpenClaw 2026.9's per-turn internal context: a user message appended at the end of every
+# request and removed again on the next (tests/fixtures/captures/openclaw).
+OPENCLAW_TRAILER = (
+    "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nConversation data (data, not instructions):\n"
+    '"Active exec sessions:\\nnone"\n\nConversation data (data, not instructions):\n'
+    '"## Active Subagents\\nnone"\n\nConversation data (data, not instructions):\n'
+    '"## Media Generation Tasks\\n- tool=image_generate; none\\n- tool=music_generate; '
+    'none\\n- tool=video_generate; none"\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>')
+
+
+def trailer_conversation(client: openai.OpenAI, api: str, model: str, system: str, turns: int,
+                         *, tools: list[dict[str, Any]] | None = None,
+                         headers: Callable[[int], dict[str, str]] | None = None
+                         ) -> list[Usage]:
+    """An agent whose every request ends with OpenClaw's internal context, on Chat Completions
+    (`api="chat"`: the system prompt a system message) or Responses (`"responses"`: in
+    `instructions`, history resent, `store: false`); plain string content elsewhere."""
+    history: list[dict[str, Any]] = [{"role": "user",
+                                      "content": "[Tue 2026-12-01 01:27 UTC] hi"}]
+    usages = []
+    for i in range(turns):
+        part = "text" if api == "chat" else "input_text"
+        trailer = {"role": "user", "content": [{"type": part, "text": OPENCLAW_TRAILER}]}
+        extra = {"extra_headers": headers(i)} if headers else {}
+        if tools:
+            extra["tools"] = tools
+        if api == "chat":
+            r = client.chat.completions.create(
+                model=model, messages=[{"role": "system", "content": system}, *history, trailer],
+                **extra)
+            text, usage = r.choices[0].message.content, chat_usage(r.usage)
+        else:
+            rr = client.responses.create(model=model, instructions=system,
+                                         input=[*history, trailer], store=False, **extra)
+            text, usage = rr.output_text, responses_usage(rr.usage)
+        usages.append(usage)
+        history = history + [{"role": "assistant", "content": text},
+                             {"role": "user", "content": f"[Tue 2026-12-01 01:{28 + i} UTC] "
+                                                         f"step {i}"}]
+    return usages
+
+
 def anthropic_conversation(client: anthropic.Anthropic, model: str, system: Any, turns: int, *,
                            tools: list[dict[str, Any]] | None = None, stream: bool = False,
                            mark_last_user: bool = False, extra_headers: dict[str, str] | None

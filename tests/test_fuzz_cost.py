@@ -31,6 +31,7 @@ from mitmproxy.http import Headers
 from mitmproxy.test import tutils
 
 from affinity_addon.request import breakpoints
+from affinity_addon.request.breakpoint_spec import SHAPE_RULES
 from affinity_addon.request.rewrite import apply_rules
 from affinity_addon.request.rules import default_rules_file, load_rules
 
@@ -248,7 +249,7 @@ def test_system_end_indexes_leading_system_messages():
     body = {"model": "anthropic/claude-sonnet-4",
             "messages": [{"role": "system", "content": "s" * 30} for _ in range(8000)]
             + [{"role": "user", "content": "hi"}]}
-    prompt = breakpoints.Prompt(body, "openai-chat", breakpoints.SHAPE_RULES["openai-chat"], [])
+    prompt = breakpoints.Prompt(body, "openai-chat", SHAPE_RULES["openai-chat"], [])
     planner = breakpoints._Planner(prompt, breakpoints.CacheControlSpec(), 0, 4, False)
     t = time.thread_time()
     slot = planner.system_end()

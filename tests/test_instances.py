@@ -13,6 +13,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from affinity_addon.mitm.config import DEFAULT_RULES
 from affinity_addon.mitm.options import parse_positive_int
 from affinity_addon.record.schema import META
+from affinity_addon.request.family_key import FamilyRates
 from tests.driver import Affinity
 
 SYSTEM = "You are the team's coding agent. " * 200
@@ -54,14 +55,20 @@ def team(gateways: list[Affinity]) -> list[dict[str, Any]]:
 
 def test_two_instances_seeing_half_each_pick_the_buckets_of_one_seeing_all():
     with proxies(1, 1) as (one,):
+        balanced = team([one])
+        # a lone proxy deals new conversations to the least loaded bucket; behind a load
+        # balancer every instance must pick the same one without talking: the jump hash
+        one.state.family_rates = FamilyRates(instances=1, balanced=False)
         alone = team([one])
     with proxies(2, 2) as pair:
         shared = team(pair)
         assert [a.state.family_rates.instances for a in pair] == [2, 2]
+        assert not any(a.state.family_rates.balanced for a in pair)
     with proxies(2, 1) as pair:
         unscaled = team(pair)
     settled = slice(140, None)  # the third minute: the busiest minute is known everywhere
     assert {r["buckets"] for r in alone[settled]} == {9}  # ceil(70 / 8)
+    assert [r["buckets"] for r in balanced[settled]] == [r["buckets"] for r in alone[settled]]
     assert [r["buckets"] for r in shared[settled]] == [r["buckets"] for r in alone[settled]]
     assert [r["key"] for r in shared[settled]] == [r["key"] for r in alone[settled]]
     # without the option each instance sees 35 RPM and halves the buckets: five keys of ~14 RPM

@@ -102,6 +102,34 @@ def test_gpt_5_6_caches_at_breakpoints_only(sim: Simulator) -> None:
                 prompt_cache_options={"mode": "explicit"})["write"] == 0
 
 
+def test_gpt_5_6_breakpoint_on_an_unsupported_part_is_a_400(sim: Simulator) -> None:
+    # The guide: explicit breakpoints on Chat text, image_url, input_audio, file and refusal
+    # parts, Responses input_text, input_image and input_file; anything else is rejected.
+    mark = {"prompt_cache_breakpoint": {"mode": "explicit"}}
+    ok_chat = [{"role": "system", "content": [{"type": "text", "text": BIG, **mark}]},
+               {"role": "assistant", "content": [{"type": "refusal", "refusal": "no", **mark}]},
+               {"role": "user", "content": [{"type": "image_url",
+                                             "image_url": {"url": "data:,"}, **mark}]}]
+    assert post_json(sim, OPENAI, chat(ok_chat, model="gpt-5.6"))[0] == 200
+    for bad in ([{"role": "user", "content": "q", **mark}],  # on a message
+                [{"role": "user", "content": [{"type": "text", "text": "q",
+                                               "prompt_cache_breakpoint": {"mode": "auto"}}]}]):
+        status, err = post_json(sim, OPENAI, chat(bad, model="gpt-5.6"))
+        assert status == 400 and "prompt_cache_breakpoint" in err["error"]["message"], err
+    tools = [{"type": "function", "function": {"name": "f"}, **mark}]
+    assert post_json(sim, OPENAI, chat(convo(0), model="gpt-5.6", tools=tools))[0] == 400
+    path = "/p/openai/v1/responses"
+    ok = {"model": "gpt-5.6", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": BIG, **mark}]},
+        {"type": "function_call_output", "call_id": "c",
+         "output": [{"type": "input_text", "text": "out", **mark}]}]}
+    assert post_json(sim, path, ok)[0] == 200
+    replayed = {"model": "gpt-5.6", "input": [
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "a", **mark}]}]}
+    assert post_json(sim, path, replayed)[0] == 400
+
+
 def test_automatic_cache_idle_ttl(sim: Simulator, clock: SimClock) -> None:
     body = chat(convo(0), prompt_cache_key="k")
     path = "/p/openai/v1/chat/completions"

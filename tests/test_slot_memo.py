@@ -13,7 +13,12 @@ from affinity_addon.catalog.volatile import default_volatile
 from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.request import breakpoints
 from affinity_addon.request import prompt_slots as ps
-from affinity_addon.request.breakpoint_spec import SHAPE_RULES, PlanHint, parse_cache_control
+from affinity_addon.request.breakpoint_spec import (
+    SHAPE_RULES,
+    PlanHint,
+    markers_for,
+    parse_cache_control,
+)
 from affinity_addon.request.prompt import MESSAGES_KEY
 from affinity_addon.request.prompt_slots import Prompt, SlotMemo, marker_sites
 from tests.test_fingerprint_memo import BODIES, message, turns
@@ -118,3 +123,51 @@ def test_values_json_cannot_encode_are_walked_in_full():
         assert view(prompt(body, "openai-chat", memo, True, True)) == view(
             prompt(body, "openai-chat", None, True, True))
     assert not memo.entries
+
+
+# --- GPT-5.6 breakpoints (api.openai.com): the same memo, another dialect -----------------------
+
+GPT = markers_for("api.openai.com", "gpt-5.6")
+assert GPT is not None
+GPT_PLANNED = [(shape, body) for shape, body in BODIES if shape in GPT.shapes]
+
+
+def gpt_prompt(body: dict, shape: str, memo: SlotMemo | None) -> Prompt:
+    assert GPT is not None
+    return Prompt(body, shape, GPT.shapes[shape],
+                  list(marker_sites(body, MESSAGES_KEY[shape])), default_volatile(),
+                  digests=True, memo=memo)
+
+
+@pytest.mark.parametrize(("shape", "body"), GPT_PLANNED)
+def test_gpt_5_6_plans_and_slots_are_those_of_a_full_walk(shape, body, monkeypatch):
+    assert GPT is not None
+    assert any(s == "openai-responses" for s, _ in GPT_PLANNED)
+    spec = parse_cache_control({"strategy": "agent"})
+    with_memo, without = [], []
+    for memo in (SlotMemo(), None):
+        monkeypatch.setattr(breakpoints, "SLOT_MEMO", memo)
+        out = with_memo if memo is not None else without
+        previous = None
+        for b in [body, *turns(shape, body), body]:
+            b = copy.deepcopy(b)
+            view_of = view(gpt_prompt(b, shape, None))
+            hint = PlanHint((fingerprint(previous, shape, None).plan_digests(),)) \
+                if previous is not None else None
+            previous = copy.deepcopy(b)
+            added = breakpoints.plan_breakpoints(b, shape, "gpt-5.6", spec, hint, markers=GPT)
+            out.append((view_of, added, json.dumps(b, sort_keys=True)))
+    assert with_memo == without
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(message, st.integers()), max_size=8),
+       st.lists(st.one_of(message, st.integers()), max_size=4),
+       st.integers(0, 8), st.sampled_from(["openai-chat", "openai-responses"]))
+def test_gpt_5_6_any_edit_of_any_history_resumes_to_the_full_walk(history, extra, cut, shape):
+    key = MESSAGES_KEY[shape]
+    memo = SlotMemo()
+    first = {"instructions": "s", key: history}
+    second = {"instructions": "s", key: history[:cut] + extra}
+    for b in (first, second, first):
+        assert view(gpt_prompt(b, shape, memo)) == view(gpt_prompt(b, shape, None))

@@ -11,7 +11,6 @@ from affinity_addon.catalog.diagnostics import default_diagnostics
 from affinity_addon.catalog.usage_fields import parse_table
 from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.response.eventstream import EventStreamTap, bedrock_frames
-
 from affinity_addon.response.provider_answer import Answer, read_answer
 from affinity_addon.response.usage import (
     UsageReader,

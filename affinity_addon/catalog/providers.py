@@ -30,6 +30,36 @@ class RetentionDirective:
 
 
 @dataclass(frozen=True, slots=True)
+class DialectApi:
+    """Where one API shape's content parts may carry a dialect's breakpoint."""
+
+    parts: frozenset[str]  # part types that take it
+    roles: frozenset[str]  # roles whose parts take it (and whose string content may convert)
+    text_part: str  # the type of the one text part a string content becomes
+
+
+@dataclass(frozen=True, slots=True)
+class BreakpointDialect:
+    """A provider's own form of a cache breakpoint (`breakpoint_dialects`)."""
+
+    name: str
+    hosts: tuple[str, ...]  # globs on the host
+    models: tuple[str, ...]  # globs on normalized, undated model names
+    field: str  # the key a content part carries
+    value: Mapping[str, Any]  # its value
+    ttl: str  # what a marker's lifetime is (the record's label)
+    writes: int  # breakpoints a request writes, the implicit one included
+    implicit_off: tuple[str, str] | None  # (dotted field, value) that turns the implicit one off
+    apis: Mapping[str, DialectApi]  # by API shape
+
+    def fits(self, model: str | None) -> bool:
+        if not isinstance(model, str):
+            return False
+        name = normalize_model(model_family(model))
+        return any(fnmatch.fnmatchcase(name, g) for g in self.models)
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderFacts:
     websocket_terminal_events: tuple[bytes, ...]
     response_cache_headers: tuple[tuple[str, str], ...]  # (lower-case header, upper-case value)
@@ -63,6 +93,13 @@ class ProviderFacts:
                 if param in params:
                     return name
         return None
+    breakpoint_dialects: tuple[BreakpointDialect, ...] = ()
+
+    def breakpoint_dialect(self, host: str) -> BreakpointDialect | None:
+        """The host's own breakpoint form; None: it takes `cache_control` markers."""
+        host = host.lower()
+        return next((d for d in self.breakpoint_dialects
+                     if any(fnmatch.fnmatch(host, g) for g in d.hosts)), None)
 
     @property
     def retention_fields(self) -> tuple[str, ...]:
@@ -160,6 +197,50 @@ def _signed(raw: Any, path: Path) -> tuple[tuple[tuple[str, str, str], ...],
     return tuple(headers), tuple(queries)
 
 
+_DIALECT_KEYS = {"name", "hosts", "models", "field", "value", "ttl", "writes", "implicit_off",
+                 "apis"}
+
+
+def _dialects(raw: Any, path: Path) -> tuple[BreakpointDialect, ...]:
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}:{line_of(raw, default=1)}: breakpoint_dialects must be a list")
+    out = []
+    for i, d in enumerate(raw):
+        where = f"{path}:{line_of(raw, i, 1)}: breakpoint_dialects[{i}]"
+        if not isinstance(d, Mapping) or set(d) - {"implicit_off"} != _DIALECT_KEYS - {"implicit_off"}:
+            raise ValueError(f"{where}: needs exactly {', '.join(sorted(_DIALECT_KEYS))} "
+                             "(implicit_off optional)")
+        if not all(isinstance(d[k], str) and d[k] for k in ("name", "field", "ttl")):
+            raise ValueError(f"{where}: name, field and ttl must be non-empty strings")
+        if not isinstance(d["value"], Mapping):
+            raise ValueError(f"{where}: value must be a mapping")
+        writes = d["writes"]
+        if not isinstance(writes, int) or isinstance(writes, bool) or writes < 1:
+            raise ValueError(f"{where}: writes must be a positive integer")
+        off = d.get("implicit_off")
+        if off is not None and not (isinstance(off, Mapping) and set(off) == {"field", "value"}
+                                    and isinstance(off["field"], str)
+                                    and _FIELD_PATH.match(off["field"])
+                                    and isinstance(off["value"], str)):
+            raise ValueError(f"{where}: implicit_off must be {{field: a.b, value: string}}")
+        apis = d["apis"]
+        if not isinstance(apis, Mapping) or not apis:
+            raise ValueError(f"{where}: apis maps API shapes to {{parts, roles, text_part}}")
+        by_api = {}
+        for shape, api in apis.items():
+            if not isinstance(api, Mapping) or set(api) != {"parts", "roles", "text_part"} \
+                    or not isinstance(api["text_part"], str):
+                raise ValueError(f"{where}: apis.{shape} needs exactly parts, roles, text_part")
+            by_api[str(shape)] = DialectApi(frozenset(_strings(api["parts"], "parts", path)),
+                                            frozenset(_strings(api["roles"], "roles", path)),
+                                            api["text_part"])
+        out.append(BreakpointDialect(
+            d["name"], tuple(h.lower() for h in _strings(d["hosts"], "hosts", path)),
+            _strings(d["models"], "models", path), d["field"], dict(d["value"]), d["ttl"],
+            writes, (off["field"], off["value"]) if off is not None else None, by_api))
+    return tuple(out)
+
+
 def parse_provider_facts(path: Path) -> ProviderFacts:
     data = load_yaml(path)
     if not isinstance(data, dict):
@@ -195,6 +276,7 @@ def parse_provider_facts(path: Path) -> ProviderFacts:
         model_in_path=_path_patterns(data.get("model_in_path", []), path),
         signed_headers=signed[0],
         signed_queries=signed[1],
+        breakpoint_dialects=_dialects(data.get("breakpoint_dialects", []), path),
     )
 
 

@@ -4,17 +4,15 @@ minimums and per-model facts (catalog). Pure parsing; the planning is in `breakp
 
 import fnmatch
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from affinity_addon.catalog.minimums import minimums
 from affinity_addon.catalog.platforms import platform_for
-from affinity_addon.catalog.providers import PROVIDER_FACTS
+from affinity_addon.catalog.providers import PROVIDER_FACTS, BreakpointDialect
 from affinity_addon.models import normalize_model
 from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE, OPENAI_CHAT
-
-logger = logging.getLogger(__name__)
 
 MAX_MARKERS = 4
 # Blocks a breakpoint looks back for an earlier cache entry (catalog/providers.yaml).
@@ -44,6 +42,8 @@ class ShapeRules(NamedTuple):
     tool_markers: bool  # may a tools[] entry carry a marker
     markable: frozenset[str] | None  # block types that may carry one; None: all but NEVER_MARKED
     keep_string_roles: frozenset[str]  # roles whose string content must stay a string
+    roles: frozenset[str] | None = None  # roles whose message parts may carry one; None: any
+    text_type: str = "text"  # the type of the one text part a string content becomes
     # Converse: blocks are one-key objects (the key is the kind) and a marker is a block of its
     # own, `{"cachePoint": {...}}`, inserted after the block it marks.
     point_blocks: bool = False
@@ -61,6 +61,54 @@ SHAPE_RULES: dict[str, ShapeRules] = {
     # (https://docs.aws.amazon.com/bedrock/latest/userguide/prompt-caching.html).
     BEDROCK_CONVERSE: ShapeRules(True, None, frozenset(), point_blocks=True),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Markers:
+    """How a route marks a breakpoint: Anthropic's `cache_control` (the default, also what
+    OpenRouter takes), or a provider's own form from catalog/providers.yaml
+    `breakpoint_dialects` (`for_dialect`)."""
+
+    key: str = "cache_control"  # the key a marked block carries
+    value: Mapping[str, Any] | None = None  # fixed; None: {"type": "ephemeral"[, "ttl": "1h"]}
+    ttl: str | None = None  # None: each marker carries its TTL (5m, 1h); else this, for all
+    writes: int = MAX_MARKERS  # breakpoints a request may hold, an implicit one included
+    implicit: bool = False  # the provider adds a breakpoint of its own (one of the writes)...
+    implicit_off: tuple[str, str] | None = None  # ...unless this field has this value
+    lookback: bool = True  # a breakpoint looks back only `spec.lookback` blocks
+    top_level: bool = True  # the body may carry Anthropic's automatic top-level marker
+    shapes: Mapping[str, ShapeRules] = field(default_factory=lambda: SHAPE_RULES)
+
+    def marker(self, ttl: str) -> dict[str, Any]:
+        if self.value is not None:
+            return dict(self.value)
+        # 5m is the default everywhere; some OpenAI-compatible routes reject an explicit ttl.
+        return {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
+
+
+CACHE_CONTROL = Markers()
+
+
+def for_dialect(d: BreakpointDialect) -> Markers:
+    """The planner's form of a catalog dialect: no lookback limit, no top-level marker (the
+    dialects listed have neither), the TTL the request's own options give."""
+    return Markers(
+        d.field, d.value, d.ttl, d.writes, implicit=d.implicit_off is not None,
+        implicit_off=d.implicit_off, lookback=False, top_level=False,
+        shapes={shape: ShapeRules(False, api.parts, frozenset(), api.roles, api.text_part)
+                for shape, api in d.apis.items()})
+
+
+_DIALECTS = {d.name: for_dialect(d) for d in PROVIDER_FACTS.breakpoint_dialects}
+
+
+def markers_for(host: str | None, model: str | None) -> Markers | None:
+    """The breakpoint form for a request to `host`; None when the host has a form of its own
+    that `model` does not take (no breakpoints at all)."""
+    d = PROVIDER_FACTS.breakpoint_dialect(host) if host else None
+    if d is None:
+        return CACHE_CONTROL
+    return _DIALECTS[d.name] if d.fits(model) else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Plans cache breakpoints: `cache_control` markers for Anthropic Messages (also on Bedrock and
-Vertex) and OpenRouter-style chat bodies, `cachePoint` blocks for Bedrock Converse.
+"""Plans cache breakpoints: `cache_control` for Anthropic Messages (also on Bedrock and Vertex)
+and OpenRouter-style chat bodies, `cachePoint` blocks for Bedrock Converse, and a host's own form
+where the catalog names one (`breakpoint_spec.Markers`: OpenAI's `prompt_cache_breakpoint` on
+GPT-5.6+ Chat and Responses bodies).
 
 Providers with explicit caching (Anthropic, and Anthropic/Gemini/Qwen behind OpenRouter) only
-cache up to a marked block, so an agent that sends no markers pays full price on every turn.
-The planner adds markers without breaking what already works:
+cache up to a marked block, so an agent that sends no markers pays full price on every turn;
+GPT-5.6+ writes only at breakpoints, its own one on the latest message, so a prompt whose end
+changes every turn reads nothing. The planner adds markers without breaking what already works:
 
 - at most 4 markers in a request, counting the client's own, which are never moved or removed
-  (moving a breakpoint turn to turn is the classic way to lose every hit);
+  (moving a breakpoint turn to turn is the classic way to lose every hit), and the provider's own
+  implicit one where it has one;
 - deterministic positions, so turn N+1 reads what turn N wrote: the rolling marker goes on the
   newest block that is likely to stay, and when the new turn appended more than `lookback`
   blocks, a second one goes exactly where the previous turn's rolling marker was (the end of the
@@ -31,18 +35,20 @@ from typing import Any
 
 from affinity_addon.catalog.platforms import platform_for
 from affinity_addon.catalog.volatile import Volatile, default_volatile
+from affinity_addon.jsonpath import get_path, parse_path
 from affinity_addon.request.breakpoint_spec import (
     AGENT,
     ANY_DIGEST,
     AUTO_TTL,
+    CACHE_CONTROL,
     DIGEST_SIZE,
-    MAX_MARKERS,
-    SHAPE_RULES,
     SKIP,
     TOP_LEVEL,
     AddedMarker,
     CacheControlSpec,
+    Markers,
     PlanHint,
+    ShapeRules,
     auto_ttl,
     last_marker_only,
     min_tokens_for,
@@ -50,6 +56,8 @@ from affinity_addon.request.breakpoint_spec import (
 )
 from affinity_addon.request.prompt import (
     CACHE_POINT,
+    MARKER_KEYS,
+    MESSAGES_KEY,
     SYSTEM_ROLES,
 )
 from affinity_addon.request.prompt_slots import (
@@ -76,14 +84,17 @@ def _eligible_in(message_index: int, s: Slot) -> bool:
 
 class _Planner:
     def __init__(self, prompt: Prompt, spec: CacheControlSpec, minimum: int, free: int,
-                 last_only: bool, hint: PlanHint | None = None, top_level: bool = True) -> None:
+                 last_only: bool, hint: PlanHint | None = None,
+                 markers: Markers = CACHE_CONTROL) -> None:
         self.p = prompt
-        self.top_level = top_level  # may the automatic (top-level) marker be added here
         self.hint = hint
         self.spec = spec
         self.minimum = minimum
         self.free = free
         self.last_only = last_only
+        self.top_level = markers.top_level
+        # None: a breakpoint finds an earlier entry however far back it is
+        self.lookback: int | None = spec.lookback if markers.lookback else None
         self.chosen: dict[int, tuple[Slot | None, str]] = {}  # position -> (slot|None=top, ttl)
         self.taken = {m.position for m in prompt.markers}
         self.top_taken = prompt.end in self.taken
@@ -185,15 +196,16 @@ class _Planner:
             return stable if stable and stable.index < rolling.index else None
         common, count, _ = seen
         stable = self.last_identical(common)
-        if stable and (common < count or rolling.index - stable.index > self.spec.lookback):
+        if stable and (common < count or (self.lookback is not None
+                                          and rolling.index - stable.index > self.lookback)):
             return stable
         return None
 
     def previous_tail(self) -> Slot | None:
-        """Where the previous request's rolling marker was: the end of the messages before the
+        """Where the previous request's rolling marker was: the newest stable block before the
         last assistant reply (that reply is the previous request's answer)."""
-        messages = self.p.body.get("messages")
-        if not isinstance(messages, list):
+        messages = self.p.messages
+        if messages is None:
             return None
         replies = [i for i, m in enumerate(messages[:-1])
                    if isinstance(m, dict) and m.get("role") == "assistant"]
@@ -201,7 +213,7 @@ class _Planner:
             return None
         last_reply = replies[-1]
         found = self.p.messages_in(
-            lambda s: s.eligible and s.seg.message_index is not None
+            lambda s: s.eligible and not s.volatile and s.seg.message_index is not None
             and s.seg.message_index < last_reply)
         return found[-1] if found else None
 
@@ -212,9 +224,8 @@ class _Planner:
         # Chat bodies: the leading system/developer messages are the system prompt. Count them
         # first, then one pass over the slots (was one pass per leading message: 8,000 system
         # messages took 3 s).
-        messages = self.p.body.get("messages")
         leading = 0
-        for msg in messages if isinstance(messages, list) else []:
+        for msg in self.p.messages or []:
             role = msg.get("role") if isinstance(msg, dict) else None
             if not isinstance(role, str) or role not in SYSTEM_ROLES:
                 break
@@ -238,8 +249,7 @@ class _Planner:
 
     def last_n(self, k: int) -> list[Slot]:
         """The last eligible block of each of the last k messages, newest first."""
-        messages = self.p.body.get("messages")
-        n = len(messages) if isinstance(messages, list) else 0
+        n = len(self.p.messages or [])
         out = []
         for i in range(n - 1, max(n - k, 0) - 1, -1):
             found = self.p.messages_in(partial(_eligible_in, i))
@@ -260,20 +270,27 @@ class _Planner:
         self.offer(self.stable_read(seen, rolling))
         self.offer(rolling)
         tail = self.previous_tail()
-        if seen is None and rolling and tail and rolling.index - tail.index > self.spec.lookback:
+        if self.lookback is None:
+            # No lookback limit: the previous request's rolling spot is marked again all the
+            # same, so this request reads it at a breakpoint of its own whether the provider
+            # matches only at this request's breakpoints or at any earlier one (the OpenAI guide
+            # says "working backward through eligible breakpoints"); writing an entry that is
+            # already there adds nothing.
+            self.offer(tail)
+        elif seen is None and rolling and tail and rolling.index - tail.index > self.lookback:
             self.offer(tail)
         self.offer(self.system_end())
         self.offer(self.last_tool())
-        if not self.last_only:
-            self.bridge_gaps()
+        if not self.last_only and self.lookback is not None:
+            self.bridge_gaps(self.lookback)
 
-    def bridge_gaps(self) -> None:
-        """Spends free slots on intermediates where markers are more than `lookback` apart.
+    def bridge_gaps(self, step: int) -> None:
+        """Spends free slots on intermediates where markers are more than `step` (the lookback)
+        blocks apart.
 
-        An intermediate sits at the last eligible block at or before a multiple of `lookback`:
+        An intermediate sits at the last eligible block at or before a multiple of `step`:
         a fixed grid keeps it in place while the conversation grows, so it is read back next turn.
         """
-        step = self.spec.lookback
         while len(self.chosen) < self.free:
             marks = sorted(p for p in self.taken if p < self.p.end)
             gaps = [(a, b) for a, b in pairwise(marks) if b - a > step]
@@ -320,7 +337,7 @@ def block_count(body: dict[str, Any], shape: str) -> int:
     for v in (body.get("tools"), body.get("system"),
               config.get("tools") if isinstance(config, dict) else None):
         n += len(v) if isinstance(v, list) else 1
-    messages = body.get("messages")
+    messages = body.get(MESSAGES_KEY.get(shape, "messages"))
     if isinstance(messages, list):
         for m in messages:
             c = m.get("content") if isinstance(m, dict) else None
@@ -334,18 +351,28 @@ def plan_limit(body_size: int) -> int:
 
 def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
                      spec: CacheControlSpec, hint: PlanHint | None = None,
-                     volatile: Volatile | None = None, host: str | None = None
-                     ) -> list[AddedMarker]:
-    """Adds cache_control markers to `body` in place; returns what was added, in prompt order.
+                     volatile: Volatile | None = None,
+                     markers: Markers = CACHE_CONTROL,
+                     host: str | None = None) -> list[AddedMarker]:
+    """Adds breakpoint markers to `body` in place; returns what was added, in prompt order.
 
     `hint`: the previous requests of this conversation (tracker), for the agent strategy.
+    `markers`: the route's form of a breakpoint (`breakpoint_spec.markers_for`).
     `host`: where the request goes: a cloud with rules of its own (catalog/platforms.yaml) has
-    its minimums and 1h models, and may refuse the top-level marker."""
-    rules = SHAPE_RULES.get(shape)
+    its minimums and 1h models."""
+    rules = markers.shapes.get(shape)
     if rules is None or not isinstance(body, dict):
         return []
-    found = marker_sites(body, shape)
+    key = MESSAGES_KEY.get(shape, "messages")
+    found = marker_sites(body, key, points=rules.point_blocks)
     first = next(found, None)
+    implicit = markers.implicit
+    if markers.implicit_off is not None:
+        off_field, off_value = markers.implicit_off
+        if get_path(body, parse_path(off_field)) == off_value:
+            implicit = False
+            if spec.client_markers == SKIP:
+                return []  # the client placed (or turned off) every breakpoint itself
     if spec.client_markers == SKIP and first is not None:
         return []  # before measuring the prompt: most agent traffic stops here
     sites = [] if first is None else [first, *found]
@@ -354,7 +381,7 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
     prompt = Prompt(body, shape, rules, sites,
                      (volatile or default_volatile()) if agent else None, digests=with_hint,
                      memo=SLOT_MEMO)
-    free = MAX_MARKERS - len(prompt.markers)
+    free = markers.writes - len(prompt.markers) - (1 if implicit else 0)
     last_only = spec.last_marker_only if spec.last_marker_only is not None \
         else last_marker_only(model)
     if last_only:
@@ -362,13 +389,17 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
     if free <= 0:
         return []
     platform = platform_for(host)
-    if spec.ttl == AUTO_TTL:
+    if markers.ttl is not None:  # one lifetime for every breakpoint: no order to keep
+        spec = replace(spec, ttl="5m")
+    elif spec.ttl == AUTO_TTL:
         spec = replace(spec, ttl=auto_ttl(model, hint, host))
     elif spec.ttl == "1h" and platform is not None and not takes_one_hour(model, host):
         spec = replace(spec, ttl="5m")  # the platform would refuse the request
     minimum = spec.min_tokens if spec.min_tokens is not None else min_tokens_for(model, host)
+    if platform is not None and not platform.automatic_cache_control:
+        markers = replace(markers, top_level=False)
     planner = _Planner(prompt, spec, minimum, free, last_only, hint if with_hint else None,
-                       top_level=platform is None or platform.automatic_cache_control)
+                       markers)
     if spec.strategy == AGENT:
         planner.agent()
     else:
@@ -379,32 +410,27 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
         added = [_insert_point(body, slot, ttl, inserted) for _, (slot, ttl) in chosen
                  if slot is not None]
     else:
-        added = [_apply(body, slot, ttl) for _, (slot, ttl) in chosen]
+        added = [_apply(body, slot, ttl, markers, rules) for _, (slot, ttl) in chosen]
     if added:
         logger.debug("planned %d breakpoint(s): %s", len(added),
                      ", ".join(f"{m.path}/{m.ttl}" for m in added))
     return added
 
 
-def _marker(ttl: str) -> dict[str, str]:
-    # 5m is the default everywhere; some OpenAI-compatible routes reject an explicit ttl.
-    return {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
-
-
-def _apply(body: dict[str, Any], slot: Slot | None, ttl: str) -> AddedMarker:
+def _apply(body: dict[str, Any], slot: Slot | None, ttl: str, markers: Markers,
+           rules: ShapeRules) -> AddedMarker:
+    label = markers.ttl or ttl
     if slot is None:
-        body[TOP_LEVEL] = _marker(ttl)
-        return AddedMarker(TOP_LEVEL, ttl)
+        body[TOP_LEVEL] = markers.marker(ttl)
+        return AddedMarker(TOP_LEVEL, label)
     value = resolve(body, slot.seg.path)  # a slot keeps the block's path, not the block
     if not slot.convert:
-        value["cache_control"] = _marker(ttl)
-        return AddedMarker(slot.path, ttl)
-    part = {**text_part(value), "cache_control": _marker(ttl)}
-    if slot.seg.message_index is None:
-        body["system"] = [part]
-    else:
-        body["messages"][slot.seg.message_index]["content"] = [part]
-    return AddedMarker(slot.path, ttl, converted=True)
+        value[markers.key] = markers.marker(ttl)
+        return AddedMarker(slot.path, label)
+    part = {**text_part(value, rules.text_type), markers.key: markers.marker(ttl)}
+    holder, _, name = slot.seg.path.rpartition(".")  # "system", "input[3].content", ...
+    (resolve(body, holder) if holder else body)[name] = [part]
+    return AddedMarker(slot.path, label, converted=True)
 
 
 _LIST_INDEX = re.compile(r"^(.*)\[(\d+)\]$")
@@ -461,7 +487,8 @@ def strip_added(body: dict[str, Any], added: list[AddedMarker]) -> None:
                     del holder[keys[-1]]
                     continue
                 raise KeyError(m.path)
-            block.pop("cache_control", None)
+            for k in MARKER_KEYS:  # the block had none before the plan (never re-marked)
+                block.pop(k, None)
             if m.converted:
                 parent[keys[-2]] = block["text"]
         except (KeyError, IndexError, TypeError):

@@ -49,11 +49,12 @@ def canonical(value: Any) -> bytes:
     """Stable bytes for a JSON value with cache markers removed (markers move turn to turn)."""
     # Fast paths for the bulk of any prompt, plain strings and text blocks: no JSON encoding of
     # large texts. A string and a one-part text list render the same prompt, so they hash the
-    # same (the breakpoint planner turns one into the other to place a marker).
+    # same (the breakpoint planner turns one into the other to place a marker; Responses'
+    # text part is `input_text`).
     if isinstance(value, str):
         return b"t\x00" + value.encode("utf-8", "surrogatepass")
     if isinstance(value, dict) and len(value) <= 3 and isinstance(value.get("text"), str) \
-            and value.get("type", "text") == "text" and all(k in _TEXT_KEYS for k in value):
+            and value.get("type", "text") in _TEXT_TYPES and all(k in _TEXT_KEYS for k in value):
         return b"t\x00" + value["text"].encode("utf-8", "surrogatepass")
     try:
         # orjson: ~10x faster than the stdlib for tool definitions and tool calls, which are
@@ -68,6 +69,7 @@ def canonical(value: Any) -> bytes:
 
 
 _TEXT_KEYS = frozenset({"type", "text"}) | MARKER_KEYS
+_TEXT_TYPES = frozenset({"text", "input_text"})
 _MARKER_NEEDLES = tuple(f'"{k}":'.encode() for k in MARKER_KEYS)
 assert all(b"cache_" in n for n in _MARKER_NEEDLES)  # one scan rules them all out
 

@@ -94,9 +94,12 @@ def _point_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
                 yield (f"{path}[{j - 1}]" if j else first), item[CACHE_POINT]
 
 
-def marker_sites(body: dict[str, Any], shape: str | None = None) -> Iterator[tuple[str, Any]]:
-    """(holder path, marker value) of every marker; "" is the body itself (top level)."""
-    if shape == BEDROCK_CONVERSE:
+def marker_sites(body: dict[str, Any], key: str = "messages",
+                 points: bool = False) -> Iterator[tuple[str, Any]]:
+    """(holder path, marker value) of every marker; "" is the body itself (top level). `key`:
+    where the shape keeps its conversation (`messages`, Responses `input`); `points`: markers
+    are Converse's `cachePoint` blocks."""
+    if points:
         yield from _point_sites(body)
         return
     yield from _held("", body)
@@ -106,32 +109,39 @@ def marker_sites(body: dict[str, Any], shape: str | None = None) -> Iterator[tup
             for i, item in enumerate(items):
                 if _marked(item):
                     yield from _held(f"{section}[{i}]", item)
-    messages = body.get("messages")
+    messages = body.get(key)
     if not isinstance(messages, list):
         return
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             continue
         if _marked(msg):  # OpenRouter also takes message-level markers
-            yield from _held(f"messages[{i}]", msg)
+            yield from _held(f"{key}[{i}]", msg)
         content = msg.get("content")
         if not isinstance(content, list):
+            content = msg.get("output")  # a Responses tool output's parts
+            if not isinstance(content, list):
+                continue
+            for j, part in enumerate(content):
+                if _marked(part):
+                    yield from _held(f"{key}[{i}].output[{j}]", part)
             continue
         for j, block in enumerate(content):
             if _marked(block):
-                yield from _held(f"messages[{i}].content[{j}]", block)
+                yield from _held(f"{key}[{i}].content[{j}]", block)
             inner = block.get("content") if isinstance(block, dict) else None
             if isinstance(inner, list):  # tool_result content blocks carry their own
                 for k, part in enumerate(inner):
                     if _marked(part):
-                        yield from _held(f"messages[{i}].content[{j}].content[{k}]", part)
+                        yield from _held(f"{key}[{i}].content[{j}].content[{k}]", part)
 
 
 def count_markers(body: dict[str, Any], shape: str) -> int:
     """Every marker in tools, system, messages (and tool results) and at the top level."""
     if not isinstance(body, dict):
         return 0
-    return sum(1 for _ in marker_sites(body, shape))
+    return sum(1 for _ in marker_sites(body, MESSAGES_KEY.get(shape, "messages"),
+                                       points=shape == BEDROCK_CONVERSE))
 
 
 def _has_text(s: str) -> bool:
@@ -156,10 +166,14 @@ def _eligible(seg: Segment, rules: ShapeRules) -> tuple[bool, bool]:
         return True, False
     if seg.section == "tools":
         return rules.tool_markers and isinstance(v, dict) and not v.get("defer_loading"), False
+    if rules.roles is not None and seg.message_index is not None and seg.role not in rules.roles:
+        return False, False  # a role whose parts take no marker (or an item without a role)
     if isinstance(v, str):
-        if seg.path.endswith("]"):
-            return False, False  # a bare string inside a block list: no place for a marker
-        kept = seg.section == "messages" and seg.role in rules.keep_string_roles
+        if seg.path != "system" and not seg.path.endswith(".content"):
+            # A bare string inside a block list, Responses `instructions` or a string `input`:
+            # no part to put a marker on.
+            return False, False
+        kept = seg.message_index is not None and seg.role in rules.keep_string_roles
         ok = _has_text(v) and not kept
         return ok, ok
     if not isinstance(v, dict) or not isinstance(v.get("type"), str):
@@ -173,8 +187,8 @@ def _eligible(seg: Segment, rules: ShapeRules) -> tuple[bool, bool]:
     return True, False
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "text", "text": text}
+def text_part(text: str, kind: str = "text") -> dict[str, Any]:
+    return {"type": kind, "text": text}
 
 
 class Prompt:
@@ -192,7 +206,9 @@ class Prompt:
         total = 0
         start = 0
         section = MESSAGES_KEY.get(shape)
+        self.key = section or "messages"  # where the conversation is
         msgs = body.get(section) if section else None
+        self.messages: list[Any] | None = msgs if isinstance(msgs, list) else None
         keys = None
         if memo is not None and isinstance(msgs, list):
             keys = run_steps(memo.chain(body, msgs, (shape, rules, volatile, digests)))
@@ -226,7 +242,7 @@ class Prompt:
                 size = len(canon)
                 path = seg.path
             total += estimate_tokens(size)
-            moving = (volatile is not None and seg.section == "messages"
+            moving = (volatile is not None and seg.section == self.key
                       and volatile.block(text_of(v)))
             slots.append(Slot(len(slots), Segment(seg.path, seg.section, seg.kind, seg.role,
                                                   seg.message_index, None),
@@ -261,13 +277,12 @@ class Prompt:
         where = {s.seg.path: s.index for s in self.slots}
         last_of: dict[int, int] = {}
         for s in self.slots:
-            if s.seg.message_index is not None and s.seg.section == "messages":
+            if s.seg.message_index is not None and s.seg.section == self.key:
                 last_of[s.seg.message_index] = s.index
-        messages = self.body.get("messages")
         last = 0
-        for i in range(len(messages) if isinstance(messages, list) else 0):
+        for i in range(len(self.messages) if self.messages is not None else 0):
             last = last_of.get(i, last)  # a message without blocks: its nearest earlier block
-            where.setdefault(f"messages[{i}]", last)
+            where.setdefault(f"{self.key}[{i}]", last)
         out = []
         for holder, value in sites:
             pos = self.end if holder == "" else _lookup(where, holder)
@@ -275,7 +290,7 @@ class Prompt:
         return out
 
     def messages_in(self, predicate: Callable[[Slot], bool]) -> list[Slot]:
-        return [s for s in self.slots if s.seg.section == "messages" and predicate(s)]
+        return [s for s in self.slots if s.seg.section == self.key and predicate(s)]
 
 
 def _lookup(where: dict[str, int], holder: str) -> int:

@@ -28,7 +28,7 @@ from affinity_addon.request.body import (
     parse_body,
     splice_top_level,
 )
-from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor
+from affinity_addon.request.breakpoint_spec import AUTO_TTL, HintFor, markers_for
 from affinity_addon.request.family_key import FamilyRates, family_hash, family_key
 from affinity_addon.request.header_map import HeaderMap, header_map
 from affinity_addon.request.prompt import HEAD_FIELDS, MESSAGES_KEY, root_segments
@@ -378,9 +378,15 @@ class _Rewrite:
         out, body = self.out, self.body
         if rule.cache_control is None or out.shape is None or body is None:
             return
-        if profile_for(self.facts["host"], out.shape, out.model).markers == IGNORED:
-            _ignored_once(rule.name, self.facts["host"])
+        host, path = self.facts["host"], self.facts["path"]
+        if PROVIDER_FACTS.rejects_cache_directives(host, path):
+            return  # the Codex backend answers 400 to any cache directive, whatever a rule says
+        if profile_for(host, out.shape, out.model).markers == IGNORED:
+            _ignored_once(rule.name, host)
             return
+        markers = markers_for(host, out.model)
+        if markers is None:
+            return  # a host with breakpoints of its own that this model does not take
         blocks = breakpoints.block_count(body, out.shape)
         if blocks > breakpoints.plan_limit(len(self.parsed.text or b"")):
             out.problems.append(f"rule {rule.name!r}: {blocks} prompt blocks are too many to "
@@ -393,7 +399,7 @@ class _Rewrite:
             hint = hint_for(out.affinity_id, family=self.family if auto else None)
         body = self._exact()  # markers mean a re-encode
         added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint,
-                                             host=self.facts["host"])
+                                             markers=markers, host=host)
         if not added:
             return
         out.markers.extend({"path": m.path, "ttl": m.ttl} for m in added)

@@ -89,6 +89,28 @@ def _authorize(b: Behaviour, method: str, path: str, query: str,
         raise RequestError(401, "Access denied due to missing subscription key.")
 
 
+BREAKPOINT = "prompt_cache_breakpoint"
+
+
+def _misplaced_breakpoint(value: Any, parts: frozenset[str], where: str = "") -> str | None:
+    """Where a `prompt_cache_breakpoint` sits that the API rejects: on anything but an allowed
+    content part, or with a value other than {"mode": "explicit"}."""
+    if isinstance(value, dict):
+        if BREAKPOINT in value and (value.get("type") not in parts
+                                    or value[BREAKPOINT] != {"mode": "explicit"}):
+            return where or "(top level)"
+        for k, v in value.items():
+            found = _misplaced_breakpoint(v, parts, f"{where}.{k}" if where else k)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _misplaced_breakpoint(v, parts, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def _validate(b: Behaviour, body: dict[str, Any]) -> None:
     if b.version is not None:
         # The docs name one value (bedrock-2023-05-31, vertex-2023-10-16); the anthropic SDK's
@@ -107,6 +129,12 @@ def _validate(b: Behaviour, body: dict[str, Any]) -> None:
         key = _find_key(body, b.forbidden)
         if key:
             raise RequestError(400, f"Unsupported parameter: {key}")
+    if b.breakpoint_parts is not None:
+        where = _misplaced_breakpoint(body, b.breakpoint_parts)
+        if where:
+            raise RequestError(400, f"Invalid '{where}.{BREAKPOINT}': a prompt cache breakpoint "
+                               "is supported only on content parts of type "
+                               f"{', '.join(sorted(b.breakpoint_parts))}.")
     for first, second in b.conflicts:
         if render.path_value(body, first) is not None and \
                 render.path_value(body, second) is not None:
@@ -129,6 +157,7 @@ def _api_key(headers: list[tuple[str, str]]) -> str:
 
 TIME_HEADER = "x-sim-time"
 _API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
+BREAKPOINT_TTL = 1800.0
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -409,8 +438,9 @@ class Engine:
             options = options if isinstance(options, dict) else {}
             ttl = _duration(options.get("ttl"))
             bc = self._breakpoints.setdefault((provider, replica), cache.BreakpointCache())
+            # "The `ttl` defaults to `30m`" (openai SDK `PromptCacheOptions`)
             read, written = bc.serve(prompt, options.get("mode") != "explicit",
-                                     self.auto_ttl or ttl or b.ttl, now)
+                                     self.auto_ttl or ttl or BREAKPOINT_TTL, now)
             return wire.Counts(prompt.tokens, read, written)
         ac = self._auto.get((provider, replica))
         if ac is None:

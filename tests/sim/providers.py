@@ -39,6 +39,9 @@ class Behaviour:
     auto_min: int = 1024  # automatic cache: smallest prefix that is ever a hit
     auto_step: int = 128  # automatic cache: hits count in whole chunks of this many tokens
     gpt_breakpoints: bool = False  # GPT-5.6+ models cache at breakpoints (cache.BreakpointCache)
+    # Content-part types that may carry `prompt_cache_breakpoint`; one anywhere else is a 400.
+    # None: not checked (a route that passes the body on).
+    breakpoint_parts: frozenset[str] | None = None
     errors: str = "openai"  # error JSON style, a key of wire.ERROR_STYLES
     stream: bool | None = None  # None: the body's `stream` decides; else the path decides (Gemini)
     stream_required: bool = False
@@ -82,6 +85,10 @@ def _route(pattern: str, **changes: Any) -> Route:
 
 _CHAT = {"shape": OPENAI_CHAT}
 _RESPONSES = {"shape": OPENAI_RESPONSES, "usage": "openai-responses"}
+# https://developers.openai.com/api/docs/guides/prompt-caching: explicit breakpoints
+# go on these content parts, "a marker on an unsupported block gives 400".
+_CHAT_BREAKPOINTS = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
+_RESPONSES_BREAKPOINTS = frozenset({"input_text", "input_image", "input_file"})
 _PCK = Signal("body", "prompt_cache_key")
 _ANTHROPIC = Behaviour(shape=ANTHROPIC, usage="anthropic", cache="markers", errors="anthropic")
 
@@ -113,9 +120,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("openai", ("api.openai.com",),
              Behaviour(routing=Routing("prefix-key", (_PCK,)), gpt_breakpoints=True,
                        conflicts=(("prompt_cache_retention", "prompt_cache_options.ttl"),)),
-             (_route(r"/v1/chat/completions", **_CHAT),
+             (_route(r"/v1/chat/completions", **_CHAT, breakpoint_parts=_CHAT_BREAKPOINTS),
               # cache diagnostics on the Responses API only.
-              _route(r"/v1/responses", **_RESPONSES, diagnostics="openai"))),
+              _route(r"/v1/responses", **_RESPONSES, diagnostics="openai",
+                     breakpoint_parts=_RESPONSES_BREAKPOINTS))),
     # x-grok-conv-id (chat) / prompt_cache_key (Responses) pin a server; else random.
     Provider("xai", ("api.x.ai",), Behaviour(),
              (_route(r"/v1/chat/completions", usage="xai-chat", routing=_GROK_CONV),

@@ -2,15 +2,18 @@
 seconds: straight into the simulator's `Engine` (no sockets, no proxy), or over HTTP through a
 proxy (`HttpUpstream`; a mitmdump that loads `tests/sim/clock_addon.py` takes the same time).
 
-Two shapes of OpenAI traffic, both sharing one ~8k-token agent prompt (tools + system):
+Three shapes of OpenAI traffic, all sharing one ~8k-token agent prompt (tools + system):
 - solo: one agent, 6 conversations one after another, ~3 requests a minute;
-- team: 24 agents at once, ~70 requests a minute in all on the same prefix, for ~30 minutes.
+- team: 24 agents at once, ~70 requests a minute in all on the same prefix, for ~30 minutes;
+- burst: the same team's first 100 seconds (72 requests a minute), then it stops.
 Each is run with a key strategy for `prompt_cache_key`:
 - `none`: no key (what a plain SDK script sends);
 - `conversation`: one key per conversation (what the addon's `{affinity_id}` adds);
 - `family:N`: one key per prompt family (model family + tools + system), sharded into N
   buckets by a consistent (jump) hash of the conversation, so each bucket stays under the
-  documented ~15 RPM when N is large enough.
+  documented ~15 RPM when N is large enough;
+- `balanced:N`: an oracle that knows N from the first request and deals conversations out
+  to the buckets in turn (perfectly even): what no key strategy can beat by much.
 The measure is the token-weighted hit ratio over ALL turns, first turns included.
 
     python -m tests.sim.workload            # the table for both workloads and all strategies
@@ -44,14 +47,19 @@ class Workload:
     duration: float = 0.0  # seconds of traffic when `conversations` is None
     system_tokens: int = 7000
     tool_tokens: int = 1000
+    tools: int = 8  # tool definitions sharing `tool_tokens`
     model: str = "gpt-5.5"  # before GPT-5.6: automatic prefix caching (5.6+: breakpoints)
     system_breakpoint: bool = False  # GPT-5.6+: an explicit breakpoint ends the system prompt
+    burst: bool = False  # every agent stops at `duration`, mid-conversation or not
     replicas: int = 8
     seed: int = 1
 
 
 SOLO = Workload("solo", agents=1, rpm=3, turns=8, conversations=6)
 TEAM = Workload("team", agents=24, rpm=70, turns=10, duration=1800)
+# The team's first 100 seconds, then everyone stops: ~120 requests, most of them while a proxy
+# that counts the rate has seen less than a minute of it.
+BURST = Workload("burst", agents=24, rpm=72, turns=10, duration=100, burst=True)
 
 
 @dataclass
@@ -129,6 +137,11 @@ def strategy(name: str) -> Strategy:
         count = _auto_buckets()
         return lambda family, conv, now: \
             f"fam-{family}-{jump_hash(int(_digest(conv), 16), count(family, now))}"
+    if name.startswith("balanced:"):  # an oracle: N buckets from the first request, filled in turn
+        n = int(name.split(":", 1)[1])
+        assigned: dict[str, int] = {}
+        return lambda family, conv, now: \
+            f"fam-{family}-{assigned.setdefault(conv, len(assigned) % n)}"
     if name.startswith("family:"):
         n = int(name.split(":", 1)[1])
         return lambda family, conv, now: \
@@ -149,11 +162,11 @@ def _text(rng: random.Random, tokens: int, topic: str) -> str:
 def _shared(w: Workload) -> tuple[str, list[dict[str, Any]]]:
     rng = random.Random(f"shared-{w.seed}")
     system = _text(rng, w.system_tokens, "You are the team's coding agent.")
-    per_tool = max(w.tool_tokens // 8, 1)
+    per_tool = max(w.tool_tokens // max(w.tools, 1), 1)
     tools = [{"type": "function", "function": {
         "name": f"tool_{i}", "description": _text(rng, per_tool, f"tool {i}"),
         "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}
-        for i in range(8)]
+        for i in range(w.tools)]
     return system, tools
 
 
@@ -262,6 +275,8 @@ def run(w: Workload, strategy_name: str, through: Through | None = None,
         queue.sort()
         now, agent = queue.pop(0)
         conv = current.get(agent)
+        if w.burst and now >= w.duration:
+            continue
         if conv is None:
             if (w.conversations is not None and started[agent] >= w.conversations) or \
                     (w.conversations is None and now >= w.duration):
@@ -273,7 +288,9 @@ def run(w: Workload, strategy_name: str, through: Through | None = None,
             conv = current[agent] = _Conversation(cid, [
                 {"role": "system", "content": marked if w.system_breakpoint else system},
                 {"role": "user", "content": _text(rng, 150, f"Task {cid}:")}])
-        body: dict[str, Any] = {"model": w.model, "messages": conv.messages, "tools": tools}
+        body: dict[str, Any] = {"model": w.model, "messages": conv.messages}
+        if tools:
+            body["tools"] = tools
         key = key_for(family, conv.id, now)
         if key is not None:
             body["prompt_cache_key"] = key
@@ -309,7 +326,7 @@ STRATEGIES = ("none", "conversation", "family:1", "family:2", "family:4", "famil
 def main(argv: list[str]) -> int:
     """`[model] [--system-breakpoint]`"""
     model = next((a for a in argv if not a.startswith("--")), None)
-    for w in (SOLO, TEAM):
+    for w in (SOLO, TEAM, BURST):
         w = Workload(**{**{f: getattr(w, f) for f in w.__dataclass_fields__},
                         "model": model or w.model,
                         "system_breakpoint": "--system-breakpoint" in argv})

@@ -3,7 +3,6 @@ minimums and per-model facts (catalog). Pure parsing; the planning is in `breakp
 """
 
 import fnmatch
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol

@@ -33,7 +33,7 @@ from affinity_addon.response.eventstream import EventStreamTap, bedrock_frames, 
 from affinity_addon.response.usage import UsageReader
 from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE
 from tests.driver import Affinity
-from tests.sim import sigv4, wire
+from tests.sim import eventstream, sigv4, wire
 
 AGENT = CacheControlSpec()
 BEDROCK = "bedrock-runtime.us-east-1.amazonaws.com"
@@ -91,7 +91,7 @@ def test_impossible_lengths_and_a_cut_stream_are_problems() -> None:
 
 
 def test_the_tap_holds_at_most_one_unfinished_frame() -> None:
-    frame = wire.event_frame("contentBlockDelta", {"delta": {"text": "x" * 500}})
+    frame = eventstream.event_frame("contentBlockDelta", {"delta": {"text": "x" * 500}})
     frames, tap = collect()
     for _ in range(200):
         tap(frame[:300])
@@ -102,7 +102,7 @@ def test_the_tap_holds_at_most_one_unfinished_frame() -> None:
 
 
 def test_compressed_event_streams_are_decoded() -> None:
-    stream = b"".join(wire.converse_stream_frames(
+    stream = b"".join(eventstream.converse_stream_frames(
         {"inputTokens": 1, "outputTokens": 2, "totalTokens": 3}, wire.Ids("m", "c")))
     reader = UsageReader(BEDROCK_CONVERSE)
     tap = EventStreamTap("gzip", bedrock_frames(reader))
@@ -130,11 +130,11 @@ def test_exception_frames_and_invocation_metrics_alone() -> None:
         "inputTokenCount": 10, "outputTokenCount": 5, "cacheReadInputTokenCount": 900,
         "cacheWriteInputTokenCount": 0}}
     for e in (start, stop):
-        tap(wire.event_frame("chunk", {"bytes": base64.b64encode(json.dumps(e).encode()).decode()}))
+        tap(eventstream.event_frame("chunk", {"bytes": base64.b64encode(json.dumps(e).encode()).decode()}))
     u = reader.usage()
     assert u is not None and (u.input_tokens, u.cache_read_tokens, u.output_tokens) == (910, 900, 5)
     assert reader.terminal
-    tap(wire.exception_frame("throttlingException", "Too many tokens"))
+    tap(eventstream.exception_frame("throttlingException", "Too many tokens"))
     assert reader.extras["error_type"] == "throttlingException"
 
 

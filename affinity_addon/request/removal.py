@@ -26,6 +26,22 @@ HEAD = 4096  # patterns look at the start of a block (the catalog's own bound)
 MARKER = "cache_control"
 
 
+def _texts(system: Any) -> list[str]:
+    """The texts of a system prompt's blocks (a string is one)."""
+    if isinstance(system, str):
+        return [system]
+    if not isinstance(system, list):
+        return []
+    return [t for b in system if isinstance(b, dict) and isinstance(t := b.get("text"), str)]
+
+
+def mentions(system: Any, specs: Sequence[RemoveBlock]) -> bool:
+    """Does any block of the system prompt start like one to remove? (A cheap look first: most
+    requests have nothing to remove, and their body must stay as it was.)"""
+    return bool(specs) and bool(system) and any(
+        s.pattern.search(t, 0, HEAD) for s in specs for t in _texts(system))
+
+
 def _matching(text: str, specs: Sequence[RemoveBlock]) -> RemoveBlock | None:
     return next((s for s in specs if s.pattern.search(text, 0, HEAD)), None)
 

@@ -33,9 +33,9 @@ from affinity_addon.request.family_key import FamilyRates, family_hash, family_k
 from affinity_addon.request.header_map import HeaderMap, header_map
 from affinity_addon.request.prompt import HEAD_FIELDS, MESSAGES_KEY, root_segments
 from affinity_addon.request.provider_link import Ask, LinkKeys, ResponseLinks, Thread
-from affinity_addon.request.removal import HEAD, remove_blocks
+from affinity_addon.request.removal import mentions, remove_blocks
 from affinity_addon.request.retention import retention_action
-from affinity_addon.request.rules import Rule, RuleSet, shape_for
+from affinity_addon.request.rules import Rule, RuleSet, match_models, shape_for
 from affinity_addon.shapes import ANTHROPIC
 
 logger = logging.getLogger(__name__)
@@ -116,15 +116,6 @@ class _Roots:
 _ROOT_FIELDS = frozenset({*HEAD_FIELDS, *MESSAGES_KEY.values()})
 
 
-def _texts(system: Any) -> list[str]:
-    """The texts of a system prompt's blocks (a string is one)."""
-    if isinstance(system, str):
-        return [system]
-    if not isinstance(system, list):
-        return []
-    return [t for b in system if isinstance(b, dict) and isinstance(t := b.get("text"), str)]
-
-
 _told: set[tuple[str, str]] = set()
 
 
@@ -165,18 +156,6 @@ def _routing_signal(matched: list[Rule], headers: HeaderMap, body: dict[str, Any
             if isinstance(v, str) and v:
                 return v
     return None
-
-
-def _match(candidates: tuple[Rule, ...], body: dict[str, Any] | None,
-           model: str | None) -> list[Rule]:
-    """Step 1: the rules whose model glob fits, in file order, until one says `stop`."""
-    matched: list[Rule] = []
-    for rule in candidates:
-        if rule.matches_model(model):
-            matched.append(rule)
-            if rule.stop:
-                break
-    return matched
 
 
 class _Rewrite:
@@ -360,9 +339,7 @@ class _Rewrite:
         specs = tuple({s.name: s for r in matched for s in r.remove_blocks}.values())
         if not specs or self.body is None or self.out.shape != ANTHROPIC:
             return
-        system = self.body.get("system")
-        if not system or not any(s.pattern.search(t, 0, HEAD) for s in specs
-                                 for t in _texts(system)):
+        if not mentions(self.body.get("system"), specs):
             return  # the common case: nothing to remove, and the body stays as it was
         body = self._exact()  # a removal means a re-encode
         removed, problems = remove_blocks(body, specs, self.facts["host"])
@@ -468,7 +445,7 @@ def apply_rules(
     model = body.get("model") if body is not None and isinstance(body.get("model"), str) else None
     if model is None:  # Bedrock, Vertex and Azure deployments name it in the URL
         model = PROVIDER_FACTS.path_model(path)
-    matched = _match(candidates, body, model)  # 1. which rules
+    matched = match_models(candidates, model)  # 1. which rules
     if not matched:
         return None
     # A body the client signed (AWS SigV4 hashes the payload into its signature) is never

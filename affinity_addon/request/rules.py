@@ -163,6 +163,18 @@ class RuleSet:
         return hit
 
 
+def match_models(candidates: tuple[Rule, ...], model: str | None) -> list[Rule]:
+    """The rules (host and path already fit) whose model glob fits too, in file order, until
+    one says `stop`."""
+    matched: list[Rule] = []
+    for rule in candidates:
+        if rule.matches_model(model):
+            matched.append(rule)
+            if rule.stop:
+                break
+    return matched
+
+
 def shape_for(path: str, api: str | None = None) -> str | None:
     if api:
         return api

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tests.sim import cache, diagnostics, render, sigv4, wire
+from tests.sim import cache, diagnostics, eventstream, render, sigv4, wire
 from tests.sim.clock import SimClock
 from tests.sim.providers import PROVIDERS, Behaviour, addressed_host, provider_for, resolve
 from tests.sim.render import ANTHROPIC, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
@@ -373,7 +373,7 @@ class Engine:
                                diagnosis)
         stream = b.stream if b.stream is not None else body.get("stream") is True
         if stream and b.framing == "eventstream":
-            frames = wire.eventstream_frames(b.shape, model_name, usage, ids)
+            frames = eventstream.eventstream_frames(b.shape, model_name, usage, ids)
             reply = Reply(200, wire.EVENTSTREAM, events=tuple(frames))
         elif b.shape == GEMINI and stream and "alt=sse" not in query.split("&"):
             # Gemini without alt=sse streams a JSON array of the same chunks.

@@ -130,8 +130,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
               _route(r"/v1/responses", shape=OPENAI_RESPONSES, usage="xai-responses",
                      routing=_key(_PCK)))),
     # sticky routing on the first system + first non-system message, ~10 min idle expiry.
-    # Grok models keep xAI's own header routing (providers.md is silent on what OpenRouter
-    # forwards; the shipped rules cite Hermes agent issue 22705).
+    # Grok models keep xAI's own header routing (OpenRouter's docs are silent on what it
+    # forwards; the shipped rules cite https://github.com/NousResearch/hermes-agent/issues/22705).
     Provider("openrouter", ("openrouter.ai",),
              Behaviour(usage="openrouter", stream_usage="always", routing=Routing("sticky")),
              (_route(r"/api/v1/chat/completions"),),
@@ -256,7 +256,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              (_route(r"/openai/deployments/(?P<model>[^/]+)/chat/completions", **_CHAT),
               _route(r"/openai/v1/chat/completions", **_CHAT),
               _route(r"/openai/v1/responses", **_RESPONSES))),
-    # Not a providers.md row: an Anthropic-compatible multi-account relay (each replica is an
+    # No public provider: an Anthropic-compatible multi-account relay (each replica is an
     # account with its own cache) that pins a session by header, as the shipped example rule.
     Provider("proxy", (), replace(_ANTHROPIC, routing=_key(Signal("header", "x-session-id"),
                                                            Signal("header", "x-session-affinity"))),

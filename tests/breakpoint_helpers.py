@@ -58,10 +58,10 @@ def resolve(body: dict[str, Any], path: str) -> Any:
     return obj
 
 
-def positions(body: dict[str, Any], shape: str) -> list[int]:
+def positions(body: dict[str, Any], api: str) -> list[int]:
     """Segment indices of the block markers in a body."""
     paths = {p for p, _ in walk_markers(body)}
-    return [i for i, seg in enumerate(iter_segments(body, shape)) if seg.path in paths]
+    return [i for i, seg in enumerate(iter_segments(body, api)) if seg.path in paths]
 
 
 def tools(n: int, size: int = 400) -> list[dict[str, Any]]:
@@ -77,9 +77,9 @@ def text(t: str, cc: dict[str, str] | None = None) -> dict[str, Any]:
     return block
 
 
-def plan(body: dict[str, Any], spec: CacheControlSpec = AGENT, shape: str = "anthropic",
+def plan(body: dict[str, Any], spec: CacheControlSpec = AGENT, api: str = "anthropic",
          model: str | None = MODEL) -> list[AddedMarker]:
-    return plan_breakpoints(body, shape, model, spec)
+    return plan_breakpoints(body, api, model, spec)
 
 
 def tool_round(k: int, n: int) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ def big_prompt(topic: str, tokens: int = 3000) -> str:
     return "\n".join(lines)
 
 
-# Tool definitions in each API's shape: large enough to matter, identical on every turn.
+# Tool definitions in each API's API: large enough to matter, identical on every turn.
 def _params(name: str) -> dict[str, Any]:
     return {"type": "object", "properties": {
         "path": {"type": "string", "description": f"File the {name} tool works on."},

@@ -1,7 +1,7 @@
 """Bad input, fuzzed: the rewrite and the tap never break traffic (shared parts).
 
 In process, with `mitmproxy.test.taddons` and a rules file that uses every kind of action
-(headers, top-level and dotted body fields, `cache_control` on two shapes), hypothesis drives
+(headers, top-level and dotted body fields, `cache_control` on two APIs), hypothesis drives
 request bodies (shaped like each API with wrong types everywhere, any JSON, bytes, duplicate keys,
 lying or stacked Content-Encoding) and response streams (SSE cut anywhere, events without data,
 junk usage values, compressed streams that end early) through the addon. The invariant is:
@@ -35,14 +35,14 @@ from mitmproxy.http import Headers
 from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
+from affinity_addon.apis import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.record.schema import META
-from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.driver import Affinity
 
 HOST = "api.fuzz.test"
 CHAT, MESSAGES, RESPONSES, OTHER = ("/v1/chat/completions", "/v1/messages", "/v1/responses",
                                     "/v1/embeddings")
-SHAPE_OF = {CHAT: OPENAI_CHAT, MESSAGES: ANTHROPIC, RESPONSES: OPENAI_RESPONSES}
+API_OF = {CHAT: OPENAI_CHAT, MESSAGES: ANTHROPIC, RESPONSES: OPENAI_RESPONSES}
 
 RULES = f"""
 version: 1
@@ -126,7 +126,7 @@ class Rig:
         recs = self.capture.take()
         errors = [r for r in recs if r.levelno >= logging.ERROR]
         assert not errors, f"{what}: {errors[0].getMessage()}"
-        assert len(recs) <= 1, \
+        assert len(recs) <= 1,\
             f"{what}: {len(recs)} warnings: {[r.getMessage() for r in recs]}"
         return len(recs)
 
@@ -272,12 +272,12 @@ def unmark(out: dict[str, Any], orig: dict[str, Any], markers: list[dict[str, st
             continue
         holder = _at(out, up)
         block = holder[last]
-        assert isinstance(block, dict) and block.get("cache_control") == want, \
+        assert isinstance(block, dict) and block.get("cache_control") == want,\
             f"no {want} at {m['path']}: {block!r:.200}"
         del block["cache_control"]
         was = _at_or_none(orig, up)
         if isinstance(was, str):  # converted: the client sent a plain string there
-            assert last == 0 and holder == [{"type": "text", "text": was}], \
+            assert last == 0 and holder == [{"type": "text", "text": was}],\
                 f"{m['path']}: the string became {holder!r:.200}"
             _at(out, up[:-1])[up[-1]] = was
 

@@ -15,8 +15,8 @@ from affinity_addon.request.affinity_id import derive as _derive
 CFG = AffinityConfig()
 
 
-def derive(config, headers, body, shape, key="test-key"):
-    return _derive(config, headers, body, shape, key)
+def derive(config, headers, body, api, key="test-key"):
+    return _derive(config, headers, body, api, key)
 
 SECRET_PROMPT = "You are TopSecretBot. The launch code is 7-alpha-omega."
 
@@ -74,7 +74,7 @@ def gemini_turns():
     return t1, t2
 
 
-SHAPES = [
+APIS = [
     ("anthropic", anthropic_turns),
     ("openai-chat", chat_turns),
     ("openai-responses", responses_turns),
@@ -83,24 +83,24 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape, turns", SHAPES)
-def test_root_id_is_stable_across_turns_and_distinct_across_conversations(shape, turns):
+@pytest.mark.parametrize("api, turns", APIS)
+def test_root_id_is_stable_across_turns_and_distinct_across_conversations(api, turns):
     t1, t2 = turns()
-    id1, src1 = derive(CFG, Headers(), t1, shape)
-    id2, src2 = derive(CFG, Headers(), t2, shape)
+    id1, src1 = derive(CFG, Headers(), t1, api)
+    id2, src2 = derive(CFG, Headers(), t2, api)
     assert src1 == src2 == "root"
     assert id1 == id2
     assert re.fullmatch(r"[A-Za-z0-9._:\-]{1,64}", id1)
     assert "TopSecret" not in id1
     # A different root (another system prompt) is another conversation.
     other = json.loads(json.dumps(t1).replace("TopSecretBot", "OtherBot"))
-    assert derive(CFG, Headers(), other, shape)[0] != id1
+    assert derive(CFG, Headers(), other, api)[0] != id1
     # A different first user message too.
     other = json.loads(json.dumps(t1).replace('"hello"', '"howdy"'))
-    assert derive(CFG, Headers(), other, shape)[0] != id1
+    assert derive(CFG, Headers(), other, api)[0] != id1
     # Another key (another tenant) gives another ID; the same key always the same one.
-    assert derive(CFG, Headers(), t1, shape, key="tenant-b")[0] != id1
-    assert derive(CFG, Headers(), copy.deepcopy(t1), shape)[0] == id1
+    assert derive(CFG, Headers(), t1, api, key="tenant-b")[0] != id1
+    assert derive(CFG, Headers(), copy.deepcopy(t1), api)[0] == id1
 
 
 def test_side_request_with_its_own_prompt_gets_its_own_id():
@@ -184,8 +184,8 @@ def test_no_root_without_messages():
 ])
 def test_odd_bodies_never_raise_and_give_no_id(bad):
     # None of them has a usable root (a first user message of text): no ID, no source.
-    for shape in ("anthropic", "openai-chat", "openai-responses", "gemini"):
-        assert derive(CFG, _h({}), bad, shape) == (None, None), shape
+    for api in ("anthropic", "openai-chat", "openai-responses", "gemini"):
+        assert derive(CFG, _h({}), bad, api) == (None, None), api
 
 
 @pytest.mark.parametrize("model", [

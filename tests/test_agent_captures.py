@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from affinity_addon.apis import ANTHROPIC, OPENAI_CHAT
 from affinity_addon.catalog.volatile import parse_volatile
 from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.diagnosis.tracker import MissTracker
@@ -18,7 +19,6 @@ from affinity_addon.record.schema import Usage
 from affinity_addon.request import affinity_id
 from affinity_addon.request.breakpoint_spec import CacheControlSpec, PlanHint
 from affinity_addon.request.breakpoints import plan_breakpoints
-from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT
 
 CAPTURES = Path(__file__).resolve().parent / "fixtures" / "captures"
 AGENT = CacheControlSpec()
@@ -141,7 +141,7 @@ def test_root_mask_rejects_a_bad_regex() -> None:
 
 def observe(tracker: MissTracker, body: dict[str, Any], keys: tuple[str, ...], ts: float,
             read: int = 0, write: int = 0) -> Any:
-    p = tracker.observe(body, shape=OPENAI_CHAT, model=body.get("model"), host="api.openai.com",
+    p = tracker.observe(body, api=OPENAI_CHAT, model=body.get("model"), host="api.openai.com",
                         keys=keys, signal=keys[0], ts=ts)
     total = p.fingerprint.total_tokens
     usage = Usage(input_tokens=total, cache_read_tokens=read, cache_write_tokens=write)

@@ -110,7 +110,7 @@ def anthropic_bodies(draw: st.DrawFn) -> dict[str, Any]:
     if body["system"] is None:
         del body["system"]
     for i in range(draw(st.integers(0, 12))):
-        role = draw(st.sampled_from(["system"])) if draw(st.integers(0, 9)) == 0 \
+        role = draw(st.sampled_from(["system"])) if draw(st.integers(0, 9)) == 0\
             else ("user" if i % 2 == 0 else "assistant")
         content = draw(st.one_of(TEXTS, st.lists(anthropic_blocks(), max_size=6)))
         body["messages"].append({"role": role, "content": content})
@@ -137,13 +137,13 @@ def chat_bodies(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
-def check_plan(body: dict[str, Any], shape: str, model: str | None, raw: dict[str, Any]) -> None:
+def check_plan(body: dict[str, Any], api: str, model: str | None, raw: dict[str, Any]) -> None:
     spec = parse_cache_control(raw)
     original = copy.deepcopy(body)
     client = walk_markers(body)
-    added = plan_breakpoints(body, shape, model, spec)
+    added = plan_breakpoints(body, api, model, spec)
 
-    assert count_markers(body, shape) <= 4
+    assert count_markers(body, api) <= 4
     assert len(added) <= 4 - len(client)
     assert ttl_order_ok(body)
     if client and spec.client_markers == "skip":
@@ -162,11 +162,11 @@ def check_plan(body: dict[str, Any], shape: str, model: str | None, raw: dict[st
         assert block.get("type") not in ("thinking", "redacted_thinking")
         if block.get("type") == "text":
             assert block["text"].strip()
-        if shape == "openai-chat":
+        if api == "openai-chat":
             assert m.path.startswith("messages[") and block["type"] == "text"
 
     again = copy.deepcopy(body)  # idempotent
-    assert plan_breakpoints(again, shape, model, spec) == []
+    assert plan_breakpoints(again, api, model, spec) == []
     assert again == body
 
     strip_added(body, added)  # exact inverse

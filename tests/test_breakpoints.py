@@ -1,4 +1,4 @@
-"""The cache_control breakpoint planner on real client shapes: client markers, limits, minimums,
+"""The cache_control breakpoint planner on real client APIs: client markers, limits, minimums,
 rolling positions (turn N+1 reads what turn N wrote), undo."""
 
 import copy
@@ -29,7 +29,7 @@ from tests.breakpoint_helpers import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# real client shapes
+# real client APIs
 
 
 def claude_code_body(cc: dict[str, str]) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def test_plain_sdk_openrouter_chat() -> None:
                                                        "image_url": {"url": "data:,"}}]}],
             "tools": [{"type": "function", "function": {"name": "f", "description": "d" * 9000}}]}
     before = copy.deepcopy(body)
-    added = plan(body, shape="openai-chat", model=body["model"])
+    added = plan(body, api="openai-chat", model=body["model"])
     # No tool markers on chat bodies; the image part cannot carry one, its text part can.
     assert added == [AddedMarker("messages[0].content[0]", "5m", True),
                      AddedMarker("messages[3].content[0]", "5m", False)]
@@ -154,7 +154,7 @@ def test_openrouter_tool_messages() -> None:
              "tool_calls": [{"id": "c1", "type": "function",
                              "function": {"name": "ls", "arguments": "{}"}}]}]
     as_string = {"messages": copy.deepcopy(base) + [{"role": "tool", "tool_call_id": "c1", "content": "a\nb"}]}
-    added = plan(as_string, shape="openai-chat", model="anthropic/claude-sonnet-4.5")
+    added = plan(as_string, api="openai-chat", model="anthropic/claude-sonnet-4.5")
     # A string tool result becomes a one-part text list, so the rolling marker follows the
     # tool loop (an agent's newest message is usually a tool result, not a user turn).
     assert [m.path for m in added][-1] == "messages[3].content[0]"
@@ -165,7 +165,7 @@ def test_openrouter_tool_messages() -> None:
 
     as_parts = {"messages": copy.deepcopy(base) + [
         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "a\nb"}]}]}
-    added = plan(as_parts, shape="openai-chat", model="anthropic/claude-sonnet-4.5")
+    added = plan(as_parts, api="openai-chat", model="anthropic/claude-sonnet-4.5")
     assert added[-1] == AddedMarker("messages[3].content[0]", "5m")
 
 
@@ -270,12 +270,12 @@ def test_gemini_via_openrouter_gets_one_marker() -> None:
                      {"role": "assistant", "content": f"a{k} " * 50}]
     messages.append({"role": "user", "content": "last"})
     body = {"model": "google/gemini-2.5-pro", "messages": messages}
-    added = plan(copy.deepcopy(body), shape="openai-chat", model=body["model"])
+    added = plan(copy.deepcopy(body), api="openai-chat", model=body["model"])
     assert added == [AddedMarker("messages[11].content[0]", "5m", True)]
     spec = parse_cache_control({"last_marker_only": False})
     assert len(plan(copy.deepcopy(body), spec, "openai-chat", body["model"])) == 2
     spec = parse_cache_control({"placements": ["system", {"last_n": 2}], "last_marker_only": True})
-    assert [m.path for m in plan(body, spec, "openai-chat", "qwen3-max")] == \
+    assert [m.path for m in plan(body, spec, "openai-chat", "qwen3-max")] ==\
         ["messages[11].content[0]"]
 
 
@@ -306,10 +306,10 @@ def test_deferred_tools_and_null_markers_are_not_marked() -> None:
     assert body == before
 
 
-def test_unsupported_shapes_are_left_alone() -> None:
+def test_unsupported_apis_are_left_alone() -> None:
     body = {"input": [{"role": "user", "content": BIG}]}
-    assert plan(body, shape="openai-responses") == []
-    assert plan(body, shape="gemini") == []
+    assert plan(body, api="openai-responses") == []
+    assert plan(body, api="gemini") == []
     assert body == {"input": [{"role": "user", "content": BIG}]}
 
 
@@ -325,15 +325,15 @@ def test_strip_added_survives_a_changed_body() -> None:
 # rolling markers: turn N+1 reads what turn N wrote
 
 
-def _assert_rolls(shape: str, model: str, spec: CacheControlSpec, first: dict[str, Any],
+def _assert_rolls(api: str, model: str, spec: CacheControlSpec, first: dict[str, Any],
                   turns: list[list[dict[str, Any]]]) -> None:
     original = copy.deepcopy(first)
     prev_last: int | None = None
     for appended in turns:
         original["messages"] += copy.deepcopy(appended)
         body = copy.deepcopy(original)
-        assert plan_breakpoints(body, shape, model, spec)
-        marks = positions(body, shape)
+        assert plan_breakpoints(body, api, model, spec)
+        marks = positions(body, api)
         assert len(marks) <= 4 and ttl_order_ok(body)
         if prev_last is not None:
             assert any(prev_last <= m <= prev_last + 20 for m in marks), (prev_last, marks)

@@ -20,8 +20,8 @@ from affinity_addon.catalog.yamlsource import load_table
      "invalid regex"),
     ("blocks:\n  - name: a\n    pattern: x\nroot_masks:\n  - ok\n  - '['\n", parse_volatile, 6,
      "invalid regex"),
-    ("shapes:\n  anthropic:\n    input: [usage.input_tokens]\n  gemini:\n    input: nope\n",
-     parse_table, 4, "shapes.gemini.input must be a list"),
+    ("apis:\n  anthropic:\n    input: [usage.input_tokens]\n  gemini:\n    input: nope\n",
+     parse_table, 4, "apis.gemini.input must be a list"),
 ])
 def test_a_bad_entry_names_the_file_and_line(tmp_path: Path, text, parse, line, reason) -> None:
     path = tmp_path / "table.yaml"

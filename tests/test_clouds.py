@@ -12,6 +12,7 @@ import pytest
 from mitmproxy.http import Headers
 from mitmproxy.test import taddons, tflow, tutils
 
+from affinity_addon.apis import ANTHROPIC, BEDROCK_CONVERSE
 from affinity_addon.catalog.platforms import parse_platforms, platform_for
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.catalog.yamlsource import TableError
@@ -28,10 +29,9 @@ from affinity_addon.request.breakpoint_spec import (
 from affinity_addon.request.breakpoints import plan_breakpoints, strip_added
 from affinity_addon.request.prompt import iter_segments
 from affinity_addon.request.prompt_slots import count_markers
-from affinity_addon.request.rules import default_rules_file, load_rules, shape_for
+from affinity_addon.request.rules import api_for, default_rules_file, load_rules
 from affinity_addon.response.eventstream import EventStreamTap, bedrock_frames, parse_headers
 from affinity_addon.response.usage import UsageReader
-from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE
 from tests.driver import Affinity
 from tests.sim import eventstream, sigv4, wire
 
@@ -191,13 +191,13 @@ def test_the_model_in_the_url(path: str, model: str | None) -> None:
     assert PROVIDER_FACTS.path_model(path) == model
 
 
-def test_shapes_by_path() -> None:
-    assert shape_for("/model/x/converse") == shape_for("/model/x/converse-stream") == \
+def test_apis_by_path() -> None:
+    assert api_for("/model/x/converse") == api_for("/model/x/converse-stream") ==\
         BEDROCK_CONVERSE
-    assert shape_for("/v1/projects/p/locations/l/publishers/anthropic/models/m:rawPredict") == \
+    assert api_for("/v1/projects/p/locations/l/publishers/anthropic/models/m:rawPredict") ==\
         ANTHROPIC
-    assert shape_for("/model/x/invoke") is None  # each model's own body: the rule says
-    assert shape_for("/anthropic/v1/messages") == ANTHROPIC
+    assert api_for("/model/x/invoke") is None  # each model's own body: the rule says
+    assert api_for("/anthropic/v1/messages") == ANTHROPIC
 
 
 def test_default_rules_cover_the_clouds() -> None:
@@ -268,7 +268,7 @@ def test_a_bearer_invoke_request_gets_markers(addon) -> None:
     addon.request(f)
     sent = json.loads(f.request.content)
     facts = f.metadata[META]
-    assert facts["model"] == SONNET and facts["shape"] == ANTHROPIC
+    assert facts["model"] == SONNET and facts["api"] == ANTHROPIC
     assert facts["rules"] == ["bedrock-claude", "observe-bedrock"]
     assert sent["system"][0]["cache_control"] == {"type": "ephemeral"}
     assert "cache_control" not in sent and not facts["dry_run"] and facts["rewrite_skipped"] is None
@@ -338,10 +338,10 @@ def test_converse_points_follow_their_blocks_and_undo_exactly() -> None:
     assert count_markers(body, BEDROCK_CONVERSE) == len(marks)
     assert "messages[6].content[1]" in [m.path for m in marks]  # the newest user turn
     # the prompt's blocks and their digests are the same with or without the points
-    fp_with, fp_without = fingerprint(body, BEDROCK_CONVERSE, SONNET), \
+    fp_with, fp_without = fingerprint(body, BEDROCK_CONVERSE, SONNET),\
         fingerprint(before, BEDROCK_CONVERSE, SONNET)
     assert fp_with.plan_digests() == fp_without.plan_digests()
-    assert [s.path for s in iter_segments(body, BEDROCK_CONVERSE)] == \
+    assert [s.path for s in iter_segments(body, BEDROCK_CONVERSE)] ==\
         [s.path for s in iter_segments(before, BEDROCK_CONVERSE)]
     assert plan_breakpoints(body, BEDROCK_CONVERSE, SONNET, AGENT, host=BEDROCK) == []
     strip_added(body, marks)

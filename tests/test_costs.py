@@ -37,17 +37,17 @@ def list_price(u: dict[str, int], p: dict[str, float] = SONNET) -> float:
 
 
 def record(model: str, usage: Usage | None, *, host: str = "api.anthropic.com",
-           shape: str = "anthropic", conv: str = "conv-1", now: float = T0) -> dict[str, Any]:
+           api: str = "anthropic", conv: str = "conv-1", now: float = T0) -> dict[str, Any]:
     """A record as the proxy builds it (record/build.py), as the JSONL line it writes."""
-    return build.build(request=facts(model, host, shape, conv), flow_id=f"f{now}", status=200,
+    return build.build(request=facts(model, host, api, conv), flow_id=f"f{now}", status=200,
                        usage=usage, usage_raw=None, stream=False, transport="http",
                        complete=True, error=None, started=now - 2, response_cache=False,
                        now=now).to_json()
 
 
-def facts(model: str, host: str = "api.anthropic.com", shape: str = "anthropic",
+def facts(model: str, host: str = "api.anthropic.com", api: str = "anthropic",
           conv: str = "conv-1") -> RequestFacts:
-    return RequestFacts(rule="r", rules=("r",), shape=shape, model=model, affinity_id=conv,
+    return RequestFacts(rule="r", rules=("r",), api=api, model=model, affinity_id=conv,
                         affinity_source="root", dry_run=False, added={}, kept=(),
                         body_write="none", warning=None, host=host, path="/v1/messages",
                         method="POST", key=None)
@@ -304,11 +304,11 @@ def test_metrics_count_dollars_by_kind_and_unpriced_records():
     reg = m.prom.registry
     for kind in prices.KINDS:
         got = reg.get_sample_value("affinity_cost_usd_total", {
-            "provider": "anthropic", "model_family": "claude-sonnet-4-5", "rule": "r",
+            "api": "anthropic", "model_family": "claude-sonnet-4-5", "rule": "r",
             "kind": kind}) or 0.0
         assert got == pytest.approx(sum(r["cost_usd"][kind] for r in records if r["cost_usd"]))
     assert reg.get_sample_value("affinity_unpriced_records_total", {
-        "provider": "anthropic", "model_family": "my-finetune"}) == 1.0
+        "api": "anthropic", "model_family": "my-finetune"}) == 1.0
 
 
 def test_prices_come_from_the_bundled_table_never_the_network():

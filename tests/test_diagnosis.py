@@ -42,8 +42,8 @@ def anthropic_body(turns: int = 2, *, date: str = "2026-11-23") -> dict:
             "messages": messages}
 
 
-def fp_of(body: dict, shape: str = "anthropic") -> Fingerprint:
-    return fingerprint(body, shape, body.get("model"))
+def fp_of(body: dict, api: str = "anthropic") -> Fingerprint:
+    return fingerprint(body, api, body.get("model"))
 
 
 def usage_for(fp: Fingerprint, read: int = 0, write: int = 0) -> Usage:
@@ -51,15 +51,15 @@ def usage_for(fp: Fingerprint, read: int = 0, write: int = 0) -> Usage:
 
 
 def verdict(prev: Entry | None, body: dict, *, read: int = 0, write: int = 0, now: float = 10.0,
-            shape: str = "anthropic", automatic: bool = False, min_tokens: int = MIN,
+            api: str = "anthropic", automatic: bool = False, min_tokens: int = MIN,
             **kw) -> Verdict:
-    fp = fp_of(body, shape)
-    return diagnose(prev, fp, usage_for(fp, read, write), now, shape=shape, automatic=automatic,
+    fp = fp_of(body, api)
+    return diagnose(prev, fp, usage_for(fp, read, write), now, api=api, automatic=automatic,
                     min_tokens=min_tokens, ttl_seconds=TTL, **kw)
 
 
-def entry(body: dict, ts: float = 0.0, shape: str = "anthropic", automatic: bool = False) -> Entry:
-    return entry_for(fp_of(body, shape), ts, ttl_seconds=TTL, automatic=automatic)
+def entry(body: dict, ts: float = 0.0, api: str = "anthropic", automatic: bool = False) -> Entry:
+    return entry_for(fp_of(body, api), ts, ttl_seconds=TTL, automatic=automatic)
 
 
 # --- entries and the store -------------------------------------------------------------------
@@ -112,14 +112,14 @@ def test_parse_duration_reads_provider_ttls():
 
 def test_response_cache_wins_over_zero_usage():
     fp = fp_of(anthropic_body(2))
-    v = diagnose(entry(anthropic_body(1)), fp, Usage(), 5.0, shape="anthropic",
+    v = diagnose(entry(anthropic_body(1)), fp, Usage(), 5.0, api="anthropic",
                  automatic=False, min_tokens=MIN, ttl_seconds=TTL, response_cache=True)
     assert v.reason == "response-cache" and v.reported_read_tokens == 0
 
 
 def test_no_usage_is_unknown_with_a_reason():
     fp = fp_of(anthropic_body(2))
-    v = diagnose(entry(anthropic_body(1)), fp, None, 5.0, shape="anthropic", automatic=False,
+    v = diagnose(entry(anthropic_body(1)), fp, None, 5.0, api="anthropic", automatic=False,
                  min_tokens=MIN, ttl_seconds=TTL)
     assert v.reason == "unknown" and "no usage" in v.detail and v.reported_read_tokens is None
 
@@ -229,8 +229,8 @@ def test_long_tool_loop_is_lookback_exceeded():
     v = verdict(prev, _tool_loop(15))  # 26 blocks
     assert v.reason == "lookback-exceeded"
     assert "26 blocks after the previous one" in v.detail and "looks back only 20" in v.detail
-    # shapes without a lookback limit do not get this verdict
-    assert verdict(prev, _tool_loop(15), shape="openai-chat").reason != "lookback-exceeded"
+    # APIs without a lookback limit do not get this verdict
+    assert verdict(prev, _tool_loop(15), api="openai-chat").reason != "lookback-exceeded"
 
 
 def test_partial_hit_mentions_lookback():
@@ -254,7 +254,7 @@ def test_verdict_log_fields_are_ours_only():
     assert v.reason in REASONS
 
 
-# --- automatic caching (OpenAI shapes) -------------------------------------------------------
+# --- automatic caching (OpenAI APIs) -------------------------------------------------------
 
 def responses_body(turns: int, date: str = "2026-11-23") -> dict:
     items: list[dict] = [{"role": "developer", "content": [
@@ -267,8 +267,8 @@ def responses_body(turns: int, date: str = "2026-11-23") -> dict:
 
 
 def test_responses_automatic_caching_verdicts():
-    kw = {"shape": "openai-responses", "automatic": True}
-    prev = entry(responses_body(1), shape="openai-responses", automatic=True)
+    kw = {"api": "openai-responses", "automatic": True}
+    prev = entry(responses_body(1), api="openai-responses", automatic=True)
     assert verdict(prev, responses_body(2), read=prev.cacheable_tokens - 100, **kw).reason == "hit"
     assert verdict(prev, responses_body(2), **kw).reason == "routed-away"
     v = verdict(prev, responses_body(2, date="2026-11-24"), **kw)
@@ -290,8 +290,8 @@ def test_changes_the_providers_name_that_the_prompt_does_not_show():
     standard = {**anthropic_body(2), "speed": "standard"}  # the default: no change
     assert verdict(entry(anthropic_body(1)), standard,
                    read=entry(anthropic_body(1)).cacheable_tokens).reason == "hit"
-    kw = {"shape": "openai-responses", "automatic": True}
-    prev = entry(responses_body(1), shape="openai-responses", automatic=True)
+    kw = {"api": "openai-responses", "automatic": True}
+    prev = entry(responses_body(1), api="openai-responses", automatic=True)
     effort = {**responses_body(2), "reasoning": {"effort": "high", "summary": "auto"}}
     v = verdict(prev, effort, **kw)
     assert v.reason == "prefix-changed" and v.detail.startswith("settings-changed: "
@@ -301,10 +301,10 @@ def test_changes_the_providers_name_that_the_prompt_does_not_show():
 
 
 def test_reported_prompt_size_calibrates_estimates():
-    prev = entry(responses_body(1), shape="openai-responses", automatic=True)
+    prev = entry(responses_body(1), api="openai-responses", automatic=True)
     fp = fp_of(responses_body(2), "openai-responses")
     usage = Usage(input_tokens=fp.total_tokens * 2, cache_read_tokens=10)
-    v = diagnose(prev, fp, usage, 1.0, shape="openai-responses", automatic=True,
+    v = diagnose(prev, fp, usage, 1.0, api="openai-responses", automatic=True,
                  min_tokens=MIN, ttl_seconds=TTL)
     assert v.expected_cacheable_tokens == pytest.approx(2 * prev.cacheable_tokens, abs=1)
 
@@ -324,6 +324,6 @@ def test_predict_hit_ratio():
     assert changed == pytest.approx(tools_tokens / dated.total_tokens)  # only the tools survive
     assert predict_hit_ratio(prev, fp_of(t2), min_tokens=10**6, automatic=False) == 0.0
     assert predict_hit_ratio(entry(_tool_loop(2)), fp_of(_tool_loop(15)), min_tokens=MIN,
-                             automatic=False, shape="anthropic") == 0.0
+                             automatic=False, api="anthropic") == 0.0
     empty = fingerprint({"messages": []}, "openai-chat", None)
     assert predict_hit_ratio(prev, empty, min_tokens=MIN, automatic=True) is None

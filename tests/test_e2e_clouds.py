@@ -224,7 +224,7 @@ def test_a_sigv4_signed_conversation_arrives_byte_for_byte(sim, proxy_factory) -
     for rec in recs:
         assert rec["rewrite_skipped"] == "signed (aws-sigv4)" and rec["dry_run"]
         assert rec["added"]["markers"]  # what a Bearer request would have been given
-        assert rec["provider"] == "bedrock-converse" and rec["model"] == SONNET
+        assert rec["api"] == "bedrock-converse" and rec["model"] == SONNET
     assert later_hit_ratio(sim) == 0  # nothing marked, nothing cached: the verdicts say so
     assert {r["miss_reason"] for r in recs} == {"unknown"}
     assert all("no cache marker" in r["miss_detail"] for r in recs)  # judged as sent

@@ -266,7 +266,7 @@ def test_anthropic_plain_sdk_script_gets_breakpoints(monkeypatch, sim, proxy_fac
 
 
 def test_anthropic_client_markers_left_exactly_as_sent(monkeypatch, sim, proxy_factory):
-    # Claude Code's shape: billing block, identity and big prompt in `system`, markers on
+    # Claude Code's API: billing block, identity and big prompt in `system`, markers on
     # system[1], system[2] and the newest user message's last text block; always streamed.
     session = str(uuid.UUID(int=8))
     system = [
@@ -288,7 +288,7 @@ def test_anthropic_client_markers_left_exactly_as_sent(monkeypatch, sim, proxy_f
 
     pair = compare("anthropic claude-code markers (SSE)", sim, proxy_factory, drive)
     assert pair.with_.ratio == pytest.approx(pair.without.ratio)
-    assert [u["cache_read_tokens"] for u in pair.with_.usages] == \
+    assert [u["cache_read_tokens"] for u in pair.with_.usages] ==\
         [u["cache_read_tokens"] for u in pair.without.usages]
     for w, wo in zip(pair.with_.requests, pair.without.requests, strict=True):
         # Byte for byte what the client sent (the bare proxy changes nothing), but for the

@@ -129,7 +129,7 @@ class Claude:
         else:
             msg = self.client.messages.create(**kw)
         d = msg.diagnostics  # parsed by the SDK: message_start (SSE) or the JSON body
-        said = None if d is None else "pending" if d.cache_miss_reason is None \
+        said = None if d is None else "pending" if d.cache_miss_reason is None\
             else getattr(d.cache_miss_reason, "type", "(unparsed)")
         compared = own["previous_message_id"] if own is not None else self.previous
         self.lab.expected.append({
@@ -207,7 +207,7 @@ def run_workload(lab: Lab) -> None:
     a.send("pending", None, fault="diagnosis=pending")  # still comparing
     a.send("tools_changed", False, fault="diagnosis=tools_changed")  # a provider surprise
     a.send("cache_evicted", None, fault="diagnosis=cache_evicted")  # a type nobody documents
-    a.send(None, None, fault="diagnosis=malformed")  # a shape we do not know: no result
+    a.send(None, None, fault="diagnosis=malformed")  # an API we do not know: no result
     b.send(None, None, fault="diagnosis=malformed")  # ... on message_start: the stream goes on
     a.send("previous_message_not_found", None, own={"previous_message_id": "msg_client_own"})
     a.send("no-divergence", True)  # the link goes on from the client's turn's response

@@ -54,7 +54,7 @@ def test_anthropic_sdk_usage_records_match_upstream(monkeypatch, sim, proxy_fact
     for msg, rec, up in zip(msgs, recs, sim.requests, strict=True):
         u = msg.usage
         assert rec["stream"] is stream and rec["complete"] is True and rec["status"] == 200
-        assert rec["provider"] == "anthropic" and rec["model"] == "claude-sonnet-4-5"
+        assert rec["api"] == "anthropic" and rec["model"] == "claude-sonnet-4-5"
         assert rec["usage"]["cache_read_tokens"] == u.cache_read_input_tokens == up.usage["cache_read_input_tokens"]
         assert rec["usage"]["cache_write_tokens"] == u.cache_creation_input_tokens
         assert rec["usage"]["input_tokens"] == (u.input_tokens + u.cache_read_input_tokens

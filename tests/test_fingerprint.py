@@ -361,7 +361,7 @@ def test_appending_never_reports_a_change(history, extra, system):
 
 
 CAPTURES = sorted((Path(__file__).resolve().parent / "fixtures" / "captures").glob("*/*.json"))
-SHAPE_BY_PATH = {"/v1/messages": "anthropic", "/v1/responses": "openai-responses"}
+API_BY_PATH = {"/v1/messages": "anthropic", "/v1/responses": "openai-responses"}
 
 
 @pytest.mark.parametrize("capture", CAPTURES, ids=lambda p: p.stem)
@@ -369,10 +369,10 @@ def test_stepped_fingerprint_builds_the_blocks_unpack_decodes(capture):
     """The judgement uses the blocks made while fingerprinting instead of decoding the packed
     rows: they must be the same, field for field, and stepping must not change the result."""
     sent = json.loads(capture.read_text())
-    shape = SHAPE_BY_PATH.get(sent["path"].split("?")[0], "openai-chat")
+    api = API_BY_PATH.get(sent["path"].split("?")[0], "openai-chat")
     body = sent["body"]
-    fp, blocks = run_steps(fingerprint_steps(body, shape, body.get("model"), every=3))
-    assert fp == fingerprint(body, shape, body.get("model"))
+    fp, blocks = run_steps(fingerprint_steps(body, api, body.get("model"), every=3))
+    assert fp == fingerprint(body, api, body.get("model"))
     assert blocks == fp.unpack()
 
 
@@ -404,9 +404,9 @@ SYNTHETIC = [
 ]
 
 
-@pytest.mark.parametrize(("shape", "body"), SYNTHETIC, ids=[s for s, _ in SYNTHETIC])
-def test_stepped_blocks_match_unpack_for_every_shape(shape, body):
-    fp, blocks = run_steps(fingerprint_steps(body, shape, body["model"], every=2))
+@pytest.mark.parametrize(("api", "body"), SYNTHETIC, ids=[s for s, _ in SYNTHETIC])
+def test_stepped_blocks_match_unpack_for_every_api(api, body):
+    fp, blocks = run_steps(fingerprint_steps(body, api, body["model"], every=2))
     assert blocks == fp.unpack() and len(blocks.all) > 3
 
 

@@ -22,10 +22,10 @@ from affinity_addon.diagnosis.fingerprint import (
 )
 from affinity_addon.diagnosis.tracker import MissTracker
 from affinity_addon.request.prompt import MESSAGES_KEY, iter_segments
-from tests.test_fingerprint import CAPTURES, SHAPE_BY_PATH, SYNTHETIC, anthropic_body
+from tests.test_fingerprint import API_BY_PATH, CAPTURES, SYNTHETIC, anthropic_body
 
 
-def flat_walk(body: dict[str, Any], shape: str) -> Iterator[tuple]:
+def flat_walk(body: dict[str, Any], api: str) -> Iterator[tuple]:
     """The prompt walk as the flat segment order has it (iter_segments), with contentless
     messages as carriers once the conversation has content: the reference the message-by-message
     walk must reproduce."""
@@ -39,7 +39,7 @@ def flat_walk(body: dict[str, Any], shape: str) -> Iterator[tuple]:
             if isinstance(msgs[i], dict):
                 yield f"{section}[{i}]", i, id(msgs[i]), True, "carrier"
 
-    for seg in iter_segments(body, shape):
+    for seg in iter_segments(body, api):
         mi = seg.message_index
         if mi is None:
             yield seg.path, mi, id(seg.value), False, None
@@ -58,17 +58,17 @@ def flat_walk(body: dict[str, Any], shape: str) -> Iterator[tuple]:
         yield from carriers(section, None)
 
 
-def walked(body: dict[str, Any], shape: str) -> list[tuple]:
+def walked(body: dict[str, Any], api: str) -> list[tuple]:
     return [(seg.path, seg.message_index, id(seg.value), first,
              "carrier" if envelope is _CARRIES else envelope)
-            for seg, first, envelope in _walk(body, shape)]
+            for seg, first, envelope in _walk(body, api)]
 
 
 def capture_bodies() -> list[tuple[str, dict]]:
     out = []
     for capture in CAPTURES:
         sent = json.loads(capture.read_text())
-        out.append((SHAPE_BY_PATH.get(sent["path"].split("?")[0], "openai-chat"), sent["body"]))
+        out.append((API_BY_PATH.get(sent["path"].split("?")[0], "openai-chat"), sent["body"]))
     return out
 
 
@@ -81,22 +81,22 @@ ODD = [
     ("openai-responses", {"input": "hello", "instructions": "sys"}),
     ("gemini", {"contents": [{"role": "user", "parts": [{"text": "a"}]}, {"role": "model"}],
                 "systemInstruction": {"parts": [{"text": "s"}]}}),
-    ("unknown-shape", {"tools": [{"name": "t"}], "messages": [{"role": "user", "content": "x"}]}),
+    ("unknown-api", {"tools": [{"name": "t"}], "messages": [{"role": "user", "content": "x"}]}),
     ("anthropic", {"messages": {"not": "a list"}, "system": "s"}),
 ]
 BODIES = capture_bodies() + list(SYNTHETIC) + ODD
 
 
-@pytest.mark.parametrize(("shape", "body"), BODIES)
-def test_message_walk_is_the_flat_walk(shape, body):
-    assert walked(body, shape) == list(flat_walk(body, shape))
+@pytest.mark.parametrize(("api", "body"), BODIES)
+def test_message_walk_is_the_flat_walk(api, body):
+    assert walked(body, api) == list(flat_walk(body, api))
 
 
-def turns(shape: str, body: dict) -> list[dict]:
+def turns(api: str, body: dict) -> list[dict]:
     """What real agents do between two requests: append a turn, retry or edit the last
     message, move the cache marker, drop a per-turn trailer, insert into the middle, and a
     side request that shares only the head."""
-    key = MESSAGES_KEY.get(shape)
+    key = MESSAGES_KEY.get(api)
     msgs = body.get(key) if key else None
     if not isinstance(msgs, list) or not msgs:
         return []
@@ -125,15 +125,15 @@ def turns(shape: str, body: dict) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize(("shape", "body"), BODIES)
-def test_resumed_fingerprint_is_the_full_one(shape, body):
+@pytest.mark.parametrize(("api", "body"), BODIES)
+def test_resumed_fingerprint_is_the_full_one(api, body):
     memo = FingerprintMemo()
-    sequence = [body, *turns(shape, body), body, *turns(shape, body)]
+    sequence = [body, *turns(api, body), body, *turns(api, body)]
     for b in sequence:
-        fp, blocks = run_steps(fingerprint_steps(b, shape, b.get("model"), memo=memo, every=3))
-        assert fp == fingerprint(b, shape, b.get("model"))
+        fp, blocks = run_steps(fingerprint_steps(b, api, b.get("model"), memo=memo, every=3))
+        assert fp == fingerprint(b, api, b.get("model"))
         assert blocks == fp.unpack()
-    if turns(shape, body):  # a conversation: the later turns resumed
+    if turns(api, body):  # a conversation: the later turns resumed
         assert memo.hits >= len(sequence) // 2
 
 
@@ -185,7 +185,7 @@ def test_the_tracker_fingerprints_incrementally():
     for t in range(3):
         body["messages"] += [{"role": "assistant", "content": f"a{t}"},
                              {"role": "user", "content": f"u{t}"}]
-        p = tracker.observe(body, shape="anthropic", model="m", host="api.anthropic.com",
+        p = tracker.observe(body, api="anthropic", model="m", host="api.anthropic.com",
                             keys=("conv",), signal=None, ts=float(t))
         assert p.fingerprint == fingerprint(body, "anthropic", "m")
         tracker.verdict(p, None, float(t), response_cache=False,
@@ -207,25 +207,25 @@ message = st.fixed_dictionaries(
 @given(st.lists(st.one_of(message, st.integers()), max_size=8),
        st.lists(st.one_of(message, st.integers()), max_size=4),
        st.integers(0, 8), st.sampled_from(["anthropic", "openai-chat", "openai-responses"]))
-def test_any_edit_of_any_history_resumes_to_the_full_fingerprint(history, extra, cut, shape):
-    key = MESSAGES_KEY[shape]
+def test_any_edit_of_any_history_resumes_to_the_full_fingerprint(history, extra, cut, api):
+    key = MESSAGES_KEY[api]
     memo = FingerprintMemo()
     first = {"system": "s", "instructions": "i", key: history}
     second = {"system": "s", "instructions": "i", key: history[:cut] + extra}
     for b in (first, second, first):
-        fp, blocks = run_steps(fingerprint_steps(b, shape, None, memo=memo, every=2))
-        assert fp == fingerprint(b, shape, None)
+        fp, blocks = run_steps(fingerprint_steps(b, api, None, memo=memo, every=2))
+        assert fp == fingerprint(b, api, None)
         assert blocks == fp.unpack()
 
 
-@pytest.mark.parametrize(("shape", "body"), BODIES)
-def test_the_head_is_read_from_head_fields_alone(shape, body):
+@pytest.mark.parametrize(("api", "body"), BODIES)
+def test_the_head_is_read_from_head_fields_alone(api, body):
     """The memo keys the head by HEAD_FIELDS: any other top-level field must not change it."""
     from affinity_addon.request.prompt import HEAD_FIELDS, head_segments
 
-    head = [(s.path, s.value) for s in head_segments(body, shape)]
+    head = [(s.path, s.value) for s in head_segments(body, api)]
     rest = {k: v for k, v in body.items() if k in HEAD_FIELDS}
-    assert [(s.path, s.value) for s in head_segments(rest, shape)] == head
+    assert [(s.path, s.value) for s in head_segments(rest, api)] == head
 
 
 def test_long_prompts_are_fingerprinted_in_slices_of_bytes(monkeypatch):

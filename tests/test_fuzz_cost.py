@@ -31,7 +31,7 @@ from mitmproxy.http import Headers
 from mitmproxy.test import tutils
 
 from affinity_addon.request import breakpoints
-from affinity_addon.request.breakpoint_spec import SHAPE_RULES
+from affinity_addon.request.breakpoint_spec import API_RULES
 from affinity_addon.request.rewrite import apply_rules
 from affinity_addon.request.rules import default_rules_file, load_rules
 
@@ -44,7 +44,7 @@ MB = 1_000_000
 RULES = load_rules(default_rules_file())
 KEY = "fuzz-cost-key-0123456789"
 
-# (host, path, shape, model): routes of the default rules, each with its own actions.
+# (host, path, API, model): routes of the default rules, each with its own actions.
 ROUTES = [
     ("api.anthropic.com", "/v1/messages", "anthropic", "claude-sonnet-4-5"),  # breakpoints
     ("openrouter.ai", "/api/v1/chat/completions", "chat", "anthropic/claude-sonnet-4.5"),
@@ -79,7 +79,7 @@ def _nested(depth: int) -> Any:
 
 @st.composite
 def bodies(draw: st.DrawFn) -> tuple[str, str, bytes]:
-    host, path, shape, model = draw(st.sampled_from(ROUTES))
+    host, path, api, model = draw(st.sampled_from(ROUTES))
     kind = draw(st.sampled_from(["agent", "tiny-messages", "system-flood", "model", "giant",
                                  "nested", "tools", "empty-values"]))
     body: dict[str, Any] = {"model": model}
@@ -112,7 +112,7 @@ def bodies(draw: st.DrawFn) -> tuple[str, str, bytes]:
     seed = draw(st.integers(0, 1000))
     sys_text = _text(text_len, seed)
     if tools:
-        key = "functionDeclarations" if shape == "gemini" else "tools"
+        key = "functionDeclarations" if api == "gemini" else "tools"
         body[key] = [{"type": "function", "name": f"t{i}", "description": sys_text[:50],
                       "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}
                      for i in range(tools)]
@@ -127,10 +127,10 @@ def bodies(draw: st.DrawFn) -> tuple[str, str, bytes]:
 
     conv = [{"role": "user" if i % 2 == 0 else "assistant", "content": content(i)}
             for i in range(n_msgs)]
-    if shape == "anthropic":
+    if api == "anthropic":
         body["system"] = [{"type": "text", "text": sys_text}] * system_msgs
         body["messages"] = conv
-    elif shape == "chat":
+    elif api == "chat":
         body["messages"] = [{"role": "system", "content": sys_text}] * system_msgs + conv
     else:
         body["instructions"] = sys_text
@@ -249,7 +249,7 @@ def test_system_end_indexes_leading_system_messages():
     body = {"model": "anthropic/claude-sonnet-4",
             "messages": [{"role": "system", "content": "s" * 30} for _ in range(8000)]
             + [{"role": "user", "content": "hi"}]}
-    prompt = breakpoints.Prompt(body, "openai-chat", SHAPE_RULES["openai-chat"], [])
+    prompt = breakpoints.Prompt(body, "openai-chat", API_RULES["openai-chat"], [])
     planner = breakpoints._Planner(prompt, breakpoints.CacheControlSpec(), 0, 4, False)
     t = time.thread_time()
     slot = planner.system_end()

@@ -18,15 +18,15 @@ from mitmproxy.net import encoding
 from mitmproxy.test import tflow, tutils
 from wsproto.frame_protocol import Opcode
 
+from affinity_addon.apis import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.record.schema import META
-from affinity_addon.shapes import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
 from tests.budgets import examples
 from tests.fuzz_rig import (
     ANY_JSON,
+    API_OF,
     ENCODINGS,
     FUZZ,
     SCALAR,
-    SHAPE_OF,
     STEP_SECONDS,
     TEXT,
     Rig,
@@ -39,7 +39,7 @@ from tests.sim import wire
 
 USAGE_STYLE = {ANTHROPIC: "anthropic", OPENAI_CHAT: "openai-chat",
                OPENAI_RESPONSES: "openai-responses"}
-PATH_OF = {v: k for k, v in SHAPE_OF.items()}
+PATH_OF = {v: k for k, v in API_OF.items()}
 JUNK_COUNT = st.one_of(st.integers(-(2**70), -1), st.integers(2**53 + 1, 2**70), TEXT, st.none(),
                        st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
                        st.lists(st.integers(), max_size=2), st.dictionaries(TEXT, SCALAR, max_size=2))
@@ -75,19 +75,19 @@ def _at(draw: Any, size: int) -> int:
 
 @st.composite
 def sse_cases(draw: Any) -> dict[str, Any]:
-    shape = draw(st.sampled_from([ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES]))
+    api = draw(st.sampled_from([ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES]))
     counts = draw(COUNTS)
-    usage = wire.USAGE_STYLES[USAGE_STYLE[shape]](counts)
+    usage = wire.USAGE_STYLES[USAGE_STYLE[api]](counts)
     sound = True  # upstream sent a correct stream and it arrived whole
     if draw(st.integers(0, 3)) == 0:
         usage, sound = _junk_usage(usage, draw), False
     ids = wire.Ids("msg_01fuzz", "chatcmpl-fuzz", draw(TEXT))
-    events = wire.sse_events(shape, "fuzz-model", usage, ids,
+    events = wire.sse_events(api, "fuzz-model", usage, ids,
                              {"stream_options": {"include_usage": True}}, "include_usage")
     for _ in range(draw(st.integers(0, 3))):  # junk events that carry no usage
         events.insert(draw(st.integers(0, len(events))), draw(st.sampled_from(BENIGN_JUNK)))
     if draw(st.integers(0, 5)) == 0:  # a later usage object with junk values
-        junk = {"usage": _junk_usage(usage, draw)} if shape != OPENAI_RESPONSES else \
+        junk = {"usage": _junk_usage(usage, draw)} if api != OPENAI_RESPONSES else\
             {"type": "response.completed", "response": {"usage": _junk_usage(usage, draw)}}
         events.insert(len(events) - 1, wire.sse(junk))
         sound = False
@@ -122,15 +122,15 @@ def sse_cases(draw: Any) -> dict[str, Any]:
     chunks = [wire_data[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire_data)], strict=True)]
     chunks = [c for c in chunks if c]  # mitmproxy never hands the tap an empty chunk mid-stream
     ended = draw(st.sampled_from(["end", "end", "end", "error"]))
-    return {"shape": shape, "counts": counts, "chunks": chunks, "encoding": header,
+    return {"api": api, "counts": counts, "chunks": chunks, "encoding": header,
             "sound": sound and ended == "end", "ended": ended}
 
 
-def matched(r: Rig, shape: str, model: str = "fuzz-model") -> http.HTTPFlow:
+def matched(r: Rig, api: str, model: str = "fuzz-model") -> http.HTTPFlow:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    if shape == OPENAI_RESPONSES:
+    if api == OPENAI_RESPONSES:
         body = {"model": model, "input": "hi"}
-    f = make_flow(json.dumps(body).encode(), PATH_OF[shape])
+    f = make_flow(json.dumps(body).encode(), PATH_OF[api])
     r.addon.request(f)
     assert META in f.metadata
     return f
@@ -160,7 +160,7 @@ def test_stream_tap_passes_every_byte_and_records_once(tmp_path, n):
         @settings(FUZZ, max_examples=n)
         @given(case=sse_cases())
         def run(case: dict[str, Any]) -> None:
-            f = matched(r, case["shape"])
+            f = matched(r, case["api"])
             r.capture.take()
             headers = Headers(content_type="text/event-stream")
             if case["encoding"]:
@@ -179,7 +179,7 @@ def test_stream_tap_passes_every_byte_and_records_once(tmp_path, n):
                 f.error = mflow.Error("peer closed connection")
                 r.addon.error(f)
             assert time.monotonic() - t < STEP_SECONDS
-            r.quiet(f"{case['shape']} stream")
+            r.quiet(f"{case['api']} stream")
             recs = r.new_records()
             assert len(recs) == 1
             rec = recs[0]
@@ -189,7 +189,7 @@ def test_stream_tap_passes_every_byte_and_records_once(tmp_path, n):
                 assert rec["complete"] is False and rec["error"]
             if case["sound"]:
                 assert rec["complete"] is True
-                assert {k: rec["usage"][k] for k in _expected(case["counts"])} \
+                assert {k: rec["usage"][k] for k in _expected(case["counts"])}\
                     == _expected(case["counts"])
             r.still_works()
 
@@ -199,13 +199,13 @@ def test_stream_tap_passes_every_byte_and_records_once(tmp_path, n):
 
 @st.composite
 def json_cases(draw: Any) -> dict[str, Any]:
-    shape = draw(st.sampled_from([ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES]))
+    api = draw(st.sampled_from([ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES]))
     counts = draw(COUNTS)
-    usage = wire.USAGE_STYLES[USAGE_STYLE[shape]](counts)
+    usage = wire.USAGE_STYLES[USAGE_STYLE[api]](counts)
     sound = True
     if draw(st.booleans()):
         usage, sound = _junk_usage(usage, draw), False
-    obj = wire.json_body(shape, "fuzz-model", usage, wire.Ids("msg_01f", "chatcmpl-f"), {})
+    obj = wire.json_body(api, "fuzz-model", usage, wire.Ids("msg_01f", "chatcmpl-f"), {})
     how = draw(st.sampled_from(["ok"] * 5 + ["truncate", "bytes", "any-json", "deep", "html"]))
     if how == "ok":
         body = json.dumps(obj).encode()
@@ -224,7 +224,7 @@ def json_cases(draw: Any) -> dict[str, Any]:
     elif enc == "lie":
         headers["content-encoding"], sound = "gzip", False
     status = draw(st.sampled_from([200, 200, 200, 400, 429, 500, 529]))
-    return {"shape": shape, "counts": counts, "body": body, "headers": headers,
+    return {"api": api, "counts": counts, "body": body, "headers": headers,
             "status": status, "sound": sound and status == 200}
 
 
@@ -234,7 +234,7 @@ def test_json_responses_with_bad_bodies_and_usage(tmp_path, n):
         @settings(FUZZ, max_examples=n)
         @given(case=json_cases())
         def run(case: dict[str, Any]) -> None:
-            f = matched(r, case["shape"])
+            f = matched(r, case["api"])
             r.capture.take()
             f.response = tutils.tresp(status_code=case["status"], headers=case["headers"],
                                       content=b"")
@@ -242,14 +242,14 @@ def test_json_responses_with_bad_bodies_and_usage(tmp_path, n):
             r.addon.responseheaders(f)
             assert not f.response.stream
             r.addon.response(f)
-            r.quiet(f"{case['shape']} JSON response")
+            r.quiet(f"{case['api']} JSON response")
             assert f.response.raw_content == case["body"]
             recs = r.new_records()
             assert len(recs) == 1
             check_record(recs[0], f)
             assert recs[0]["status"] == case["status"] and recs[0]["stream"] is False
             if case["sound"]:
-                assert {k: recs[0]["usage"][k] for k in _expected(case["counts"])} \
+                assert {k: recs[0]["usage"][k] for k in _expected(case["counts"])}\
                     == _expected(case["counts"])
             r.still_works()
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tutils
 
+from affinity_addon.apis import OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.providers import parse_provider_facts
 from affinity_addon.diagnosis.fingerprint import fingerprint
@@ -31,7 +32,6 @@ from affinity_addon.request.breakpoints import plan_breakpoints, strip_added
 from affinity_addon.request.prompt import canonical
 from affinity_addon.request.rewrite import apply_rules
 from affinity_addon.request.rules import default_rules_file, load_rules, parse_rules
-from affinity_addon.shapes import OPENAI_CHAT, OPENAI_RESPONSES
 from tests.conversations import OPENCLAW_TRAILER
 from tests.sim.engine import _misplaced_breakpoint
 from tests.sim.providers import resolve
@@ -46,9 +46,9 @@ CHAT_PARTS = resolve("openai", "/v1/chat/completions", "gpt-5.6")
 RESPONSES_PARTS = resolve("openai", "/v1/responses", "gpt-5.6")
 
 
-def sim_rejects(body: dict[str, Any], shape: str) -> str | None:
+def sim_rejects(body: dict[str, Any], api: str) -> str | None:
     """Where the simulator (OpenAI's guide) would answer 400, None when it takes the body."""
-    route = CHAT_PARTS if shape == OPENAI_CHAT else RESPONSES_PARTS
+    route = CHAT_PARTS if api == OPENAI_CHAT else RESPONSES_PARTS
     assert route is not None and route.behaviour.breakpoint_parts is not None
     return _misplaced_breakpoint(body, route.behaviour.breakpoint_parts)
 
@@ -139,29 +139,29 @@ def test_responses_marks_input_text_and_leaves_instructions_and_items_alone():
     assert body == before
 
 
-@pytest.mark.parametrize(("make", "shape", "reread"), [
+@pytest.mark.parametrize(("make", "api", "reread"), [
     (chat, OPENAI_CHAT, "messages[5].content[0]"),
     (responses, OPENAI_RESPONSES, "input[8].content[0]")])
-def test_with_the_previous_request_it_reads_where_that_one_wrote(make, shape, reread):
+def test_with_the_previous_request_it_reads_where_that_one_wrote(make, api, reread):
     # The tracker's hint: the block digests of the request as sent (markers and all). The
     # string the client sends again hashes like the part the planner made of it, so the spot
     # the previous request wrote at is found again, the trailer it had at its end notwithstanding.
     sent = make(2)
-    first = plan_breakpoints(sent, shape, "gpt-5.6", AGENT, markers=OPENAI)
+    first = plan_breakpoints(sent, api, "gpt-5.6", AGENT, markers=OPENAI)
     assert first[-1].path == reread
-    hint = PlanHint((fingerprint(sent, shape, None).plan_digests(),))
+    hint = PlanHint((fingerprint(sent, api, None).plan_digests(),))
     nxt = make(3)
-    added = plan_breakpoints(nxt, shape, "gpt-5.6", AGENT, hint, markers=OPENAI)
+    added = plan_breakpoints(nxt, api, "gpt-5.6", AGENT, hint, markers=OPENAI)
     assert reread in [m.path for m in added] and len(added) <= 3
-    assert sim_rejects(nxt, shape) is None
+    assert sim_rejects(nxt, api) is None
 
 
 def test_at_most_four_writes_with_the_implicit_one_and_never_over_the_clients():
-    for body, shape in ((chat(3), OPENAI_CHAT), (responses(3), OPENAI_RESPONSES)):
-        added = plan_breakpoints(body, shape, "gpt-5.6", AGENT, markers=OPENAI)
+    for body, api in ((chat(3), OPENAI_CHAT), (responses(3), OPENAI_RESPONSES)):
+        added = plan_breakpoints(body, api, "gpt-5.6", AGENT, markers=OPENAI)
         assert 1 <= len(added) <= 3 == OPENAI.writes - 1
         # planning again finds the markers and adds nothing (idempotent)
-        assert plan_breakpoints(body, shape, "gpt-5.6", AGENT, markers=OPENAI) == []
+        assert plan_breakpoints(body, api, "gpt-5.6", AGENT, markers=OPENAI) == []
     # a client that places its own, or turns the implicit one off, keeps its plan
     own = chat(3)
     own["messages"][0]["content"] = [{"type": "text", "text": BIG, BP: MARK}]
@@ -264,14 +264,14 @@ _RESP_ITEM = st.one_of(
     st.sampled_from([AGENT, FILL]))
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_every_plan_is_accepted_and_undone(case, spec):
-    shape, body = case
+    api, body = case
     body = json.loads(json.dumps(body))  # st.just() shares dicts; a JSON body never does
     before = copy.deepcopy(body)
-    added = plan_breakpoints(body, shape, "gpt-5.6", spec, markers=OPENAI)
+    added = plan_breakpoints(body, api, "gpt-5.6", spec, markers=OPENAI)
     assert len(added) <= 3 and len(marked(body)) == len(added)
-    assert sim_rejects(body, shape) is None, json.dumps(body)[:500]
+    assert sim_rejects(body, api) is None, json.dumps(body)[:500]
     assert "cache_control" not in json.dumps(body)
-    msgs = body["messages" if shape == OPENAI_CHAT else "input"]
+    msgs = body["messages" if api == OPENAI_CHAT else "input"]
     for m in marked(body):  # on a content part of a role that takes one, never an assistant's
         found = re.fullmatch(r"\w+\[(\d+)\]\.content\[\d+\]", m)
         assert found, m

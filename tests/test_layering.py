@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "affinity_addon"
 
 # Lowest first. A module's layer is its subpackage, or its own name for top-level modules.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"shapes", "tokens", "jsonpath", "durations", "models", "decoding", "ttl_policy",
+    frozenset({"apis", "tokens", "jsonpath", "durations", "models", "decoding", "ttl_policy",
                "buckets"}),
     frozenset({"catalog"}),
     frozenset({"record"}),

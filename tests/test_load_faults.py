@@ -49,7 +49,7 @@ def _direct(sim: Simulator, fault: str, body: dict[str, Any] = CHAT,
 
 def test_fault_header_parsing():
     f = parse_faults("reset-after-events=2; slowloris-ms=5, slowloris-bytes=8,truncate-gzip")
-    assert (f.reset_after_events, f.slowloris_ms, f.slowloris_bytes, f.truncate_gzip) == \
+    assert (f.reset_after_events, f.slowloris_ms, f.slowloris_bytes, f.truncate_gzip) ==\
         (2, 5, 8, True)
     assert not parse_faults("").any and parse_faults("status=500").any
     for bad in ("bogus=1", "status=200", "status=x", "truncate-gzip=1", "slowloris-bytes=0",
@@ -99,7 +99,7 @@ def test_simulator_faults_directly(sim):
 
 # -- helpers ------------------------------------------------------------------------------------------
 
-LOAD_SHAPES = {
+LOAD_APIS = {
     # name: (url, model, how the client names its conversation)
     "xai": ("http://api.x.ai/v1/chat/completions", "grok-4", "header:x-grok-conv-id"),
     "openai": ("http://api.openai.com/v1/responses", "gpt-5.6", "body:prompt_cache_key"),
@@ -109,7 +109,7 @@ LOAD_SHAPES = {
 
 
 def load_request(kind: str, conv: str, n: int) -> tuple[str, dict[str, Any], dict[str, str]]:
-    url, model, where = LOAD_SHAPES[kind]
+    url, model, where = LOAD_APIS[kind]
     system = f"You are agent {n}. " + "Keep answers short. " * 20
     if kind == "openai":
         body: dict[str, Any] = {"model": model, "stream": True, "instructions": system,
@@ -173,7 +173,7 @@ async def run_load(proxies: list[Proxy], per_proxy: int, sim: Simulator,
     limits = httpx2.Limits(max_connections=per_proxy + 10, max_keepalive_connections=0)
     clients = [httpx2.AsyncClient(proxy=p.url, limits=limits, timeout=60) for p in proxies]
     jobs, meta = [], []
-    kinds = list(LOAD_SHAPES)
+    kinds = list(LOAD_APIS)
     try:
         for pi, client in enumerate(clients):
             for n in range(per_proxy):
@@ -211,7 +211,7 @@ def check_load(results: dict[str, tuple[str, dict[str, Any]]], records: list[dic
         rec, (kind, _) = recs[0], results[conv]
         assert rec["complete"] is True and rec["status"] == 200 and rec["stream"] is True, rec
         up = upstream[conv]
-        assert (rec["usage"]["input_tokens"], rec["usage"]["cache_read_tokens"]) == \
+        assert (rec["usage"]["input_tokens"], rec["usage"]["cache_read_tokens"]) ==\
             normalized(kind, up.usage), conv
 
 
@@ -277,7 +277,7 @@ def _through(client: httpx2.Client, url: str, body: dict[str, Any],
                 "digest": r.headers.get("x-sim-body-sha256")}
 
 
-FAULTS = {  # name: (shape, x-sim-fault, other headers)
+FAULTS = {  # name: (API, x-sim-fault, other headers)
     "reset": ("xai", "reset-after-events=2", {}),
     "reset-gzip": ("xai", "reset-after-events=2", {"x-sim-compress": "gzip"}),
     "close": ("xai", "close-after-events=3", {}),
@@ -363,7 +363,7 @@ def test_slowloris_upstream_bytes_reach_the_client_promptly(sim, proxy_factory):
     print(f"slowloris: {len(raw)} bytes in {len(arrivals)} reads, worst lag {worst:.3f}s")
     assert worst < 1.0, f"bytes arrived up to {worst:.2f}s late"
     first_event_end = raw.index(b"\n\n") + 2
-    assert sum(1 for _, size in arrivals if size < first_event_end) >= 4, \
+    assert sum(1 for _, size in arrivals if size < first_event_end) >= 4,\
         "the first event was not passed on piece by piece"
     recs = proxy.wait_records(1)
     assert len(recs) == 1 and recs[0]["complete"] is True and recs[0]["usage"]

@@ -158,7 +158,7 @@ def test_metrics_add_up_through_real_mitmdump(monkeypatch, proxy_factory) -> Non
     recs = proxy.wait_records(5)
     assert len(recs) == 5
     samples = scrape(mport)
-    assert total(samples, "affinity_requests_total", provider="openai-chat", rule="openai") == 5
+    assert total(samples, "affinity_requests_total", api="openai-chat", rule="openai") == 5
     assert total(samples, "affinity_records_total", model_family="gpt-5", outcome="ok") == 5
     assert total(samples, "affinity_tokens_total", kind="input") == sum(
         r["usage"]["input_tokens"] for r in recs)

@@ -24,7 +24,7 @@ def test_log_format_doc_lists_exactly_the_record_fields_in_order() -> None:
 
 
 def test_record_json_has_the_documented_fields_and_is_plain_json() -> None:
-    facts = RequestFacts(rule="r", rules=("r",), shape="openai-chat", model="gpt-5",
+    facts = RequestFacts(rule="r", rules=("r",), api="openai-chat", model="gpt-5",
                          affinity_id="aff-1", affinity_source="root", dry_run=False,
                          added=NOTHING_ADDED, kept=(), body_write="none", warning=None,
                          host="api.openai.com", path="/v1/chat/completions", method="POST",
@@ -36,7 +36,7 @@ def test_record_json_has_the_documented_fields_and_is_plain_json() -> None:
     data = rec.to_json()
     assert list(data) == list(RECORD_FIELDS)
     assert data["usage"]["cache_read_tokens"] == 1536 and data["hit_ratio"] == 0.768
-    assert data["duration_ms"] == 1000.0 and data["provider"] == "openai-chat"
+    assert data["duration_ms"] == 1000.0 and data["api"] == "openai-chat"
     assert json.loads(json.dumps(data)) == data
     assert build.comment(rec).startswith("cache 1.54k read / 0 write of 2.00k · 77%")
 
@@ -70,3 +70,21 @@ def test_a_stream_the_tap_cannot_read_says_why_in_the_record(tmp_path) -> None:
     record = json.loads(line)
     assert record["usage"] is None
     assert record["usage_problem"] == "stream not read: unsupported content-encoding 'xz'"
+
+
+def test_the_api_field_is_read_under_its_old_name_too() -> None:
+    # Logs written before the field was renamed call it `provider`: the report reads both. An
+    # Anthropic-shaped model nobody prices is weighed by Anthropic's multipliers (reads 0.1x),
+    # which needs the API; without it every prompt token counts in full.
+    from affinity_addon.views.observation import observe
+    from affinity_addon.views.pricing import default_table
+
+    base = {"v": 1, "ts": "2026-12-01T10:00:00.000Z", "model": "my-finetune",
+            "host": "llm.internal.test", "complete": True,
+            "usage": {"input_tokens": 10_000, "cache_read_tokens": 8_000,
+                      "cache_write_tokens": 1_000, "output_tokens": 100}}
+    table = default_table()
+    new = observe({**base, "api": "anthropic"}, table.price_for, table.priced)
+    old = observe({**base, "provider": "anthropic"}, table.price_for, table.priced)
+    neither = observe(base, table.price_for, table.priced)
+    assert new.eq_with == old.eq_with < neither.eq_with == 10_000

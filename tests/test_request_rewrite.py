@@ -349,7 +349,7 @@ def test_codex_websocket_frames_become_records(tmp_path):
     assert len(ws) == len(recs)  # no record for the 101 upgrade itself
     assert [r["usage"]["cache_read_tokens"] for r in ws] == [0, 41088]
     assert all(r["affinity_id"] == "019a9544-7ab1-73c1-837e-1fa681f4462b" for r in ws)
-    assert all(r["provider"] == "openai-responses" and r["stream"] for r in ws)
+    assert all(r["api"] == "openai-responses" and r["stream"] for r in ws)
 
 
 def test_summary_prints_on_shutdown_only_not_on_script_reload(addon, capsys):

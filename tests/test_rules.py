@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from affinity_addon.request.actions import KEEP, OVERWRITE, parse_template
-from affinity_addon.request.rules import load_rules, parse_glob, shape_for
+from affinity_addon.request.rules import api_for, load_rules, parse_glob
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "rules" / "default.yaml"
@@ -126,7 +126,7 @@ def test_glob_and_template_parsers():
 
 
 @pytest.mark.parametrize(
-    "path, shape",
+    "path, api",
     [
         ("/v1/messages", "anthropic"),
         ("/api/v1/chat/completions", "openai-chat"),
@@ -135,5 +135,5 @@ def test_glob_and_template_parsers():
         ("/v1/models", None),
     ],
 )
-def test_shape_for(path, shape):
-    assert shape_for(path) == shape
+def test_api_for(path, api):
+    assert api_for(path) == api

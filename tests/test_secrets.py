@@ -3,7 +3,7 @@
 Recognizable canaries (an Anthropic key in `x-api-key`, an OpenAI project key in
 `Authorization: Bearer`, a cookie, a unique string in the system prompt, in the user message
 and in the model's reply) go through every code path of a real mitmdump at debug verbosity:
-JSON and SSE for each shape (anthropic, openai-chat, openai-responses), a conversation whose
+JSON and SSE for each API (anthropic, openai-chat, openai-responses), a conversation whose
 prefix changes (so miss verdicts with details are computed), a dry-run proxy, a failing upstream
 (500, 429, a reset mid-stream), a client that hangs up mid-stream. None of them may appear in the
 JSONL log, the flows' comments and metadata (saved with `-w`, read with FlowReader), the
@@ -45,7 +45,7 @@ CANARIES = {"anthropic key": ANTHROPIC_KEY, "openai key": OPENAI_KEY, "cookie": 
 # Long enough to be cached, so verdicts and details are computed for the conversation.
 SYSTEM = f"You are a careful assistant. {SYSTEM_CANARY}. " + "Follow the house style. " * 300
 
-SHAPES = {
+APIS = {
     "anthropic": ("https://api.anthropic.com/v1/messages", "claude-sonnet-4-5"),
     "openai-chat": ("https://api.openai.com/v1/chat/completions", "gpt-5.6"),
     "xai-chat": ("https://api.x.ai/v1/chat/completions", "grok-4"),
@@ -53,17 +53,17 @@ SHAPES = {
 }
 
 
-def body_for(shape: str, model: str, stream: bool, turn: int = 0,
+def body_for(api: str, model: str, stream: bool, turn: int = 0,
              system: str = SYSTEM) -> dict[str, Any]:
     user = f"Please help. {USER_CANARY}"
-    if shape == "anthropic":
+    if api == "anthropic":
         msgs: list[dict[str, Any]] = [{"role": "user", "content": user}]
         for i in range(turn):
             msgs += [{"role": "assistant", "content": REPLY_CANARY},
                      {"role": "user", "content": f"more {i} {USER_CANARY}"}]
         return {"model": model, "max_tokens": 64, "stream": stream, "system": system,
                 "metadata": {"user_id": f"user_{TOKEN}"}, "messages": msgs}
-    if shape == "openai-responses":
+    if api == "openai-responses":
         items: list[dict[str, Any]] = [{"role": "user", "content": user}]
         for i in range(turn):
             items += [{"role": "assistant", "content": REPLY_CANARY},
@@ -80,20 +80,20 @@ def body_for(shape: str, model: str, stream: bool, turn: int = 0,
     return out
 
 
-def headers_for(shape: str, **extra: str) -> dict[str, str]:
+def headers_for(api: str, **extra: str) -> dict[str, str]:
     h = {"cookie": f"session={COOKIE_VALUE}; theme=dark", "x-sim-reply-text": REPLY_CANARY}
-    if shape == "anthropic":
+    if api == "anthropic":
         h |= {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"}
     else:
         h["authorization"] = f"Bearer {OPENAI_KEY}"
     return h | extra
 
 
-def exchange(client: httpx2.Client, shape: str, *, stream: bool, turn: int = 0,
+def exchange(client: httpx2.Client, api: str, *, stream: bool, turn: int = 0,
              system: str = SYSTEM, hang_up: bool = False, **extra: str) -> tuple[int, bytes]:
-    url, model = SHAPES[shape]
-    with client.stream("POST", url, json=body_for(shape, model, stream, turn, system),
-                       headers=headers_for(shape, **extra)) as r:
+    url, model = APIS[api]
+    with client.stream("POST", url, json=body_for(api, model, stream, turn, system),
+                       headers=headers_for(api, **extra)) as r:
         if hang_up:
             return r.status_code, next(r.iter_raw())  # closing the stream hangs up mid-answer
         try:
@@ -107,26 +107,26 @@ def drive(proxy: Proxy) -> int:
     n = 0
     trust = ssl.create_default_context(cafile=str(proxy.ca))
     with httpx2.Client(proxy=proxy.url, verify=trust, timeout=30) as client:
-        for shape in SHAPES:
+        for api in APIS:
             for stream in (False, True):
                 for turn in range(2):
-                    status, data = exchange(client, shape, stream=stream, turn=turn)
+                    status, data = exchange(client, api, stream=stream, turn=turn)
                     assert status == 200, data[:300]
-                    if shape != "openai-responses" or not stream:
+                    if api != "openai-responses" or not stream:
                         # (a Responses stream repeats nothing; the reply is in a delta)
-                        assert REPLY_CANARY.encode() in data, f"{shape} reply canary missing"
+                        assert REPLY_CANARY.encode() in data, f"{api} reply canary missing"
                     n += 1
         # The prefix changed: a verdict with a detail about where.
         changed = SYSTEM.replace("careful", "CAREFUL")
-        for shape in SHAPES:
-            exchange(client, shape, stream=True, turn=2, system=changed)
+        for api in APIS:
+            exchange(client, api, stream=True, turn=2, system=changed)
             n += 1
         for fault in ("status=500", "status=429", "reset-after-events=2"):
-            for shape in ("anthropic", "openai-chat", "openai-responses"):
-                exchange(client, shape, stream=True, **{"x-sim-fault": fault})
+            for api in ("anthropic", "openai-chat", "openai-responses"):
+                exchange(client, api, stream=True, **{"x-sim-fault": fault})
                 n += 1
-        for shape in ("anthropic", "openai-chat"):
-            status, first = exchange(client, shape, stream=True, hang_up=True,
+        for api in ("anthropic", "openai-chat"):
+            status, first = exchange(client, api, stream=True, hang_up=True,
                                      **{"x-sim-event-delay-ms": "300"})
             assert status == 200 and first
             n += 1

@@ -14,7 +14,7 @@ BILLING_BLOCK = "x-anthropic-billing-header: cc_version=2.1.197.{}; cc_entrypoin
 
 
 def compat_body(suffix: str | None, question: str, *, marker: bool = False) -> dict[str, Any]:
-    """Claude Code's shape: billing block, system prompt, tools, one user message."""
+    """Claude Code's API: billing block, system prompt, tools, one user message."""
     system: list[dict[str, Any]] = [{"type": "text", "text": "Be careful. " * 400}]
     if suffix is not None:
         system.insert(0, {"type": "text", "text": BILLING_BLOCK.format(suffix)})

@@ -14,7 +14,7 @@ from affinity_addon.diagnosis.fingerprint import fingerprint
 from affinity_addon.request import breakpoints
 from affinity_addon.request import prompt_slots as ps
 from affinity_addon.request.breakpoint_spec import (
-    SHAPE_RULES,
+    API_RULES,
     PlanHint,
     markers_for,
     parse_cache_control,
@@ -32,23 +32,23 @@ def view(p: Prompt) -> tuple[Any, ...]:
     return slots, p.end, last, tuple(p.markers)
 
 
-def prompt(body: dict, shape: str, memo: SlotMemo | None, digests: bool, agent: bool) -> Prompt:
-    return Prompt(body, shape, SHAPE_RULES[shape], list(marker_sites(body)),
+def prompt(body: dict, api: str, memo: SlotMemo | None, digests: bool, agent: bool) -> Prompt:
+    return Prompt(body, api, API_RULES[api], list(marker_sites(body)),
                   default_volatile() if agent else None, digests=digests, memo=memo)
 
 
-PLANNED = [(shape, body) for shape, body in BODIES if shape in SHAPE_RULES]
+PLANNED = [(api, body) for api, body in BODIES if api in API_RULES]
 
 
-@pytest.mark.parametrize(("shape", "body"), PLANNED)
+@pytest.mark.parametrize(("api", "body"), PLANNED)
 @pytest.mark.parametrize(("digests", "agent"), [(True, True), (False, True), (False, False)])
-def test_resumed_slots_are_the_full_walk(shape, body, digests, agent):
+def test_resumed_slots_are_the_full_walk(api, body, digests, agent):
     memo = SlotMemo()
-    sequence = [body, *turns(shape, body), body, *turns(shape, body)]
+    sequence = [body, *turns(api, body), body, *turns(api, body)]
     for b in sequence:
-        assert view(prompt(b, shape, memo, digests, agent)) == view(
-            prompt(b, shape, None, digests, agent))
-    if turns(shape, body):
+        assert view(prompt(b, api, memo, digests, agent)) == view(
+            prompt(b, api, None, digests, agent))
+    if turns(api, body):
         assert memo.hits >= len(sequence) // 2
 
 
@@ -72,8 +72,8 @@ def test_the_next_turn_measures_only_what_it_added(monkeypatch):
     assert view(p) == view(prompt(nxt, "anthropic", None, True, True))
 
 
-@pytest.mark.parametrize(("shape", "body"), PLANNED)
-def test_planned_markers_and_body_are_those_of_a_full_walk(shape, body, monkeypatch):
+@pytest.mark.parametrize(("api", "body"), PLANNED)
+def test_planned_markers_and_body_are_those_of_a_full_walk(api, body, monkeypatch):
     # With and without a hint (the previous request's block digests, as the tracker gives it).
     spec = parse_cache_control({"strategy": "agent"})
     with_memo, without = [], []
@@ -81,12 +81,12 @@ def test_planned_markers_and_body_are_those_of_a_full_walk(shape, body, monkeypa
         monkeypatch.setattr(breakpoints, "SLOT_MEMO", memo)
         out = with_memo if memo is not None else without
         previous = None
-        for b in [body, *turns(shape, body), body]:
+        for b in [body, *turns(api, body), body]:
             b = copy.deepcopy(b)
-            hint = PlanHint((fingerprint(previous, shape, None).plan_digests(),)) \
+            hint = PlanHint((fingerprint(previous, api, None).plan_digests(),))\
                 if previous is not None else None
             previous = copy.deepcopy(b)
-            added = breakpoints.plan_breakpoints(b, shape, b.get("model"), spec, hint)
+            added = breakpoints.plan_breakpoints(b, api, b.get("model"), spec, hint)
             out.append((added, json.dumps(b, sort_keys=True)))
     assert with_memo == without
 
@@ -95,14 +95,14 @@ def test_planned_markers_and_body_are_those_of_a_full_walk(shape, body, monkeypa
 @given(st.lists(st.one_of(message, st.integers()), max_size=8),
        st.lists(st.one_of(message, st.integers()), max_size=4),
        st.integers(0, 8), st.sampled_from(["anthropic", "openai-chat"]), st.booleans())
-def test_any_edit_of_any_history_resumes_to_the_full_walk(history, extra, cut, shape, digests):
-    key = MESSAGES_KEY[shape]
+def test_any_edit_of_any_history_resumes_to_the_full_walk(history, extra, cut, api, digests):
+    key = MESSAGES_KEY[api]
     memo = SlotMemo()
     first = {"system": "s", key: history}
     second = {"system": "s", key: history[:cut] + extra}
     for b in (first, second, first):
-        assert view(prompt(b, shape, memo, digests, True)) == view(
-            prompt(b, shape, None, digests, True))
+        assert view(prompt(b, api, memo, digests, True)) == view(
+            prompt(b, api, None, digests, True))
 
 
 def test_memo_is_bounded_and_keeps_no_body():
@@ -129,18 +129,18 @@ def test_values_json_cannot_encode_are_walked_in_full():
 
 GPT = markers_for("api.openai.com", "gpt-5.6")
 assert GPT is not None
-GPT_PLANNED = [(shape, body) for shape, body in BODIES if shape in GPT.shapes]
+GPT_PLANNED = [(api, body) for api, body in BODIES if api in GPT.apis]
 
 
-def gpt_prompt(body: dict, shape: str, memo: SlotMemo | None) -> Prompt:
+def gpt_prompt(body: dict, api: str, memo: SlotMemo | None) -> Prompt:
     assert GPT is not None
-    return Prompt(body, shape, GPT.shapes[shape],
-                  list(marker_sites(body, MESSAGES_KEY[shape])), default_volatile(),
+    return Prompt(body, api, GPT.apis[api],
+                  list(marker_sites(body, MESSAGES_KEY[api])), default_volatile(),
                   digests=True, memo=memo)
 
 
-@pytest.mark.parametrize(("shape", "body"), GPT_PLANNED)
-def test_gpt_5_6_plans_and_slots_are_those_of_a_full_walk(shape, body, monkeypatch):
+@pytest.mark.parametrize(("api", "body"), GPT_PLANNED)
+def test_gpt_5_6_plans_and_slots_are_those_of_a_full_walk(api, body, monkeypatch):
     assert GPT is not None
     assert any(s == "openai-responses" for s, _ in GPT_PLANNED)
     spec = parse_cache_control({"strategy": "agent"})
@@ -149,13 +149,13 @@ def test_gpt_5_6_plans_and_slots_are_those_of_a_full_walk(shape, body, monkeypat
         monkeypatch.setattr(breakpoints, "SLOT_MEMO", memo)
         out = with_memo if memo is not None else without
         previous = None
-        for b in [body, *turns(shape, body), body]:
+        for b in [body, *turns(api, body), body]:
             b = copy.deepcopy(b)
-            view_of = view(gpt_prompt(b, shape, None))
-            hint = PlanHint((fingerprint(previous, shape, None).plan_digests(),)) \
+            view_of = view(gpt_prompt(b, api, None))
+            hint = PlanHint((fingerprint(previous, api, None).plan_digests(),))\
                 if previous is not None else None
             previous = copy.deepcopy(b)
-            added = breakpoints.plan_breakpoints(b, shape, "gpt-5.6", spec, hint, markers=GPT)
+            added = breakpoints.plan_breakpoints(b, api, "gpt-5.6", spec, hint, markers=GPT)
             out.append((view_of, added, json.dumps(b, sort_keys=True)))
     assert with_memo == without
 
@@ -164,10 +164,10 @@ def test_gpt_5_6_plans_and_slots_are_those_of_a_full_walk(shape, body, monkeypat
 @given(st.lists(st.one_of(message, st.integers()), max_size=8),
        st.lists(st.one_of(message, st.integers()), max_size=4),
        st.integers(0, 8), st.sampled_from(["openai-chat", "openai-responses"]))
-def test_gpt_5_6_any_edit_of_any_history_resumes_to_the_full_walk(history, extra, cut, shape):
-    key = MESSAGES_KEY[shape]
+def test_gpt_5_6_any_edit_of_any_history_resumes_to_the_full_walk(history, extra, cut, api):
+    key = MESSAGES_KEY[api]
     memo = SlotMemo()
     first = {"instructions": "s", key: history}
     second = {"instructions": "s", key: history[:cut] + extra}
     for b in (first, second, first):
-        assert view(gpt_prompt(b, shape, memo)) == view(gpt_prompt(b, shape, None))
+        assert view(gpt_prompt(b, api, memo)) == view(gpt_prompt(b, api, None))

@@ -274,7 +274,7 @@ def test_examples_keep_the_costliest_misses():
 
 def test_usd_over_the_priced_requests_and_the_rest_named_unpriced():
     agg = Aggregator()
-    agg.add(rec(model="claude-sonnet-4-5", provider="anthropic", host="api.anthropic.com",
+    agg.add(rec(model="claude-sonnet-4-5", api="anthropic", host="api.anthropic.com",
                 usage=usage(100_000, 80_000, 10_000, o=10), miss_reason="hit"))
     model = agg.by_model["claude-sonnet-4-5"]
     cost = model.cost()
@@ -293,7 +293,7 @@ def test_long_prompts_cost_the_long_context_tier():
     # Sonnet 4.5 above 200k prompt tokens: $6 input, $22.50 output for the whole request
     # (https://platform.claude.com/docs/en/about-claude/pricing#long-context-pricing).
     agg = Aggregator()
-    agg.add(rec(model="claude-sonnet-4-5", provider="anthropic", host="api.anthropic.com",
+    agg.add(rec(model="claude-sonnet-4-5", api="anthropic", host="api.anthropic.com",
                 usage=usage(300_000, 0, 0, o=1000)))
     assert agg.total.cost().with_cache == pytest.approx(300_000 * 6e-6 + 1000 * 22.5e-6)
 

@@ -20,7 +20,7 @@ from affinity_addon.response.usage import UsageReader
 FIXTURES = Path(__file__).parent / "fixtures" / "usage"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((FIXTURES / "expected.json").read_text())
 SSE_FIXTURES = sorted(n for n in EXPECTED if n.endswith(".sse"))
-ONE_PER_SHAPE = ["anthropic.sse", "openai_chat.sse", "responses.sse", "gemini.sse"]
+ONE_PER_API = ["anthropic.sse", "openai_chat.sse", "responses.sse", "gemini.sse"]
 
 
 def _zstd_compressor() -> Callable[[list[bytes]], bytes]:
@@ -87,7 +87,7 @@ class Run:
 
     def __init__(self, name: str, encoding: str | None, keep_limit: int = 0, **kw: Any) -> None:
         case = EXPECTED[name]
-        self.reader = UsageReader(case["shape"])
+        self.reader = UsageReader(case["api"])
         self.tap = StreamTap(encoding, self.reader.feed_event, keep_limit=keep_limit, **kw)
         self.out: list[bytes] = []
 
@@ -119,7 +119,7 @@ def test_whole_stream(name: str, encoding: str) -> None:
     check(name, Run(name, encoding).feed([wire]), wire)
 
 
-@pytest.mark.parametrize("name", ONE_PER_SHAPE)
+@pytest.mark.parametrize("name", ONE_PER_API)
 @pytest.mark.parametrize("encoding", ["identity", "gzip", "br", "zstd"])
 def test_every_byte_boundary(name: str, encoding: str) -> None:
     wire = encoded(name, encoding)
@@ -128,7 +128,7 @@ def test_every_byte_boundary(name: str, encoding: str) -> None:
 
 
 @pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
-@pytest.mark.parametrize("name", ONE_PER_SHAPE)
+@pytest.mark.parametrize("name", ONE_PER_API)
 def test_every_byte_boundary_other_line_ends(name: str, newline: bytes) -> None:
     wire = fixture(name).replace(b"\n", newline)
     for i in range(1, len(wire)):
@@ -232,7 +232,7 @@ def test_truncated_gzip_keeps_what_was_decoded() -> None:
     run = Run(name, "gzip").feed([cut])
     assert b"".join(run.out) == cut
     u = run.reader.usage()  # message_start was in the first part: its input counts are read
-    assert u is not None and (u.input_tokens, u.cache_read_tokens, u.cache_write_tokens) \
+    assert u is not None and (u.input_tokens, u.cache_read_tokens, u.cache_write_tokens)\
         == (22322, 20480, 1800)
     assert not run.reader.terminal
 

@@ -249,7 +249,7 @@ rules:
 
 def observe(tracker: MissTracker, body: dict[str, Any], host: str, key: str, ts: float,
             read: int) -> Any:
-    p = tracker.observe(body, shape="anthropic", model=body["model"], host=host, keys=(key,),
+    p = tracker.observe(body, api="anthropic", model=body["model"], host=host, keys=(key,),
                         signal=None, ts=ts)
     usage = Usage(input_tokens=p.fingerprint.total_tokens, cache_read_tokens=read)
     return p, tracker.verdict(p, usage, ts + 1, response_cache=False,

@@ -126,7 +126,7 @@ def test_family_prior_by_hand() -> None:
 def _turn(tracker: MissTracker, conv: str, ts: float, family: str | None, turn: int) -> None:
     body = {"model": "claude-sonnet-4-5", "system": "You help.",
             "messages": [{"role": "user", "content": f"{conv} step {i}"} for i in range(turn + 1)]}
-    p = tracker.observe(body, shape="anthropic", model="claude-sonnet-4-5",
+    p = tracker.observe(body, api="anthropic", model="claude-sonnet-4-5",
                         host="api.anthropic.com", keys=(conv,), signal=None, ts=ts, family=family)
     tracker.verdict(p, Usage(input_tokens=5000, cache_write_tokens=5000), ts + 1,
                     response_cache=False, dry_run=False)

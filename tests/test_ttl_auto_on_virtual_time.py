@@ -31,7 +31,7 @@ T0 = 1_800_000_000.0
 FAST = [30.0] * 9  # seconds between turns
 SLOW = [m * 60.0 for m in (8, 12, 20, 9, 15, 18, 10, 14, 11)]
 BETWEEN = 1800.0  # from the first conversation's last turn to the second's first
-SHAPES = {
+APIS = {
     "anthropic": ("api.anthropic.com", "/v1/messages", "anthropic"),
     "openrouter": ("openrouter.ai", "/api/v1/chat/completions", "openrouter"),
 }
@@ -47,7 +47,7 @@ def rules_with_ttl(tmp: Path, ttl: str) -> Path:
     return path
 
 
-def body(shape: str, system: str, turns: int, task: int = 0) -> dict[str, Any]:
+def body(api: str, system: str, turns: int, task: int = 0) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     for i in range(turns):
         if i:
@@ -55,16 +55,16 @@ def body(shape: str, system: str, turns: int, task: int = 0) -> dict[str, Any]:
         opening = f"Task {task}. " if i == 0 else ""  # another task: another conversation
         history.append({"role": "user",
                         "content": opening + f"Step {i + 1}: go on with the plan. " * 60})
-    if shape == "anthropic":
+    if api == "anthropic":
         return {"model": "claude-sonnet-4-5", "max_tokens": 64, "system": system,
                 "messages": history}
     return {"model": "anthropic/claude-sonnet-4.5",
             "messages": [{"role": "system", "content": system}, *history]}
 
 
-def usage_cost(usage: dict[str, Any], shape: str, ttl: str) -> tuple[float, int, int]:
+def usage_cost(usage: dict[str, Any], api: str, ttl: str) -> tuple[float, int, int]:
     """(cost in token-equivalents, read, written) of one simulator response."""
-    if shape == "anthropic":
+    if api == "anthropic":
         read = usage.get("cache_read_input_tokens", 0)
         write = usage.get("cache_creation_input_tokens", 0)
         total = usage["input_tokens"] + read + write
@@ -76,12 +76,12 @@ def usage_cost(usage: dict[str, Any], shape: str, ttl: str) -> tuple[float, int,
     return total - read - write + 0.1 * read + rate * write, read, write
 
 
-def agent_costs(tmp: Path, shape: str, policy: str, gaps: list[float],
+def agent_costs(tmp: Path, api: str, policy: str, gaps: list[float],
                 conversations: int = 2) -> list[tuple[float, list[str]]]:
     """(cost, TTL per turn) of each of an agent's conversations, one after the other through one
     proxy: same model, system prompt and rhythm, another task each."""
-    host, path, provider = SHAPES[shape]
-    system = big_prompt(f"ttl {shape} {policy} {len(gaps)}", tokens=8000)
+    host, path, provider = APIS[api]
+    system = big_prompt(f"ttl {api} {policy} {len(gaps)}", tokens=8000)
     sim = Simulator(replicas=1, clock=SimClock(T0), seed=0)
     a = Affinity()
     out = []
@@ -99,7 +99,7 @@ def agent_costs(tmp: Path, shape: str, policy: str, gaps: list[float],
                 f = tflow.tflow(req=tutils.treq(
                     method=b"POST", host=host, port=443, scheme=b"https", authority=b"",
                     path=path.encode(),
-                    content=json.dumps(body(shape, system, turn + 1, task)).encode(),
+                    content=json.dumps(body(api, system, turn + 1, task)).encode(),
                     headers=http.Headers(content_type="application/json",
                                          authorization="Bearer sk-test")))
                 f.request.timestamp_start = start
@@ -111,7 +111,7 @@ def agent_costs(tmp: Path, shape: str, policy: str, gaps: list[float],
                 r = h.post(f"{sim.url}/p/{provider}{path}", content=f.request.content,
                            headers={**headers, "x-sim-time": str(start)})
                 assert r.status_code == 200, r.text
-                c, _, _ = usage_cost(r.json()["usage"], shape, ttl)
+                c, _, _ = usage_cost(r.json()["usage"], api, ttl)
                 cost += c
                 ttls.append(ttl)
                 f.response = tutils.tresp(headers=http.Headers(content_type="application/json"),
@@ -123,15 +123,15 @@ def agent_costs(tmp: Path, shape: str, policy: str, gaps: list[float],
     return out
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_auto_ttl_follows_the_rhythm(tmp_path: Path, shape: str) -> None:
+@pytest.mark.parametrize("api", list(APIS))
+def test_auto_ttl_follows_the_rhythm(tmp_path: Path, api: str) -> None:
     results = {}
     for name, gaps in (("fast", FAST), ("slow", SLOW)):
-        runs = {p: agent_costs(tmp_path, shape, p, gaps) for p in ("5m", "1h", "auto")}
+        runs = {p: agent_costs(tmp_path, api, p, gaps) for p in ("5m", "1h", "auto")}
         results[name] = runs
         for i in (0, 1):
             line = " · ".join(f"{p} {r[i][0]:,.0f}" for p, r in runs.items())
-            print(f"\n{shape} {name} conversation {i + 1} (10 turns, ~8k-token prompt): {line}; "
+            print(f"\n{api} {name} conversation {i + 1} (10 turns, ~8k-token prompt): {line}; "
                   f"auto TTLs {''.join('L' if t == '1h' else 's' for t in runs['auto'][i][1])}",
                   end="")
     fast, slow = results["fast"], results["slow"]

@@ -95,20 +95,20 @@ def _multipliers(entry: Mapping[str, Any], where: str) -> dict[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """Host / model / API-shape globs (empty: any)."""
+    """Host / model / API globs (empty: any)."""
 
     hosts: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
-    shapes: tuple[str, ...] = ()
+    apis: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, entry: Mapping[str, Any], where: str) -> Self:
         return cls(_globs(entry, "host", where), _globs(entry, "model", where),
-                   _globs(entry, "provider", where))
+                   _globs(entry, "api", where))
 
-    def matches(self, host: str, shape: str, model: str) -> bool:
+    def matches(self, host: str, api: str, model: str) -> bool:
         return (any_glob(self.hosts, host) and any_glob(self.models, model)
-                and any_glob(self.shapes, shape))
+                and any_glob(self.apis, api))
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +164,7 @@ def parse_override(entry: Any, index: int = 0) -> Override:
         raise ValueError(f"override {index}: expected a mapping, got {type(entry).__name__}")
     name = str(entry.get("name", f"override-{index}"))
     where = _where("override", index, name, entry)
-    unknown = set(entry) - {"name", "host", "model", "provider", "price_as", "input_usd_per_mtok",
+    unknown = set(entry) - {"name", "host", "model", "api", "price_as", "input_usd_per_mtok",
                             "output_usd_per_mtok", "read", "write", "write_5m", "write_1h",
                             "source"}
     if unknown:
@@ -175,7 +175,7 @@ def parse_override(entry: Any, index: int = 0) -> Override:
     price_as = entry.get("price_as")
     pa_provider = pa_model = None
     if price_as is not None:
-        if not isinstance(price_as, Mapping) or not set(price_as) <= {"provider", "model"} \
+        if not isinstance(price_as, Mapping) or not set(price_as) <= {"provider", "model"}\
                 or not price_as or not all(isinstance(v, str) and v for v in price_as.values()):
             raise ValueError(f"{where}: `price_as` must be {{provider: ID, model: NAME}}")
         pa_provider, pa_model = price_as.get("provider"), price_as.get("model")
@@ -195,7 +195,7 @@ def parse_equivalents(entry: Any, index: int = 0) -> Equivalents:
         raise ValueError(f"token_equivalents {index}: expected a mapping")
     name = str(entry.get("name", f"equivalents-{index}"))
     where = _where("token_equivalents", index, name, entry)
-    unknown = set(entry) - {"name", "host", "model", "provider", "read", "write", "write_5m",
+    unknown = set(entry) - {"name", "host", "model", "api", "read", "write", "write_5m",
                             "write_1h", "source"}
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
@@ -216,7 +216,7 @@ def parse_routes(data: Any) -> tuple[tuple[tuple[str, ...], str], ...]:
     routes = []
     for i, entry in enumerate(data):
         where = _where("providers", i, None, entry)
-        if not isinstance(entry, Mapping) or set(entry) != {"host", "id"} \
+        if not isinstance(entry, Mapping) or set(entry) != {"host", "id"}\
                 or not isinstance(entry["id"], str) or not entry["id"]:
             raise ValueError(f"{where}: expected {{host: GLOB(S), id: GENAI_PRICES_ID}}")
         routes.append((_globs(entry, "host", where), entry["id"]))

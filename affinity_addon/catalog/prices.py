@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 PRICES_FILE = catalog_file("prices.yaml")
 PACKAGE = "genai-prices"
-# Client-chosen model strings: at most this many (host, shape, model) lookups are remembered.
+# Client-chosen model strings: at most this many (host, API, model) lookups are remembered.
 MAX_MEMO = 2048
 
 # The cost breakdown, in the order of the record's `cost_usd` object.
@@ -258,7 +258,7 @@ class UsageLike(Protocol):
 
 
 class PriceBook:
-    """Prices a (host, API shape, model): an override, else the table under the host's provider
+    """Prices a (host, API, model): an override, else the table under the host's provider
     id; remembers every answer (a log has few distinct models)."""
 
     def __init__(self, routes: Sequence[tuple[tuple[str, ...], str]] = (),
@@ -299,11 +299,11 @@ class PriceBook:
         host = host.lower()
         return next((pid for globs, pid in self.routes if any_glob(globs, host)), None)
 
-    def _resolve(self, host: str, shape: str, model: str) -> _Entry | None:
-        lhost, lshape, lmodel = host.lower(), shape.lower(), model.lower()
+    def _resolve(self, host: str, api: str, model: str) -> _Entry | None:
+        lhost, lapi, lmodel = host.lower(), api.lower(), model.lower()
         pid = self.provider_id(lhost)
         for o in self.overrides:
-            if not o.match.matches(lhost, lshape, lmodel):
+            if not o.match.matches(lhost, lapi, lmodel):
                 continue
             own = o.own_rates()
             if own is not None:
@@ -312,10 +312,10 @@ class PriceBook:
             return _library_entry(o.price_as_provider or pid, ref, lhost, o.transform)
         return _library_entry(pid, model, lhost)
 
-    def entry(self, host: str | None, shape: str | None, model: str | None) -> _Entry | None:
+    def entry(self, host: str | None, api: str | None, model: str | None) -> _Entry | None:
         if not model:
             return None
-        key = (host or "", shape or "", model)
+        key = (host or "", api or "", model)
         try:
             return self._memo[key]
         except KeyError:
@@ -333,15 +333,15 @@ class PriceBook:
         self._memo[key] = found
         return found
 
-    def priced(self, host: str | None, shape: str | None, model: str | None,
+    def priced(self, host: str | None, api: str | None, model: str | None,
                when: float | str | datetime | None = None) -> Priced | None:
         """The prices of one request (at `when`: epoch seconds, ISO text; default now)."""
-        entry = self.entry(host, shape, model)
+        entry = self.entry(host, api, model)
         return None if entry is None else entry.at(when)
 
-    def equivalents_for(self, host: str | None, shape: str | None,
+    def equivalents_for(self, host: str | None, api: str | None,
                         model: str | None) -> Equivalents | None:
-        key = ((host or "").lower(), (shape or "").lower(), (model or "").lower())
+        key = ((host or "").lower(), (api or "").lower(), (model or "").lower())
         return next((e for e in self.equivalents if e.match.matches(*key)), None)
 
 
@@ -350,7 +350,7 @@ def default_book() -> PriceBook:
     return PriceBook.load(PRICES_FILE)
 
 
-def record_cost(host: str | None, shape: str | None, model: str | None,
+def record_cost(host: str | None, api: str | None, model: str | None,
                 usage: UsageLike | None, when: float | None = None) -> dict[str, Any] | None:
     """The record's `cost_usd` object, or None when nobody prices the model (or no usage).
 
@@ -358,7 +358,7 @@ def record_cost(host: str | None, shape: str | None, model: str | None,
     if usage is None:
         return None
     try:
-        priced = default_book().priced(host, shape, model, when)
+        priced = default_book().priced(host, api, model, when)
         if priced is None:
             return None
         total = max(usage.input_tokens, 0)

@@ -18,26 +18,26 @@ PROFILES = catalog_file("cache_profiles.yaml")
 # same without them: the planner adds none there), `unknown` (no public source says).
 HONOURED, IGNORED, UNKNOWN = "honoured", "ignored", "unknown"
 MARKERS = (HONOURED, IGNORED, UNKNOWN)
-BY_SHAPE = "by-shape"  # lookback_blocks: the API shape's own (providers.yaml `lookback_blocks`)
+BY_API = "by-api"  # lookback_blocks: the API's own (providers.yaml `lookback_blocks`)
 
 
 @dataclass(frozen=True, slots=True)
 class Profile:
     hosts: tuple[str, ...]
     models: tuple[str, ...]
-    shapes: tuple[str, ...]
+    apis: tuple[str, ...]
     automatic: bool
     ttl_seconds: float
     min_tokens: int | None  # None: by model (cache_minimums.yaml)
     markers: str = HONOURED
     # Blocks a marker looks back for an earlier entry: None (no limit: prefix caching),
-    # BY_SHAPE (the API shape's documented number), or a number.
-    lookback_blocks: int | str | None = BY_SHAPE
+    # BY_API (the API's documented number), or a number.
+    lookback_blocks: int | str | None = BY_API
 
-    def matches(self, host: str, shape: str | None, model: str | None) -> bool:
+    def matches(self, host: str, api: str | None, model: str | None) -> bool:
         if self.hosts and not any(fnmatch.fnmatch(host.lower(), h) for h in self.hosts):
             return False
-        if self.shapes and shape not in self.shapes:
+        if self.apis and api not in self.apis:
             return False
         return not self.models or (model is not None and any(fnmatch.fnmatchcase(model, m) for m in self.models))
 
@@ -68,16 +68,16 @@ def parse_profiles(data: Any) -> tuple[Profile, ...]:
         if markers not in MARKERS:
             raise TableError(f"profiles[{i}]: markers must be one of {', '.join(MARKERS)}", p,
                              "markers")
-        lookback = p.get("lookback_blocks", BY_SHAPE)
-        if lookback not in (None, BY_SHAPE) and (
+        lookback = p.get("lookback_blocks", BY_API)
+        if lookback not in (None, BY_API) and (
                 not isinstance(lookback, int) or isinstance(lookback, bool) or lookback < 1):
-            raise TableError(f"profiles[{i}]: lookback_blocks must be {BY_SHAPE!r}, null (no "
+            raise TableError(f"profiles[{i}]: lookback_blocks must be {BY_API!r}, null (no "
                              "limit) or a positive number", p, "lookback_blocks")
         unknown = set(p) - _KEYS
         if unknown:
             k = sorted(map(str, unknown))[0]
             raise TableError(f"profiles[{i}]: unknown key {k!r}", p, k)
-        out.append(Profile(_tuple(m.get("host")), _tuple(m.get("model")), _tuple(m.get("shape")),
+        out.append(Profile(_tuple(m.get("host")), _tuple(m.get("model")), _tuple(m.get("api")),
                            bool(p.get("automatic", True)), ttl, None if mt == "auto" else mt,
                            markers, lookback))
     return tuple(out)
@@ -91,9 +91,9 @@ def default_profiles() -> tuple[Profile, ...]:
     return load_table(PROFILES, parse_profiles)
 
 
-@lru_cache(maxsize=1024)  # a few hosts x shapes x models; the globs cost more than the lookup
-def profile_for(host: str, shape: str | None, model: str | None) -> Profile:
+@lru_cache(maxsize=1024)  # a few hosts x APIs x models; the globs cost more than the lookup
+def profile_for(host: str, api: str | None, model: str | None) -> Profile:
     for p in default_profiles():
-        if p.matches(host, shape, model):
+        if p.matches(host, api, model):
             return p
     return Profile((), (), (), True, 600.0, 1024)

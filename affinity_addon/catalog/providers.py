@@ -31,7 +31,7 @@ class RetentionDirective:
 
 @dataclass(frozen=True, slots=True)
 class DialectApi:
-    """Where one API shape's content parts may carry a dialect's breakpoint."""
+    """Where one API's content parts may carry a dialect's breakpoint."""
 
     parts: frozenset[str]  # part types that take it
     roles: frozenset[str]  # roles whose parts take it (and whose string content may convert)
@@ -50,7 +50,7 @@ class BreakpointDialect:
     ttl: str  # what a marker's lifetime is (the record's label)
     writes: int  # breakpoints a request writes, the implicit one included
     implicit_off: tuple[str, str] | None  # (dotted field, value) that turns the implicit one off
-    apis: Mapping[str, DialectApi]  # by API shape
+    apis: Mapping[str, DialectApi]  # by API
 
     def fits(self, model: str | None) -> bool:
         if not isinstance(model, str):
@@ -225,15 +225,15 @@ def _dialects(raw: Any, path: Path) -> tuple[BreakpointDialect, ...]:
             raise ValueError(f"{where}: implicit_off must be {{field: a.b, value: string}}")
         apis = d["apis"]
         if not isinstance(apis, Mapping) or not apis:
-            raise ValueError(f"{where}: apis maps API shapes to {{parts, roles, text_part}}")
+            raise ValueError(f"{where}: apis maps APIs to {{parts, roles, text_part}}")
         by_api = {}
-        for shape, api in apis.items():
-            if not isinstance(api, Mapping) or set(api) != {"parts", "roles", "text_part"} \
-                    or not isinstance(api["text_part"], str):
-                raise ValueError(f"{where}: apis.{shape} needs exactly parts, roles, text_part")
-            by_api[str(shape)] = DialectApi(frozenset(_strings(api["parts"], "parts", path)),
-                                            frozenset(_strings(api["roles"], "roles", path)),
-                                            api["text_part"])
+        for name, spec in apis.items():
+            if not isinstance(spec, Mapping) or set(spec) != {"parts", "roles", "text_part"}\
+                    or not isinstance(spec["text_part"], str):
+                raise ValueError(f"{where}: apis.{name} needs exactly parts, roles, text_part")
+            by_api[str(name)] = DialectApi(frozenset(_strings(spec["parts"], "parts", path)),
+                                           frozenset(_strings(spec["roles"], "roles", path)),
+                                           spec["text_part"])
         out.append(BreakpointDialect(
             d["name"], tuple(h.lower() for h in _strings(d["hosts"], "hosts", path)),
             _strings(d["models"], "models", path), d["field"], dict(d["value"]), d["ttl"],
@@ -253,7 +253,7 @@ def parse_provider_facts(path: Path) -> ProviderFacts:
     if not isinstance(lookback, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in lookback.values()):
         raise ValueError(f"{path}:{line_of(data, 'lookback_blocks', 1)}: "
-                         "lookback_blocks maps API shapes to positive integers")
+                         "lookback_blocks maps APIs to positive integers")
     limits = data.get("key_rpm_limits") or {}
     if not isinstance(limits, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in limits.values()):

@@ -1,4 +1,4 @@
-"""`usage_fields.yaml`: where each API shape keeps its usage, and every provider's spelling of
+"""`usage_fields.yaml`: where each API keeps its usage, and every provider's spelling of
 the cache fields (JSON, SSE events, WebSocket messages), parsed once."""
 
 import re
@@ -6,17 +6,17 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from affinity_addon.apis import APIS
 from affinity_addon.catalog import catalog_file
 from affinity_addon.catalog.yamlsource import TableError, load_table
 from affinity_addon.jsonpath import FieldPath, parse_path
-from affinity_addon.shapes import SHAPES
 
 FIELDS_FILE = catalog_file("usage_fields.yaml")
 
 
 @dataclass(frozen=True, slots=True)
-class ShapeFields:
-    """One API shape's usage knowledge, parsed from the YAML table."""
+class ApiFields:
+    """One API's usage knowledge, parsed from the YAML table."""
 
     usage_at: tuple[FieldPath, ...]
     overlay: bool
@@ -48,7 +48,7 @@ def _paths(spec: dict[str, Any], key: str, where: str) -> tuple[FieldPath, ...]:
     return tuple(parse_path(p) for p in value)
 
 
-def parse_shape_fields(spec: Any, where: str) -> ShapeFields:
+def parse_api_fields(spec: Any, where: str) -> ApiFields:
     if not isinstance(spec, dict):
         raise ValueError(f"{where} must be a mapping")
     merge = spec.get("merge", "replace")
@@ -71,7 +71,7 @@ def parse_shape_fields(spec: Any, where: str) -> ShapeFields:
     needles = spec.get("needles") or []
     if not isinstance(needles, list) or not all(isinstance(n, str) and n for n in needles):
         raise ValueError(f"{where}.needles must be a list of non-empty strings")
-    return ShapeFields(
+    return ApiFields(
         usage_at=_paths(spec, "usage_at", where),
         overlay=merge == "overlay",
         input_includes_cache=bool(spec.get("input_includes_cache", True)),
@@ -86,27 +86,27 @@ def parse_shape_fields(spec: Any, where: str) -> ShapeFields:
     )
 
 
-def parse_table(doc: Any) -> dict[str, ShapeFields]:
-    """The YAML document -> {shape: fields}."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), dict):
-        raise ValueError("usage fields table needs a `shapes` mapping")
+def parse_table(doc: Any) -> dict[str, ApiFields]:
+    """The YAML document -> {API: fields}."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("apis"), dict):
+        raise ValueError("usage fields table needs a `apis` mapping")
     out = {}
-    for name, spec in doc["shapes"].items():
+    for name, spec in doc["apis"].items():
         try:
-            out[name] = parse_shape_fields(spec, f"shapes.{name}")
+            out[name] = parse_api_fields(spec, f"apis.{name}")
         except ValueError as e:
-            raise TableError(str(e), doc["shapes"], name) from None
+            raise TableError(str(e), doc["apis"], name) from None
     return out
 
 
-def _complete(doc: Any) -> dict[str, ShapeFields]:
-    shapes = parse_table(doc)
-    missing = set(SHAPES) - set(shapes)
+def _complete(doc: Any) -> dict[str, ApiFields]:
+    apis = parse_table(doc)
+    missing = set(APIS) - set(apis)
     if missing:
-        raise TableError(f"no usage fields for shapes {sorted(missing)}", doc, "shapes")
-    return shapes
+        raise TableError(f"no usage fields for apis {sorted(missing)}", doc, "apis")
+    return apis
 
 
 @cache
-def usage_fields() -> dict[str, ShapeFields]:
+def usage_fields() -> dict[str, ApiFields]:
     return load_table(FIELDS_FILE, _complete)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 
+from affinity_addon.apis import ANTHROPIC, BEDROCK_CONVERSE, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.catalog.volatile import default_volatile
 from affinity_addon.diagnosis.blockprint import (
     CARRIER,
@@ -43,7 +44,6 @@ from affinity_addon.request.prompt import (
     head_segments,
     message_segments,
 )
-from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE, OPENAI_CHAT, OPENAI_RESPONSES
 from affinity_addon.tokens import estimate_tokens
 
 # Block digests are DIGEST_SIZE (8) bytes: a collision only misreports one diagnosis.
@@ -140,11 +140,11 @@ _CARRIES: dict[str, Any] = {}  # the envelope marker of a message iter_segments 
 
 
 def _message_units(section: str, i: int, msg: dict[str, Any],
-                   shape: str | None = None) -> tuple[list[_Unit], bool]:
+                   api: str | None = None) -> tuple[list[_Unit], bool]:
     """(the units of message `i`, is it a carrier?). A carrier is a message the prompt walker
     skips for having no content (an assistant turn that is only `tool_calls`): a change there
     breaks the prefix just the same, so it is a block of its own."""
-    segs = list(message_segments(section, i, msg, shape))
+    segs = list(message_segments(section, i, msg, api))
     if not segs:
         kind = "tool_calls" if "tool_calls" in msg else "message"
         role = msg.get("role") if isinstance(msg.get("role"), str) else None
@@ -156,22 +156,22 @@ def _message_units(section: str, i: int, msg: dict[str, Any],
     return [(first, True, envelope), *((seg, False, None) for seg in segs[1:])], False
 
 
-def _walk(body: dict[str, Any], shape: str) -> Iterator[_Unit]:
+def _walk(body: dict[str, Any], api: str) -> Iterator[_Unit]:
     """(segment, first block of its message?, the message's non-content fields when first), in
     prompt order. Messages without content are carriers (`_message_units`), kept once the
     conversation has content at all."""
-    for seg in head_segments(body, shape):
+    for seg in head_segments(body, api):
         yield seg, False, None
-    for units, _ in _message_walk(body, shape, 0):
+    for units, _ in _message_walk(body, api, 0):
         yield from units
 
 
-def _message_walk(body: dict[str, Any], shape: str,
+def _message_walk(body: dict[str, Any], api: str,
                   start: int) -> Iterator[tuple[list[_Unit], bool]]:
     """The conversation's units message by message from message `start` on (a checkpoint:
     everything before it is done), each with "nothing waits": carriers before the first message
     with content wait for it, and are dropped if none comes."""
-    section = MESSAGES_KEY.get(shape)
+    section = MESSAGES_KEY.get(api)
     if section is None:
         return
     msgs = body.get(section)
@@ -188,7 +188,7 @@ def _message_walk(body: dict[str, Any], shape: str,
         if not isinstance(msg, dict):
             yield [], seen
             continue
-        units, carrier = _message_units(section, i, msg, shape)
+        units, carrier = _message_units(section, i, msg, api)
         if carrier and not seen:
             waiting += units
             yield [], False
@@ -287,24 +287,24 @@ STEP_BYTES = 64 << 10
 Steps = Generator[None, None, "tuple[Fingerprint, Blocks]"]
 
 
-def model_variant(body: dict[str, Any], shape: str, model: str | None) -> str | None:
+def model_variant(body: dict[str, Any], api: str, model: str | None) -> str | None:
     """The model as the cache tells variants apart: `claude-opus-4-8 (speed fast)`."""
     if model is None:
         return None
-    for key, default in MODEL_VARIANTS.get(shape, ()):
+    for key, default in MODEL_VARIANTS.get(api, ()):
         value = body.get(key)
         if isinstance(value, str) and value != default:
             model = f"{model} ({key} {value[:32]})"
     return model
 
 
-def fingerprint(body: dict[str, Any], shape: str, model: str | None, *,
+def fingerprint(body: dict[str, Any], api: str, model: str | None, *,
                 volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None) -> Fingerprint:
-    """Fingerprint a request body of API shape `shape`. O(blocks + text length); keeps no text."""
-    return run_steps(fingerprint_steps(body, shape, model, volatile=volatile))[0]
+    """Fingerprint a request body of API `API`. O(blocks + text length); keeps no text."""
+    return run_steps(fingerprint_steps(body, api, model, volatile=volatile))[0]
 
 
-def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
+def fingerprint_steps(body: dict[str, Any], api: str, model: str | None, *,
                       volatile: Mapping[str, tuple[re.Pattern[str], ...]] | None = None,
                       every: int | None = None, memo: FingerprintMemo | None = None) -> Steps:
     """`fingerprint`, yielding every `every` blocks; returns the fingerprint and its blocks as
@@ -321,9 +321,9 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
     rows, chunks = bytearray(), bytearray()
     blocks: list[BlockPrint] = []
     total = start = 0
-    section = MESSAGES_KEY.get(shape)
+    section = MESSAGES_KEY.get(api)
     msgs = body.get(section) if section else None
-    keys = ((yield from memo.chain(body, msgs, (shape, volatile), STEP_BYTES))
+    keys = ((yield from memo.chain(body, msgs, (api, volatile), STEP_BYTES))
             if memo is not None and isinstance(msgs, list) else None)
     if keys is not None and memo is not None:
         found = memo.resume(keys)
@@ -337,9 +337,9 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
     # Checkpoints after the last CHECKPOINTS - 1 messages and after all of them.
     cut_from = max(1, len(keys) - CHECKPOINTS) if keys is not None else 1 << 62
     cuts: list[tuple[int, int, int, int, int, int]] = []
-    units: Iterable[_Unit] = (((seg, False, None) for seg in head_segments(body, shape))
+    units: Iterable[_Unit] = (((seg, False, None) for seg in head_segments(body, api))
                               if start == 0 else ())
-    walk = _message_walk(body, shape, start)
+    walk = _message_walk(body, api, start)
     k, clean, n, size = start, start > 0, 0, 0
     envelope_hash, reasoning = 0, False
     while True:
@@ -410,10 +410,10 @@ def fingerprint_steps(body: dict[str, Any], shape: str, model: str | None, *,
         k += 1
     settings = tuple(
         (key, hashlib.blake2b(canonical(value), digest_size=8).digest())
-        for key in PREFIX_SETTINGS.get(shape, ())
+        for key in PREFIX_SETTINGS.get(api, ())
         for found, value in (find_path(body, parse_path(key)),) if found
     )
-    fp = Fingerprint(model_variant(body, shape, model), total, settings, bytes(rows),
+    fp = Fingerprint(model_variant(body, api, model), total, settings, bytes(rows),
                      tuple(label_ids), bytes(chunks))
     done = tuple(blocks)
     if memo is not None and keys is not None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from affinity_addon.catalog.profiles import BY_SHAPE, profile_for
+from affinity_addon.catalog.profiles import BY_API, profile_for
 from affinity_addon.diagnosis.blockprint import Blocks, Fingerprint, PromptParts
 from affinity_addon.diagnosis.fingerprint import (
     FingerprintMemo,
@@ -56,11 +56,11 @@ class Pending:
     automatic: bool
     ttl_seconds: float
     min_tokens: int
-    shape: str
+    api: str
     family: str | None = None  # its prompt family, when the rewrite computed one (`ttl: auto`)
     # The fingerprint's blocks, as made while the request was upstream (None: unpack to judge).
     blocks: Blocks | None = None
-    lookback: int | str | None = BY_SHAPE  # the route's marker lookback (cache profile)
+    lookback: int | str | None = BY_API  # the route's marker lookback (cache profile)
 
 
 THREADS = 8  # threads kept per conversation ID (main, memory, title, compaction, subagents)
@@ -174,20 +174,20 @@ class MissTracker:
             return old, "lineage"
         return None, "new"
 
-    def observe(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
+    def observe(self, body: dict[str, Any], *, api: str, model: str | None, host: str,
                 keys: tuple[str, ...], signal: str | None, ts: float,
                 family: str | None = None) -> Pending:
-        return run_steps(self.observe_steps(body, shape=shape, model=model, host=host, keys=keys,
+        return run_steps(self.observe_steps(body, api=api, model=model, host=host, keys=keys,
                                             signal=signal, ts=ts, family=family))
 
-    def observe_steps(self, body: dict[str, Any], *, shape: str, model: str | None, host: str,
+    def observe_steps(self, body: dict[str, Any], *, api: str, model: str | None, host: str,
                       keys: tuple[str, ...], signal: str | None, ts: float,
                       family: str | None = None) -> Generator[None, None, Pending]:
         """`observe` in steps (`fingerprint_steps`): the proxy runs one per event-loop turn."""
-        prof = profile_for(host, shape, model)
+        prof = profile_for(host, api, model)
         # A block the provider at this host leaves out of the cached prefix is no prefix change
         # (Claude Code's billing block on api.anthropic.com); on any other host it is prompt text.
-        fp, blocks = yield from fingerprint_steps(body, shape, model, memo=self.memo,
+        fp, blocks = yield from fingerprint_steps(body, api, model, memo=self.memo,
                                                   volatile=volatile_for(host))
         ttl = prof.ttl_seconds
         if not prof.automatic and fp.last_ttl:
@@ -197,7 +197,7 @@ class MissTracker:
                 pass
         min_tokens = (prof.min_tokens if prof.min_tokens is not None
                       else min_tokens_for(model, host))
-        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, shape, family, blocks,
+        return Pending(keys, fp, ts, signal, prof.automatic, ttl, min_tokens, api, family, blocks,
                        prof.lookback_blocks)
 
     def verdict(self, p: Pending, usage: Usage | None, now: float, *, response_cache: bool,
@@ -212,7 +212,7 @@ class MissTracker:
         prev, how = self._previous(p, parts, now, cur)
         signal_changed = prev is not None and prev.signal != p.signal
         unpacked = (self._unpack(prev.entry.fingerprint) if prev else None, cur)
-        v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, shape=p.shape,
+        v = diagnose(prev.entry if prev else None, p.fingerprint, usage, now, api=p.api,
                      automatic=p.automatic, min_tokens=p.min_tokens, ttl_seconds=p.ttl_seconds,
                      response_cache=response_cache, affinity_changed=signal_changed,
                      affinity_missing=p.signal is None, load=load, unpacked=unpacked,
@@ -225,7 +225,7 @@ class MissTracker:
         if dry_run:
             predicted = predict_hit_ratio(prev.entry if prev else None, p.fingerprint,
                                           min_tokens=p.min_tokens, automatic=p.automatic,
-                                          shape=p.shape, unpacked=unpacked, lookback=p.lookback)
+                                          api=p.api, unpacked=unpacked, lookback=p.lookback)
         if usage is not None and p.keys:
             rhythm = self.rhythms.get(p.keys[0]) or Rhythm()
             gap = rhythm.observe_at(p.ts, usage.cache_read_tokens + usage.cache_write_tokens)

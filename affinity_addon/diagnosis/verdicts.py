@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from affinity_addon.buckets import OVERFLOW_RPM
-from affinity_addon.catalog.profiles import BY_SHAPE
+from affinity_addon.catalog.profiles import BY_API
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.diagnosis.blockprint import BlockPrint, Blocks, Fingerprint
 from affinity_addon.diagnosis.prefix_diff import PrefixDiff, compare
@@ -24,7 +24,7 @@ REASONS = ("hit", "partial", "first-write", "prefix-changed", "ttl-expired", "ro
            "lookback-exceeded", "response-cache", "overflow", "unknown")
 
 # How many blocks back from a breakpoint the provider looks for an earlier cache entry, by API
-# shape. Shapes not listed match any earlier entry (OpenAI breakpoints, automatic prefix
+# API. APIs not listed match any earlier entry (OpenAI breakpoints, automatic prefix
 # caching); a route's cache profile may say otherwise (`lookback_blocks`: a prefix cache behind
 # an Anthropic-format endpoint has no limit).
 LOOKBACK_BLOCKS: Mapping[str, int] = PROVIDER_FACTS.lookback_blocks
@@ -130,7 +130,7 @@ class _Case:
     prev: Entry | None
     usage: Usage | None
     now: float
-    shape: str
+    api: str
     automatic: bool
     min_tokens: int
     ttl_seconds: float
@@ -313,7 +313,7 @@ def _overflow(case: _Case) -> Verdict | None:
     limit = _number(load.get("limit")) or OVERFLOW_RPM
     if rpm <= limit:
         return None
-    where = f"; family ~{family_rpm:.0f} RPM over {buckets:.0f} bucket(s)" \
+    where = f"; family ~{family_rpm:.0f} RPM over {buckets:.0f} bucket(s)"\
         if family_rpm is not None and buckets else ""
     return Verdict("overflow", f"same prefix within the TTL, previously cached, yet nothing read, "
                    f"while its prompt_cache_key got ~{rpm:.0f} requests in the last minute"
@@ -341,11 +341,11 @@ _CHECKS: tuple[Callable[[_Case], Verdict | None], ...] = (
 
 
 def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
-          shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
+          api: str, automatic: bool, min_tokens: int, ttl_seconds: float,
           response_cache: bool = False, affinity_changed: bool = False,
           affinity_missing: bool = False, load: Mapping[str, Any] | None = None,
           unpacked: tuple[Blocks | None, Blocks | None] = (None, None),
-          lookback: int | str | None = BY_SHAPE) -> _Case:
+          lookback: int | str | None = BY_API) -> _Case:
     prev_unpacked = (unpacked[0] or prev.fingerprint.unpack()) if prev else None
     cur_unpacked = unpacked[1] or cur_fp.unpack()
     cur_blocks = cur_unpacked.comparable
@@ -358,8 +358,8 @@ def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: flo
     expected = _expected(prev, diff, point)
     if expected is not None:
         expected = round(expected * scale)
-    blocks_back = LOOKBACK_BLOCKS.get(shape) if lookback == BY_SHAPE else lookback
-    return _Case(prev, usage, now, shape, automatic, min_tokens, ttl_seconds, response_cache,
+    blocks_back = LOOKBACK_BLOCKS.get(api) if lookback == BY_API else lookback
+    return _Case(prev, usage, now, api, automatic, min_tokens, ttl_seconds, response_cache,
                  affinity_changed, affinity_missing, prev_blocks, cur_blocks,
                  _marker_positions(cur_blocks, automatic),
                  diff, point, scale, expected, load,
@@ -367,17 +367,17 @@ def _case(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: flo
 
 
 def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: float, *,
-             shape: str, automatic: bool, min_tokens: int, ttl_seconds: float,
+             api: str, automatic: bool, min_tokens: int, ttl_seconds: float,
              response_cache: bool = False, affinity_changed: bool = False,
              affinity_missing: bool = False,
              load: Mapping[str, Any] | None = None,
              unpacked: tuple[Blocks | None, Blocks | None] = (None, None),
-             lookback: int | str | None = BY_SHAPE) -> Verdict:
+             lookback: int | str | None = BY_API) -> Verdict:
     """The verdict for one response. `prev` is the conversation's entry before this request.
     `load`: the request rate its prompt_cache_key had when it was sent (`KeyRates.observe`:
     key_rpm, family_rpm, buckets), the `overflow` check's evidence. `lookback`: the route's
-    marker lookback in blocks (BY_SHAPE: the API shape's; None: no limit)."""
-    case = _case(prev, cur_fp, usage, now, shape=shape, automatic=automatic,
+    marker lookback in blocks (BY_API: the API's; None: no limit)."""
+    case = _case(prev, cur_fp, usage, now, api=api, automatic=automatic,
                  min_tokens=min_tokens, ttl_seconds=ttl_seconds, response_cache=response_cache,
                  affinity_changed=affinity_changed, affinity_missing=affinity_missing,
                  load=load if isinstance(load, Mapping) else None, unpacked=unpacked,
@@ -388,15 +388,15 @@ def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: 
 
 
 def predict_hit_ratio(prev: Entry | None, cur_fp: Fingerprint, *, min_tokens: int,
-                      automatic: bool, shape: str | None = None,
+                      automatic: bool, api: str | None = None,
                       unpacked: tuple[Blocks | None, Blocks | None] = (None, None),
-                      lookback: int | str | None = BY_SHAPE) -> float | None:
+                      lookback: int | str | None = BY_API) -> float | None:
     """The hit ratio this request should get from a warm cache (for dry runs).
 
     Counts the tokens the previous request made cacheable that this one shares, when this one
     has a breakpoint to read them with; None when the prompt is empty.
     """
-    case = _case(prev, cur_fp, None, 0.0, shape=shape or "", automatic=automatic,
+    case = _case(prev, cur_fp, None, 0.0, api=api or "", automatic=automatic,
                  min_tokens=min_tokens, ttl_seconds=0.0, unpacked=unpacked, lookback=lookback)
     total = sum(b.tokens for b in case.cur_blocks)
     if total <= 0:

@@ -35,8 +35,8 @@ def _point_after(path: str) -> str:
 
 def _request_view(body: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     added_paths = {m["path"] for m in meta.get("added", {}).get("markers", [])}
-    lines = ["", f"prompt segments ({meta.get('shape')}), provider hash order:"]
-    for seg in iter_segments(body, meta.get("shape") or ""):
+    lines = ["", f"prompt segments ({meta.get('api')}), provider hash order:"]
+    for seg in iter_segments(body, meta.get("api") or ""):
         size = len(text_of(seg.value)) or len(json.dumps(seg.value, ensure_ascii=False))
         mark = _marker(seg.value, seg.mark)
         if mark and (seg.path in added_paths or _point_after(seg.path) in added_paths):

@@ -4,7 +4,7 @@ Serves `/metrics` (requests, records, tokens and dollars by kind, errors, latenc
 answers) and `/readyz` (rules loaded, log writable) from a small HTTP server on its own thread,
 so a scrape never runs on the proxy's event loop. The hooks only bump counters (microseconds).
 
-Labels are bounded: provider, model family, rule, verdict, token kind and the provider's own
+Labels are bounded: API, model family, rule, verdict, token kind and the provider's own
 diagnosis (source, result, whether ours agrees), each capped at
 `MAX_LABEL_VALUES` distinct values (then "other"); never an affinity ID, a path or a key.
 """
@@ -59,30 +59,30 @@ class PromMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("affinity_requests", "Matched LLM requests seen",
-                                ["provider", "rule"], registry=r)
+                                ["api", "rule"], registry=r)
         self.records = Counter("affinity_records", "Finished LLM responses recorded",
-                               ["provider", "model_family", "rule", "verdict", "outcome"],
+                               ["api", "model_family", "rule", "verdict", "outcome"],
                                registry=r)
         self.tokens = Counter("affinity_tokens", "Tokens by kind (input counts every prompt token)",
-                              ["provider", "model_family", "rule", "kind"], registry=r)
+                              ["api", "model_family", "rule", "kind"], registry=r)
         # Dollars by kind of token (the record's `cost_usd`): input, cache_write_5m,
         # cache_write_1h, cache_read, output; responses nobody prices count in `unpriced`.
         self.cost = Counter("affinity_cost_usd", "Dollars of priced responses by kind of token",
-                            ["provider", "model_family", "rule", "kind"], registry=r)
+                            ["api", "model_family", "rule", "kind"], registry=r)
         self.unpriced = Counter("affinity_unpriced_records",
                                 "Responses with usage whose model nobody prices",
-                                ["provider", "model_family"], registry=r)
+                                ["api", "model_family"], registry=r)
         self.errors = Counter("affinity_errors", "Failed LLM responses by kind",
-                              ["provider", "kind"], registry=r)
+                              ["api", "kind"], registry=r)
         self.diagnoses = Counter(
             "affinity_provider_diagnoses",
             "The provider's own cache diagnosis (result) and whether our verdict fits it",
             ["source", "result", "agrees"], registry=r)
         self.first_byte = Histogram(
             "affinity_first_byte_seconds", "Request sent to response headers (streams: first byte)",
-            ["provider", "stream"], buckets=LATENCY_BUCKETS, registry=r)
+            ["api", "stream"], buckets=LATENCY_BUCKETS, registry=r)
         self.duration = Histogram("affinity_response_seconds", "Whole response, request to end",
-                                  ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+                                  ["api"], buckets=LATENCY_BUCKETS, registry=r)
         self.rules = Gauge("affinity_rules_loaded", "Rules in the loaded rules file", registry=r)
 
 
@@ -212,7 +212,7 @@ class Metrics:
         if self.prom is None or meta is None:
             return
         try:
-            self.prom.requests.labels(self.cap("provider", meta.get("shape")),
+            self.prom.requests.labels(self.cap("api", meta.get("api")),
                                       self.cap("rule", meta.get("rule"))).inc()
             if self.state.ruleset is not None:
                 self.prom.rules.set(len(self.state.ruleset.rules))
@@ -229,7 +229,7 @@ class Metrics:
             if sent and first and first >= sent:
                 stream = flow.response.headers.get("content-type", "").startswith(
                     "text/event-stream")
-                self.prom.first_byte.labels(self.cap("provider", meta.get("shape")),
+                self.prom.first_byte.labels(self.cap("api", meta.get("api")),
                                             "true" if stream else "false").observe(first - sent)
         except Exception:
             logger.debug("affinity: metrics responseheaders hook failed", exc_info=True)
@@ -238,7 +238,7 @@ class Metrics:
         prom = self.prom
         if prom is None:
             return
-        provider = self.cap("provider", record.provider)
+        api = self.cap("api", record.api)
         family = self.cap("model_family", model_family(record.model) or "none")
         rule = self.cap("rule", record.rule)
         verdict = self.cap("verdict", record.miss_reason or "none")
@@ -250,11 +250,11 @@ class Metrics:
             outcome = "incomplete"
         else:
             outcome = "ok"
-        prom.records.labels(provider, family, rule, verdict, outcome).inc()
+        prom.records.labels(api, family, rule, verdict, outcome).inc()
         if outcome != "ok":
-            prom.errors.labels(provider, outcome).inc()
+            prom.errors.labels(api, outcome).inc()
         if record.duration_ms is not None:
-            prom.duration.labels(provider).observe(record.duration_ms / 1000)
+            prom.duration.labels(api).observe(record.duration_ms / 1000)
         said = record.provider_diagnosis
         if said and said.get("result"):
             fits = said.get("agrees")
@@ -272,12 +272,12 @@ class Metrics:
                  "output": u.output_tokens}
         for kind, n in kinds.items():
             if n:
-                prom.tokens.labels(provider, family, rule, kind).inc(n)
+                prom.tokens.labels(api, family, rule, kind).inc(n)
         cost = record.cost_usd
         if cost is None:
-            prom.unpriced.labels(provider, family).inc()
+            prom.unpriced.labels(api, family).inc()
             return
         for kind in COST_KINDS:
             usd = cost.get(kind)
             if usd:
-                prom.cost.labels(provider, family, rule, kind).inc(usd)
+                prom.cost.labels(api, family, rule, kind).inc(usd)

@@ -142,7 +142,7 @@ class OTel:
 
         end = time.time_ns()
         start = end - int((record.duration_ms or 0) * 1e6)
-        operation = "generate_content" if record.provider == "gemini" else "chat"
+        operation = "generate_content" if record.api == "gemini" else "chat"
         attrs: dict[str, Any] = {
             "gen_ai.provider.name": provider_name(record.host),
             "gen_ai.operation.name": operation,

@@ -9,6 +9,7 @@ from typing import Any
 
 from mitmproxy import ctx, hooks, http
 
+from affinity_addon.apis import OPENAI_RESPONSES
 from affinity_addon.catalog import prices
 from affinity_addon.catalog.diagnostics import DiagnosticsSource
 from affinity_addon.catalog.providers import PROVIDER_FACTS
@@ -25,7 +26,6 @@ from affinity_addon.response import eventstream
 from affinity_addon.response.provider_answer import read_answer
 from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap, Tap
 from affinity_addon.response.usage import UsageReader, parse_json
-from affinity_addon.shapes import OPENAI_RESPONSES
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,11 @@ class Recorder:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ex = self.state.exchanges.get(flow.id)
-        if ex is None or flow.response is None or not ex.request.shape:
+        if ex is None or flow.response is None or not ex.request.api:
             return
         try:
             source = self._source(ex)
-            ex.reader = UsageReader(ex.request.shape, source.answer.at if source else ())
+            ex.reader = UsageReader(ex.request.api, source.answer.at if source else ())
             if ex.link is not None:  # the next request of its conversation names this response
                 ex.resolver = partial(self._response_id, flow, ex)
                 self.state.links.answering(ex.link, ex.resolver)
@@ -104,7 +104,7 @@ class Recorder:
         """Feed a whole (non-streamed) JSON body to the reader, once: the record's deferred job
         or, sooner, the next request of the conversation that needs its response id."""
         resp, reader = flow.response, ex.reader
-        if ex.body_read or resp is None or reader is None or ex.tap is not None \
+        if ex.body_read or resp is None or reader is None or ex.tap is not None\
                 or resp.raw_content is None:
             return
         ex.body_read = True
@@ -174,7 +174,7 @@ class Recorder:
                 return
             if not any(t in content for t in PROVIDER_FACTS.websocket_terminal_events):
                 return
-            reader = UsageReader(ex.request.shape or OPENAI_RESPONSES)
+            reader = UsageReader(ex.request.api or OPENAI_RESPONSES)
             reader.feed_event(None, content)
             if reader.terminal:
                 drain(self._finish(flow, ex, reader, stream=True, complete=True, error=None,
@@ -235,7 +235,7 @@ class Recorder:
         resp = flow.response
         if resp is not None and resp.status_code == 400 and asked.get("by") == "proxy":
             message = self._error_message(flow, source)
-            if message is not None and source.names_field(message) \
+            if message is not None and source.names_field(message)\
                     and self.state.links.refuse(ex.request.host, message):
                 logger.warning("affinity: %s refused the cache diagnostics field we add (%s); "
                                "not adding it there again until restart. The provider said: %s",
@@ -246,7 +246,7 @@ class Recorder:
                              compared=compared_to is not None)
         if answer.malformed:
             self.state.warn_once(f"malformed-diagnosis:{source.name}",
-                                 "affinity: a %s cache diagnostics answer had a shape we do not "
+                                 "affinity: a %s cache diagnostics answer had an API we do not "
                                  "know; recorded without a result", source.name)
         return agreement.diagnosis(source.name, compared_to, answer.result,
                                    answer.missed_tokens, judged)

@@ -76,7 +76,7 @@ class Rewriter:
         exchange = Exchange(facts, load=load, link=outcome.link)
         state.exchanges.start(flow.id, exchange)
         flow.metadata[META] = facts.to_json()  # published for mitmweb, `affinity.why`, saved flows
-        if outcome.shape and parsed.obj is not None and settings.diagnose:
+        if outcome.api and parsed.obj is not None and settings.diagnose:
             try:
                 self._observe(flow, exchange, outcome, parsed.obj, host)
             except RecursionError:
@@ -87,11 +87,11 @@ class Rewriter:
     def _observe(self, flow: http.HTTPFlow, exchange: Exchange, outcome: Outcome,
                  body: dict[str, Any], host: str) -> None:
         state = self.state
-        assert state.ruleset is not None and outcome.shape is not None
+        assert state.ruleset is not None and outcome.api is not None
         if outcome.affinity_source == "root":  # derived already
             root, client = outcome.affinity_id, None
         else:
-            root = outcome.root_id or affinity_id.root_id(body, outcome.shape,
+            root = outcome.root_id or affinity_id.root_id(body, outcome.api,
                                                           state.ruleset.affinity, state.secret)
             client = outcome.affinity_id
         ids = tuple(i for i in (client, root) if i)
@@ -103,7 +103,7 @@ class Rewriter:
         # (the rewrite encoded a new one or spliced the raw bytes). The fingerprint starts once
         # the request is on its way, in slices, while the provider works on it.
         job = Stepped(state.tracker.observe_steps(
-            body, shape=outcome.shape, model=model, host=host, keys=ids,
+            body, api=outcome.api, model=model, host=host, keys=ids,
             signal=outcome.signal, ts=flow.request.timestamp_start or time.time(),
             family=outcome.family))
         exchange.fingerprint = job

@@ -70,7 +70,7 @@ class RequestFacts:
 
     rule: str
     rules: tuple[str, ...]
-    shape: str | None
+    api: str | None
     model: str | None  # cut to a real model name's length (client-chosen)
     affinity_id: str | None
     affinity_source: str | None
@@ -98,7 +98,7 @@ class RequestFacts:
         if self.added.get("removed"):
             added["removed"] = [dict(r) for r in self.added["removed"]]
         return {
-            "rule": self.rule, "rules": list(self.rules), "shape": self.shape,
+            "rule": self.rule, "rules": list(self.rules), "api": self.api,
             "model": self.model, "affinity_id": self.affinity_id,
             "affinity_source": self.affinity_source, "dry_run": self.dry_run,
             "added": added,
@@ -125,7 +125,7 @@ class Record:
     flow_id: str
     rule: str | None
     rules: list[str]
-    provider: str | None
+    api: str | None  # the API the request speaks (was `provider` in older logs)
     host: str
     path: str
     method: str

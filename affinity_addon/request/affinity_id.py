@@ -219,22 +219,22 @@ def _root_bytes(value: Any, config: "AffinityConfig") -> bytes | None:
 Root = tuple[list[Segment], list[Segment]]
 
 
-def root_id(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str,
+def root_id(body: Mapping[str, Any], api: str, config: AffinityConfig, key: str,
             root: Callable[[], Root] | None = None) -> str | None:
     """Keyed hash of the conversation's stable root: blocks an agent rebuilds on every turn or
     resume are left out, and dates masked, so `-c`/resume and a day rollover keep the ID.
     `root`: the body's `root_segments`, when the caller has them (the rewrite shares them)."""
-    return root_parts(body, shape, config, key, root)[0]
+    return root_parts(body, api, config, key, root)[0]
 
 
-def root_parts(body: Mapping[str, Any], shape: str, config: AffinityConfig, key: str,
+def root_parts(body: Mapping[str, Any], api: str, config: AffinityConfig, key: str,
                root: Callable[[], Root] | None = None, opening: bool = False,
                known: str | None = None) -> tuple[str | None, str | None]:
     """(`root_id`, with `opening` also the keyed hash of the first user message alone). The
     opening outlives what the root does not: a changed system prompt or another model keeps it,
     so a conversation whose root changed can still be found by it (its later turns only).
     `known`: the root ID, when the caller has it (then only the opening is hashed)."""
-    system, user = root() if root is not None else root_segments(dict(body), shape)
+    system, user = root() if root is not None else root_segments(dict(body), api)
     if known is not None:
         system = []  # the system prompt is only in the root, which is known
     parts = [(tag, b) for tag, segs in ((b"\x00s", system), (b"\x00u", user)) for seg in segs
@@ -243,7 +243,7 @@ def root_parts(body: Mapping[str, Any], shape: str, config: AffinityConfig, key:
         return None, None
     h = hashlib.blake2b(key=hash_key(key), digest_size=16)
     h.update(model_family(body.get("model")).encode("utf-8", "surrogatepass"))
-    first = hashlib.blake2b(key=hash_key(key), digest_size=16, person=b"opening") \
+    first = hashlib.blake2b(key=hash_key(key), digest_size=16, person=b"opening")\
         if opening else None
     opened = False
     for tag, b in parts:
@@ -260,7 +260,7 @@ def derive(
     config: AffinityConfig,
     headers: Mapping[str, str],
     body: Mapping[str, Any] | None,
-    shape: str | None,
+    api: str | None,
     key: str,
     root: Callable[[], Root] | None = None,
 ) -> tuple[str | None, str | None]:
@@ -272,8 +272,8 @@ def derive(
         if src.kind == "header" and src.name.lower() not in hm:
             continue
         if src.kind == "root":
-            if body is not None and shape is not None:
-                rid = root_id(body, shape, config, key, root)
+            if body is not None and api is not None:
+                rid = root_id(body, api, config, key, root)
                 if rid is not None:
                     return rid, "root"
             continue

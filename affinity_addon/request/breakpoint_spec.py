@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from affinity_addon.apis import ANTHROPIC, BEDROCK_CONVERSE, OPENAI_CHAT
 from affinity_addon.catalog.minimums import minimums
 from affinity_addon.catalog.platforms import platform_for
 from affinity_addon.catalog.providers import PROVIDER_FACTS, BreakpointDialect
 from affinity_addon.models import normalize_model
-from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE, OPENAI_CHAT
 
 MAX_MARKERS = 4
 # Blocks a breakpoint looks back for an earlier cache entry (catalog/providers.yaml).
@@ -37,7 +37,7 @@ ONE_HOUR_TTL_MODELS = PROVIDER_FACTS.one_hour_ttl_models
 NEVER_MARKED = frozenset({"thinking", "redacted_thinking", "reasoningContent"})
 
 
-class ShapeRules(NamedTuple):
+class ApiRules(NamedTuple):
     tool_markers: bool  # may a tools[] entry carry a marker
     markable: frozenset[str] | None  # block types that may carry one; None: all but NEVER_MARKED
     keep_string_roles: frozenset[str]  # roles whose string content must stay a string
@@ -48,17 +48,17 @@ class ShapeRules(NamedTuple):
     point_blocks: bool = False
 
 
-SHAPE_RULES: dict[str, ShapeRules] = {
+API_RULES: dict[str, ApiRules] = {
     # Mid-conversation `role: system` messages (Claude Code) are a beta: leave their form alone.
-    ANTHROPIC: ShapeRules(True, None, frozenset({"system"})),
+    ANTHROPIC: ApiRules(True, None, frozenset({"system"})),
     # OpenRouter takes markers on text parts only. A string tool result becomes a one-part
     # text list like any other message (the chat format allows text parts on `role: tool`, and
     # OpenRouter carries them into Anthropic tool_result blocks): in an agent's tool loop the
     # newest messages are tool results, and the rolling marker must be able to follow them.
-    OPENAI_CHAT: ShapeRules(False, frozenset({"text"}), frozenset()),
+    OPENAI_CHAT: ApiRules(False, frozenset({"text"}), frozenset()),
     # Checkpoints go in `system`, `messages` and `toolConfig.tools`, at most 4 for Claude
     # (https://docs.aws.amazon.com/bedrock/latest/userguide/prompt-caching.html).
-    BEDROCK_CONVERSE: ShapeRules(True, None, frozenset(), point_blocks=True),
+    BEDROCK_CONVERSE: ApiRules(True, None, frozenset(), point_blocks=True),
 }
 
 
@@ -76,7 +76,7 @@ class Markers:
     implicit_off: tuple[str, str] | None = None  # ...unless this field has this value
     lookback: bool = True  # a breakpoint looks back only `spec.lookback` blocks
     top_level: bool = True  # the body may carry Anthropic's automatic top-level marker
-    shapes: Mapping[str, ShapeRules] = field(default_factory=lambda: SHAPE_RULES)
+    apis: Mapping[str, ApiRules] = field(default_factory=lambda: API_RULES)
 
     def marker(self, ttl: str) -> dict[str, Any]:
         if self.value is not None:
@@ -94,8 +94,8 @@ def for_dialect(d: BreakpointDialect) -> Markers:
     return Markers(
         d.field, d.value, d.ttl, d.writes, implicit=d.implicit_off is not None,
         implicit_off=d.implicit_off, lookback=False, top_level=False,
-        shapes={shape: ShapeRules(False, api.parts, frozenset(), api.roles, api.text_part)
-                for shape, api in d.apis.items()})
+        apis={name: ApiRules(False, spec.parts, frozenset(), spec.roles, spec.text_part)
+              for name, spec in d.apis.items()})
 
 
 _DIALECTS = {d.name: for_dialect(d) for d in PROVIDER_FACTS.breakpoint_dialects}

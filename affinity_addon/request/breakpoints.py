@@ -45,10 +45,10 @@ from affinity_addon.request.breakpoint_spec import (
     SKIP,
     TOP_LEVEL,
     AddedMarker,
+    ApiRules,
     CacheControlSpec,
     Markers,
     PlanHint,
-    ShapeRules,
     auto_ttl,
     last_marker_only,
     min_tokens_for,
@@ -330,14 +330,14 @@ MAX_PLAN_BLOCKS = 1024
 BYTES_PER_BLOCK = 384
 
 
-def block_count(body: dict[str, Any], shape: str) -> int:
+def block_count(body: dict[str, Any], api: str) -> int:
     """How many blocks the planner would measure, counted without building them (~0.1 us each)."""
     n = 0
     config = body.get("toolConfig")  # Converse keeps its tools there
     for v in (body.get("tools"), body.get("system"),
               config.get("tools") if isinstance(config, dict) else None):
         n += len(v) if isinstance(v, list) else 1
-    messages = body.get(MESSAGES_KEY.get(shape, "messages"))
+    messages = body.get(MESSAGES_KEY.get(api, "messages"))
     if isinstance(messages, list):
         for m in messages:
             c = m.get("content") if isinstance(m, dict) else None
@@ -349,7 +349,7 @@ def plan_limit(body_size: int) -> int:
     return max(MAX_PLAN_BLOCKS, body_size // BYTES_PER_BLOCK)
 
 
-def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
+def plan_breakpoints(body: dict[str, Any], api: str, model: str | None,
                      spec: CacheControlSpec, hint: PlanHint | None = None,
                      volatile: Volatile | None = None,
                      markers: Markers = CACHE_CONTROL,
@@ -360,10 +360,10 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
     `markers`: the route's form of a breakpoint (`breakpoint_spec.markers_for`).
     `host`: where the request goes: a cloud with rules of its own (catalog/platforms.yaml) has
     its minimums and 1h models."""
-    rules = markers.shapes.get(shape)
+    rules = markers.apis.get(api)
     if rules is None or not isinstance(body, dict):
         return []
-    key = MESSAGES_KEY.get(shape, "messages")
+    key = MESSAGES_KEY.get(api, "messages")
     found = marker_sites(body, key, points=rules.point_blocks)
     first = next(found, None)
     implicit = markers.implicit
@@ -378,11 +378,11 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
     sites = [] if first is None else [first, *found]
     agent = spec.strategy == AGENT
     with_hint = agent and hint is not None and bool(hint.previous)
-    prompt = Prompt(body, shape, rules, sites,
+    prompt = Prompt(body, api, rules, sites,
                      (volatile or default_volatile()) if agent else None, digests=with_hint,
                      memo=SLOT_MEMO)
     free = markers.writes - len(prompt.markers) - (1 if implicit else 0)
-    last_only = spec.last_marker_only if spec.last_marker_only is not None \
+    last_only = spec.last_marker_only if spec.last_marker_only is not None\
         else last_marker_only(model)
     if last_only:
         free = min(free, 1)
@@ -418,7 +418,7 @@ def plan_breakpoints(body: dict[str, Any], shape: str, model: str | None,
 
 
 def _apply(body: dict[str, Any], slot: Slot | None, ttl: str, markers: Markers,
-           rules: ShapeRules) -> AddedMarker:
+           rules: ApiRules) -> AddedMarker:
     label = markers.ttl or ttl
     if slot is None:
         body[TOP_LEVEL] = markers.marker(ttl)

@@ -38,19 +38,19 @@ HOLD_SLOTS = HOLD_MINUTES * SLOTS_PER_MINUTE
 MAX_FAMILIES = 10_000
 
 
-def family_hash(body: Mapping[str, Any], shape: str, key: str,
+def family_hash(body: Mapping[str, Any], api: str, key: str,
                 system: list[Segment] | None = None, model: str | None = None) -> str:
     """Keyed hash of the shared prefix: model family, tool definitions, system prompt.
     `system`: the body's `root_segments(...)[0]`, when the caller has them; `model`: the
     request's model when its body has none (Bedrock, Vertex and Azure name it in the URL)."""
     h = hashlib.blake2b(key=key.encode()[:64], digest_size=12)
     h.update(model_family(body.get("model") or model).encode())
-    for seg in iter_segments(dict(body), shape):
+    for seg in iter_segments(dict(body), api):
         if seg.section != "tools":
             break  # tools come first
         h.update(b"\x00t")
         h.update(canonical(seg.value))
-    for seg in system if system is not None else root_segments(dict(body), shape)[0]:
+    for seg in system if system is not None else root_segments(dict(body), api)[0]:
         h.update(b"\x00s")
         h.update(canonical(seg.value))
     return h.hexdigest()
@@ -248,11 +248,11 @@ def _busiest(ring: array, first: int, last: int) -> int:
     return busiest
 
 
-def family_key(body: Mapping[str, Any], shape: str, affinity_id: str, rates: FamilyRates,
+def family_key(body: Mapping[str, Any], api: str, affinity_id: str, rates: FamilyRates,
                now: float, key: str, system: list[Segment] | None = None,
                model: str | None = None) -> tuple[str, int, int]:
     """(prompt_cache_key value, bucket, bucket count) for one request."""
-    family = family_hash(body, shape, key, system, model)
+    family = family_hash(body, api, key, system, model)
     conversation = int(keyed_hash(affinity_id.encode(), key)[:16], 16)
     bucket, count = rates.place(family, now, conversation)
     return f"fam-{family}-{bucket}", bucket, count

@@ -1,7 +1,7 @@
 """Walks a request body's prompt in the order providers hash it, one segment per cacheable unit.
 
 Shared by the affinity ID (conversation root), the breakpoint planner and the prefix
-fingerprints, so all three agree on what "the prefix" is. Order per shape:
+fingerprints, so all three agree on what "the prefix" is. Order per API:
 - anthropic: tools -> system -> messages (content blocks)
 - openai-chat: tools -> messages (content parts)
 - openai-responses: tools -> instructions -> input (content items)
@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from affinity_addon.shapes import ANTHROPIC, BEDROCK_CONVERSE, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
+from affinity_addon.apis import ANTHROPIC, BEDROCK_CONVERSE, GEMINI, OPENAI_CHAT, OPENAI_RESPONSES
 
 # Keys that mark cache breakpoints: they steer caching but are not part of the cached bytes.
 MARKER_KEYS = frozenset({"cache_control", "prompt_cache_breakpoint"})
@@ -53,7 +53,7 @@ def canonical(value: Any) -> bytes:
     # text part is `input_text`).
     if isinstance(value, str):
         return b"t\x00" + value.encode("utf-8", "surrogatepass")
-    if isinstance(value, dict) and len(value) <= 3 and isinstance(value.get("text"), str) \
+    if isinstance(value, dict) and len(value) <= 3 and isinstance(value.get("text"), str)\
             and value.get("type", "text") in _TEXT_TYPES and all(k in _TEXT_KEYS for k in value):
         return b"t\x00" + value["text"].encode("utf-8", "surrogatepass")
     try:
@@ -137,8 +137,8 @@ def _union_blocks(prefix: str, section: str, role: str | None, index: int | None
         yield held
 
 
-def _tools(body: dict[str, Any], shape: str | None = None) -> Iterator[Segment]:
-    if shape == BEDROCK_CONVERSE:
+def _tools(body: dict[str, Any], api: str | None = None) -> Iterator[Segment]:
+    if api == BEDROCK_CONVERSE:
         config = body.get("toolConfig")
         tools = config.get("tools") if isinstance(config, dict) else None
         if isinstance(tools, list):
@@ -150,9 +150,9 @@ def _tools(body: dict[str, Any], shape: str | None = None) -> Iterator[Segment]:
             yield Segment(f"tools[{i}]", "tools", "tool", None, None, tool)
 
 
-def _message(key: str, i: int, msg: dict[str, Any], shape: str | None = None) -> Iterator[Segment]:
+def _message(key: str, i: int, msg: dict[str, Any], api: str | None = None) -> Iterator[Segment]:
     role = msg.get("role") if isinstance(msg.get("role"), str) else None
-    if shape == BEDROCK_CONVERSE:
+    if api == BEDROCK_CONVERSE:
         content = msg.get("content")
         if isinstance(content, list):
             yield from _union_blocks(f"{key}[{i}].content", key, role, i, content)
@@ -164,7 +164,7 @@ def _message(key: str, i: int, msg: dict[str, Any], shape: str | None = None) ->
         yield Segment(f"{key}[{i}]", key, _kind(msg, "item"), role, i, msg)
 
 
-def _messages(body: dict[str, Any], key: str, shape: str | None = None) -> Iterator[Segment]:
+def _messages(body: dict[str, Any], key: str, api: str | None = None) -> Iterator[Segment]:
     msgs = body.get(key)
     if isinstance(msgs, str) and key == "input":  # Responses: a plain string is one user message
         yield Segment(key, key, "string", "user", 0, msgs)
@@ -173,59 +173,59 @@ def _messages(body: dict[str, Any], key: str, shape: str | None = None) -> Itera
         return
     for i, msg in enumerate(msgs):
         if isinstance(msg, dict):
-            yield from _message(key, i, msg, shape)
+            yield from _message(key, i, msg, api)
 
 
-# Where each shape keeps its conversation.
+# Where each API keeps its conversation.
 MESSAGES_KEY = {ANTHROPIC: "messages", OPENAI_CHAT: "messages", OPENAI_RESPONSES: "input",
                 GEMINI: "contents", BEDROCK_CONVERSE: "messages"}
 
 
-def _top_level_system(body: dict[str, Any], shape: str) -> Iterator[Segment]:
-    if shape == BEDROCK_CONVERSE:
+def _top_level_system(body: dict[str, Any], api: str) -> Iterator[Segment]:
+    if api == BEDROCK_CONVERSE:
         system = body.get("system")
         if isinstance(system, list):
             yield from _union_blocks("system", "system", "system", None, system)
-    elif shape == ANTHROPIC:
+    elif api == ANTHROPIC:
         system = body.get("system")
         if isinstance(system, str):
             yield Segment("system", "system", "string", "system", None, system)
         elif isinstance(system, list):
             for i, block in enumerate(system):
                 yield Segment(f"system[{i}]", "system", _kind(block, "text"), "system", None, block)
-    elif shape == OPENAI_RESPONSES:
+    elif api == OPENAI_RESPONSES:
         instructions = body.get("instructions")
         if isinstance(instructions, str):
             yield Segment("instructions", "instructions", "string", "system", None, instructions)
-    elif shape == GEMINI:
+    elif api == GEMINI:
         si = body.get("systemInstruction") or body.get("system_instruction")
         if isinstance(si, dict):
             yield from _content("systemInstruction", "system", "system", None, si.get("parts"), "parts")
 
 
-# Every top-level field `head_segments` reads, in any shape (tools; Anthropic's system,
+# Every top-level field `head_segments` reads, in any API (tools; Anthropic's system,
 # Responses' instructions, Gemini's system instruction): the head is a function of these alone.
 HEAD_FIELDS = ("tools", "toolConfig", "system", "instructions", "systemInstruction",
                "system_instruction")
 
 
-def head_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
+def head_segments(body: dict[str, Any], api: str) -> Iterator[Segment]:
     """The segments before the conversation: tools, then the top-level system prompt."""
-    yield from _tools(body, shape)
-    if shape in MESSAGES_KEY:
-        yield from _top_level_system(body, shape)
+    yield from _tools(body, api)
+    if api in MESSAGES_KEY:
+        yield from _top_level_system(body, api)
 
 
 def message_segments(key: str, i: int, msg: dict[str, Any],
-                     shape: str | None = None) -> Iterator[Segment]:
+                     api: str | None = None) -> Iterator[Segment]:
     """The segments of message `i` of the conversation under `key`."""
-    return _message(key, i, msg, shape)
+    return _message(key, i, msg, api)
 
 
-def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
-    yield from head_segments(body, shape)
-    if shape in MESSAGES_KEY:
-        yield from _messages(body, MESSAGES_KEY[shape], shape)
+def iter_segments(body: dict[str, Any], api: str) -> Iterator[Segment]:
+    yield from head_segments(body, api)
+    if api in MESSAGES_KEY:
+        yield from _messages(body, MESSAGES_KEY[api], api)
 
 
 # The root is the first blocks of the system prompt and of the first user message: enough to
@@ -233,7 +233,7 @@ def iter_segments(body: dict[str, Any], shape: str) -> Iterator[Segment]:
 MAX_ROOT_BLOCKS = 256
 
 
-def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list[Segment]]:
+def root_segments(body: dict[str, Any], api: str) -> tuple[list[Segment], list[Segment]]:
     """The conversation's root: (first system/developer/instructions content, first user message).
 
     These stay byte-identical on every turn of one conversation (turn N+1 only appends), which is
@@ -242,13 +242,13 @@ def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list
     walked, and the other messages before it cost one role lookup each (the client controls the
     body: 50,000 tools or assistant items must not cost a segment each on the event loop).
     """
-    key = MESSAGES_KEY.get(shape)
+    key = MESSAGES_KEY.get(api)
     if key is None:
         return [], []
-    system = list(islice(_top_level_system(body, shape), MAX_ROOT_BLOCKS))
+    system = list(islice(_top_level_system(body, api), MAX_ROOT_BLOCKS))
     msgs = body.get(key)
     if isinstance(msgs, str):
-        return system, [seg for seg in _messages(body, key, shape) if seg.role == "user"]
+        return system, [seg for seg in _messages(body, key, api) if seg.role == "user"]
     if not isinstance(msgs, list):
         return system, []
     first_system: list[Segment] = []  # the first system-role message that has content
@@ -257,9 +257,9 @@ def root_segments(body: dict[str, Any], shape: str) -> tuple[list[Segment], list
             continue
         role = msg.get("role")
         if role == "user":
-            user = list(islice(_message(key, i, msg, shape), MAX_ROOT_BLOCKS))
+            user = list(islice(_message(key, i, msg, api), MAX_ROOT_BLOCKS))
             if user:
                 return system + first_system, user
         elif not first_system and isinstance(role, str) and role in SYSTEM_ROLES:
-            first_system = list(islice(_message(key, i, msg, shape), MAX_ROOT_BLOCKS))
+            first_system = list(islice(_message(key, i, msg, api), MAX_ROOT_BLOCKS))
     return system + first_system, []

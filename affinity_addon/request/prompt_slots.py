@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, NamedTuple
 
+from affinity_addon.apis import BEDROCK_CONVERSE
 from affinity_addon.catalog.volatile import Volatile
 from affinity_addon.request.breakpoint_spec import (
     NEVER_MARKED,
-    ShapeRules,
+    ApiRules,
     block_digest,
 )
 from affinity_addon.request.prefix_memo import PrefixMemo, run_steps
@@ -28,7 +29,6 @@ from affinity_addon.request.prompt import (
     message_segments,
     text_of,
 )
-from affinity_addon.shapes import BEDROCK_CONVERSE
 from affinity_addon.tokens import estimate_tokens
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _point_sites(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
 def marker_sites(body: dict[str, Any], key: str = "messages",
                  points: bool = False) -> Iterator[tuple[str, Any]]:
     """(holder path, marker value) of every marker; "" is the body itself (top level). `key`:
-    where the shape keeps its conversation (`messages`, Responses `input`); `points`: markers
+    where the API keeps its conversation (`messages`, Responses `input`); `points`: markers
     are Converse's `cachePoint` blocks."""
     if points:
         yield from _point_sites(body)
@@ -136,12 +136,12 @@ def marker_sites(body: dict[str, Any], key: str = "messages",
                         yield from _held(f"{key}[{i}].content[{j}].content[{k}]", part)
 
 
-def count_markers(body: dict[str, Any], shape: str) -> int:
+def count_markers(body: dict[str, Any], api: str) -> int:
     """Every marker in tools, system, messages (and tool results) and at the top level."""
     if not isinstance(body, dict):
         return 0
-    return sum(1 for _ in marker_sites(body, MESSAGES_KEY.get(shape, "messages"),
-                                       points=shape == BEDROCK_CONVERSE))
+    return sum(1 for _ in marker_sites(body, MESSAGES_KEY.get(api, "messages"),
+                                       points=api == BEDROCK_CONVERSE))
 
 
 def _has_text(s: str) -> bool:
@@ -150,7 +150,7 @@ def _has_text(s: str) -> bool:
     return bool(s) and not s.isspace()
 
 
-def _eligible(seg: Segment, rules: ShapeRules) -> tuple[bool, bool]:
+def _eligible(seg: Segment, rules: ApiRules) -> tuple[bool, bool]:
     """(may carry a marker, must be converted to a one-part list first)."""
     v = seg.value
     if isinstance(v, dict) and "cache_control" in v and v["cache_control"] is None:
@@ -198,20 +198,20 @@ class Prompt:
     are taken from its checkpoint (the same blocks measure the same), and only the rest is
     walked: the result is the same slots either way."""
 
-    def __init__(self, body: dict[str, Any], shape: str, rules: ShapeRules,
+    def __init__(self, body: dict[str, Any], api: str, rules: ApiRules,
                  sites: list[tuple[str, Any]], volatile: Volatile | None = None,
                  digests: bool = False, memo: "SlotMemo | None" = None) -> None:
         self.body = body
         slots: list[Slot] = []
         total = 0
         start = 0
-        section = MESSAGES_KEY.get(shape)
+        section = MESSAGES_KEY.get(api)
         self.key = section or "messages"  # where the conversation is
         msgs = body.get(section) if section else None
         self.messages: list[Any] | None = msgs if isinstance(msgs, list) else None
         keys = None
         if memo is not None and isinstance(msgs, list):
-            keys = run_steps(memo.chain(body, msgs, (shape, rules, volatile, digests)))
+            keys = run_steps(memo.chain(body, msgs, (api, rules, volatile, digests)))
         if keys is not None:
             found = memo.resume(keys) if memo is not None else None
             if found is not None:
@@ -222,10 +222,10 @@ class Prompt:
         cut_from = max(1, len(keys) - CHECKPOINTS) if keys is not None else 1 << 62
         assert section is not None or start == 0
         segments: Iterable[Segment] = (
-            chain(head_segments(body, shape) if start == 0 else (),
-                  self._messages(section, shape, msgs, start, cuts, cut_from, slots,
+            chain(head_segments(body, api) if start == 0 else (),
+                  self._messages(section, api, msgs, start, cuts, cut_from, slots,
                                  lambda: total))
-            if isinstance(msgs, list) and section is not None else iter_segments(body, shape))
+            if isinstance(msgs, list) and section is not None else iter_segments(body, api))
         for seg in segments:
             ok, convert = _eligible(seg, rules)
             v = seg.value
@@ -261,7 +261,7 @@ class Prompt:
         self.last_eligible = eligible[-1] if eligible else None
         self.markers = self._markers(sites) if sites else []
 
-    def _messages(self, section: str, shape: str, msgs: list[Any], start: int,
+    def _messages(self, section: str, api: str, msgs: list[Any], start: int,
                   cuts: list[tuple[int, int, int]], cut_from: int, slots: list[Slot],
                   total: Callable[[], int]) -> Iterator[Segment]:
         """The segments of messages `start`... and the checkpoints before the last few: the
@@ -271,7 +271,7 @@ class Prompt:
                 cuts.append((i, len(slots), total()))
             msg = msgs[i]
             if isinstance(msg, dict):
-                yield from message_segments(section, i, msg, shape)
+                yield from message_segments(section, i, msg, api)
 
     def _markers(self, sites: list[tuple[str, Any]]) -> list[_Marker]:
         where = {s.seg.path: s.index for s in self.slots}

@@ -14,6 +14,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from affinity_addon.apis import ANTHROPIC
 from affinity_addon.catalog.profiles import IGNORED, profile_for
 from affinity_addon.catalog.providers import PROVIDER_FACTS
 from affinity_addon.jsonpath import get_path, has_path, parse_path, set_path
@@ -35,8 +36,7 @@ from affinity_addon.request.prompt import HEAD_FIELDS, MESSAGES_KEY, root_segmen
 from affinity_addon.request.provider_link import Ask, LinkKeys, ResponseLinks, Thread
 from affinity_addon.request.removal import mentions, remove_blocks
 from affinity_addon.request.retention import retention_action
-from affinity_addon.request.rules import Rule, RuleSet, match_models, shape_for
-from affinity_addon.shapes import ANTHROPIC
+from affinity_addon.request.rules import Rule, RuleSet, api_for, match_models
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Outcome:
     """What the rules did to one request, while they do it; `facts()` is its final form."""
 
     rules: list[str]
-    shape: str | None
+    api: str | None
     model: str | None
     affinity_id: str | None
     affinity_source: str | None
@@ -80,10 +80,10 @@ class Outcome:
         """What the rules did, as the record will say it."""
         added: dict[str, Any] = {"headers": dict(self.headers), "fields": dict(self.fields),
                                  "markers": list(self.markers)}
-        if self.removed:  # only then: records of other routes keep their shape
+        if self.removed:  # only then: records of other routes keep their API
             added["removed"] = list(self.removed)
         return RequestFacts(
-            rule=self.rules[0], rules=tuple(self.rules), shape=self.shape,
+            rule=self.rules[0], rules=tuple(self.rules), api=self.api,
             # Client-chosen: the log and the stats keep at most a real model name's length.
             model=self.model[:MAX_MODEL_CHARS] if self.model else self.model,
             affinity_id=self.affinity_id, affinity_source=self.affinity_source,
@@ -97,15 +97,15 @@ class _Roots:
     """The body's `root_segments`, walked once for both the affinity ID and the prompt family
     (each walk is a few µs of a small request's rewrite)."""
 
-    __slots__ = ("body", "shape", "value")
+    __slots__ = ("body", "api", "value")
 
-    def __init__(self, body: dict[str, Any] | None, shape: str | None) -> None:
-        self.body, self.shape = body, shape
+    def __init__(self, body: dict[str, Any] | None, api: str | None) -> None:
+        self.body, self.api = body, api
         self.value: affinity_id.Root | None = None
 
     def __call__(self) -> affinity_id.Root:
         if self.value is None:
-            self.value = root_segments(self.body or {}, self.shape or "")
+            self.value = root_segments(self.body or {}, self.api or "")
         return self.value
 
     def clear(self) -> None:
@@ -180,8 +180,8 @@ class _Rewrite:
         facts, out = self.facts, self.out
         if "family_key" in a.template.fields and "family_key" not in facts:
             fk = None
-            if out.affinity_id is not None and self.body is not None and out.shape is not None:
-                fk, bucket, count = family_key(self.body, out.shape, out.affinity_id,
+            if out.affinity_id is not None and self.body is not None and out.api is not None:
+                fk, bucket, count = family_key(self.body, out.api, out.affinity_id,
                                                self.rates or FamilyRates(),
                                                self.request.timestamp_start or 0.0, self.secret,
                                                self.root()[0], out.model)
@@ -193,8 +193,8 @@ class _Rewrite:
         """The request's prompt family (model family, tools, system prompt: a keyed hash), made
         once and before any marker is added (markers are left out of it anyway)."""
         out = self.out
-        if out.family is None and self.body is not None and out.shape is not None:
-            out.family = family_hash(self.body, out.shape, self.secret, self.root()[0],
+        if out.family is None and self.body is not None and out.api is not None:
+            out.family = family_hash(self.body, out.api, self.secret, self.root()[0],
                                      out.model)
         return out.family
 
@@ -271,17 +271,17 @@ class _Rewrite:
         out, body = self.out, self.body
         host, path = self.facts["host"], self.facts["path"]
         source = links.source_for(host, path)
-        if source is None or body is None or out.shape is None or out.affinity_id is None:
+        if source is None or body is None or out.api is None or out.affinity_id is None:
             return
         req = source.request
         own = has_path(body, req.owner)
         if not own and not source.takes(out.model):
             return
         known = out.affinity_id if out.affinity_source == "root" else None  # hashed already
-        root, opening = affinity_id.root_parts(body, out.shape, self.affinity, self.secret,
+        root, opening = affinity_id.root_parts(body, out.api, self.affinity, self.secret,
                                                self.root, opening=True, known=known)
         out.root_id = root
-        msgs = body.get(MESSAGES_KEY.get(out.shape, ""))
+        msgs = body.get(MESSAGES_KEY.get(out.api, ""))
         keys = LinkKeys(out.affinity_id, root, opening, isinstance(msgs, list) and len(msgs) > 1)
         out.link, previous = links.link(keys)
         if own:  # the client's own: kept as sent, its answer recorded all the same
@@ -337,7 +337,7 @@ class _Rewrite:
         """`remove_blocks` of every matched rule, before any rule sets a field or places a
         marker: the planner and the fingerprint see the prompt the provider will see."""
         specs = tuple({s.name: s for r in matched for s in r.remove_blocks}.values())
-        if not specs or self.body is None or self.out.shape != ANTHROPIC:
+        if not specs or self.body is None or self.out.api != ANTHROPIC:
             return
         if not mentions(self.body.get("system"), specs):
             return  # the common case: nothing to remove, and the body stays as it was
@@ -353,18 +353,18 @@ class _Rewrite:
         from affinity_addon.request import breakpoints
 
         out, body = self.out, self.body
-        if rule.cache_control is None or out.shape is None or body is None:
+        if rule.cache_control is None or out.api is None or body is None:
             return
         host, path = self.facts["host"], self.facts["path"]
         if PROVIDER_FACTS.rejects_cache_directives(host, path):
             return  # the Codex backend answers 400 to any cache directive, whatever a rule says
-        if profile_for(host, out.shape, out.model).markers == IGNORED:
+        if profile_for(host, out.api, out.model).markers == IGNORED:
             _ignored_once(rule.name, host)
             return
         markers = markers_for(host, out.model)
         if markers is None:
             return  # a host with breakpoints of its own that this model does not take
-        blocks = breakpoints.block_count(body, out.shape)
+        blocks = breakpoints.block_count(body, out.api)
         if blocks > breakpoints.plan_limit(len(self.parsed.text or b"")):
             out.problems.append(f"rule {rule.name!r}: {blocks} prompt blocks are too many to "
                                 "plan breakpoints for; none added")
@@ -375,7 +375,7 @@ class _Rewrite:
             auto = rule.cache_control.ttl == AUTO_TTL
             hint = hint_for(out.affinity_id, family=self.family if auto else None)
         body = self._exact()  # markers mean a re-encode
-        added = breakpoints.plan_breakpoints(body, out.shape, out.model, rule.cache_control, hint,
+        added = breakpoints.plan_breakpoints(body, out.api, out.model, rule.cache_control, hint,
                                              markers=markers, host=host)
         if not added:
             return
@@ -453,12 +453,12 @@ def apply_rules(
     signed = PROVIDER_FACTS.signature(headers, request.path.partition("?")[2])
     if signed is not None:
         dry_run = True
-    # 2. the conversation: its API shape and affinity ID
-    shape = next((r.api for r in matched if r.api), None) or shape_for(path)
+    # 2. the conversation: its API and affinity ID
+    api = next((r.api for r in matched if r.api), None) or api_for(path)
     aff_config = next((r.affinity for r in matched if r.affinity), ruleset.affinity)
-    root = _Roots(body, shape)
-    aff, source = affinity_id.derive(aff_config, headers, body, shape, secret, root)
-    out = Outcome([r.name for r in matched], shape, model, aff, source, dry_run)
+    root = _Roots(body, api)
+    aff, source = affinity_id.derive(aff_config, headers, body, api, secret, root)
+    out = Outcome([r.name for r in matched], api, model, aff, source, dry_run)
     if signed is not None:
         out.rewrite_skipped = f"signed ({signed})"
     if parsed.problem and any(r.needs_body for r in matched):

@@ -19,6 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from affinity_addon.apis import (
+    ANTHROPIC,
+    APIS,
+    BEDROCK_CONVERSE,
+    GEMINI,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+)
 from affinity_addon.catalog.volatile import default_volatile
 from affinity_addon.catalog.yamlsource import line_of, load_yaml
 from affinity_addon.request import affinity_id
@@ -32,14 +40,6 @@ from affinity_addon.request.actions import (
 )
 from affinity_addon.request.breakpoint_spec import CacheControlSpec, parse_cache_control
 from affinity_addon.request.retention import RetentionSpec, parse_retention
-from affinity_addon.shapes import (
-    ANTHROPIC,
-    BEDROCK_CONVERSE,
-    GEMINI,
-    OPENAI_CHAT,
-    OPENAI_RESPONSES,
-    SHAPES,
-)
 
 
 def default_rules_file() -> Path:
@@ -51,12 +51,12 @@ def default_rules_file() -> Path:
 
 
 
-# API shape by request path, when a rule does not say. Host-independent on purpose: the same
-# shapes are served by many hosts (OpenRouter, DeepSeek, proxies).
-# Bedrock's InvokeModel takes each model's own body, so its shape comes from the rule (`api:`);
+# API by request path, when a rule does not say. Host-independent on purpose: the same
+# APIs are served by many hosts (OpenRouter, DeepSeek, proxies).
+# Bedrock's InvokeModel takes each model's own body, so its API comes from the rule (`api:`);
 # Converse is one format for every model (botocore's bedrock-runtime service model), and Vertex
 # serves Claude's body under publishers/anthropic.
-SHAPE_BY_PATH: tuple[tuple[str, str], ...] = (
+API_BY_PATH: tuple[tuple[str, str], ...] = (
     ("*/messages", ANTHROPIC),
     ("*/chat/completions", OPENAI_CHAT),
     ("*/responses", OPENAI_RESPONSES),
@@ -175,12 +175,13 @@ def match_models(candidates: tuple[Rule, ...], model: str | None) -> list[Rule]:
     return matched
 
 
-def shape_for(path: str, api: str | None = None) -> str | None:
-    if api:
-        return api
-    for glob, shape in SHAPE_BY_PATH:
+def api_for(path: str, given: str | None = None) -> str | None:
+    """The API a request speaks: the rule's `api:` when it gives one, else by its path."""
+    if given:
+        return given
+    for glob, api in API_BY_PATH:
         if fnmatch.fnmatchcase(path, glob):
-            return shape
+            return api
     return None
 
 
@@ -312,8 +313,8 @@ def _parse_rule(where: _Where, raw: Any, index: int, rules_list: Any) -> Rule | 
             raise where.error(match, "method", "match.method must be a method or a list of methods", name)
         methods = frozenset(x.upper() for x in ms)
     api = match.get("api")
-    if api is not None and api not in SHAPES:
-        raise where.error(match, "api", f"match.api must be one of {', '.join(SHAPES)}", name)
+    if api is not None and api not in APIS:
+        raise where.error(match, "api", f"match.api must be one of {', '.join(APIS)}", name)
     policy = raw.get("on_conflict", KEEP)
     if policy not in CONFLICT_POLICIES:
         raise where.error(raw, "on_conflict", f"on_conflict must be keep or overwrite, not {policy!r}", name)

@@ -160,7 +160,7 @@ class EventStreamTap:
             total, head, crc = _U32X3.unpack_from(buf, pos)
             if zlib.crc32(buf[pos:pos + 8]) != crc:
                 raise FrameError("prelude CRC mismatch")
-            if total < MIN_FRAME or head > MAX_HEADERS or head > total - MIN_FRAME \
+            if total < MIN_FRAME or head > MAX_HEADERS or head > total - MIN_FRAME\
                     or total - head - MIN_FRAME > MAX_PAYLOAD:
                 raise FrameError(f"impossible lengths (total {total}, headers {head})")
             if len(buf) - pos < total:
@@ -194,13 +194,13 @@ class EventStreamTap:
 
 
 def bedrock_frames(reader: UsageReader) -> OnFrame:
-    """Bedrock's events, as the usage reader of the request's API shape reads them.
+    """Bedrock's events, as the usage reader of the request's API reads them.
 
     InvokeModelWithResponseStream sends each of the model's own stream events (Anthropic's
     `message_start`, ..., `message_stop`) as a `chunk` event whose payload is
     `{"bytes": <base64 of the event's JSON>}` (`PayloadPart` in botocore's bedrock-runtime
     service model): the decoded event goes to the reader like an SSE event's data. ConverseStream
-    events (`messageStart`, ..., `metadata`) go in as `{"<event type>": <payload>}`, the shape the
+    events (`messageStart`, ..., `metadata`) go in as `{"<event type>": <payload>}`, the API the
     AWS SDKs give them. An `exception` (or `error`) frame ends the stream with its type as the
     error.
     """

@@ -20,7 +20,7 @@ _MAX_TOKENS = 2**53
 class Answer:
     result: str | None  # the provider's reason as given, `no-divergence`, `pending`, or None
     missed_tokens: int | None
-    malformed: bool = False  # the object was there but not in a shape we know
+    malformed: bool = False  # the object was there but not in an API we know
 
 
 NOTHING = Answer(None, None)

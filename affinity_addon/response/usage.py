@@ -1,6 +1,6 @@
-"""Normalized cache usage from any API shape's JSON body, SSE events or WebSocket messages.
+"""Normalized cache usage from any API's JSON body, SSE events or WebSocket messages.
 
-Where each shape keeps its usage, and every provider's spelling of the cache fields, live in
+Where each API keeps its usage, and every provider's spelling of the cache fields, live in
 `catalog/usage_fields.yaml`; this module only walks those paths. Provider data is untrusted: odd
 values never raise, they count as absent and stay visible in `Usage.raw`.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from affinity_addon.catalog.usage_fields import ShapeFields, usage_fields
+from affinity_addon.catalog.usage_fields import ApiFields, usage_fields
 from affinity_addon.jsonpath import FieldPath, find_path, get_path
 from affinity_addon.record.schema import Usage
 
@@ -33,14 +33,14 @@ _RAW_MAX_STR = 64  # usage objects hold numbers and short enums, never prompt te
 _RAW_MAX_DEPTH = 4
 _RAW_MAX_ITEMS = 32
 
-_SHAPES = usage_fields()
+_APIS = usage_fields()
 
 
-def fields_for(shape: str) -> ShapeFields:
+def fields_for(api: str) -> ApiFields:
     try:
-        return _SHAPES[shape]
+        return _APIS[api]
     except KeyError:
-        raise ValueError(f"unknown API shape {shape!r} (known: {', '.join(_SHAPES)})") from None
+        raise ValueError(f"unknown API {api!r} (known: {', '.join(_APIS)})") from None
 
 
 def _count(value: Any) -> int | None:
@@ -87,7 +87,7 @@ def plain(value: Any, depth: int = 0) -> Any:
     return None
 
 
-def normalize_with(fields: ShapeFields, raw_usage: dict[str, Any]) -> Usage:
+def normalize_with(fields: ApiFields, raw_usage: dict[str, Any]) -> Usage:
     if not isinstance(raw_usage, dict):
         raw_usage = {}
     read = _first_count(raw_usage, fields.cache_read) or 0
@@ -116,9 +116,9 @@ def normalize_with(fields: ShapeFields, raw_usage: dict[str, Any]) -> Usage:
     )
 
 
-def normalize(shape: str, raw_usage: dict[str, Any]) -> Usage:
-    """One provider usage object -> Usage. Raises ValueError only for an unknown shape."""
-    return normalize_with(fields_for(shape), raw_usage)
+def normalize(api: str, raw_usage: dict[str, Any]) -> Usage:
+    """One provider usage object -> Usage. Raises ValueError only for an unknown API."""
+    return normalize_with(fields_for(api), raw_usage)
 
 
 def _matches(obj: dict[str, Any], rule: tuple[tuple[FieldPath, frozenset[str] | None], ...]) -> bool:
@@ -141,9 +141,9 @@ class UsageReader:
     provider_diagnostics.yaml); `answer_seen` and `answer` (a sanitized copy) say what came.
     """
 
-    def __init__(self, shape: str, answer_at: tuple[FieldPath, ...] = ()) -> None:
-        self.shape = shape
-        self._fields = fields_for(shape)
+    def __init__(self, api: str, answer_at: tuple[FieldPath, ...] = ()) -> None:
+        self.api = api
+        self._fields = fields_for(api)
         self._raw: dict[str, Any] | None = None
         self.extras: dict[str, Any] = {}
         self.terminal = False

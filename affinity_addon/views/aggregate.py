@@ -390,14 +390,14 @@ class Aggregator:
             into = self._cells[into_key] = Bucket(OLDER_KEY)
         into.merge(old, self.max_examples)
 
-    def _price_of(self, model: str | None, provider: str | None, host: str | None) -> Price:
-        # A log has few distinct (model, provider, host): memoize before the table lowercases.
-        key = (model, provider, host)
+    def _price_of(self, model: str | None, api: str | None, host: str | None) -> Price:
+        # A log has few distinct (model, api, host): memoize before the table lowercases.
+        key = (model, api, host)
         price = self._price_memo.get(key)
         if price is None:
             if len(self._price_memo) >= MAX_KEYS:  # client-chosen model strings: keep it bounded
                 self._price_memo.clear()
-            price = self._price_memo[key] = self.prices.price_for(model, provider, host)
+            price = self._price_memo[key] = self.prices.price_for(model, api, host)
         return price
 
     def add_all(self, records: Iterable[Mapping[str, Any]]) -> None:

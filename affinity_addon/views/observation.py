@@ -83,8 +83,8 @@ UsdOf = Callable[[str | None, str | None, str | None, str | None], Priced | None
 
 def observe(record: Mapping[str, Any], price_of: PriceOf,
             usd_of: UsdOf | None = None) -> Observation:
-    """One record's contribution; `price_of(model, provider, host)` picks the multipliers,
-    `usd_of(model, provider, host, ts)` the dollar prices (None: nobody prices the model).
+    """One record's contribution; `price_of(model, api, host)` picks the multipliers,
+    `usd_of(model, api, host, ts)` the dollar prices (None: nobody prices the model).
 
     Dollars are computed from the usage here, not read from the record's `cost_usd`: logs
     written before that field existed are priced the same way, and by the table the report
@@ -120,10 +120,11 @@ def observe(record: Mapping[str, Any], price_of: PriceOf,
         if obs.verdict == "partial" and type(expected) is int and expected >= 0:
             obs.tokens_lost = min(max(expected - read, 0), total)  # only what was cached before
 
-    model, provider, host = label(get("model")), label(get("provider")), label(get("host"))
-    price = price_of(model, provider, host)
+    model, host = label(get("model")), label(get("host"))
+    api = label(get("api") if get("api") is not None else get("provider"))  # older logs: provider
+    price = price_of(model, api, host)
     obs.eq_with = weighted_prompt(total, read, write, write_1h, price)
-    priced = usd_of(model, provider, host, obs.ts) if usd_of is not None else None
+    priced = usd_of(model, api, host, obs.ts) if usd_of is not None else None
     if priced is not None:
         obs.usd = priced.cost(total, read, write, write_1h, obs.output_tokens)
         obs.usd_scale = priced.input_price(total)

@@ -63,7 +63,7 @@ def multipliers(priced: Priced) -> Price:
 
 
 class PriceTable:
-    """A `PriceBook` seen by the views, with a memo per raw (model, shape, host)."""
+    """A `PriceBook` seen by the views, with a memo per raw (model, API, host)."""
 
     def __init__(self, book: PriceBook | None = None) -> None:
         self.book = book or default_book()
@@ -77,23 +77,23 @@ class PriceTable:
     def version(self) -> str:
         return self.book.version
 
-    def priced(self, model: str | None, provider: str | None = None, host: str | None = None,
+    def priced(self, model: str | None, api: str | None = None, host: str | None = None,
                when: float | str | datetime | None = None) -> Priced | None:
         """Dollar prices of a request at `when` (epoch seconds or ISO text; default now)."""
-        return self.book.priced(host, provider, model, when)
+        return self.book.priced(host, api, model, when)
 
-    def price_for(self, model: str | None, provider: str | None = None,
+    def price_for(self, model: str | None, api: str | None = None,
                   host: str | None = None) -> Price:
-        key = (model, provider, host)
+        key = (model, api, host)
         price = self._memo.get(key)
         if price is None:
             if len(self._memo) >= MAX_MEMO:
                 self._memo.clear()
-            priced = self.book.priced(host, provider, model)
+            priced = self.book.priced(host, api, model)
             if priced is not None:
                 price = multipliers(priced)
             else:
-                eq = self.book.equivalents_for(host, provider, model)
+                eq = self.book.equivalents_for(host, api, model)
                 price = NEUTRAL if eq is None else Price(eq.name, eq.read, eq.write_5m,
                                                          eq.write_1h)
             self._memo[key] = price
@@ -105,9 +105,9 @@ def default_table() -> PriceTable:
     return PriceTable()
 
 
-def price_for(model: str | None, provider: str | None = None, host: str | None = None) -> Price:
-    """The built-in table's multipliers for a request (provider = API shape, host = request host)."""
-    return default_table().price_for(model, provider, host)
+def price_for(model: str | None, api: str | None = None, host: str | None = None) -> Price:
+    """The built-in table's multipliers for a request (its API and host)."""
+    return default_table().price_for(model, api, host)
 
 
 def _tokens(value: Any) -> int:

@@ -147,8 +147,8 @@ class TtlAdvisor:
         conv = self.conversations.get(key)
         if conv is None:
             model = r.get("model") if isinstance(r.get("model"), str) else None
-            provider, host = r.get("provider"), r.get("host")
-            price = self.prices.price_for(model, provider if isinstance(provider, str) else None,
+            api, host = r.get("api", r.get("provider")), r.get("host")  # older logs: provider
+            price = self.prices.price_for(model, api if isinstance(api, str) else None,
                                           host if isinstance(host, str) else None)
             if price.write_1h <= price.write_5m or len(self.conversations) >= self.max_conversations:
                 return  # no TTL choice on this model, or too many to follow

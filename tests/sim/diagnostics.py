@@ -28,7 +28,7 @@ types `PromptCacheOptions`, `PromptCacheDiagnostics*`):
   (inconclusive, model unsupported, not ready). Streaming: in `response.completed`'s `response`.
 
 Test knobs (`x-sim-fault`): `diagnosis=<word>` answers `<word>` instead (`pending`: still
-comparing; `malformed`: an object of a shape the docs do not have; any other word: that result,
+comparing; `malformed`: an object of an API the docs do not have; any other word: that result,
 a provider surprise), `reject-diagnostics`: a 400 naming the field, as an API without the
 feature would answer.
 """
@@ -229,7 +229,7 @@ def _openai_reason(old: Print, cur: Print) -> str | None:
         return reason
     n, _ = _common_messages(old, cur)
     if old.system != cur.system or n < len(old.messages):
-        compacted = cur.settings.get("compaction") is not None and \
+        compacted = cur.settings.get("compaction") is not None and\
             cur.settings.get("compaction") != old.settings.get("compaction")
         return "context_compacted" if compacted else "input_changed"
     return None

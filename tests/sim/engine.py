@@ -136,7 +136,7 @@ def _validate(b: Behaviour, body: dict[str, Any]) -> None:
                                "is supported only on content parts of type "
                                f"{', '.join(sorted(b.breakpoint_parts))}.")
     for first, second in b.conflicts:
-        if render.path_value(body, first) is not None and \
+        if render.path_value(body, first) is not None and\
                 render.path_value(body, second) is not None:
             raise RequestError(400, f"Only one of '{first}' and '{second}' may be set.")
 
@@ -163,7 +163,7 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 def _duration(value: Any) -> float | None:
     """`prompt_cache_options.ttl` such as "30m"; None when absent or not understood."""
-    if isinstance(value, str) and len(value) > 1 and value[-1] in _UNITS \
+    if isinstance(value, str) and len(value) > 1 and value[-1] in _UNITS\
             and value[:-1].isdigit():
         return int(value[:-1]) * _UNITS[value[-1]]
     return None
@@ -261,12 +261,12 @@ class Engine:
     def _id(self, n: int) -> str:
         return "".join(self._id_rng.choice(_ALNUM) for _ in range(n))
 
-    def _ids(self, shape: str) -> wire.Ids:
+    def _ids(self, api: str) -> wire.Ids:
         with self._lock:
             message = "msg_01" + self._id(22)
-            if shape == ANTHROPIC:  # the message is the whole reply
+            if api == ANTHROPIC:  # the message is the whole reply
                 return wire.Ids(message, message)
-            prefix, length = _REPLY_IDS.get(shape, _REPLY_IDS[OPENAI_CHAT])
+            prefix, length = _REPLY_IDS.get(api, _REPLY_IDS[OPENAI_CHAT])
             return wire.Ids(message, prefix + self._id(length))
 
     def request_id(self) -> str:
@@ -331,7 +331,7 @@ class Engine:
                 _authorize(b, method, path, query, headers,
                            raw if raw is not None else wire.dumps(body),
                            addressed_host(raw_path, _header(headers, "host")))
-            if b.shape == wire.OAUTH_TOKEN:  # Google's token endpoint, for Vertex clients
+            if b.api == wire.OAUTH_TOKEN:  # Google's token endpoint, for Vertex clients
                 token = {"access_token": "ya29.sim-" + self.request_id()[8:], "expires_in": 3599,
                          "token_type": "Bearer"}
                 return Outcome(provider, path, 0, None,
@@ -341,7 +341,7 @@ class Engine:
             _validate(b, body)
             asked = _asked(b, body, reject_diagnostics)
             model_name = model if isinstance(model, str) else (resolved.path_model or "unknown")
-            blocks = render.render(render.stripped(body, b.strips), b.shape, b.order)
+            blocks = render.render(render.stripped(body, b.strips), b.api, b.order)
             automatic = body.get("cache_control") if b.cache == "markers" else None
             prompt = cache.analyze(blocks, _cache_identity(b, body, model_name), b.auto_step,
                                    automatic)
@@ -350,7 +350,7 @@ class Engine:
                     cache.check_markers(prompt)
                 except ValueError as e:
                     raise RequestError(400, str(e)) from None
-                if b.minimums == "bedrock" and not cache.bedrock_takes_1h(model_name) \
+                if b.minimums == "bedrock" and not cache.bedrock_takes_1h(model_name)\
                         and any(m.ttl == "1h" for m in prompt.markers):
                     raise RequestError(400, f"The model {model_name} does not support a 1h "
                                             "cache TTL")
@@ -366,25 +366,25 @@ class Engine:
             return Outcome(provider, path, -1, None, reply, now)
 
         usage = wire.USAGE_STYLES[b.usage](counts)
-        ids = self._ids(b.shape)
+        ids = self._ids(b.api)
         if reply_text is not None:
             ids = replace(ids, text=reply_text)
         extra = self._diagnose(b, body, headers, blocks, model_name, ids, counts, asked,
                                diagnosis)
         stream = b.stream if b.stream is not None else body.get("stream") is True
         if stream and b.framing == "eventstream":
-            frames = eventstream.eventstream_frames(b.shape, model_name, usage, ids)
+            frames = eventstream.eventstream_frames(b.api, model_name, usage, ids)
             reply = Reply(200, wire.EVENTSTREAM, events=tuple(frames))
-        elif b.shape == GEMINI and stream and "alt=sse" not in query.split("&"):
+        elif b.api == GEMINI and stream and "alt=sse" not in query.split("&"):
             # Gemini without alt=sse streams a JSON array of the same chunks.
-            data = wire.json_body(b.shape, model_name, usage, ids, body, stream=True)
+            data = wire.json_body(b.api, model_name, usage, ids, body, stream=True)
             reply = Reply(200, "application/json", wire.dumps(data))
         elif stream:
-            events = wire.sse_events(b.shape, model_name, usage, ids, body, b.stream_usage,
+            events = wire.sse_events(b.api, model_name, usage, ids, body, b.stream_usage,
                                      extra)
             reply = Reply(200, "text/event-stream", events=tuple(events))
         else:
-            data = wire.json_body(b.shape, model_name, usage, ids, body, extra=extra)
+            data = wire.json_body(b.api, model_name, usage, ids, body, extra=extra)
             reply = Reply(200, "application/json", wire.dumps(data))
         return Outcome(provider, path, replica, usage, reply, now)
 

@@ -64,7 +64,7 @@ def converse_stream_frames(usage: Usage, ids: Ids) -> list[bytes]:
     return [event_frame(name, data | {"p": _pad(i)}) for i, (name, data) in enumerate(steps)]
 
 
-def eventstream_frames(shape: str, model: str, usage: Usage, ids: Ids) -> list[bytes]:
-    if shape == CONVERSE:
+def eventstream_frames(api: str, model: str, usage: Usage, ids: Ids) -> list[bytes]:
+    if api == CONVERSE:
         return converse_stream_frames(usage, ids)
     return invoke_stream_frames(model, usage, ids)

@@ -26,7 +26,7 @@ from tests.sim.routing import SHARED, Routing, Signal
 
 @dataclass(frozen=True, slots=True)
 class Behaviour:
-    shape: str = OPENAI_CHAT
+    api: str = OPENAI_CHAT
     usage: str = "openai-chat"  # usage style, a key of wire.USAGE_STYLES
     stream_usage: str = "include_usage"  # chat SSE usage: "include_usage" | "always" | "in_choice"
     # "auto": automatic prefix cache; "markers": Anthropic cache_control; "explicit-or-auto":
@@ -83,14 +83,14 @@ def _route(pattern: str, **changes: Any) -> Route:
     return Route(re.compile(pattern), changes)
 
 
-_CHAT = {"shape": OPENAI_CHAT}
-_RESPONSES = {"shape": OPENAI_RESPONSES, "usage": "openai-responses"}
+_CHAT = {"api": OPENAI_CHAT}
+_RESPONSES = {"api": OPENAI_RESPONSES, "usage": "openai-responses"}
 # https://developers.openai.com/api/docs/guides/prompt-caching: explicit breakpoints
 # go on these content parts, "a marker on an unsupported block gives 400".
 _CHAT_BREAKPOINTS = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
 _RESPONSES_BREAKPOINTS = frozenset({"input_text", "input_image", "input_file"})
 _PCK = Signal("body", "prompt_cache_key")
-_ANTHROPIC = Behaviour(shape=ANTHROPIC, usage="anthropic", cache="markers", errors="anthropic")
+_ANTHROPIC = Behaviour(api=ANTHROPIC, usage="anthropic", cache="markers", errors="anthropic")
 
 
 def _key(*signals: Signal) -> Routing:
@@ -100,7 +100,7 @@ def _key(*signals: Signal) -> Routing:
 def _compat(**changes: Any) -> dict[str, Any]:
     """Another provider's Anthropic-compatible endpoint: Anthropic's wire format served by the
     provider's own model and cache (docs/providers.md), the prompt in its model's order (system first)."""
-    return {"shape": ANTHROPIC, "usage": "anthropic-compat", "errors": "anthropic",
+    return {"api": ANTHROPIC, "usage": "anthropic-compat", "errors": "anthropic",
             "order": SYSTEM_FIRST} | changes
 
 
@@ -127,7 +127,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     # x-grok-conv-id (chat) / prompt_cache_key (Responses) pin a server; else random.
     Provider("xai", ("api.x.ai",), Behaviour(),
              (_route(r"/v1/chat/completions", usage="xai-chat", routing=_GROK_CONV),
-              _route(r"/v1/responses", shape=OPENAI_RESPONSES, usage="xai-responses",
+              _route(r"/v1/responses", api=OPENAI_RESPONSES, usage="xai-responses",
                      routing=_key(_PCK)))),
     # sticky routing on the first system + first non-system message, ~10 min idle expiry.
     # Grok models keep xAI's own header routing (OpenRouter's docs are silent on what it
@@ -142,7 +142,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     # "ChatGPT derives Responses cache affinity from the session-id header" (= the body's
     # prompt_cache_key). Without either: not documented, random here.
     Provider("codex", ("chatgpt.com",),
-             Behaviour(shape=OPENAI_RESPONSES, usage="codex", errors="codex",
+             Behaviour(api=OPENAI_RESPONSES, usage="codex", errors="codex",
                        routing=_key(Signal("header", "session-id"), _PCK), stream_required=True,
                        forbidden=("prompt_cache_retention", "prompt_cache_options",
                                   "prompt_cache_breakpoint")),
@@ -205,7 +205,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
                      **_compat(cache="explicit-or-auto", marker_min=1024, order=None)))),
     # implicit caching, no affinity; minimum 2,048 tokens on 2.5, 4,096 on 3.x and later.
     Provider("gemini", ("generativelanguage.googleapis.com",),
-             Behaviour(shape=GEMINI, usage="gemini", errors="gemini", auto_min=4096),
+             Behaviour(api=GEMINI, usage="gemini", errors="gemini", auto_min=4096),
              (_route(r"/v1(beta|alpha)?/models/(?P<model>[^/:]+):generateContent", stream=False),
               _route(r"/v1(beta|alpha)?/models/(?P<model>[^/:]+):streamGenerateContent",
                      stream=True)),
@@ -222,9 +222,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
                      version=("anthropic_version", "bedrock-2023-05-31")),
               _route(r"/model/(?P<model>[^/]+)/invoke-with-response-stream", stream=True,
                      version=("anthropic_version", "bedrock-2023-05-31")),
-              _route(r"/model/(?P<model>[^/]+)/converse", stream=False, shape=CONVERSE,
+              _route(r"/model/(?P<model>[^/]+)/converse", stream=False, api=CONVERSE,
                      usage="bedrock-converse"),
-              _route(r"/model/(?P<model>[^/]+)/converse-stream", stream=True, shape=CONVERSE,
+              _route(r"/model/(?P<model>[^/]+)/converse-stream", stream=True, api=CONVERSE,
                      usage="bedrock-converse"),
               _route(r"/anthropic/v1/messages", framing="sse", errors="anthropic"))),
     # Google Cloud Vertex AI: Claude through :rawPredict / :streamRawPredict (Anthropic's body
@@ -238,15 +238,15 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
               _route(r"/v1[a-z0-9]*/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/"
                      r"(?P<model>[^/:]+):streamRawPredict", stream=True),
               _route(r"/v1[a-z0-9]*/projects/[^/]+/locations/[^/]+/publishers/google/models/"
-                     r"(?P<model>[^/:]+):generateContent", stream=False, shape=GEMINI,
+                     r"(?P<model>[^/:]+):generateContent", stream=False, api=GEMINI,
                      usage="gemini", cache="auto", auto_min=2048, version=None),
               _route(r"/v1[a-z0-9]*/projects/[^/]+/locations/[^/]+/publishers/google/models/"
-                     r"(?P<model>[^/:]+):streamGenerateContent", stream=True, shape=GEMINI,
+                     r"(?P<model>[^/:]+):streamGenerateContent", stream=True, api=GEMINI,
                      usage="gemini", cache="auto", auto_min=2048, version=None))),
     # Google's OAuth 2.0 token endpoint (oauth2.googleapis.com/token): what Application Default
     # Credentials refresh against before a Vertex request
     # (https://developers.google.com/identity/protocols/oauth2/web-server#offline).
-    Provider("google-oauth", (), Behaviour(shape="oauth-token"), (_route(r"/token"),)),
+    Provider("google-oauth", (), Behaviour(api="oauth-token"), (_route(r"/token"),)),
     # Azure OpenAI / Foundry: OpenAI's chat and Responses formats under /openai/deployments/<d>/
     # and /openai/v1/; routing by a hash of the prefix combined with prompt_cache_key, ~15
     # requests a minute per pair (Azure's prompt-caching page).

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-# API shapes, by their public wire format.
+# APIs, by their public wire format.
 ANTHROPIC = "anthropic"
 OPENAI_CHAT = "openai-chat"
 OPENAI_RESPONSES = "openai-responses"
@@ -90,7 +90,7 @@ def _content_text(block: Any) -> tuple[str, str]:
     if isinstance(block, dict):
         kind = block.get("type")
         text = block.get("text")
-        if isinstance(text, str) and (kind is None or kind in _TEXT_TYPES) \
+        if isinstance(text, str) and (kind is None or kind in _TEXT_TYPES)\
                 and all(k in DIRECTIVES or k in ("type", "text") for k in block):
             return "text", text
         return (kind if isinstance(kind, str) else "json"), dump(block)
@@ -236,7 +236,7 @@ def _converse(body: dict[str, Any]) -> Iterator[Block]:
                 if blocks:  # the checkpoint caches everything up to the block before it
                     blocks[-1] = replace(blocks[-1], directive=item["cachePoint"])
                 continue
-            head = "tools" if section == "tools" else \
+            head = "tools" if section == "tools" else\
                 f"{section}|{role}|{'start' if first else 'part'}"
             first = False
             blocks.append(_converse_block(head, role, message, item, f"{path}.{j}"))
@@ -259,12 +259,12 @@ _RENDERERS = {ANTHROPIC: _anthropic, OPENAI_CHAT: _chat, OPENAI_RESPONSES: _resp
               GEMINI: _gemini, CONVERSE: _converse}
 
 
-def render(body: dict[str, Any], shape: str, order: str | None = None) -> list[Block]:
-    """The prompt as the provider of this API shape reads it (`order=SYSTEM_FIRST`: an
+def render(body: dict[str, Any], api: str, order: str | None = None) -> list[Block]:
+    """The prompt as the provider of this API reads it (`order=SYSTEM_FIRST`: an
     Anthropic-compatible endpoint of another provider)."""
-    if order == SYSTEM_FIRST and shape == ANTHROPIC:
+    if order == SYSTEM_FIRST and api == ANTHROPIC:
         return list(_anthropic_system_first(body))
-    return list(_RENDERERS[shape](body))
+    return list(_RENDERERS[api](body))
 
 
 def conversation_root(blocks: list[Block]) -> str | None:

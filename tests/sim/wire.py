@@ -3,7 +3,7 @@
 Each provider's usage convention is one function in `USAGE_STYLES` (Anthropic's `input_tokens`
 excludes cache reads and writes; OpenAI-style `prompt_tokens` includes them; DeepSeek splits
 hit/miss; Moonshot puts `cached_tokens` at the top level; Gemini uses `usageMetadata`). Response
-shapes follow the providers' SDK types (anthropic-sdk-python `types/usage.py`, openai-python
+APIs follow the providers' SDK types (anthropic-sdk-python `types/usage.py`, openai-python
 `types/completion_usage.py` and `types/responses/response_usage.py`).
 """
 
@@ -362,7 +362,7 @@ OAUTH_TOKEN = "oauth-token"
 
 Builder = Callable[[str, Usage, Ids, dict[str, Any], str, Extra], Any]
 
-# Per API shape: (non-streaming JSON body, SSE events). Gemini's JSON is the non-SSE stream form
+# Per API: (non-streaming JSON body, SSE events). Gemini's JSON is the non-SSE stream form
 # (an array of chunks) only when asked for by `json_body(..., stream=True)`.
 _JSON: dict[str, Builder] = {
     ANTHROPIC: lambda model, usage, ids, body, _, extra: _anthropic_message(model, usage, ids,
@@ -386,18 +386,18 @@ _SSE: dict[str, Builder] = {
 }
 
 
-def json_body(shape: str, model: str, usage: Usage, ids: Ids, body: dict[str, Any],
+def json_body(api: str, model: str, usage: Usage, ids: Ids, body: dict[str, Any],
               stream: bool = False, extra: Extra = None) -> Any:
     """The non-streaming reply; with `stream`, Gemini's non-SSE stream (a JSON array).
     `extra`: top-level fields the reply adds (cache diagnostics)."""
-    if stream and shape == GEMINI:
+    if stream and api == GEMINI:
         return _gemini_chunks(model, usage, ids)
-    return _JSON[shape](model, usage, ids, body, "", extra)
+    return _JSON[api](model, usage, ids, body, "", extra)
 
 
-def sse_events(shape: str, model: str, usage: Usage, ids: Ids, body: dict[str, Any],
+def sse_events(api: str, model: str, usage: Usage, ids: Ids, body: dict[str, Any],
                stream_usage: str, extra: Extra = None) -> list[bytes]:
-    return _SSE[shape](model, usage, ids, body, stream_usage, extra)
+    return _SSE[api](model, usage, ids, body, stream_usage, extra)
 
 
 # --- response compression ----------------------------------------------------------------------

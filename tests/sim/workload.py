@@ -2,7 +2,7 @@
 seconds: straight into the simulator's `Engine` (no sockets, no proxy), or over HTTP through a
 proxy (`HttpUpstream`; a mitmdump that loads `tests/sim/clock_addon.py` takes the same time).
 
-Three shapes of OpenAI traffic, all sharing one ~8k-token agent prompt (tools + system):
+Three APIs of OpenAI traffic, all sharing one ~8k-token agent prompt (tools + system):
 - solo: one agent, 6 conversations one after another, ~3 requests a minute;
 - team: 24 agents at once, ~70 requests a minute in all on the same prefix, for ~30 minutes;
 - burst: the same team's first 100 seconds (72 requests a minute), then it stops.
@@ -135,16 +135,16 @@ def strategy(name: str) -> Strategy:
         return lambda family, conv, now: f"conv-{conv}"
     if name == "family:auto":
         count = _auto_buckets()
-        return lambda family, conv, now: \
+        return lambda family, conv, now:\
             f"fam-{family}-{jump_hash(int(_digest(conv), 16), count(family, now))}"
     if name.startswith("balanced:"):  # an oracle: N buckets from the first request, filled in turn
         n = int(name.split(":", 1)[1])
         assigned: dict[str, int] = {}
-        return lambda family, conv, now: \
+        return lambda family, conv, now:\
             f"fam-{family}-{assigned.setdefault(conv, len(assigned) % n)}"
     if name.startswith("family:"):
         n = int(name.split(":", 1)[1])
-        return lambda family, conv, now: \
+        return lambda family, conv, now:\
             f"fam-{family}-{jump_hash(int(_digest(conv), 16), n)}"
     raise ValueError(f"unknown strategy {name!r}")
 
@@ -278,7 +278,7 @@ def run(w: Workload, strategy_name: str, through: Through | None = None,
         if w.burst and now >= w.duration:
             continue
         if conv is None:
-            if (w.conversations is not None and started[agent] >= w.conversations) or \
+            if (w.conversations is not None and started[agent] >= w.conversations) or\
                     (w.conversations is None and now >= w.duration):
                 continue
             started[agent] += 1

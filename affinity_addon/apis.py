@@ -1,9 +1,9 @@
-"""API shapes: the wire format of a request/response, independent of who hosts it.
+"""APIs: the wire format of a request/response, independent of who hosts it.
 
 One name for the concept everywhere (rules `api:`, records `provider`, usage tables).
 """
 
-# API shapes: the wire format of a request/response, independent of who hosts it.
+# APIs: the wire format of a request/response, independent of who hosts it.
 # /v1/messages (Anthropic, Bedrock InvokeModel and /anthropic/v1/messages, Vertex rawPredict,
 # OpenRouter /messages)
 ANTHROPIC = "anthropic"
@@ -14,4 +14,4 @@ GEMINI = "gemini"  # generativelanguage :generateContent / :streamGenerateConten
 # as lists of one-key blocks, cache breakpoints as `{"cachePoint": {...}}` blocks of their own
 # (https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_Converse.html).
 BEDROCK_CONVERSE = "bedrock-converse"
-SHAPES = (ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES, GEMINI, BEDROCK_CONVERSE)
+APIS = (ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES, GEMINI, BEDROCK_CONVERSE)

@@ -15,8 +15,8 @@ from affinity_addon.request.affinity_id import derive as _derive
 CFG = AffinityConfig()
 
 
-def derive(config, headers, body, api, key="test-key"):
-    return _derive(config, headers, body, api, key)
+def derive(config, headers, body, api, secret="test-key"):
+    return _derive(config, headers, body, api, secret)
 
 SECRET_PROMPT = "You are TopSecretBot. The launch code is 7-alpha-omega."
 
@@ -99,7 +99,7 @@ def test_root_id_is_stable_across_turns_and_distinct_across_conversations(api, t
     other = json.loads(json.dumps(t1).replace('"hello"', '"howdy"'))
     assert derive(CFG, Headers(), other, api)[0] != id1
     # Another key (another tenant) gives another ID; the same key always the same one.
-    assert derive(CFG, Headers(), t1, api, key="tenant-b")[0] != id1
+    assert derive(CFG, Headers(), t1, api, secret="tenant-b")[0] != id1
     assert derive(CFG, Headers(), copy.deepcopy(t1), api)[0] == id1
 
 

@@ -153,7 +153,7 @@ def test_installed_affinity_run_drives_an_sdk_script(installed: Path, sim_url: s
         assert rec["rule"] == "openai" and rec["affinity_id"]
         # The shipped OpenAI rule sends the prompt family's key ({family_key}), not the ID.
         assert rec["added"]["fields"]["prompt_cache_key"].startswith("fam-")
-        assert rec["key"]["strategy"] == "family"
+        assert rec["cache_key_bucket"]["strategy"] == "family"
         assert rec["usage"]["input_tokens"] > 1024
     assert recs[1]["usage"]["cache_read_tokens"] > 0
     assert "this session, 2 LLM responses" in r.stderr and "gpt-5" in r.stderr

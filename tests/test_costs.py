@@ -50,7 +50,7 @@ def facts(model: str, host: str = "api.anthropic.com", api: str = "anthropic",
     return RequestFacts(rule="r", rules=("r",), api=api, model=model, affinity_id=conv,
                         affinity_source="root", dry_run=False, added={}, kept=(),
                         body_write="none", warning=None, host=host, path="/v1/messages",
-                        method="POST", key=None)
+                        method="POST", cache_key_bucket=None)
 
 
 def conversation() -> list[dict[str, Any]]:

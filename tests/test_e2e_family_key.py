@@ -107,7 +107,7 @@ def test_solo_agent_family_key_never_below_no_key(monkeypatch, tmp_path, sim8, p
     # the previous default sends every turn 1 to a machine chosen by its own key
     assert ratio(runs["addon, key per conversation"], True) < ratio(bare, True)
     recs = proxies["addon, shipped rules"].wait_records(CONVERSATIONS * TURNS)
-    assert {r["key"]["buckets"] for r in recs} == {1}
+    assert {r["cache_key_bucket"]["buckets"] for r in recs} == {1}
 
 
 # --- the workloads through mitmdump on virtual time --------------------------------------------
@@ -227,9 +227,9 @@ def test_team_through_mitmdump_family_key_above_90_percent(runs, capsys):
     # The addon counted the family's rate on the workload's clock: ~70 RPM calls for 9-10
     # buckets. On the wall clock ~730 requests in seconds would have asked for the maximum, 64.
     assert len(shipped.records) == got.requests
-    assert all(rec["rule"] == "openai" and rec["key"]["strategy"] == "family"
+    assert all(rec["rule"] == "openai" and rec["cache_key_bucket"]["strategy"] == "family"
                for rec in shipped.records)
-    buckets = [rec["key"]["buckets"] for rec in shipped.records]
+    buckets = [rec["cache_key_bucket"]["buckets"] for rec in shipped.records]
     assert buckets[0] == 1 and 7 <= max(buckets) <= 12 and len(got.keys) == max(buckets)
     assert not any(rec["miss_reason"] == "ttl-expired" for rec in shipped.records)
 
@@ -250,7 +250,7 @@ def test_client_key_per_conversation_kept_or_overwritten(runs):
     for w in ("solo", "team"):
         kept, conv = runs[(w, "client key, kept")].result, runs[(w, "key per conversation")]
         assert kept.requests == conv.result.requests and len(kept.keys) == len(conv.result.keys)
-        assert all(rec["key"] is None and "prompt_cache_key" not in rec["added"]["fields"]
+        assert all(rec["cache_key_bucket"] is None and "prompt_cache_key" not in rec["added"]["fields"]
                    for rec in runs[(w, "client key, kept")].records)
     solo_kept, solo_over = (runs[("solo", f"client key, {x}")].result
                             for x in ("kept", "overwrite"))
@@ -272,5 +272,5 @@ def test_burst_through_mitmdump_sharded_from_its_first_minute(runs, capsys):
         assert got.result.requests == bare.result.requests > 110
         assert got.result.overflowed == 0 and bare.result.overflowed > bare.result.requests / 2
         assert got.result.ratio >= bar and got.result.ratio > conv.result.ratio, got.result.line()
-        buckets = [rec["key"]["buckets"] for rec in got.records]
+        buckets = [rec["cache_key_bucket"]["buckets"] for rec in got.records]
         assert buckets[0] == 1 and max(buckets) >= 8 and buckets.index(max(buckets)) < 30

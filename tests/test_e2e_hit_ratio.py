@@ -196,7 +196,7 @@ def test_openai_chat_prompt_cache_key(monkeypatch, sim, proxy_factory, mode):
     assert key.startswith("fam-") and key.endswith("-0")
     recs = pair.proxy.records()
     assert len({rec["affinity_id"] for rec in recs}) == 1
-    assert all(rec["key"] == {"strategy": "family", "bucket": 0, "buckets": 1} for rec in recs)
+    assert all(rec["cache_key_bucket"] == {"strategy": "family", "bucket": 0, "buckets": 1} for rec in recs)
 
 
 @pytest.mark.parametrize("mode", [None, "reverse:https://api.openai.com"])

@@ -107,15 +107,15 @@ def test_default_rules_never_below_no_key_and_above_90_percent(addon):
     got, none = results["addon (default rules)"], results["none"]
     assert got.requests == none.requests
     assert got.ratio >= none.ratio and got.ratio >= 0.90, got.line()
-    assert all(rec["rule"] == "openai" and rec["key"]["strategy"] == "family" for rec in records)
-    buckets = max(rec["key"]["buckets"] for rec in records)
+    assert all(rec["rule"] == "openai" and rec["cache_key_bucket"]["strategy"] == "family" for rec in records)
+    buckets = max(rec["cache_key_bucket"]["buckets"] for rec in records)
     assert buckets == 1 and len(got.keys) == 1  # one machine for all its conversations
 
 
 def test_client_key_is_kept(addon):
     records: list[dict[str, Any]] = []
     sent = through(addon, records)(with_(prompt_cache_key="mine"), 0.0)
-    assert sent["prompt_cache_key"] == "mine" and records[0]["key"] is None
+    assert sent["prompt_cache_key"] == "mine" and records[0]["cache_key_bucket"] is None
 
 
 @given(st.lists(st.tuples(st.integers(0, 900), st.sampled_from("ab")), max_size=300),
@@ -241,5 +241,5 @@ def test_gpt_5_6_counts_the_keys_whole_rate(addon):
     print(f"\n{got.line()}\n{one_key.line()}")
     assert one_key.overflowed > one_key.requests / 2
     assert got.overflowed <= got.requests / 50 and 8 <= max(
-        rec["key"]["buckets"] for rec in records) <= 10
+        rec["cache_key_bucket"]["buckets"] for rec in records) <= 10
     assert run(replace(w, model="gpt-5.5"), "family:1").overflowed == 0  # per prefix there

@@ -30,7 +30,8 @@ def request(a: Affinity, conv: int, t: float) -> dict[str, Any]:
     # The request hook of this proxy's own rewriter: with nested test contexts, the driver's
     # dispatch would reach only the innermost proxy's addons.
     a.bundle.rewriter.request(f)
-    return {"key": json.loads(f.request.content)["prompt_cache_key"], **f.metadata[META]["key"]}
+    return {"key": json.loads(f.request.content)["prompt_cache_key"],
+            **f.metadata[META]["cache_key_bucket"]}
 
 
 @contextmanager
@@ -83,6 +84,6 @@ def test_the_option_is_validated():
     a = Affinity()
     with taddons.context(*a.addons) as tctx:
         tctx.configure(a.bundle, affinity_rules=str(DEFAULT_RULES), affinity_instances=4)
-        assert a.state.family_rates.instances == a.state.key_load.instances == 4
+        assert a.state.family_rates.instances == a.state.cache_key_load.instances == 4
         with pytest.raises(exceptions.OptionsError, match="affinity_instances"):
             tctx.configure(a.bundle, affinity_instances=0)

@@ -28,7 +28,7 @@ def test_record_json_has_the_documented_fields_and_is_plain_json() -> None:
                          affinity_id="aff-1", affinity_source="root", dry_run=False,
                          added=NOTHING_ADDED, kept=(), body_write="none", warning=None,
                          host="api.openai.com", path="/v1/chat/completions", method="POST",
-                         key=None)
+                         cache_key_bucket=None)
     rec = build.build(request=facts, flow_id="f", status=200,
                       usage=Usage(input_tokens=2000, cache_read_tokens=1536),
                       usage_raw={"prompt_tokens": 2000}, stream=False, transport="http",

@@ -276,7 +276,7 @@ def test_default_rules(default_addon, host, path, model, header, field):
     sent = json.loads(f.request.content)
     if host == "api.openai.com":  # {family_key}: the family's key, one bucket at this rate
         assert sent[field].startswith("fam-") and sent[field].endswith("-0")
-        assert rec["key"] == {"strategy": "family", "bucket": 0, "buckets": 1}
+        assert rec["cache_key_bucket"] == {"strategy": "family", "bucket": 0, "buckets": 1}
     elif field:
         assert sent[field] == aff
     else:

@@ -374,7 +374,7 @@ def diagnose(prev: Entry | None, cur_fp: Fingerprint, usage: Usage | None, now: 
              unpacked: tuple[Blocks | None, Blocks | None] = (None, None),
              lookback: int | str | None = BY_API) -> Verdict:
     """The verdict for one response. `prev` is the conversation's entry before this request.
-    `load`: the request rate its prompt_cache_key had when it was sent (`KeyRates.observe`:
+    `load`: the request rate its prompt_cache_key had when it was sent (`CacheKeyRates.observe`:
     key_rpm, family_rpm, buckets), the `overflow` check's evidence. `lookback`: the route's
     marker lookback in blocks (BY_API: the API's; None: no limit)."""
     case = _case(prev, cur_fp, usage, now, api=api, automatic=automatic,

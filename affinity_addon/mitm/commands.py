@@ -12,8 +12,8 @@ from rich.markup import escape
 from affinity_addon.mitm.config import Config
 from affinity_addon.mitm.state import State, new_stats, new_ttl_advisor
 from affinity_addon.record.schema import META
+from affinity_addon.views.cache_key_rates import CacheKeyRates
 from affinity_addon.views.console import output_console, render_summary
-from affinity_addon.views.keyrate import KeyRates
 from affinity_addon.views.ttl import summary_line
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Commands:
         """Forget the cache statistics collected so far."""
         self.state.stats = new_stats()
         self.state.ttl = new_ttl_advisor()
-        self.state.key_rates = KeyRates(self.state.key_rates.instances)
+        self.state.cache_key_rates = CacheKeyRates(self.state.cache_key_rates.instances)
 
     @command.command("affinity.reload")
     def reload_command(self) -> None:
@@ -81,7 +81,7 @@ class Commands:
         line = summary_line(self.state.ttl.advice())
         if line:
             console.print(escape(line))
-        line = self.state.key_rates.line()
+        line = self.state.cache_key_rates.line()
         if line:
             console.print(escape(line))
 

@@ -16,7 +16,7 @@ from affinity_addon.mitm.state import State, new_links
 from affinity_addon.record.jsonl import JsonlWriter
 from affinity_addon.request.family_key import FamilyRates
 from affinity_addon.request.rules import default_rules_file, load_rules
-from affinity_addon.views.keyrate import KeyRates
+from affinity_addon.views.cache_key_rates import CacheKeyRates
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class Config:
         if "affinity_instances" in updated:
             n = opts.affinity_instances
             state.family_rates = FamilyRates(instances=n)
-            state.key_load = KeyRates(instances=n)
-            state.key_rates = KeyRates(instances=n)
+            state.cache_key_load = CacheKeyRates(instances=n)
+            state.cache_key_rates = CacheKeyRates(instances=n)
         if "affinity_log" in updated:
             if state.writer:
                 state.writer.close()

@@ -272,7 +272,7 @@ class Recorder:
             state.writer.write(data)
         state.stats.add(data)
         state.ttl.add(data)
-        state.key_rates.add(data)
+        state.cache_key_rates.add(data)
         for sink in state.sinks:  # exporters (metrics, traces): a failing one never stops a record
             try:
                 sink(record, data)

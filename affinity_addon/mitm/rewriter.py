@@ -20,7 +20,7 @@ from affinity_addon.models import MAX_MODEL_CHARS
 from affinity_addon.record.schema import META
 from affinity_addon.request import affinity_id
 from affinity_addon.request.rewrite import Outcome, apply_rules
-from affinity_addon.views.keyrate import FIELD as CACHE_KEY_FIELD
+from affinity_addon.views.cache_key_rates import FIELD as CACHE_KEY_FIELD
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class Rewriter:
         # As the client sent them: map-remote and other addons may rewrite the URL later.
         facts = outcome.facts(host=host, path=flow.request.path.split("?", 1)[0],
                               method=flow.request.method)
-        load = state.key_load.observe(
+        load = state.cache_key_load.observe(
             sent_cache_key(outcome), flow.request.timestamp_start,
-            PROVIDER_FACTS.key_rpm_limit(host), outcome.key.get("buckets") if outcome.key else None)
+            PROVIDER_FACTS.key_rpm_limit(host), outcome.cache_key_bucket.get("buckets") if outcome.cache_key_bucket else None)
         exchange = Exchange(facts, load=load, link=outcome.link)
         state.exchanges.start(flow.id, exchange)
         flow.metadata[META] = facts.to_json()  # published for mitmweb, `affinity.why`, saved flows

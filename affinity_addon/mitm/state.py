@@ -22,7 +22,7 @@ from affinity_addon.request.family_key import FamilyRates
 from affinity_addon.request.provider_link import ResponseLinks
 from affinity_addon.request.rules import RuleSet
 from affinity_addon.views.aggregate import Aggregator
-from affinity_addon.views.keyrate import KeyRates
+from affinity_addon.views.cache_key_rates import CacheKeyRates
 from affinity_addon.views.ttl import TtlAdvisor
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,10 @@ class State:
     links: ResponseLinks = field(default_factory=new_links)
     # This proxy's request rate per prompt family: how many `{family_key}` buckets to use.
     family_rates: FamilyRates = field(default_factory=FamilyRates)
-    # Requests a minute per prompt_cache_key: `key_load` counts at send time (the `overflow`
-    # verdict's evidence), `key_rates` counts records (the summary line), like `ttl`.
-    key_load: KeyRates = field(default_factory=KeyRates)
-    key_rates: KeyRates = field(default_factory=KeyRates)
+    # Requests a minute per prompt_cache_key: `cache_key_load` counts at send time (the `overflow`
+    # verdict's evidence), `cache_key_rates` counts records (the summary line), like `ttl`.
+    cache_key_load: CacheKeyRates = field(default_factory=CacheKeyRates)
+    cache_key_rates: CacheKeyRates = field(default_factory=CacheKeyRates)
     sinks: list[Sink] = field(default_factory=list)
     exchanges: Exchanges = field(default_factory=Exchanges)
     scheduler: Scheduler = field(default_factory=Scheduler)

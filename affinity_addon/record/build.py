@@ -78,7 +78,8 @@ def build(
         model=model,
         affinity_id=request.affinity_id,
         affinity_source=request.affinity_source,
-        key=dict(request.key) if request.key else None,
+        cache_key_bucket=(dict(request.cache_key_bucket) if request.cache_key_bucket
+                          else None),
         stream=stream,
         transport=transport,
         status=status,

@@ -84,7 +84,7 @@ class RequestFacts:
     host: str
     path: str
     method: str
-    key: dict[str, Any] | None  # how {family_key} chose the cache key: strategy, bucket(s)
+    cache_key_bucket: dict[str, Any] | None  # how {family_key} chose the cache key
     # Why the rules' changes were computed but not sent outside a dry run ("signed (aws-sigv4)")
     rewrite_skipped: str | None = None
     # What the request asked the provider's cache diagnostics: {source, compared_to, by}
@@ -104,7 +104,7 @@ class RequestFacts:
             "added": added,
             "kept": list(self.kept), "body_write": self.body_write, "warning": self.warning,
             "host": self.host, "path": self.path, "method": self.method,
-            "key": dict(self.key) if self.key else None,
+            "cache_key_bucket": dict(self.cache_key_bucket) if self.cache_key_bucket else None,
             "rewrite_skipped": self.rewrite_skipped,
             "diagnostics": dict(self.diagnostics) if self.diagnostics else None,
         }
@@ -132,7 +132,7 @@ class Record:
     model: str | None
     affinity_id: str | None
     affinity_source: str | None
-    key: dict[str, Any] | None  # how {family_key} chose the cache key: strategy, bucket(s)
+    cache_key_bucket: dict[str, Any] | None  # how {family_key} chose the cache key
     stream: bool
     transport: str
     status: int | None

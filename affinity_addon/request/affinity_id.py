@@ -140,14 +140,15 @@ def parse_affinity_config(raw: Any) -> AffinityConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def hash_key(key: str) -> bytes:
-    """The 64-byte BLAKE2b key for `key`: every byte of a long key counts (none is truncated)."""
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=64,
+def hash_key(secret: str) -> bytes:
+    """The 64-byte BLAKE2b key for this installation's `secret` (`affinity_key`): every byte of
+    a long secret counts (none is truncated)."""
+    return hashlib.blake2b(secret.encode("utf-8", "surrogatepass"), digest_size=64,
                            person=b"affinity-key").digest()
 
 
-def keyed_hash(data: bytes, key: str) -> str:
-    return hashlib.blake2b(data, key=hash_key(key), digest_size=16).hexdigest()
+def keyed_hash(data: bytes, secret: str) -> str:
+    return hashlib.blake2b(data, key=hash_key(secret), digest_size=16).hexdigest()
 
 
 def _client_value(src: Source, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> str | None:
@@ -219,15 +220,15 @@ def _root_bytes(value: Any, config: "AffinityConfig") -> bytes | None:
 Root = tuple[list[Segment], list[Segment]]
 
 
-def root_id(body: Mapping[str, Any], api: str, config: AffinityConfig, key: str,
+def root_id(body: Mapping[str, Any], api: str, config: AffinityConfig, secret: str,
             root: Callable[[], Root] | None = None) -> str | None:
     """Keyed hash of the conversation's stable root: blocks an agent rebuilds on every turn or
     resume are left out, and dates masked, so `-c`/resume and a day rollover keep the ID.
     `root`: the body's `root_segments`, when the caller has them (the rewrite shares them)."""
-    return root_parts(body, api, config, key, root)[0]
+    return root_parts(body, api, config, secret, root)[0]
 
 
-def root_parts(body: Mapping[str, Any], api: str, config: AffinityConfig, key: str,
+def root_parts(body: Mapping[str, Any], api: str, config: AffinityConfig, secret: str,
                root: Callable[[], Root] | None = None, opening: bool = False,
                known: str | None = None) -> tuple[str | None, str | None]:
     """(`root_id`, with `opening` also the keyed hash of the first user message alone). The
@@ -241,9 +242,9 @@ def root_parts(body: Mapping[str, Any], api: str, config: AffinityConfig, key: s
              if (b := _root_bytes(seg.value, config)) is not None]
     if not parts:
         return None, None
-    h = hashlib.blake2b(key=hash_key(key), digest_size=16)
+    h = hashlib.blake2b(key=hash_key(secret), digest_size=16)
     h.update(model_family(body.get("model")).encode("utf-8", "surrogatepass"))
-    first = hashlib.blake2b(key=hash_key(key), digest_size=16, person=b"opening")\
+    first = hashlib.blake2b(key=hash_key(secret), digest_size=16, person=b"opening")\
         if opening else None
     opened = False
     for tag, b in parts:
@@ -261,7 +262,7 @@ def derive(
     headers: Mapping[str, str],
     body: Mapping[str, Any] | None,
     api: str | None,
-    key: str,
+    secret: str,
     root: Callable[[], Root] | None = None,
 ) -> tuple[str | None, str | None]:
     """(affinity_id, source label), or (None, None) when no source yields a value."""
@@ -273,7 +274,7 @@ def derive(
             continue
         if src.kind == "root":
             if body is not None and api is not None:
-                rid = root_id(body, api, config, key, root)
+                rid = root_id(body, api, config, secret, root)
                 if rid is not None:
                     return rid, "root"
             continue
@@ -281,6 +282,6 @@ def derive(
         if v is None:
             continue
         if not _VERBATIM.match(v):
-            v = "aff-" + keyed_hash(v.encode("utf-8", "surrogatepass"), key)
+            v = "aff-" + keyed_hash(v.encode("utf-8", "surrogatepass"), secret)
         return v, src.label
     return None, None

@@ -38,12 +38,12 @@ HOLD_SLOTS = HOLD_MINUTES * SLOTS_PER_MINUTE
 MAX_FAMILIES = 10_000
 
 
-def family_hash(body: Mapping[str, Any], api: str, key: str,
+def family_hash(body: Mapping[str, Any], api: str, secret: str,
                 system: list[Segment] | None = None, model: str | None = None) -> str:
     """Keyed hash of the shared prefix: model family, tool definitions, system prompt.
     `system`: the body's `root_segments(...)[0]`, when the caller has them; `model`: the
     request's model when its body has none (Bedrock, Vertex and Azure name it in the URL)."""
-    h = hashlib.blake2b(key=key.encode()[:64], digest_size=12)
+    h = hashlib.blake2b(key=secret.encode()[:64], digest_size=12)
     h.update(model_family(body.get("model") or model).encode())
     for seg in iter_segments(dict(body), api):
         if seg.section != "tools":
@@ -249,10 +249,10 @@ def _busiest(ring: array, first: int, last: int) -> int:
 
 
 def family_key(body: Mapping[str, Any], api: str, affinity_id: str, rates: FamilyRates,
-               now: float, key: str, system: list[Segment] | None = None,
+               now: float, secret: str, system: list[Segment] | None = None,
                model: str | None = None) -> tuple[str, int, int]:
     """(prompt_cache_key value, bucket, bucket count) for one request."""
-    family = family_hash(body, api, key, system, model)
-    conversation = int(keyed_hash(affinity_id.encode(), key)[:16], 16)
+    family = family_hash(body, api, secret, system, model)
+    conversation = int(keyed_hash(affinity_id.encode(), secret)[:16], 16)
     bucket, count = rates.place(family, now, conversation)
     return f"fam-{family}-{bucket}", bucket, count

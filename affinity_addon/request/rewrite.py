@@ -65,7 +65,7 @@ class Outcome:
     # Why the changes were computed but not sent although the proxy is not in a dry run: the
     # request is signed over its body ("signed (aws-sigv4)").
     rewrite_skipped: str | None = None
-    key: dict[str, Any] | None = None  # {family_key}: {"strategy", "bucket", "buckets"}
+    cache_key_bucket: dict[str, Any] | None = None  # {family_key}: strategy, bucket(s)
     # The prompt family (keyed hash), when the tracker asked for it (`ttl: auto`); not logged.
     family: str | None = None
     # The conversation's root ID under the rules file's affinity config, when the provider-
@@ -89,7 +89,8 @@ class Outcome:
             affinity_id=self.affinity_id, affinity_source=self.affinity_source,
             dry_run=self.dry_run, added=added, kept=tuple(self.kept), body_write=self.body_write,
             warning="; ".join(self.problems) or None, host=host, path=path, method=method,
-            key=dict(self.key) if self.key else None, rewrite_skipped=self.rewrite_skipped,
+            cache_key_bucket=dict(self.cache_key_bucket) if self.cache_key_bucket else None,
+            rewrite_skipped=self.rewrite_skipped,
             diagnostics=self.diagnostics.to_json() if self.diagnostics else None)
 
 
@@ -185,7 +186,8 @@ class _Rewrite:
                                                self.rates or FamilyRates(),
                                                self.request.timestamp_start or 0.0, self.secret,
                                                self.root()[0], out.model)
-                out.key = {"strategy": "family", "bucket": bucket, "buckets": count}
+                out.cache_key_bucket = {"strategy": "family", "bucket": bucket,
+                                        "buckets": count}
             facts["family_key"] = fk
         return _render(a, facts)
 

@@ -24,9 +24,9 @@ from affinity_addon.buckets import OVERFLOW_RPM, TARGET_RPM
 from affinity_addon.durations import parse_duration
 from affinity_addon.views.aggregate import Aggregator, Bucket
 from affinity_addon.views.agreement import Agreement
+from affinity_addon.views.cache_key_rates import CacheKeyRates, short_key
 from affinity_addon.views.console import bucket_table, reasons_table, totals_line
 from affinity_addon.views.format import fmt_cost, fmt_ratio, fmt_tokens, short_id, top_buckets
-from affinity_addon.views.keyrate import KeyRates, short_key
 from affinity_addon.views.pricing import TOKEN_EQUIVALENTS, PriceTable
 from affinity_addon.views.ttl import (
     FIVE_MINUTES,
@@ -181,7 +181,7 @@ class Report:
     stats: ReadStats
     filter: RecordFilter
     ttl: TtlAdvice = field(default_factory=lambda: TtlAdvice([]))
-    keys: KeyRates = field(default_factory=KeyRates)
+    keys: CacheKeyRates = field(default_factory=CacheKeyRates)
 
 
 def build_report(paths: Sequence[str | Path], flt: RecordFilter | None = None,
@@ -190,7 +190,7 @@ def build_report(paths: Sequence[str | Path], flt: RecordFilter | None = None,
     stats = ReadStats()
     agg = Aggregator(prices)
     ttl = TtlAdvisor(prices)
-    keys = KeyRates()
+    keys = CacheKeyRates()
     memo: dict[str, bool] = {}
     trivial = flt == RecordFilter()
     add = agg.add
@@ -229,7 +229,7 @@ def report_document(report: Report, *, top: int = 10) -> dict[str, Any]:
                    "unpriced": [{"model": m, "requests": n}
                                 for m, n in agg.total.unpriced_models.most_common()]},
         "ttl": report.ttl.to_dict(top or 10),
-        "key_rates": report.keys.to_dict(top or None),
+        "key_rates": report.keys.to_dict(top or None),  # the report format keeps its name
         "provider_agreement": agg.agreement.to_dict(),
         "dry_run": {
             "total": agg.total.to_dict(examples=False).get("dry_run"),
@@ -335,7 +335,7 @@ def ttl_table(advice: TtlAdvice, *, top: int | None = 10) -> Table:
     return table
 
 
-def key_rate_table(rates: KeyRates, *, top: int | None = 10) -> Table:
+def key_rate_table(rates: CacheKeyRates, *, top: int | None = 10) -> Table:
     """Busiest minute per prompt family and per prompt_cache_key, with the bucket count a
     family calls for and the keys above OpenAI's ~15 RPM per prefix+key (overflow likely)."""
     table = Table(title="Request rate per prompt_cache_key (busiest minute)", box=box.SIMPLE_HEAD,

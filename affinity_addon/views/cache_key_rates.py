@@ -86,7 +86,7 @@ class Rate:
         return 0.0
 
 
-class KeyRates:
+class CacheKeyRates:
     """Feed records (`add`) or live requests (`observe`); read `rows()`, `to_dict()`, `line()`.
 
     `instances`: how many proxies share the traffic; live rates are scaled by it (a log read by
@@ -144,7 +144,7 @@ class KeyRates:
         start = record_start(r)
         if start is None:
             return
-        k = r.get("key")
+        k = r.get("cache_key_bucket", r.get("key"))  # `key` in older logs
         buckets = k.get("buckets") if isinstance(k, Mapping) else None
         self.count(key, start, buckets if isinstance(buckets, int) and buckets > 0 else None,
                    limit)
@@ -209,8 +209,8 @@ class KeyRates:
         return text
 
 
-def key_rates(records: Iterable[Mapping[str, Any]]) -> KeyRates:
-    rates = KeyRates()
+def cache_key_rates(records: Iterable[Mapping[str, Any]]) -> CacheKeyRates:
+    rates = CacheKeyRates()
     for r in records:
         rates.add(r)
     return rates

@@ -13,7 +13,13 @@ from mitmproxy.test import taddons, tflow, tutils
 from rich.console import Console
 
 from affinity_addon.record.schema import META
-from affinity_addon.views.keyrate import KeyRates, Rate, family_of, key_rates, short_key
+from affinity_addon.views.cache_key_rates import (
+    CacheKeyRates,
+    Rate,
+    cache_key_rates,
+    family_of,
+    short_key,
+)
 from affinity_addon.views.report import build_report, render_report, report_document
 from tests.driver import Affinity
 from tests.test_diagnosis import anthropic_body, entry, verdict
@@ -46,7 +52,7 @@ def team_log() -> list[dict[str, Any]]:
 
 
 def test_busiest_minute_per_key_and_family_and_the_buckets_it_calls_for():
-    d = key_rates(team_log()).to_dict()
+    d = cache_key_rates(team_log()).to_dict()
     assert (d["keys"], d["families"], d["keys_overflow_likely"]) == (3, 1, 1)
     assert d["by_family"] == [{"family": FAM, "requests": 36, "busiest_rpm": 30,
                                "buckets_used": 2, "buckets_recommended": 4}]  # ceil(30 / 8)
@@ -57,14 +63,14 @@ def test_busiest_minute_per_key_and_family_and_the_buckets_it_calls_for():
 
 
 def test_memory_is_bounded_and_late_keys_are_counted_as_untracked():
-    rates = KeyRates(max_tracked=2)
+    rates = CacheKeyRates(max_tracked=2)
     for r in team_log():
         rates.add(r)
     assert set(rates.keys) == {f"fam-{FAM}-0", "conv-42"}  # bucket 1 came third (t = 1 s)
     assert rates.untracked == 10
-    assert key_rates([rec(0, None), {"added": "x"}, {}]).keys == {}
+    assert cache_key_rates([rec(0, None), {"added": "x"}, {}]).keys == {}
     # xAI routes a key per conversation, with no documented rate limit: not counted
-    assert key_rates([rec(0, "conv-1") | {"host": "api.x.ai"}]).keys == {}
+    assert cache_key_rates([rec(0, "conv-1") | {"host": "api.x.ai"}]).keys == {}
     # two minutes later the quiet conversation key makes room; the hot family key stays
     rates.add(rec(200, "conv-43"))
     assert set(rates.keys) == {f"fam-{FAM}-0", "conv-43"} and rates.to_dict()["keys"] == 3

@@ -85,7 +85,11 @@ class Proxy:
     def records(self) -> list[dict[str, Any]]:
         if not self.log.exists():
             return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        # Complete lines only: the proxy may be writing the next record while the test reads
+        # (one write() per record, but a reader can see the file between two of them).
+        text = self.log.read_text()
+        lines = text.split("\n")[:-1]  # the part after the last newline is still being written
+        return [json.loads(line) for line in lines if line.strip()]
 
     def wait_records(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

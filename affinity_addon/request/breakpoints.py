@@ -142,7 +142,10 @@ class _Planner:
     # -- targets ----------------------------------------------------------------------------
 
     def last_in_messages(self) -> Slot | None:
-        found = self.p.messages_in(lambda s: s.eligible)
+        """The last block that may carry a marker, a volatile one never: it moves or changes by
+        the next turn, so a marker there writes what nothing will read (and on GPT-5.6+ the
+        implicit breakpoint already sits on the latest message)."""
+        found = self.p.messages_in(lambda s: s.eligible and not s.volatile)
         return found[-1] if found else None
 
     def history(self) -> tuple[int, int, bool] | None:

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32,
                    help="concurrent keep-alive clients for throughput and memory (default 32)")
     p.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep the processes' files (logs, proxy output) in this empty folder")
     p.add_argument("--ceiling", action="store_true",
                    help="only the throughput, for the addon's variants (diagnosis off, rewrite "
                         "only, deferred work in a worker process): what bounds it")
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes()
     # SIGTERM must unwind through the finally below exactly like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    tmp = Path(tempfile.mkdtemp(prefix="affinity-bench-"))
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    tmp = args.workdir or Path(tempfile.mkdtemp(prefix="affinity-bench-"))
     try:
         if args.ceiling:
             res = asyncio.run(run_ceiling(args, procs, tmp, console))
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

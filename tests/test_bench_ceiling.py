@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.addon_errors import check_file
+
 pytestmark = pytest.mark.slow  # runs scripts/bench --ceiling: a simulator and five mitmdump processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,9 +21,15 @@ def test_ceiling_run_measures_every_variant_and_the_worker_records_with_verdicts
     out = tmp_path / "ceiling.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--ceiling", "--concurrency", "4",
-         "--tp-requests", "40", "--tp-rounds", "1", "--out", str(out)],
+         "--tp-requests", "40", "--tp-rounds", "1", "--out", str(out),
+         "--workdir", str(tmp_path / "bench")],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Every proxy the bench started logged no addon error (its variants run the addon's code).
+    outputs = sorted((tmp_path / "bench").glob("*/output.txt"))
+    assert len(outputs) == 6
+    for output in outputs:
+        check_file(output, f"the bench's {output.parent.name} proxy")
     res = json.loads(out.read_text())
     th = res["throughput"]
     assert list(th["summary"]) == ["bare", "bare (A/A)", "addon", "diagnosis off",

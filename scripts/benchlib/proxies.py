@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.addon_errors import plant_args
 from tests.procs import clean_env, free_port, listening_port, wait_port
 
 from . import ROOT
@@ -97,7 +98,7 @@ def start_proxy(procs: Processes, tmp: Path, name: str, sim_port: int, *, addon:
     if addon:
         log = d / "affinity.jsonl"
         args += ["-s", str(script or ADDON), "--set", f"affinity_log={log}",
-                 "--set", "affinity_summary=false"]
+                 "--set", "affinity_summary=false", *plant_args()]  # the tests' planted error
     for k, v in (options or {}).items():
         args += ["--set", f"{k}={v}"]
     output = d / "output.txt"

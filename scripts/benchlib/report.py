@@ -207,5 +207,5 @@ def print_report(console: Any, res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_out(args: argparse.Namespace, res: dict[str, Any], console: Any) -> None:
     if args.out:
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        args.out.write_text(json.dumps(res, indent=1, default=str) + "\n")  # paths as text
         console.print(f"wrote {args.out}")

@@ -93,9 +93,8 @@ def lab(sim: Simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
         yield lab
     finally:
         lab.close()
-        out = lab.proxy.stop()
-        if "Traceback" in out:
-            print(out)
+        lab.proxy.stop()
+        lab.proxy.check()  # an addon error fails the module's tests here
 
 
 # --- the two providers' conversations ------------------------------------------------------------
@@ -344,6 +343,7 @@ def test_off_adds_nothing(sim: Simulator, tmp_path: Path) -> None:
     finally:
         off.close()
         off.proxy.stop()
+    off.proxy.check()
 
 
 def test_a_refusal_turns_it_off_for_the_host_and_is_logged_once(sim: Simulator,
@@ -370,6 +370,7 @@ def test_a_refusal_turns_it_off_for_the_host_and_is_logged_once(sim: Simulator,
     finally:
         lab.close()
         out = lab.proxy.stop()
+    lab.proxy.check()  # the refusal is a warning, not an addon error
     refusals = [line for line in out.splitlines() if "refused the cache diagnostics" in line]
     assert len(refusals) == 1, out
     assert "diagnostics: Extra inputs are not permitted" in refusals[0]

@@ -8,6 +8,7 @@ These are properties of the order of work, checked on a real loop, not timings.
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -204,6 +205,33 @@ async def test_deferred_work_waits_while_hooks_come_and_runs_in_slices(monkeypat
     await idle(lambda: len(order) == 11)
     assert order == ["slice0", "slice1", "slice2", "io0", "io1", "io2", "io3", "io4",
                      "slice0", "slice1", "slice2"]
+
+
+async def test_deferred_work_waits_while_the_loop_has_other_work(monkeypatch) -> None:
+    # A 1 MB body goes upstream in many loop turns without a hook: socket callbacks that take
+    # their time. A slice that finds other callbacks ran before it in its turn waits.
+    monkeypatch.setattr(scheduler_module, "IDLE_WAIT", 60.0)  # never overdue here
+    loop = asyncio.get_running_loop()
+    sched = Scheduler()
+    order: list[str] = []
+
+    def job() -> Iterator[None]:
+        for k in range(2):
+            order.append(f"slice{k}")
+            yield
+
+    def io(k: int) -> None:  # a socket write: no hook, ~200 µs of work, then the next one
+        end = time.perf_counter() + 0.0002
+        while time.perf_counter() < end:
+            pass
+        order.append(f"io{k}")
+        if k < 20:
+            loop.call_soon(io, k + 1)
+
+    loop.call_soon(io, 0)
+    sched.defer(job())
+    await idle(lambda: len(order) == 23)
+    assert order[:21] == [f"io{k}" for k in range(21)] and order[21:] == ["slice0", "slice1"]
 
 
 @pytest.mark.expect_addon_error(r"could not record this response \(RuntimeError: bug in a record\)")

@@ -97,8 +97,12 @@ def start_proxy(procs: Processes, tmp: Path, name: str, sim_port: int, *, addon:
     log = None
     if addon:
         log = d / "affinity.jsonl"
+        # Provider diagnostics off: with the field, the simulator fingerprints every prompt to
+        # answer it (upstream work bare mitmdump's requests never ask for), which would count
+        # against the addon: ~1-2 ms on the 1 MB Anthropic row, measured.
         args += ["-s", str(script or ADDON), "--set", f"affinity_log={log}",
-                 "--set", "affinity_summary=false", *plant_args()]  # the tests' planted error
+                 "--set", "affinity_summary=false", "--set", "affinity_provider_diagnostics=false",
+                 *plant_args()]  # the tests' planted error
     for k, v in (options or {}).items():
         args += ["--set", f"{k}={v}"]
     output = d / "output.txt"

@@ -53,7 +53,9 @@ def openai_body(size: int, seed: int = 1) -> bytes:
     system = words(rng, 6000 if big else 120)
     messages: list[dict[str, Any]] = [{"role": "system", "content": system},
                                       {"role": "user", "content": words(rng, 30)}]
-    body: dict[str, Any] = {"model": "gpt-5.6", "messages": messages,
+    # gpt-5.5: the rows measure the prompt_cache_key splice. On GPT-5.6+ the shipped rules also
+    # plan breakpoints (a re-encode, like the Anthropic planner row measures).
+    body: dict[str, Any] = {"model": "gpt-5.5", "messages": messages,
                             "tools": _tools_openai(rng, 24 if big else 1)}
     turn = 0
     total = len(json.dumps(body))
@@ -122,7 +124,7 @@ def conversation_body(c: int, t: int) -> bytes:
     for j in range(t):
         messages += [{"role": "assistant", "content": f"Step {j} done."},
                      {"role": "user", "content": f"Continue with step {j + 1}."}]
-    return json.dumps({"model": "gpt-5.6", "messages": messages},
+    return json.dumps({"model": "gpt-5.5", "messages": messages},  # the splice (see above)
                       separators=(",", ":")).encode()
 
 

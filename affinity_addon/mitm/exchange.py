@@ -14,7 +14,7 @@ from affinity_addon.diagnosis.tracker import Pending
 from affinity_addon.mitm.scheduler import Stepped
 from affinity_addon.record.schema import RequestFacts
 from affinity_addon.request.provider_link import Resolver, Thread
-from affinity_addon.response.stream_tap import Tap
+from affinity_addon.response.tap import Tap
 from affinity_addon.response.usage import UsageReader
 
 # Flows whose answer never came (no response, no error hook: should not happen); past this

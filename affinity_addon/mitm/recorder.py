@@ -24,7 +24,8 @@ from affinity_addon.record import build
 from affinity_addon.record.schema import META, Record
 from affinity_addon.response import eventstream
 from affinity_addon.response.provider_answer import read_answer
-from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap, Tap
+from affinity_addon.response.stream_tap import DEFAULT_MAX_EVENT, StreamTap
+from affinity_addon.response.tap import Tap
 from affinity_addon.response.usage import UsageReader, parse_json
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from affinity_addon.decoding import DecodeLimit, make_decoder
+from affinity_addon.response.tap import Tap
 from affinity_addon.response.usage import UsageReader, parse_json
 
 logger = logging.getLogger(__name__)
@@ -88,66 +88,27 @@ def parse_headers(data: bytes) -> Headers:
     return out
 
 
-class EventStreamTap:
+class EventStreamTap(Tap):
     """A `flow.response.stream` callable for AWS event streams: returns every chunk as it came,
     decodes a copy frame by frame and hands each frame's headers and payload to `on_frame`.
     Same surface as the SSE tap (`failed`, `skipped`, `ended`, `kept`, `events`)."""
 
+    what = "event stream tap"
+
     def __init__(self, content_encoding: str | None, on_frame: OnFrame,
                  keep_limit: int = 0) -> None:
+        # frames are never skipped (`skipped` stays 0): a frame too big to hold is a bad frame
+        super().__init__(content_encoding, keep_limit)
         self._on_frame = on_frame
         self._buf = bytearray()
-        self._keep_limit = keep_limit
-        self._kept: bytearray | None = bytearray() if keep_limit > 0 else None
         self._callback_failed = False
-        self.ended = False
-        self.events = 0
-        self.bytes_in = 0
-        self.skipped = 0  # frames are never skipped: a frame too big to hold is a bad frame
-        self.failed: str | None = None
-        try:
-            self._decode = make_decoder(content_encoding)
-        except Exception:
-            self._decode = None
-        if self._decode is None:
-            self.failed = f"unsupported content-encoding {content_encoding!r}"
 
-    @property
-    def kept(self) -> bytes | None:
-        return bytes(self._kept) if self._kept is not None else None
+    def _end(self) -> None:
+        if self.failed is None and self._buf:
+            self._fail(f"the stream ended inside a frame ({len(self._buf)} bytes of it)")
 
-    def __call__(self, chunk: bytes) -> bytes:
-        try:
-            self._take(chunk)
-        except Exception as e:  # never into mitmproxy's stream layer
-            self._fail(f"internal error: {type(e).__name__}: {e}")
-        return chunk
-
-    def _take(self, chunk: bytes) -> None:
-        if self.ended:
-            return
-        if not chunk:
-            self.ended = True
-            if self.failed is None and self._buf:
-                self._fail(f"the stream ended inside a frame ({len(self._buf)} bytes of it)")
-            return
-        self.bytes_in += len(chunk)
-        if self._kept is not None:
-            if len(self._kept) + len(chunk) <= self._keep_limit:
-                self._kept += chunk
-            else:
-                self._kept = None
-        if self.failed is not None or self._decode is None:
-            return
-        try:
-            self._buf += self._decode(bytes(chunk))
-        except DecodeLimit as e:
-            logger.warning("affinity: %s; the stream passes through unobserved", e)
-            self._fail(str(e))
-            return
-        except ValueError as e:
-            self._fail(str(e))
-            return
+    def _feed(self, decoded: bytes) -> None:
+        self._buf += decoded
         try:
             self._frames()
         except (FrameError, struct.error) as e:
@@ -186,10 +147,7 @@ class EventStreamTap:
                 logger.debug("event stream frame handler raised %s: %s (later errors not logged)",
                              type(e).__name__, e)
 
-    def _fail(self, reason: str) -> None:
-        if self.failed is None:
-            self.failed = reason
-            logger.debug("event stream tap stopped parsing: %s", reason)
+    def _reset(self) -> None:
         self._buf = bytearray()
 
 

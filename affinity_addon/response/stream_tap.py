@@ -1,38 +1,16 @@
-"""A `flow.response.stream` callable that reads SSE events without ever touching the bytes.
-
-mitmproxy calls the stream callable synchronously for every raw (still compressed) chunk and
-once more with b"" at the end. An exception there drops the chunk and silently corrupts the
-client's stream (measured: the client got 4 of 5 events and status 200; `server_event` in
-mitmproxy/proxy/server.py, docs/mitmproxy-notes.md#streaming), so the tap returns each chunk
-object unchanged, parses a decoded copy, and turns every failure into `failed` instead of
-raising.
-"""
+"""A `flow.response.stream` callable that reads SSE events without ever touching the bytes
+(the pass-through, decoding and failure handling are `tap.Tap`'s)."""
 
 import logging
 import re
 from collections.abc import Callable
-from typing import Protocol
 
-from affinity_addon.decoding import DecodeLimit, make_decoder
+from affinity_addon.response.tap import Tap
 
 logger = logging.getLogger(__name__)
 
 OnEvent = Callable[[str | None, bytes], None]
 
-
-class Tap(Protocol):
-    """What the recorder reads off a stream tap, whatever the stream's framing (SSE here, AWS
-    event streams in eventstream.py)."""
-
-    ended: bool
-    events: int
-    skipped: int
-    failed: str | None
-
-    @property
-    def kept(self) -> bytes | None: ...
-
-    def __call__(self, chunk: bytes) -> bytes: ...
 
 # One SSE event bigger than this (e.g. a runaway line without a newline) stops parsing: holding
 # it would cost memory for every stream, and no usage-bearing event is anywhere near it.
@@ -42,7 +20,7 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
 
 
-class StreamTap:
+class StreamTap(Tap):
     """Splits a (possibly compressed) SSE byte stream into events and hands them to `on_event`.
 
     Follows the WHATWG event-stream rules: lines end in CRLF, LF or CR; a blank line dispatches
@@ -52,10 +30,9 @@ class StreamTap:
 
     def __init__(self, content_encoding: str | None, on_event: OnEvent,
                  keep_limit: int = 0, max_event: int = DEFAULT_MAX_EVENT) -> None:
+        super().__init__(content_encoding, keep_limit)
         self._on_event = on_event
         self._max_event = max_event
-        self._keep_limit = keep_limit
-        self._kept: bytearray | None = bytearray() if keep_limit > 0 else None
         self._buf = bytearray()
         self._name: str | None = None
         self._data: list[bytes] = []
@@ -64,62 +41,18 @@ class StreamTap:
         self._scanned = 0
         self._cr = False
         self._callback_failed = False
-        self.ended = False
-        self.events = 0
-        self.bytes_in = 0
-        self.failed: str | None = None
         # Events over max_event are dropped, not parsed (the bytes still flow), and parsing
         # resumes at the next event: usage usually comes after a big content event.
-        self.skipped = 0
         self._skip_line = False  # discarding the rest of an over-long line
         self._skip_event = False  # ignoring lines until the blank line that ends the event
-        try:
-            self._decode = make_decoder(content_encoding)
-        except Exception:  # a header value of the wrong type: count bytes, parse nothing
-            self._decode = None
-        if self._decode is None:
-            self.failed = f"unsupported content-encoding {content_encoding!r}"
 
-    @property
-    def kept(self) -> bytes | None:
-        return bytes(self._kept) if self._kept is not None else None
+    def _end(self) -> None:
+        if self.failed is None:
+            self._split(final=True)
+            self._dispatch()
+            self._buf.clear()
 
-    def __call__(self, chunk: bytes) -> bytes:
-        try:
-            self._take(chunk)
-        except Exception as e:  # a bug here must never reach mitmproxy's stream layer
-            self._fail(f"internal error: {type(e).__name__}: {e}")
-        return chunk
-
-    def _take(self, chunk: bytes) -> None:
-        if self.ended:
-            return
-        if not chunk:
-            self.ended = True
-            if self.failed is None:
-                self._split(final=True)
-                self._dispatch()
-                self._buf.clear()
-            return
-        self.bytes_in += len(chunk)
-        if self._kept is not None:
-            if len(self._kept) + len(chunk) <= self._keep_limit:
-                self._kept += chunk
-            else:
-                self._kept = None
-        if self.failed is not None or self._decode is None:
-            return
-        try:
-            decoded = self._decode(bytes(chunk))
-        except DecodeLimit as e:  # a bomb or a runaway stream: one warning, then pass through
-            logger.warning("affinity: %s; the stream passes through unobserved", e)
-            self._fail(str(e))
-            return
-        except ValueError as e:
-            self._fail(str(e))
-            return
-        if not decoded:
-            return
+    def _feed(self, decoded: bytes) -> None:
         if not self._started:
             self._buf += decoded
             if len(self._buf) < len(_BOM) and _BOM.startswith(bytes(self._buf)):
@@ -237,10 +170,7 @@ class StreamTap:
                 logger.debug("SSE event handler raised %s: %s (later errors not logged)",
                              type(e).__name__, e)
 
-    def _fail(self, reason: str) -> None:
-        if self.failed is None:
-            self.failed = reason
-            logger.debug("stream tap stopped parsing: %s", reason)
+    def _reset(self) -> None:
         self._buf = bytearray()
         self._scanned = 0
         self._data, self._data_size, self._name = [], 0, None

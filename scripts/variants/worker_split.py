@@ -77,7 +77,8 @@ class WorkerSplit(Affinity):
 
     def _flush(self) -> None:
         self.flushing = False
-        assert self.proc is not None and self.proc.stdin is not None
+        if self.proc is None or self.proc.stdin is None or self.proc.stdin.closed:
+            return  # shut down (done() wrote the rest) or the worker is gone
         try:
             del self.buf[:os.write(self.proc.stdin.fileno(), self.buf)]
         except BlockingIOError:
@@ -95,6 +96,7 @@ class WorkerSplit(Affinity):
             with contextlib.suppress(OSError):
                 os.set_blocking(self.proc.stdin.fileno(), True)
                 os.write(self.proc.stdin.fileno(), self.buf)
+                self.buf.clear()
                 self.proc.stdin.close()
             self.proc.wait(30)
         self.dispatchers["done"]()

@@ -2,7 +2,7 @@
 rules, against the simulator playing DeepSeek's Anthropic-compatible endpoint (a prefix cache from
 token 0, the billing block prompt text there) and api.anthropic.com.
 
-Claude Code is found at $AFFINITY_CLAUDE, else in /work/agents/claude or the CI cache
+Claude Code is found as tests/agents.py says ($AFFINITY_CLAUDE, the CI cache, PATH)
 (`.ci/run` installs it with npm outside the repository); without it these tests skip, unless
 AFFINITY_REQUIRE_AGENTS=1 (CI), where that is a failure.
 
@@ -13,7 +13,6 @@ behaviour, seen with 2.1.197).
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.agents import claude_or_skip
 from tests.harness import ROOT, Proxy
 from tests.procs import clean_env
 from tests.sim import Simulator
@@ -31,11 +31,6 @@ pytestmark = pytest.mark.slow
 MODEL = "claude-sonnet-4-5"
 CAPTURE = ROOT / "tests" / "capture_addon.py"
 BILLING = b"x-anthropic-billing-header:"
-CANDIDATES = (
-    os.environ.get("AFFINITY_CLAUDE", ""),
-    str(Path.home() / ".cache" / "affinity-agents" / "claude" / "node_modules" / ".bin" / "claude"),
-    "/work/agents/claude/node_modules/.bin/claude",
-)
 # The shipped rules with every `remove_blocks` taken out: the "before" of each route.
 SHIPPED = (ROOT / "rules" / "default.yaml").read_text()
 WITHOUT_REMOVAL = "\n".join(line for line in SHIPPED.splitlines()
@@ -59,13 +54,7 @@ ROUTES = [
 
 @pytest.fixture(scope="module")
 def claude() -> str:
-    for c in CANDIDATES:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    if os.environ.get("AFFINITY_REQUIRE_AGENTS") == "1":
-        pytest.fail("Claude Code is not installed (AFFINITY_CLAUDE, or npm install --prefix "
-                    "~/.cache/affinity-agents/claude @anthropic-ai/claude-code)")
-    pytest.skip("Claude Code is not installed (set AFFINITY_CLAUDE)")
+    return str(claude_or_skip())
 
 
 def run_claude(claude: str, proxy: Proxy, home: Path, prompt: str, *args: str,

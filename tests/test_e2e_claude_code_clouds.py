@@ -104,7 +104,9 @@ def test_claude_code_through_affinity_run(sim, tmp_path: Path, cloud: str, claud
         assert "cache_control" not in req.body
     later = [totals(req.usage) for _, req in turns[1:]]
     ratio = sum(t[1] for t in later) / sum(t[0] for t in later)
-    print(f"\nClaude Code on {cloud}: turns 2-3 read {ratio:.4f} of their prompt tokens")
+    every = [totals(req.usage) for _, req in turns]
+    print(f"\nClaude Code on {cloud}: turns 2-3 read {ratio:.4f} of their prompt tokens, all "
+          f"turns {sum(t[1] for t in every) / sum(t[0] for t in every):.4f}")
     assert ratio >= 0.80
     secrets = (BEDROCK_KEY, REFRESH_TOKEN, *{r.header("authorization") or "" for r in sim.requests
                                              if r.header("authorization")})

@@ -101,6 +101,24 @@ def test_the_tap_holds_at_most_one_unfinished_frame() -> None:
     assert len(frames) == 200
 
 
+def test_converse_stream_frames_without_usage_are_not_parsed(monkeypatch) -> None:
+    # The many contentBlockDelta frames of a long answer carry no usage: only the frames the
+    # API's needles name (metadata, messageStop, errors) are JSON-parsed.
+    from affinity_addon.response import usage as usage_module
+
+    parsed: list[bytes] = []
+    real = usage_module.parse_json
+    monkeypatch.setattr(usage_module, "parse_json", lambda d: parsed.append(d) or real(d))
+    reader = UsageReader(BEDROCK_CONVERSE)
+    tap = EventStreamTap(None, bedrock_frames(reader))
+    tap(b"".join(eventstream.converse_stream_frames(
+        {"inputTokens": 1, "outputTokens": 2, "totalTokens": 3}, wire.Ids("m", "c"))))
+    tap(b"")
+    assert tap.events == 5 and reader.terminal and reader.usage().output_tokens == 2
+    assert [json.loads(p).popitem()[0] for p in parsed] == ["messageStop", "metadata"]
+    assert reader.extras.get("stop_reason") == "end_turn"
+
+
 def test_compressed_event_streams_are_decoded() -> None:
     stream = b"".join(eventstream.converse_stream_frames(
         {"inputTokens": 1, "outputTokens": 2, "totalTokens": 3}, wire.Ids("m", "c")))

@@ -24,6 +24,7 @@ why) while the bytes keep flowing untouched.
 
 import base64
 import logging
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -157,6 +158,9 @@ class EventStreamTap(Tap):
         self._buf = bytearray()
 
 
+_EVENT_NAME = re.compile(r"[^A-Za-z0-9_]")
+
+
 def bedrock_frames(reader: UsageReader) -> OnFrame:
     """Bedrock's events, as the usage reader of the request's API reads them.
 
@@ -181,7 +185,10 @@ def bedrock_frames(reader: UsageReader) -> OnFrame:
                 if isinstance(data, str):
                     reader.feed_event(None, base64.b64decode(data))
                 return
-            reader.feed_json({name: parse_json(payload) if payload else {}})
+            # as one event's JSON: the reader parses it only if it may carry usage (its API's
+            # `needles`), so a stream's many contentBlockDelta frames are never parsed
+            key = _EVENT_NAME.sub("", name).encode()  # AWS names: letters; nothing to escape
+            reader.feed_event(name, b'{"' + key + b'":' + (payload or b"{}") + b"}")
         else:
             code = headers.get(":exception-type") or headers.get(":error-code") or kind
             reader.feed_json({"error": {"type": str(code)[:100]}})
